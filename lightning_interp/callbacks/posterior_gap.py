@@ -1,0 +1,269 @@
+"""Posterior-gap callback: track the distance between the network's softmax and the exact posterior.
+
+Reference: Yudi Xie, "How do we interpret the outputs of a neural network trained on
+classification?", ICLR 2025 Blogposts Track. See :mod:`lightning_interp.posterior`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from lightning_interp.callbacks.base import InterpretabilityCallback, Measurement, RunOn, model_device_dtype
+from lightning_interp.posterior import GAP_MEASURES, GenerativeTask, PosteriorGap
+
+__all__ = ["PosteriorGapCallback"]
+
+
+class PosteriorGapCallback(InterpretabilityCallback):
+    """Log how far the model's softmax ``q(c|x)`` is from the true posterior ``p(c|x)`` of a known task.
+
+    At setup the callback takes the task from ``task=`` or from the datamodule's ``task`` attribute
+    (for example :class:`~lightning_interp.datamodules.SyntheticDataModule`), checks that the module
+    maps ``[N, D]`` inputs to ``[N, K]`` logits with ``K = task.num_classes``, and draws its own fixed
+    probe set of ``probe_size`` labelled samples with its own generator. At each measurement it logs
+    ``posterior_gap/<measure>`` for ``kl``, ``reverse_kl``, ``js``, ``tv``, ``l2``, ``max_abs``,
+    ``excess_ce``, ``accuracy``, ``bayes_accuracy`` and ``accuracy_gap`` (all on the probe set), plus
+    ``kl_low_density`` / ``tv_low_density``: the gap in the lowest of ``num_density_bins`` bins of
+    input density (equal-count bins of the probe set), which is where a network misses the posterior
+    when data is scarce (preset 3 of the post). Figures: for 1-D tasks the model's softmax against
+    the true posterior over ``x`` with the data density (the post's figures), for ``D > 1`` a
+    reliability-style scatter of ``q`` against ``p``; and the gap per density bin. A table lists the
+    per-bin gaps.
+
+    Args:
+        task: the generative task; taken from ``trainer.datamodule.task`` when ``None``.
+        probe_size: number of probe samples (a bounded, fixed set).
+        num_density_bins: number of equal-count input-density bins (0 disables the per-bin gap).
+        batch_size: forward-pass batch size over the probe set.
+        grid_size: points of the ``x`` grid of the 1-D figure.
+        every_n_epochs: see :class:`~lightning_interp.callbacks.base.InterpretabilityCallback`.
+        every_n_steps: see the base class.
+        run_on: see the base class.
+        measure_at_start: see the base class.
+        measure_at_end: see the base class.
+        seed: seed of the probe set.
+        log_images: see the base class.
+        figure_dir: see the base class.
+
+    Raises:
+        ValueError: at setup, when no task is available, the module's output is not ``[N, K]`` logits,
+            or ``K`` differs from ``task.num_classes``.
+        TypeError: at setup, when ``task`` is not a ``GenerativeTask`` or the module rejects the task's
+            inputs.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_interp.datamodules import SyntheticDataModule
+        >>> from lightning_interp.models import MLPClassifier
+        >>> from lightning_interp.posterior import xie_task
+        >>> cb = PosteriorGapCallback(probe_size=256, log_images=False)
+        >>> trainer = pl.Trainer(max_steps=5, callbacks=[cb], logger=False, enable_checkpointing=False,
+        ...                      enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(MLPClassifier(1, 2), SyntheticDataModule(xie_task(1), 320, 64, 64, batch_size=64))
+        >>> sorted(cb.history[-1])[:3]
+        ['accuracy', 'accuracy_gap', 'bayes_accuracy']
+    """
+
+    prefix = "posterior_gap"
+
+    def __init__(
+        self,
+        task: GenerativeTask | None = None,
+        probe_size: int = 4096,
+        num_density_bins: int = 10,
+        batch_size: int = 8192,
+        grid_size: int = 400,
+        every_n_epochs: int | None = 1,
+        every_n_steps: int | None = None,
+        run_on: RunOn = "train_epoch_end",
+        measure_at_start: bool = False,
+        measure_at_end: bool = True,
+        seed: int = 0,
+        log_images: bool = True,
+        figure_dir: str | None = None,
+    ) -> None:
+        super().__init__(
+            every_n_epochs=every_n_epochs,
+            every_n_steps=every_n_steps,
+            run_on=run_on,
+            measure_at_start=measure_at_start,
+            measure_at_end=measure_at_end,
+            seed=seed,
+            log_images=log_images,
+            figure_dir=figure_dir,
+        )
+        if task is not None and not isinstance(task, GenerativeTask):
+            raise TypeError(f"task must be a lightning_interp.posterior.GenerativeTask, got {type(task).__name__}")
+        if probe_size < 2 or batch_size < 1 or num_density_bins < 0 or grid_size < 2:
+            raise ValueError("probe_size >= 2, batch_size >= 1, num_density_bins >= 0 and grid_size >= 2 are required")
+        self.task = task
+        self.probe_size = probe_size
+        self.num_density_bins = num_density_bins
+        self.batch_size = batch_size
+        self.grid_size = grid_size
+        self._resolved: GenerativeTask | None = None
+        self._probe: dict[str, Tensor] = {}
+
+    def _state_key_fields(self) -> dict[str, Any]:
+        return {"probe_size": self.probe_size}
+
+    # ------------------------------------------------------------------ setup
+    def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        task = self.task
+        if task is None:
+            dm = trainer.datamodule
+            task = getattr(dm, "task", None)
+            if task is None:
+                where = "no datamodule" if dm is None else f"the datamodule {type(dm).__name__} has no `task` attribute"
+                raise ValueError(
+                    f"PosteriorGapCallback needs the generative task whose posterior is known, but {where}. "
+                    "Pass PosteriorGapCallback(task=...) or use a datamodule with a `task` attribute "
+                    "(for example lightning_interp.datamodules.SyntheticDataModule)."
+                )
+        if not isinstance(task, GenerativeTask):
+            raise TypeError(f"the task must be a lightning_interp.posterior.GenerativeTask, got {type(task).__name__}")
+        self._resolved = task
+        self._check_module(pl_module, task)
+        if not self._probe:
+            self._draw_probe(task)
+
+    def _check_module(self, module: nn.Module, task: GenerativeTask) -> None:
+        device, dtype = model_device_dtype(module)
+        x, _ = task.sample(2, torch.Generator().manual_seed(self.seed))
+        try:
+            out = module(x.to(device=device, dtype=dtype))
+        except Exception as err:
+            raise TypeError(
+                f"{type(module).__name__} failed on the task's inputs (float tensors of shape [N, {task.dim}]): "
+                f"{type(err).__name__}: {err}. PosteriorGapCallback feeds x from task.sample(); use a model whose "
+                "forward takes [N, D] inputs and returns [N, K] logits."
+            ) from err
+        if not isinstance(out, Tensor) or out.ndim != 2:
+            got = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                f"{type(module).__name__}.forward must return logits of shape [N, K], got {got}. "
+                "Wrap the model so that forward returns a [N, K] tensor of logits."
+            )
+        if out.shape[1] != task.num_classes:
+            raise ValueError(
+                f"the model outputs {out.shape[1]} logits but the task has {task.num_classes} classes; "
+                "set the model's number of classes to task.num_classes."
+            )
+
+    def _draw_probe(self, task: GenerativeTask) -> None:
+        x, y = task.sample(self.probe_size, self.generator)
+        log_density = task.log_density(x)
+        probe = {"x": x, "y": y, "log_posterior": task.log_posterior(x), "log_density": log_density}
+        if self.num_density_bins > 1:
+            qs = torch.linspace(0, 1, self.num_density_bins + 1, dtype=torch.float64)[1:-1]
+            probe["density_edges"] = torch.unique(torch.quantile(log_density, qs))
+        if task.dim == 1:
+            lo, hi = x.min().item(), x.max().item()
+            pad = 0.05 * (hi - lo)
+            grid = torch.linspace(lo - pad, hi + pad, self.grid_size)[:, None]
+            probe.update(grid=grid, grid_log_posterior=task.log_posterior(grid), grid_log_density=task.log_density(grid))
+        self._probe = probe
+
+    # ------------------------------------------------------------------ measurement
+    def _logits(self, module: nn.Module, x: Tensor) -> Tensor:
+        device, dtype = model_device_dtype(module)
+        chunks = [module(x[i : i + self.batch_size].to(device=device, dtype=dtype)) for i in range(0, len(x), self.batch_size)]
+        return torch.cat(chunks)
+
+    def measure(self, pl_module: nn.Module) -> Measurement:
+        if not self._probe:
+            raise RuntimeError("PosteriorGapCallback.measure() called before setup()")
+        p = self._probe
+        logits = self._logits(pl_module, p["x"])
+        device = logits.device
+        metric = PosteriorGap(log_target=True, density_edges=p.get("density_edges")).to(device)
+        metric.update(logits, p["log_posterior"].to(device), target=p["y"].to(device), log_density=p["log_density"].to(device))
+        out = metric.compute()
+        scalars: dict[str, Tensor | float] = {k: out[k] for k in GAP_MEASURES}
+        for k in ("excess_ce", "accuracy", "bayes_accuracy", "accuracy_gap"):
+            scalars[k] = out[k]
+        data: dict[str, Any] = {"logits": logits, "gap": out}
+        if "density_edges" in p:
+            scalars["kl_low_density"] = out["kl_by_density"][0]
+            scalars["tv_low_density"] = out["tv_by_density"][0]
+        if "grid" in p:
+            data["grid_logits"] = self._logits(pl_module, p["grid"])
+        return Measurement(scalars=scalars, data=data)
+
+    # ------------------------------------------------------------------ figures and tables
+    def figures(self, measurement: Measurement) -> dict[str, Any]:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        p = self._probe
+        figs: dict[str, Any] = {}
+        if "grid" in p:
+            figs["posterior"] = _posterior_figure(
+                p["grid"][:, 0], p["grid_log_posterior"].exp(), measurement.data["grid_logits"].softmax(dim=1).double().cpu(),
+                p["grid_log_density"].exp(), plt,
+            )
+        else:
+            figs["reliability"] = _reliability_figure(
+                p["log_posterior"].exp(), measurement.data["logits"].softmax(dim=1).double().cpu(), plt
+            )
+        gap = measurement.data["gap"]
+        if "kl_by_density" in gap:
+            fig, ax = plt.subplots(figsize=(6, 3.2))
+            bins = torch.arange(len(gap["kl_by_density"]))
+            ax.bar(bins - 0.2, gap["kl_by_density"].cpu(), width=0.4, label="KL(p||q)")
+            ax.bar(bins + 0.2, gap["tv_by_density"].cpu(), width=0.4, label="TV")
+            ax.set_xlabel("input-density bin (0 = lowest density)")
+            ax.set_ylabel("mean gap")
+            ax.set_title("Posterior gap by input density")
+            ax.legend()
+            figs["gap_by_density"] = fig
+        return figs
+
+    def tables(self, measurement: Measurement) -> dict[str, tuple[list[str], list[list[Any]]]]:
+        gap = measurement.data["gap"]
+        if "kl_by_density" not in gap:
+            return {}
+        edges = self._probe["density_edges"].tolist()
+        lows = [float("-inf"), *edges]
+        highs = [*edges, float("inf")]
+        rows = [
+            [i, lows[i], highs[i], int(gap["count_by_density"][i]), *(float(gap[f"{k}_by_density"][i]) for k in GAP_MEASURES)]
+            for i in range(len(lows))
+        ]
+        return {"by_density": (["bin", "log_density_low", "log_density_high", "count", *GAP_MEASURES], rows)}
+
+
+def _posterior_figure(x: Tensor, p: Tensor, q: Tensor, density: Tensor, plt: Any) -> Any:
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(6, 5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for c in range(p.shape[1]):
+        color = colors[c % len(colors)]
+        ax.plot(x, p[:, c], color=color, lw=2, label=f"true p(c={c}|x)")
+        ax.plot(x, q[:, c], color=color, lw=2, ls="--", label=f"model q(c={c}|x)")
+    ax.set_ylabel("probability")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title("Model softmax vs. Bayesian posterior")
+    ax2.fill_between(x, density, alpha=0.4, color="gray")
+    ax2.set_ylabel("p(x)")
+    ax2.set_xlabel("x")
+    return fig
+
+
+def _reliability_figure(p: Tensor, q: Tensor, plt: Any, max_points: int = 3000) -> Any:
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    n = min(len(p), max_points)
+    for c in range(p.shape[1]):
+        ax.scatter(p[:n, c], q[:n, c], s=4, alpha=0.4, label=f"class {c}")
+    ax.plot([0, 1], [0, 1], color="black", lw=1)
+    ax.set_xlabel("true posterior p(c|x)")
+    ax.set_ylabel("model softmax q(c|x)")
+    ax.set_title("q vs. p on the probe set")
+    ax.legend(fontsize=8, markerscale=3)
+    return fig
