@@ -61,13 +61,14 @@ class MLPClassifier(ClassifierModule):
     """A multilayer perceptron ``in_features -> hidden... -> num_classes``.
 
     The post's network is ``MLPClassifier(1, 2, hidden=(64, 64))``. Layers are ``net.0``, ``net.1``,
-    ... in ``named_modules()``; the final ``nn.Linear`` is ``net.<2 * len(hidden)>``.
+    ... in ``named_modules()`` (Linear, activation[, Dropout], ...), ending in the final ``nn.Linear``.
 
     Args:
         in_features: input dimension.
         num_classes: number of classes (logits).
         hidden: widths of the hidden layers.
         activation: ``"relu"``, ``"tanh"``, ``"gelu"`` or ``"identity"``.
+        dropout: dropout probability after each hidden activation (0 disables; the layers are then absent).
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
 
@@ -83,10 +84,13 @@ class MLPClassifier(ClassifierModule):
         num_classes: int = 2,
         hidden: Sequence[int] = (64, 64),
         activation: str = "relu",
+        dropout: float = 0.0,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
     ) -> None:
         super().__init__(lr=lr, weight_decay=weight_decay)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if activation not in _ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
         self.save_hyperparameters()
@@ -94,6 +98,8 @@ class MLPClassifier(ClassifierModule):
         width = in_features
         for h in hidden:
             layers += [nn.Linear(width, h), _ACTIVATIONS[activation]()]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
             width = h
         layers.append(nn.Linear(width, num_classes))
         self.net = nn.Sequential(*layers)

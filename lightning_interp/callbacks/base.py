@@ -181,6 +181,18 @@ class InterpretabilityCallback(Callback, ABC):
         self._warned: set[str] = set()
         self._last_step: int | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A torch.Generator does not survive torch.multiprocessing's shared-memory pickling
+        # (ddp_spawn); carry its state as bytes instead.
+        state = self.__dict__.copy()
+        state["generator"] = self.generator.get_state().numpy().tobytes()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        generator = torch.Generator()
+        generator.set_state(torch.frombuffer(bytearray(state["generator"]), dtype=torch.uint8))
+        self.__dict__.update(state, generator=generator)
+
     # ------------------------------------------------------------------ subclass interface
     @abstractmethod
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

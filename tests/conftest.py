@@ -1,0 +1,17 @@
+"""Shared test settings: wandb disabled unless a test opts in, quiet Lightning, doctest namespace."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture(autouse=True)
+def _doctest_torch(doctest_namespace: dict) -> None:
+    doctest_namespace["torch"] = torch

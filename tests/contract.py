@@ -1,0 +1,132 @@
+"""Registry of callbacks for the shared contract suite (tests/test_contract.py).
+
+A callback joins the suite by appending a :class:`ContractCase` to :data:`CASES`: how to build it,
+a small model and datamodule it suits, the path of a module that runs during its measurement (an
+exception is injected there), and its misconfigurations with the error each must raise at setup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_interp.callbacks import InterpretabilityCallback, PosteriorGapCallback
+from lightning_interp.datamodules import SyntheticDataModule
+from lightning_interp.models import MLPClassifier, SmallCNN
+from lightning_interp.posterior import GaussianTask, xie_task
+
+
+@dataclass
+class BadConfig:
+    """A misconfiguration: ``build()`` returns ``(callback, model, datamodule)``; setup must raise."""
+
+    id: str
+    build: Callable[[], tuple[InterpretabilityCallback, pl.LightningModule, pl.LightningDataModule]]
+    error: type[Exception]
+    match: str
+
+
+@dataclass
+class ContractCase:
+    """How to exercise one callback in the contract suite.
+
+    ``make_callback(**overrides)`` must accept the base-class arguments (cadence, seed, run_on, ...).
+    ``make_datamodule(batch_size, shuffle)`` must return a datamodule whose train set has
+    ``num_train`` samples (a multiple of 64, for the DDP equivalence test).
+    """
+
+    id: str
+    make_callback: Callable[..., InterpretabilityCallback]
+    make_model: Callable[[], pl.LightningModule]
+    make_datamodule: Callable[..., pl.LightningDataModule]
+    raise_in: str
+    num_train: int = 256
+    bad_configs: list[BadConfig] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------
+# PosteriorGapCallback
+# ------------------------------------------------------------------------------------------------
+
+
+class _VectorOutput(MLPClassifier):
+    """Returns one number per sample instead of [N, K] logits."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x)[:, 0]
+
+
+class _NoTaskDataModule(pl.LightningDataModule):
+    """A datamodule with data but no ``task`` attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        x, y = xie_task(1).sample(128, torch.Generator().manual_seed(0))
+        self.data = TensorDataset(x, y)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=32)
+
+
+def _gap_callback(**kw: Any) -> PosteriorGapCallback:
+    kw.setdefault("probe_size", 512)
+    kw.setdefault("num_density_bins", 4)
+    kw.setdefault("grid_size", 50)
+    return PosteriorGapCallback(**kw)
+
+
+def _gap_datamodule(batch_size: int = 32, shuffle: bool = True, task: Any = None) -> SyntheticDataModule:
+    return SyntheticDataModule(task or xie_task(3), n_train=256, n_val=64, n_test=64, batch_size=batch_size, seed=1, shuffle=shuffle)
+
+
+CASES: list[ContractCase] = [
+    ContractCase(
+        id="posterior_gap",
+        make_callback=_gap_callback,
+        make_model=lambda: MLPClassifier(1, 2, hidden=(16, 16), dropout=0.1, lr=1e-2),
+        make_datamodule=_gap_datamodule,
+        raise_in="net.3",
+        bad_configs=[
+            BadConfig(
+                "output_not_logits",
+                lambda: (_gap_callback(), _VectorOutput(1, 2, hidden=(8,)), _gap_datamodule()),
+                ValueError,
+                r"must return logits of shape \[N, K\], got \[2\]",
+            ),
+            BadConfig(
+                "num_classes_mismatch",
+                lambda: (_gap_callback(), MLPClassifier(1, 3, hidden=(8,)), _gap_datamodule()),
+                ValueError,
+                r"outputs 3 logits but the task has 2 classes",
+            ),
+            BadConfig(
+                "no_task",
+                lambda: (_gap_callback(), MLPClassifier(1, 2, hidden=(8,)), _NoTaskDataModule()),
+                ValueError,
+                r"has no `task` attribute.*PosteriorGapCallback\(task=\.\.\.\)",
+            ),
+            BadConfig(
+                "wrong_input_type",
+                lambda: (_gap_callback(), SmallCNN(in_channels=1, num_classes=2), _gap_datamodule()),
+                TypeError,
+                r"failed on the task's inputs \(float tensors of shape \[N, 1\]\)",
+            ),
+            BadConfig(
+                "task_from_argument_mismatch",
+                lambda: (
+                    _gap_callback(task=GaussianTask(torch.zeros(3, 2) + torch.arange(3.0)[:, None], torch.eye(2).expand(3, 2, 2))),
+                    MLPClassifier(1, 2, hidden=(8,)),
+                    _gap_datamodule(),
+                ),
+                TypeError,
+                r"failed on the task's inputs \(float tensors of shape \[N, 2\]\)",
+            ),
+        ],
+    ),
+]
