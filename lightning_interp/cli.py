@@ -52,9 +52,8 @@ def _finish(logger: Any) -> None:
     from lightning.pytorch.loggers import WandbLogger
 
     if isinstance(logger, WandbLogger):
-        import wandb
-
-        wandb.finish()
+        if logger._experiment is not None:
+            logger.experiment.finish()
     else:
         logger.finalize("success")
 
@@ -168,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     import lightning.pytorch as pl
     from lightning.pytorch.cli import LightningCLI
 
-    LightningCLI(
+    cli = LightningCLI(
         pl.LightningModule,
         pl.LightningDataModule,
         subclass_mode_model=True,
@@ -176,6 +175,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         args=args,
         save_config_kwargs={"overwrite": True},
     )
+    for logger in cli.trainer.loggers:  # close wandb runs so their files are complete when main() returns
+        _finish(logger)
 
 
 if __name__ == "__main__":
