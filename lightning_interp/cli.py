@@ -112,7 +112,9 @@ def run_demo(
             limit_val_batches=0,
             default_root_dir=out,
         )
-        trainer.fit(MLPClassifier(1, 2, hidden=(64, 64), lr=1e-3), SyntheticDataModule(task, n_train, 0, 0, batch_size=64, seed=seed))
+        trainer.fit(
+            MLPClassifier(1, 2, hidden=(64, 64), lr=1e-3), SyntheticDataModule(task, n_train, 0, 0, batch_size=64, seed=seed)
+        )
         _finish(run_logger)
         final = callback.history[-1]
         summary["presets"][str(preset)] = {

@@ -97,4 +97,3 @@ def no_hooks_left(model: nn.Module) -> Iterator[None]:
     after = count_hooks(model)
     if after != before:
         raise RuntimeError(f"{after - before} hook(s) outlived their use")
-

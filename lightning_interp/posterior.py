@@ -371,9 +371,7 @@ def _per_sample_gap(logits: Tensor, true_posterior: Tensor, log_target: bool) ->
     }
 
 
-def posterior_gap(
-    logits: Tensor, true_posterior: Tensor, log_target: bool = False, reduction: str = "mean"
-) -> dict[str, Tensor]:
+def posterior_gap(logits: Tensor, true_posterior: Tensor, log_target: bool = False, reduction: str = "mean") -> dict[str, Tensor]:
     """Distances between the softmax of ``logits`` and the true posterior.
 
     With ``q = softmax(logits)`` and ``p`` the true posterior, per sample:
@@ -482,7 +480,15 @@ class PosteriorGap(Metric):
             ent = -torch.where(lp > -math.inf, lp.exp() * lp, torch.zeros_like(lp)).sum()
             correct_q = (lq.argmax(dim=1) == target).sum()
             correct_p = (lp.argmax(dim=1) == target).sum()
-            self.label_sum += torch.stack([ce, ent, correct_q.double(), correct_p.double(), torch.tensor(float(len(target)), dtype=torch.float64, device=logits.device)])
+            self.label_sum += torch.stack(
+                [
+                    ce,
+                    ent,
+                    correct_q.double(),
+                    correct_p.double(),
+                    torch.tensor(float(len(target)), dtype=torch.float64, device=logits.device),
+                ]
+            )
         if self.density_edges is not None:
             if log_density is None:
                 raise ValueError("this PosteriorGap has density_edges: pass log_density=task.log_density(x) to update()")
@@ -503,7 +509,14 @@ class PosteriorGap(Metric):
         n = self.label_sum[4]
         if n > 0:
             ce, ent, cq, cp = (self.label_sum[i] / n for i in range(4))
-            out.update(cross_entropy=ce, conditional_entropy=ent, excess_ce=ce - ent, accuracy=cq, bayes_accuracy=cp, accuracy_gap=cp - cq)
+            out.update(
+                cross_entropy=ce,
+                conditional_entropy=ent,
+                excess_ce=ce - ent,
+                accuracy=cq,
+                bayes_accuracy=cp,
+                accuracy_gap=cp - cq,
+            )
         if self.density_edges is not None:
             per_bin = self.bin_sum / self.bin_count.clamp_min(1)[None, :]
             per_bin = torch.where(self.bin_count[None, :] > 0, per_bin, torch.full_like(per_bin, math.nan))

@@ -82,7 +82,9 @@ def _gap_callback(**kw: Any) -> PosteriorGapCallback:
 
 
 def _gap_datamodule(batch_size: int = 32, shuffle: bool = True, task: Any = None) -> SyntheticDataModule:
-    return SyntheticDataModule(task or xie_task(3), n_train=256, n_val=64, n_test=64, batch_size=batch_size, seed=1, shuffle=shuffle)
+    return SyntheticDataModule(
+        task or xie_task(3), n_train=256, n_val=64, n_test=64, batch_size=batch_size, seed=1, shuffle=shuffle
+    )
 
 
 CASES: list[ContractCase] = [
@@ -120,7 +122,9 @@ CASES: list[ContractCase] = [
             BadConfig(
                 "task_from_argument_mismatch",
                 lambda: (
-                    _gap_callback(task=GaussianTask(torch.zeros(3, 2) + torch.arange(3.0)[:, None], torch.eye(2).expand(3, 2, 2))),
+                    _gap_callback(
+                        task=GaussianTask(torch.zeros(3, 2) + torch.arange(3.0)[:, None], torch.eye(2).expand(3, 2, 2))
+                    ),
                     MLPClassifier(1, 2, hidden=(8,)),
                     _gap_datamodule(),
                 ),

@@ -55,8 +55,21 @@ def test_configs_run_with_lightning_cli(config: Path, tmp_path: Path, monkeypatc
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.chdir(tmp_path)
     # An absolute save_dir: wandb's service process keeps the working directory it started in.
-    main(["fit", "--config", str(config), "--trainer.max_steps", "30", "--data.init_args.n_train", "2000",
-          "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path / "outputs")])
+    main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--trainer.max_steps",
+            "30",
+            "--data.init_args.n_train",
+            "2000",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "outputs"),
+        ]
+    )
     runs = glob.glob(str(tmp_path / "outputs" / "wandb" / "offline-run-*"))
     assert len(runs) == 1
     keys = set().union(*read_history(runs[0]))

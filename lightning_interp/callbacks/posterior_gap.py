@@ -205,8 +205,11 @@ class PosteriorGapCallback(InterpretabilityCallback):
         figs: dict[str, Any] = {}
         if "grid" in p:
             figs["posterior"] = _posterior_figure(
-                p["grid"][:, 0], p["grid_log_posterior"].exp(), measurement.data["grid_logits"].softmax(dim=1).double().cpu(),
-                p["grid_log_density"].exp(), plt,
+                p["grid"][:, 0],
+                p["grid_log_posterior"].exp(),
+                measurement.data["grid_logits"].softmax(dim=1).double().cpu(),
+                p["grid_log_density"].exp(),
+                plt,
             )
         else:
             figs["reliability"] = _reliability_figure(
