@@ -87,3 +87,12 @@ def test_console_script_help() -> None:
 def test_demo_rejects_unknown_logger() -> None:
     with pytest.raises(SystemExit):
         main(["demo", "--logger", "mlflow"])
+
+
+@pytest.mark.parametrize("logger", ["csv", "tensorboard"])
+def test_demo_with_other_loggers(logger: str, tmp_path: Path) -> None:
+    main(["demo", "--out", str(tmp_path), "--max-steps", "20", "--logger", logger, "--presets", "2"])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["logger"] == logger and summary["presets"]["2"]["final"]["step"] == 20.0
+    pattern = "metrics.csv" if logger == "csv" else "events.out.tfevents.*"
+    assert glob.glob(str(tmp_path / "preset2" / "**" / pattern), recursive=True)
