@@ -213,7 +213,9 @@ def channel_set_map(features: Tensor, mask: Tensor, normalize: bool = True) -> T
     """The paper's map of a channel set (closed-form Grad-CAM++ of ``sum_{k in S} sum_ij A_kij``).
 
     ``M(i, j) = relu(sum_{k in S} (H * W / (2 + sum_ab A[k, a, b])) * A[k, i, j])``, then min-max
-    normalised per sample (a constant map becomes 0).
+    normalised per sample (a constant map becomes 0). ``A`` is taken after a ReLU: the paper's feature
+    maps are post-ReLU activations, and for signed maps (token layers, pre-activation features) this
+    keeps the denominator ``2 + sum A >= 2``.
 
     Args:
         features: ``A`` ``[N, D, H, W]``.
@@ -224,6 +226,7 @@ def channel_set_map(features: Tensor, mask: Tensor, normalize: bool = True) -> T
         ``[N, H, W]``.
     """
     n, d, h, w = features.shape
+    features = F.relu(features)
     mask = mask.to(features.dtype)
     if mask.ndim == 1:
         mask = mask.expand(n, d)

@@ -1,0 +1,276 @@
+"""Final-layer saliency: closed forms, captum equivalence, the autograd fallback and bad input."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torchvision
+from captum.attr import LayerGradCam
+from torch import nn
+
+from lightning_interp.hooks import get_module
+from lightning_interp.models import SmallCNN
+from lightning_interp.saliency import FinalLayerSaliency, channel_set_map, fit_ald, split_chain
+
+
+@pytest.fixture(scope="module")
+def resnet() -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=12).eval()
+
+
+def _forced_fallback(model: nn.Module, layer: str) -> FinalLayerSaliency:
+    s = FinalLayerSaliency(model, feature_layer=layer)
+    s.uses_closed_form, s.feature_transform = False, None
+    return s
+
+
+# ------------------------------------------------------------------------------------ captum and CAM
+def test_policy_gradient_equals_captum_layer_gradcam(resnet: nn.Module) -> None:
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    target = torch.tensor([0, 5, 11, 3])
+    s = FinalLayerSaliency(resnet)
+    pg = s.attribute(x, target=target, method="policy_gradient")
+    assert (s.feature_layer, s.classifier, s.uses_closed_form) == ("layer4", "fc", True)
+    ref = LayerGradCam(lambda inp: torch.log_softmax(resnet(inp), dim=1), resnet.layer4).attribute(
+        x, target=target, relu_attributions=False
+    )[:, 0]
+    h, w = pg.shape[-2:]
+    torch.testing.assert_close(pg / (h * w), ref.detach(), rtol=1e-4, atol=1e-6)
+    assert pg.min() < 0 < pg.max(), "raw policy-gradient maps are signed"
+
+
+def test_cam_is_the_weighted_sum_of_feature_maps(resnet: nn.Module) -> None:
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    feats = {}
+    handle = resnet.layer4.register_forward_hook(lambda m, i, o: feats.__setitem__("a", o.detach()))
+    with torch.no_grad():
+        logits = resnet(x)
+    handle.remove()
+    cam = FinalLayerSaliency(resnet).attribute(x, method="cam")  # target: predicted class
+    pred = logits.argmax(dim=1)
+    manual = torch.stack([(resnet.fc.weight[c][:, None, None] * feats["a"][i]).sum(0) for i, c in enumerate(pred)])
+    torch.testing.assert_close(cam, manual, rtol=1e-5, atol=1e-5)
+
+
+def test_topk_targets_in_one_call_equal_separate_calls(resnet: nn.Module) -> None:
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    s = FinalLayerSaliency(resnet)
+    top = resnet(x).topk(3, dim=1).indices
+    together = s.attribute_all(x, target=top)
+    for j in range(3):
+        single = s.attribute_all(x, target=top[:, j])
+        for m in ("policy_gradient", "cam", "discriminative", "confusing"):
+            torch.testing.assert_close(together[m][:, j], single[m], rtol=1e-5, atol=1e-6)
+    assert together["policy_gradient"].shape == (3, 3, 2, 2)
+
+
+def test_upsample_and_inference_mode(resnet: nn.Module) -> None:
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    s = FinalLayerSaliency(resnet)
+    plain = s.attribute(x, method="discriminative", upsample=True)
+    assert plain.shape == (2, 64, 64)
+    with torch.inference_mode():
+        inside = s.attribute(x, method="discriminative", upsample=True)
+    torch.testing.assert_close(inside, plain)
+
+
+# ------------------------------------------------------------------------------------ ALD audit
+def test_ald_exact_recovery_in_shuffled_order() -> None:
+    L, a0, b0 = 200, 3.0, -4.0
+    y = torch.exp(a0 * torch.arange(L, dtype=torch.float64) / L + b0)
+    g = torch.Generator().manual_seed(0)
+    row_pos = y[torch.randperm(L, generator=g)]
+    row_neg = -y[torch.randperm(L, generator=g)] * math.e  # negative side: intercept b0 + 1
+    weight = torch.cat([row_pos, row_neg, torch.zeros(7, dtype=torch.float64)])[torch.randperm(2 * L + 7, generator=g)][None]
+    fit = fit_ald(weight)
+    assert fit.positive.slope.item() == pytest.approx(a0, abs=1e-9)
+    assert fit.positive.intercept.item() == pytest.approx(b0, abs=1e-9)
+    assert fit.positive.r2.item() == pytest.approx(1.0, abs=1e-12)
+    assert fit.negative.slope.item() == pytest.approx(a0, abs=1e-9)
+    assert fit.negative.intercept.item() == pytest.approx(b0 + 1, abs=1e-9)
+    assert fit.positive.count.item() == L and fit.negative.count.item() == L  # zeros excluded
+    kappa = math.sqrt(math.exp(b0) / (a0 - math.exp(b0)))
+    assert fit.positive.kappa.item() == pytest.approx(kappa, rel=1e-9)
+    assert fit.positive.lam.item() == pytest.approx(a0 * kappa, rel=1e-9)
+    assert fit.positive.mean.item() == pytest.approx((1 - kappa**2) / (a0 * kappa * kappa), rel=1e-9)
+
+
+def test_ald_joint_fits_nan_sides_and_rows() -> None:
+    L = 64
+    y = torch.exp(1.5 * torch.arange(L, dtype=torch.float64) / L - 2.0)
+    weight = torch.stack(
+        [y, torch.cat([torch.tensor([1.0, -0.5], dtype=torch.float64), torch.zeros(L - 2, dtype=torch.float64)])]
+    )
+    fit = fit_ald(weight)
+    assert math.isnan(fit.negative.slope[0].item())  # no negative weight in row 0
+    assert math.isnan(fit.positive.r2[1].item())  # a single positive weight in row 1
+    # joint positive fit pools the 65 positive weights of the matrix
+    pooled = torch.cat([y, torch.tensor([1.0], dtype=torch.float64)])
+    r = torch.arange(pooled.numel(), dtype=torch.float64) / pooled.numel()
+    ly = pooled.sort().values.log()
+    slope = ((r - r.mean()) * (ly - ly.mean())).sum() / ((r - r.mean()) ** 2).sum()
+    assert fit.joint_positive.slope.item() == pytest.approx(slope.item(), rel=1e-12)
+    assert fit.joint_positive.count.item() == L + 1
+    rows = fit.rows()
+    assert len(rows) == 2 and rows[0]["pos_slope"] == pytest.approx(1.5)
+    with pytest.raises(ValueError, match=r"\[K, D\]"):
+        fit_ald(torch.zeros(2, 2, 2))
+
+
+# ------------------------------------------------------------------------------------ split chains and maps
+def test_split_chain_on_a_hand_made_vector() -> None:
+    w = torch.tensor([5.0, -1.0, 3.0, 0.0, 8.0, -6.0, 2.0, 7.0])
+    # "+": mean 2.25 -> {0, 2, 4, 7} (5, 3, 8, 7); mean 5.75 -> {4, 7}; size 2 < 3 stops
+    plus = split_chain(w, "+", min_size=3)
+    assert [c.tolist() for c in plus] == [list(range(8)), [0, 2, 4, 7], [4, 7]]
+    # "-": mean 2.25 -> {1, 3, 5, 6} (-1, 0, -6, 2); mean -1.25 -> {5}
+    minus = split_chain(w, "-", min_size=3)
+    assert [c.tolist() for c in minus] == [list(range(8)), [1, 3, 5, 6], [5]]
+    # below min_size nothing is split; constant vectors stop
+    assert [c.tolist() for c in split_chain(w, "+", min_size=20)] == [list(range(8))]
+    assert [c.tolist() for c in split_chain(torch.ones(30), "-", min_size=2)] == [list(range(30))]
+    with pytest.raises(ValueError, match="side"):
+        split_chain(w, "x")  # type: ignore[arg-type]
+
+
+def test_channel_set_map_closed_form_by_hand() -> None:
+    a = torch.tensor(
+        [
+            [[1.0, 0.0], [0.0, 1.0]],  # sum 2: coefficient 4 / 4 = 1
+            [[0.0, 2.0], [2.0, 0.0]],  # sum 4: coefficient 4 / 6
+            [[9.0, 9.0], [9.0, 9.0]],  # not in the set
+        ]
+    )[None]
+    raw = channel_set_map(a, torch.tensor([True, True, False]), normalize=False)
+    expected = torch.tensor([[1.0, 4 / 6 * 2], [4 / 6 * 2, 1.0]])
+    torch.testing.assert_close(raw[0], expected)
+    norm = channel_set_map(a, torch.tensor([1, 1, 0]))
+    torch.testing.assert_close(norm[0], torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+    # negative activations are dropped (post-ReLU feature maps), and a constant map normalises to zero
+    assert channel_set_map(-a, torch.tensor([1, 0, 0]), normalize=False).eq(0).all()
+    assert channel_set_map(a, torch.tensor([0, 0, 1])).eq(0).all()
+
+
+def test_discriminative_maps_use_the_last_chain_subset() -> None:
+    torch.manual_seed(5)
+    model = SmallCNN(in_channels=3, num_classes=4, channels=(8, 48)).eval()
+    x = torch.randn(2, 3, 12, 12)
+    s = FinalLayerSaliency(model, min_size=5)
+    out = s.attribute_all(x, target=torch.tensor([1, 3]))
+    feats = torch.relu(model.features(x)).detach()
+    for i, c in enumerate((1, 3)):
+        for method, side in (("discriminative", "+"), ("confusing", "-")):
+            mask = torch.zeros(48, dtype=torch.bool)
+            mask[split_chain(model.fc.weight[c].detach(), side, 5)[-1]] = True
+            torch.testing.assert_close(out[method][i], channel_set_map(feats[i : i + 1], mask)[0])
+
+
+# ------------------------------------------------------------------------------------ fallback
+def test_fallback_equals_closed_form_on_a_gap_model(resnet: nn.Module) -> None:
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    target = torch.tensor([[2, 7], [1, 0]])
+    closed = FinalLayerSaliency(resnet).attribute_all(x, target=target)
+    fb_forced = _forced_fallback(resnet, "layer4")
+    with torch.inference_mode():
+        got = fb_forced.attribute_all(x, target=target)
+    for m in ("policy_gradient", "cam", "discriminative", "confusing"):
+        torch.testing.assert_close(got[m], closed[m], rtol=1e-4, atol=1e-5)
+    params = list(resnet.parameters())
+    assert all(p.grad is None for p in params), ".grad is never touched"
+
+
+class _FlattenHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).flatten(1))
+
+
+def test_flatten_head_uses_fallback_with_one_warning_and_exact_gradients() -> None:
+    torch.manual_seed(7)
+    model = _FlattenHead().eval()
+    x = torch.randn(2, 3, 6, 6)
+    s = FinalLayerSaliency(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cam = s.attribute(x, target=torch.tensor([0, 2]), method="cam")
+        s.attribute(x, method="cam")
+    assert sum("autograd fallback" in str(w.message) for w in caught) == 1
+    assert (s.feature_layer, s.uses_closed_form) == ("features", False)
+    # effective weight of channel k for class c: sum over positions of W[c] reshaped to [4, 6, 6]
+    feats = model.features(x).detach()
+    for i, c in enumerate((0, 2)):
+        eff = model.fc.weight[c].detach().reshape(4, 6, 6).sum(dim=(1, 2))
+        torch.testing.assert_close(cam[i], (eff[:, None, None] * feats[i]).sum(0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("arch", "size", "layer", "closed"),
+    [
+        ("densenet121", 64, "features", True),
+        ("efficientnet_b0", 64, "features", True),
+        ("mobilenet_v3_small", 64, "features", False),
+        ("vit_b_16", 224, "encoder.layers.encoder_layer_11.ln_1", False),
+    ],
+)
+def test_torchvision_families(arch: str, size: int, layer: str, closed: bool) -> None:
+    torch.manual_seed(8)
+    model = getattr(torchvision.models, arch)(num_classes=6).eval()
+    for m in model.modules():  # torchvision zero-initialises some heads; random weights make maps non-trivial
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.05)
+    x = torch.randn(2, 3, size, size)
+    s = FinalLayerSaliency(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = s.attribute_all(x, target=torch.tensor([1, 4]))
+    assert s.feature_layer == layer and s.uses_closed_form is closed
+    assert out["policy_gradient"].abs().sum() > 0
+    assert all(torch.isfinite(out[m]).all() for m in ("policy_gradient", "cam", "discriminative", "confusing"))
+    if s.feature_transform == "identity":
+        ref = LayerGradCam(lambda inp: torch.log_softmax(model(inp), dim=1), get_module(model, layer)).attribute(
+            x, target=torch.tensor([1, 4]), relu_attributions=False
+        )[:, 0]
+        h, w = out["policy_gradient"].shape[-2:]
+        torch.testing.assert_close(out["policy_gradient"] / (h * w), ref.detach(), rtol=1e-4, atol=1e-6)
+    if s.feature_transform == "relu":  # DenseNet: the map that is pooled is relu(features)
+        assert arch == "densenet121"
+        feats = torch.relu(model.features(x)).detach()
+        cam = torch.stack([(model.classifier.weight[c][:, None, None] * feats[i]).sum(0) for i, c in enumerate((1, 4))])
+        torch.testing.assert_close(out["cam"], cam.detach(), rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ bad input
+class _NoLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).mean(dim=(2, 3))
+
+
+def test_errors_are_clear(resnet: nn.Module) -> None:
+    with pytest.raises(ValueError, match=r"no nn\.Linear whose output is the model's output"):
+        FinalLayerSaliency(_NoLinear()).attribute(torch.randn(1, 3, 8, 8))
+    with pytest.raises(TypeError, match=r"image batch \[N, C, H, W\]"):
+        FinalLayerSaliency(resnet).attribute(torch.randn(4, 10))
+    with pytest.raises(TypeError, match=r"torch\.Tensor"):
+        FinalLayerSaliency(resnet).attribute([1, 2, 3])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown layer 'layer9'"):
+        FinalLayerSaliency(resnet, feature_layer="layer9")
+    with pytest.raises(ValueError, match=r"not an nn\.Linear"):
+        FinalLayerSaliency(resnet, classifier="layer4")
+    with pytest.raises(ValueError, match="method must be one of"):
+        FinalLayerSaliency(resnet).attribute(torch.randn(1, 3, 32, 32), method="gradcam")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"target classes must lie in \[0, 12\)"):
+        FinalLayerSaliency(resnet).attribute(torch.randn(1, 3, 32, 32), target=12)
+    with pytest.raises(ValueError, match="not a spatial map"):
+        FinalLayerSaliency(resnet, feature_layer="fc").attribute(torch.randn(1, 3, 32, 32))
