@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_interp.callbacks import InterpretabilityCallback, PosteriorGapCallback
+from lightning_interp.callbacks import FinalLayerSaliencyCallback, InterpretabilityCallback, PosteriorGapCallback
 from lightning_interp.datamodules import SyntheticDataModule
 from lightning_interp.models import MLPClassifier, SmallCNN
 from lightning_interp.posterior import GaussianTask, xie_task
@@ -134,3 +134,90 @@ CASES: list[ContractCase] = [
         ],
     ),
 ]
+
+
+# ------------------------------------------------------------------------------------------------
+# FinalLayerSaliencyCallback
+# ------------------------------------------------------------------------------------------------
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Tiny 1x12x12 images: noise plus a bright 3x3 patch in the quadrant given by the class (4 classes)."""
+
+    def __init__(self, batch_size: int = 32, shuffle: bool = True, n: int = 256, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        y = torch.randint(0, 4, (n,), generator=g)
+        x = 0.3 * torch.randn(n, 1, 12, 12, generator=g)
+        for i, c in enumerate(y.tolist()):
+            r, col = 1 + 6 * (c // 2) + int(torch.randint(0, 2, (1,), generator=g)), 1 + 6 * (c % 2)
+            x[i, 0, r : r + 3, col : col + 3] += 2.0
+        self.train_set = TensorDataset(x[: n * 3 // 4 // 32 * 32 or n], y[: n * 3 // 4 // 32 * 32 or n])
+        self.val_set = TensorDataset(x[n * 3 // 4 :], y[n * 3 // 4 :])
+        self.batch_size, self.shuffle = batch_size, shuffle
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=self.shuffle)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.batch_size)
+
+
+class _ConvHead(SmallCNN):
+    """Logits from a 1x1 convolution and a mean: no final nn.Linear."""
+
+    def __init__(self) -> None:
+        super().__init__(in_channels=1, num_classes=4, channels=(8, 16))
+        self.head = torch.nn.Conv2d(16, 4, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x)).mean(dim=(2, 3))
+
+
+def _saliency_callback(**kw: Any) -> FinalLayerSaliencyCallback:
+    kw.setdefault("probe_size", 6)
+    kw.setdefault("min_size", 4)
+    kw.setdefault("deletion_steps", 4)
+    return FinalLayerSaliencyCallback(**kw)
+
+
+def _cnn() -> SmallCNN:
+    return SmallCNN(in_channels=1, num_classes=4, channels=(8, 16), lr=1e-2)
+
+
+CASES.append(
+    ContractCase(
+        id="saliency",
+        make_callback=_saliency_callback,
+        make_model=_cnn,
+        make_datamodule=lambda batch_size=32, shuffle=True: ImageDataModule(batch_size=batch_size, shuffle=shuffle),
+        raise_in="features.2",
+        num_train=192,
+        bad_configs=[
+            BadConfig(
+                "unknown_layer",
+                lambda: (_saliency_callback(feature_layer="features.99"), _cnn(), ImageDataModule()),
+                ValueError,
+                r"unknown layer 'features\.99'",
+            ),
+            BadConfig(
+                "no_final_linear",
+                lambda: (_saliency_callback(), _ConvHead(), ImageDataModule()),
+                ValueError,
+                r"no nn\.Linear whose output is the model's output",
+            ),
+            BadConfig(
+                "non_image_inputs",
+                lambda: (_saliency_callback(), MLPClassifier(1, 2, hidden=(8,)), _gap_datamodule()),
+                TypeError,
+                r"needs image inputs \[N, C, H, W\]",
+            ),
+            BadConfig(
+                "no_probe_data",
+                lambda: (_saliency_callback(), _cnn(), _NoTaskDataModule()),
+                TypeError,
+                r"needs image inputs",
+            ),
+        ],
+    )
+)

@@ -274,3 +274,45 @@ def test_errors_are_clear(resnet: nn.Module) -> None:
         FinalLayerSaliency(resnet).attribute(torch.randn(1, 3, 32, 32), target=12)
     with pytest.raises(ValueError, match="not a spatial map"):
         FinalLayerSaliency(resnet, feature_layer="fc").attribute(torch.randn(1, 3, 32, 32))
+
+
+# ------------------------------------------------------------------------------------ callback helpers
+def test_deletion_curve_end_points_and_order() -> None:
+    from lightning_interp.callbacks.saliency import deletion_curve
+
+    torch.manual_seed(9)
+    model = SmallCNN(in_channels=1, num_classes=3, channels=(4, 8)).eval()
+    x = torch.randn(2, 1, 6, 6)
+    target = torch.tensor([0, 2])
+    maps = torch.arange(36.0).reshape(6, 6).expand(2, 6, 6)  # deletes the bottom-right pixel first
+    with torch.no_grad():
+        curve = deletion_curve(model, x, maps, target, steps=4)
+        intact = model(x).softmax(1).gather(1, target[:, None])[:, 0]
+        blank = model(x.mean(dim=(2, 3), keepdim=True).expand_as(x)).softmax(1).gather(1, target[:, None])[:, 0]
+        x_quarter = x.clone()
+        x_quarter.view(2, 1, 36)[:, :, 27:] = x.mean(dim=(2, 3), keepdim=True).view(2, 1, 1)
+        quarter = model(x_quarter).softmax(1).gather(1, target[:, None])[:, 0]
+    assert curve.shape == (2, 5)
+    torch.testing.assert_close(curve[:, 0], intact)
+    torch.testing.assert_close(curve[:, 1], quarter)
+    torch.testing.assert_close(curve[:, -1], blank)
+
+
+def test_saliency_callback_with_label_targets_and_explicit_probe() -> None:
+    import lightning.pytorch as pl
+
+    from lightning_interp.callbacks import FinalLayerSaliencyCallback
+    from tests.contract import ImageDataModule
+
+    dm = ImageDataModule()
+    cb = FinalLayerSaliencyCallback(probe_size=4, target="label", min_size=4, deletion_steps=0, log_images=False)
+    trainer = pl.Trainer(max_steps=3, callbacks=[cb], logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(SmallCNN(in_channels=1, num_classes=4, channels=(8, 16)), dm)
+    assert torch.equal(cb.last.data["maps"]["target"], cb._labels)
+    assert "deletion_auc_pg" not in cb.history[-1]
+    assert 0.0 <= cb.history[-1]["neg_pg_share"] <= 1.0
+    explicit = FinalLayerSaliencyCallback(probe=torch.randn(3, 1, 12, 12), target="label")
+    with pytest.raises(ValueError, match="target='label' needs labelled probe data"):
+        pl.Trainer(max_steps=1, callbacks=[explicit], logger=False, enable_progress_bar=False).fit(
+            SmallCNN(in_channels=1, num_classes=4, channels=(8, 16)), dm
+        )

@@ -2,5 +2,6 @@
 
 from lightning_interp.callbacks.base import InterpretabilityCallback, Measurement, isolate
 from lightning_interp.callbacks.posterior_gap import PosteriorGapCallback
+from lightning_interp.callbacks.saliency import FinalLayerSaliencyCallback
 
-__all__ = ["InterpretabilityCallback", "Measurement", "PosteriorGapCallback", "isolate"]
+__all__ = ["FinalLayerSaliencyCallback", "InterpretabilityCallback", "Measurement", "PosteriorGapCallback", "isolate"]

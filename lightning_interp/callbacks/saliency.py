@@ -1,0 +1,274 @@
+"""Final-layer saliency callback: discriminative / confusing / policy-gradient maps during training.
+
+Reference: Siddhartha, "A Policy Gradient View of Cross-Entropy Training: Saliency from the Final
+Layer", arXiv:2205.11908 (2022). See :mod:`lightning_interp.saliency` (definitions follow METHODS.md
+section 2; the paper's exact formulas are not reproduced here).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_interp.callbacks.base import InterpretabilityCallback, Measurement, RunOn, model_device_dtype
+from lightning_interp.saliency import FinalLayerSaliency
+
+__all__ = ["FinalLayerSaliencyCallback", "deletion_curve"]
+
+
+def deletion_curve(model: nn.Module, inputs: Tensor, maps: Tensor, target: Tensor, steps: int = 10) -> Tensor:
+    """Probability of ``target`` as the most salient pixels are deleted (set to the image's mean).
+
+    Args:
+        model: the classifier.
+        inputs: images ``[N, C, H, W]``.
+        maps: saliency ``[N, H, W]`` at the input resolution (higher = deleted first).
+        target: classes ``[N]``.
+        steps: number of deletion fractions ``1/steps, ..., 1`` (plus the intact image).
+
+    Returns:
+        ``[N, steps + 1]`` target probabilities; the mean over fractions is the deletion AUC (lower is
+        more faithful).
+    """
+    n, _, h, w = inputs.shape
+    order = maps.reshape(n, -1).argsort(dim=1, descending=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(h * w, device=order.device).expand(n, -1))
+    baseline = inputs.mean(dim=(2, 3), keepdim=True)
+    probs = []
+    for i in range(steps + 1):
+        keep = (rank >= round(i * h * w / steps)).reshape(n, 1, h, w)
+        x = torch.where(keep, inputs, baseline)
+        probs.append(model(x).softmax(dim=1).gather(1, target[:, None])[:, 0])
+    return torch.stack(probs, dim=1)
+
+
+class FinalLayerSaliencyCallback(InterpretabilityCallback):
+    """Log final-layer saliency maps of a fixed probe batch and how faithful they are.
+
+    At setup the callback draws ``probe_size`` images from the validation set (or the training set
+    when there is none) with its own generator, or takes ``probe`` images, and finds the final
+    ``nn.Linear`` and the feature map pooled into it (see
+    :class:`~lightning_interp.saliency.FinalLayerSaliency`). At each measurement it logs
+
+    * ``saliency/neg_pg_share``: the share of negative policy-gradient mass (evidence for the
+      competitors, the "confusing" regions), ``sum relu(-M) / sum |M|``, averaged over the probe;
+    * ``saliency/deletion_auc_pg`` and ``saliency/deletion_auc_disc``: the mean target probability
+      along a deletion curve that removes the pixels with the highest policy-gradient
+      (discriminative) saliency first (replaced by the image mean); ``saliency/deletion_auc_random``
+      the same for a fixed random map (drawn once from the callback's own generator); and
+      ``saliency/faithfulness_pg`` / ``faithfulness_disc``, random minus ours (positive when the map
+      finds the evidence better than chance). Policy-gradient maps vanish as ``q(c|x) -> 1``
+      (``g = W[c] - E_q W``), so on confidently classified probes their deletion score is weak;
+    * ``saliency/target_prob``, ``saliency/disc_channels`` and ``saliency/conf_channels`` (the mean
+      size of the most discriminative / most confusing channel sets of the targets);
+
+    and a figure grid with, per probe image, the image and its discriminative, confusing and
+    policy-gradient maps.
+
+    Args:
+        probe_size: number of probe images (a bounded, fixed batch).
+        probe: explicit probe images ``[N, C, H, W]`` (then no dataset is needed).
+        target: ``"predicted"`` (the model's class) or ``"label"`` (the probe labels).
+        feature_layer: ``named_modules()`` path of the feature map (found when ``None``).
+        classifier: ``named_modules()`` path of the final ``nn.Linear`` (found when ``None``).
+        min_size: ``min_size`` of the recursive channel split.
+        deletion_steps: deletion-curve resolution (0 disables the faithfulness scalars).
+        every_n_epochs: see :class:`~lightning_interp.callbacks.base.InterpretabilityCallback`.
+        every_n_steps: see the base class.
+        run_on: see the base class.
+        measure_at_start: see the base class.
+        measure_at_end: see the base class.
+        seed: seed of the probe draw and the random baseline maps.
+        log_images: see the base class.
+        figure_dir: see the base class.
+
+    Raises:
+        ValueError: at setup, for unknown layer names, a model without a final ``nn.Linear``, no
+            datamodule and no ``probe``, or ``target="label"`` without labels.
+        TypeError: at setup, for probe data that is not an image batch ``[N, C, H, W]``.
+
+    Example:
+        >>> cb = FinalLayerSaliencyCallback(probe_size=8, every_n_epochs=1)
+    """
+
+    prefix = "saliency"
+
+    def __init__(
+        self,
+        probe_size: int = 8,
+        probe: Tensor | None = None,
+        target: Literal["predicted", "label"] = "predicted",
+        feature_layer: str | None = None,
+        classifier: str | None = None,
+        min_size: int = 20,
+        deletion_steps: int = 10,
+        every_n_epochs: int | None = 1,
+        every_n_steps: int | None = None,
+        run_on: RunOn = "train_epoch_end",
+        measure_at_start: bool = False,
+        measure_at_end: bool = True,
+        seed: int = 0,
+        log_images: bool = True,
+        figure_dir: str | None = None,
+    ) -> None:
+        super().__init__(
+            every_n_epochs=every_n_epochs,
+            every_n_steps=every_n_steps,
+            run_on=run_on,
+            measure_at_start=measure_at_start,
+            measure_at_end=measure_at_end,
+            seed=seed,
+            log_images=log_images,
+            figure_dir=figure_dir,
+        )
+        if target not in ("predicted", "label"):
+            raise ValueError(f"target must be 'predicted' or 'label', got {target!r}")
+        if probe_size < 1 or deletion_steps < 0:
+            raise ValueError("probe_size >= 1 and deletion_steps >= 0 are required")
+        self.probe_size = probe_size
+        self.target = target
+        self.feature_layer = feature_layer
+        self.classifier = classifier
+        self.min_size = min_size
+        self.deletion_steps = deletion_steps
+        self._probe: Tensor | None = probe
+        self._labels: Tensor | None = None
+        self._saliency: FinalLayerSaliency | None = None
+        self._random_map: Tensor | None = None
+
+    def _state_key_fields(self) -> dict[str, Any]:
+        return {"probe_size": self.probe_size, "feature_layer": self.feature_layer}
+
+    # ------------------------------------------------------------------ setup
+    def _draw_probe(self, trainer: pl.Trainer) -> None:
+        dm = trainer.datamodule
+        if dm is None:
+            raise ValueError(
+                "FinalLayerSaliencyCallback needs probe images: pass probe=<images [N, C, H, W]> or train with a "
+                "LightningDataModule that has a val_dataloader() (or train_dataloader())."
+            )
+        loader = None
+        for name in ("val_dataloader", "train_dataloader"):
+            try:
+                loader = getattr(dm, name)()
+            except Exception:  # a datamodule may not implement a split
+                continue
+            if loader is not None and len(getattr(loader, "dataset", [])) > 0:
+                break
+        dataset = getattr(loader, "dataset", None)
+        if dataset is None or len(dataset) == 0:
+            raise ValueError(f"{type(dm).__name__} has no non-empty val or train dataset to draw probe images from")
+        idx = torch.randperm(len(dataset), generator=self.generator)[: self.probe_size].tolist()
+        items = [dataset[i] for i in idx]
+        first = items[0]
+        if isinstance(first, (tuple, list)):
+            self._probe = torch.stack([torch.as_tensor(it[0]) for it in items])
+            if len(first) > 1:
+                self._labels = torch.as_tensor([int(it[1]) for it in items])
+        else:
+            self._probe = torch.stack([torch.as_tensor(it) for it in items])
+
+    def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._probe is None:
+            self._draw_probe(trainer)
+        probe = self._probe
+        if not isinstance(probe, Tensor) or probe.ndim != 4 or not probe.is_floating_point():
+            got = f"{probe.dtype} of shape {list(probe.shape)}" if isinstance(probe, Tensor) else type(probe).__name__
+            raise TypeError(
+                f"FinalLayerSaliencyCallback needs image inputs [N, C, H, W] (floating point), got {got}; "
+                "final-layer saliency maps are spatial, so use it with image models."
+            )
+        if self.target == "label" and self._labels is None:
+            raise ValueError("target='label' needs labelled probe data ((image, label) items); use target='predicted'")
+        # one fixed random map per probe image: the baseline of the deletion curve, the same at every measurement
+        if self._random_map is None:
+            self._random_map = torch.rand(probe.shape[0], *probe.shape[2:], generator=self.generator)
+        self._saliency = FinalLayerSaliency(pl_module, self.feature_layer, self.classifier, self.min_size)
+        device, dtype = model_device_dtype(pl_module)
+        self._saliency._resolve(probe[:2].to(device=device, dtype=dtype))
+
+    # ------------------------------------------------------------------ measurement
+    def measure(self, pl_module: nn.Module) -> Measurement:
+        if self._saliency is None or self._saliency.model is not pl_module:
+            raise RuntimeError("FinalLayerSaliencyCallback.measure() called before setup()")
+        device, dtype = model_device_dtype(pl_module)
+        x = self._probe.to(device=device, dtype=dtype)  # type: ignore[union-attr]
+        target = self._labels.to(device) if self.target == "label" else None  # type: ignore[union-attr]
+        out = self._saliency.attribute_all(x, target=target)
+        pg, tgt = out["policy_gradient"], out["target"]
+        abs_mass = pg.abs().flatten(1).sum(dim=1).clamp_min(torch.finfo(pg.dtype).tiny)
+        neg_share = (F.relu(-pg).flatten(1).sum(dim=1) / abs_mass).mean()
+        weight = self._saliency_weight(pl_module)
+        scalars: dict[str, Tensor | float] = {
+            "neg_pg_share": neg_share,
+            "target_prob": out["logits"].softmax(dim=1).gather(1, tgt[:, None]).mean(),
+            "disc_channels": self._chain_size(weight, tgt, "+"),
+            "conf_channels": self._chain_size(weight, tgt, "-"),
+        }
+        if self.deletion_steps:
+            rand = deletion_curve(pl_module, x, self._random_map.to(x.device), tgt, self.deletion_steps).mean()  # type: ignore[union-attr]
+            scalars["deletion_auc_random"] = rand
+            for method, short in (("policy_gradient", "pg"), ("discriminative", "disc")):
+                up = F.interpolate(out[method][:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+                auc = deletion_curve(pl_module, x, up, tgt, self.deletion_steps).mean()
+                scalars[f"deletion_auc_{short}"] = auc
+                scalars[f"faithfulness_{short}"] = rand - auc
+        return Measurement(scalars=scalars, data={"maps": out, "inputs": x})
+
+    def _saliency_weight(self, module: nn.Module) -> Tensor | None:
+        s = self._saliency
+        if s is None or not s.uses_closed_form:
+            return None
+        return dict(module.named_modules())[s.classifier].weight  # type: ignore[index]
+
+    def _chain_size(self, weight: Tensor | None, target: Tensor, side: str) -> float:
+        if weight is None:
+            return float("nan")
+        masks = self._saliency._class_chain_mask(target, side, weight)  # type: ignore[union-attr]
+        return float(masks.sum(dim=1).double().mean())
+
+    # ------------------------------------------------------------------ figures
+    def figures(self, measurement: Measurement) -> dict[str, Any]:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        maps = measurement.data["maps"]
+        x = measurement.data["inputs"].detach().float().cpu()
+        n = min(len(x), 8)
+        size = x.shape[-2:]
+
+        def up(m: Tensor) -> Tensor:
+            return F.interpolate(m[:n, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0].cpu()
+
+        disc, conf, pg = up(maps["discriminative"]), up(maps["confusing"]), up(maps["policy_gradient"])
+        fig, axes = plt.subplots(n, 4, figsize=(8, 2 * n), squeeze=False)
+        for i in range(n):
+            img = x[i]
+            img = (img - img.min()) / (img.max() - img.min()).clamp_min(1e-12)
+            shown = img[0] if img.shape[0] == 1 else img[:3].permute(1, 2, 0)
+            cmap = "gray" if img.shape[0] == 1 else None
+            lim = float(pg[i].abs().max()) or 1.0
+            panels = [
+                (shown, cmap, None, f"class {int(maps['target'][i])}"),
+                (disc[i], "inferno", (0, 1), "discriminative"),
+                (conf[i], "inferno", (0, 1), "confusing"),
+                (pg[i], "RdBu_r", (-lim, lim), "policy gradient"),
+            ]
+            for ax, (data, cm, lims, title) in zip(axes[i], panels, strict=True):
+                if lims is None:
+                    ax.imshow(data, cmap=cm)
+                else:
+                    ax.imshow(shown, cmap=cmap)
+                    ax.imshow(data, cmap=cm, vmin=lims[0], vmax=lims[1], alpha=0.6)
+                ax.set_axis_off()
+                if i == 0 or title.startswith("class"):
+                    ax.set_title(title, fontsize=8)
+        fig.tight_layout()
+        return {"maps": fig}
