@@ -6,6 +6,8 @@ Subcommands:
   Trains the post's MLP (1-64-64-2) on presets 1 and 3 of Xie (2025) with the
   :class:`~lightning_interp.callbacks.PosteriorGapCallback`, logs to wandb in offline mode by default
   (no account needed), and writes ``DIR/summary.json`` and PNG figures.
+* ``lightning-interp audit --arch resnet50 --weights FILE --images DIR --out OUT [--limit N] [--wandb]``:
+  the final-layer audit of a pretrained torchvision model (:mod:`lightning_interp.audit`).
 * ``lightning-interp fit|validate|test|predict --config configs/....yaml``: Lightning's
   ``LightningCLI`` with any ``LightningModule`` / ``LightningDataModule`` (``class_path`` in YAML), so
   callbacks and datamodules are named in the config.
@@ -23,9 +25,11 @@ from typing import Any
 
 __all__ = ["main", "run_demo"]
 
-_USAGE = """usage: lightning-interp {demo,fit,validate,test,predict} ...
+_USAGE = """usage: lightning-interp {demo,audit,fit,validate,test,predict} ...
 
   demo        train the post's MLP on presets 1 and 3 with the posterior-gap callback (wandb offline)
+  audit       final-layer audit of a pretrained torchvision model on a folder of images:
+              lightning-interp audit --arch resnet50 --weights FILE --images DIR --out OUT [--limit N]
   fit         LightningCLI: lightning-interp fit --config configs/posterior_gap_preset1.yaml
   validate, test, predict
               LightningCLI subcommands
@@ -157,6 +161,45 @@ def _demo(argv: Sequence[str]) -> None:
     print(f"\nwrote {os.path.join(args.out, 'summary.json')} and figures in {args.out} ({summary['wall_time_s']:.1f} s)")
 
 
+def _audit(argv: Sequence[str]) -> None:
+    from lightning_interp.audit import run_audit
+
+    parser = argparse.ArgumentParser(
+        prog="lightning-interp audit",
+        description="Final-layer weight audit (ALD fits) and saliency maps of a torchvision model with local weights.",
+    )
+    parser.add_argument("--arch", required=True, help="torchvision model name, e.g. resnet50, densenet121, vit_b_16")
+    parser.add_argument("--weights", required=True, help="local weights: a state_dict or Lightning checkpoint (.pth/.ckpt)")
+    parser.add_argument("--images", required=True, help="a folder of images (flat, or one sub-folder per class)")
+    parser.add_argument("--out", required=True, help="output folder: report.json, CSV tables, PNG grids")
+    parser.add_argument("--limit", type=int, default=None, help="audit at most N images")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--min-size", type=int, default=20, help="min_size of the recursive channel split")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--wandb", action="store_true", help="also log to wandb (offline unless WANDB_MODE=online)")
+    args = parser.parse_args(list(argv))
+    try:
+        report = run_audit(
+            args.arch,
+            args.weights,
+            args.images,
+            args.out,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            min_size=args.min_size,
+            use_wandb=args.wandb,
+            device=args.device,
+        )
+    except (FileNotFoundError, ValueError) as err:
+        parser.exit(2, f"lightning-interp audit: error: {err}\n")
+    path = "closed form (GAP + Linear)" if report["closed_form"] else "autograd fallback"
+    print(
+        f"{args.arch}: {report['num_images']} images, feature layer {report['feature_layer']!r} -> {report['classifier']!r} "
+        f"({path}); joint R^2 +{report['ald']['joint_positive']['r2']:.3f} / -{report['ald']['joint_negative']['r2']:.3f}; "
+        f"wrote {os.path.join(args.out, 'report.json')}"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``lightning-interp`` command."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -165,6 +208,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if args[0] == "demo":
         _demo(args[1:])
+        return
+    if args[0] == "audit":
+        _audit(args[1:])
         return
     import lightning.pytorch as pl
     from lightning.pytorch.cli import LightningCLI
