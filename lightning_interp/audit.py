@@ -144,7 +144,8 @@ def _ald_figure(weight: Tensor, fit: Any) -> Any:
     ax2.set_xlabel("normalised rank r")
     ax2.set_ylabel("log |w|")
     ax2.set_title("log-rank fit (joint)")
-    ax2.legend(fontsize=8)
+    if ax2.get_legend_handles_labels()[0]:
+        ax2.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
