@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_interp.callbacks import FinalLayerSaliencyCallback, InterpretabilityCallback, PosteriorGapCallback
-from lightning_interp.datamodules import SyntheticDataModule
+from lightning_interp.datamodules import PatchImageDataModule, SyntheticDataModule
 from lightning_interp.models import MLPClassifier, SmallCNN
 from lightning_interp.posterior import GaussianTask, xie_task
 
@@ -141,26 +141,9 @@ CASES: list[ContractCase] = [
 # ------------------------------------------------------------------------------------------------
 
 
-class ImageDataModule(pl.LightningDataModule):
+def ImageDataModule(batch_size: int = 32, shuffle: bool = True, n: int = 256, seed: int = 0) -> PatchImageDataModule:
     """Tiny 1x12x12 images: noise plus a bright 3x3 patch in the quadrant given by the class (4 classes)."""
-
-    def __init__(self, batch_size: int = 32, shuffle: bool = True, n: int = 256, seed: int = 0) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        y = torch.randint(0, 4, (n,), generator=g)
-        x = 0.3 * torch.randn(n, 1, 12, 12, generator=g)
-        for i, c in enumerate(y.tolist()):
-            r, col = 1 + 6 * (c // 2) + int(torch.randint(0, 2, (1,), generator=g)), 1 + 6 * (c % 2)
-            x[i, 0, r : r + 3, col : col + 3] += 2.0
-        self.train_set = TensorDataset(x[: n * 3 // 4 // 32 * 32 or n], y[: n * 3 // 4 // 32 * 32 or n])
-        self.val_set = TensorDataset(x[n * 3 // 4 :], y[n * 3 // 4 :])
-        self.batch_size, self.shuffle = batch_size, shuffle
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=self.shuffle)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size)
+    return PatchImageDataModule(n_train=n * 3 // 4 // 32 * 32, n_val=n // 4, batch_size=batch_size, seed=seed, shuffle=shuffle)
 
 
 class _ConvHead(SmallCNN):

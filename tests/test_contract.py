@@ -167,7 +167,8 @@ class _Dump(Callback):
 def test_ddp_two_processes_match_single_process(case: ContractCase, tmp_path: Any) -> None:
     # Lightning's distributed sampler always shuffles training data, so here every rank reads the
     # whole (unshuffled) train set: the all-reduced gradient (g + g) / 2 equals the single-process
-    # gradient exactly, the weights follow the same trajectory, and every logged number must agree.
+    # gradient exactly, the weights follow the same trajectory, and every logged number must agree
+    # (up to float32 summation order: a process may run its kernels on another number of threads).
     kw = dict(every_n_steps=2, every_n_epochs=None, measure_at_start=True)
     single_cb = case.make_callback(**kw)
     pl.seed_everything(3, verbose=False)
@@ -185,7 +186,7 @@ def test_ddp_two_processes_match_single_process(case: ContractCase, tmp_path: An
     assert ranks[0]["history"] == ranks[1]["history"], "every rank must log the same numbers"
     assert ranks[0]["figure_calls"] == len(ranks[0]["history"]) > 0
     assert ranks[1]["figure_calls"] == 0, "figures are rendered on rank 0 only"
-    _assert_history_close(single_cb.history, ranks[0]["history"], rtol=1e-6, atol=1e-9)
+    _assert_history_close(single_cb.history, ranks[0]["history"], rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- 4. state survives a checkpoint

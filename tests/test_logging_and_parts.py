@@ -179,3 +179,21 @@ def test_reproduce_xie_script_runs_small(tmp_path: Path) -> None:
     spec.loader.exec_module(module)
     module.main(["--presets", "3", "--steps", "5", "20", "--n-train", "512", "--n-probe", "512", "--out", str(tmp_path)])
     assert (tmp_path / "results.json").exists() and (tmp_path / "posterior_vs_model.png").exists()
+
+
+def test_patch_image_datamodule_places_the_evidence_by_class() -> None:
+    from lightning_interp.datamodules import PatchImageDataModule
+
+    dm = PatchImageDataModule(num_classes=4, image_size=12, n_train=200, n_val=50, noise=0.0, contrast=1.0, seed=3)
+    dm.setup()
+    x, y = dm._splits["train"].tensors
+    mask = dm.masks["train"]
+    assert torch.equal(x[:, 0] > 0.5, mask)  # without noise the image is exactly the patch
+    assert (mask.flatten(1).sum(1) == 9).all()
+    for i in range(20):
+        r, c = torch.nonzero(mask[i]).float().mean(0)
+        assert int(r // 6) * 2 + int(c // 6) == int(y[i])
+    with pytest.raises(ValueError, match="num_classes"):
+        PatchImageDataModule(num_classes=5)
+    with pytest.raises(ValueError, match="patch"):
+        PatchImageDataModule(patch=6)

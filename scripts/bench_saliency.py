@@ -1,0 +1,526 @@
+"""Benchmark FinalLayerSaliency against a plain forward pass and captum baselines (time and peak memory).
+
+Run (from the repository root)::
+
+    .venv/bin/python scripts/bench_saliency.py
+
+(defaults: ``--batch-size 8 --image-size 224 --warmup 2 --repeats 7 --ig-repeats 2 --ig-top5-repeats 0
+--ig-steps 50 --internal-batch-size 16 --seed 0 --out outputs/bench_saliency``, ``--device`` cuda if
+available else cpu, torch's default thread count).
+
+Setup: torchvision ResNet-50 with random weights (``torch.manual_seed(seed)``; no download) in eval
+mode, one random batch ``[8, 3, 224, 224]``. The targets are the model's predicted classes (top-1,
+``[N]``) and its five highest-scoring classes (top-5, ``[N, 5]``), computed once; every method gets
+them explicitly.
+
+Measured, per method:
+
+* ``forward``: ``model(x)`` under ``torch.no_grad()`` (the reference of every ratio, top-5 included);
+* ``ours:<method>``: ``FinalLayerSaliency(model).attribute(x, target, method=...)`` for the four
+  methods, and ``ours:attribute_all`` (all four maps at once). Top-5: ONE call with the ``[N, 5]``
+  target. The first call resolves the layers (an extra forward with hooks on every module); it is
+  done in warm-up and reported on its own row (``1st call``, time of that single call);
+* captum, on ``log_softmax(model(x))`` (``nn.Sequential(model, nn.LogSoftmax(1))``, the quantity whose
+  Grad-CAM is the policy-gradient map): ``LayerGradCam`` at ``layer4`` (``relu_attributions=False``),
+  ``Saliency`` (``abs=True``) and ``IntegratedGradients`` (``n_steps=--ig-steps``, zero baseline,
+  ``internal_batch_size=--internal-batch-size``). Top-5: captum takes one target per sample, so five
+  calls (``target[:, j]``).
+
+Wall time: ``time.perf_counter`` (``torch.cuda.synchronize`` on CUDA); ``--warmup`` untimed calls of
+every method, then ``--repeats`` timed calls per method, interleaved round-robin (one call of each
+method per round, the order rotated every round) so that machine noise hits every method alike;
+the median is reported. IntegratedGradients (50 steps x a ResNet-50 forward + backward of 8 images,
+about a minute per call on 2 CPU cores) gets ``--ig-repeats`` (default 2) timed calls after one short
+warm-up call (``n_steps`` = two internal batches); its top-5 row (5 calls, several minutes) is by
+default NOT run but estimated as 5 x the single-target median (``--ig-top5-repeats 0``; marked
+``est.``); ``--ig-top5-repeats 1`` measures it.
+
+Peak memory: on CPU, each method runs once in a fresh subprocess (this script with
+``--measure-memory KEY``) that builds the same model and batch, runs one tiny ``[1, 3, 64, 64]``
+no-grad forward (for ``ours`` that forward resolves the layers; ``1st call`` rows skip it and
+resolve on the real batch), resets the kernel's resident high-water mark (``/proc/self/clear_refs``,
+where available), reads the resident size, makes ONE call (top-5: the five captum calls, results
+kept) and reports ``ru_maxrss`` minus that resident size: the peak resident memory increase of the
+call. IntegratedGradients' memory is measured with ``n_steps`` = two internal batches: with
+internal batching captum runs the steps in sequential chunks of ``internal_batch_size`` images and
+sums them, so the peak does not depend on ``n_steps``. Subprocesses run ``--memory-jobs`` at a time.
+On CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` minus the allocated
+memory before the call, in this process.
+
+Outputs: a markdown table (absolute median ms and peak MB, ratios to the forward pass) and pass/fail
+lines for the targets, printed and written to ``--out``/``results.md``; every number (raw times
+included) in ``--out``/``results.json``.
+
+Targets: each of our methods (top-1) <= 1.15x a forward pass and no slower than LayerGradCam; top-5
+maps >= 3x faster than LayerGradCam (5 calls) and >= 40x faster than IntegratedGradients (5 calls);
+lower peak memory than LayerGradCam (top-1 and top-5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from captum.attr import IntegratedGradients, LayerGradCam, Saliency
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from lightning_interp.saliency import METHODS, FinalLayerSaliency
+
+#: Short names of our methods, for the pass/fail lines.
+SHORT = {"policy_gradient": "pg", "cam": "cam", "discriminative": "disc", "confusing": "conf"}
+OURS = tuple(f"ours:{m}" for m in METHODS)
+CAPTUM = ("captum:LayerGradCam", "captum:Saliency", "captum:IntegratedGradients")
+FIRST_CALL = "ours:policy_gradient 1st call"
+TOP_K = 5
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=default_device, help="device to run on")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per batch")
+    parser.add_argument("--image-size", type=int, default=224, help="input height and width")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls of every method before timing")
+    parser.add_argument("--repeats", type=int, default=7, help="timed calls per method (IntegratedGradients: --ig-repeats)")
+    parser.add_argument("--ig-repeats", type=int, default=2, help="timed IntegratedGradients calls (top-1)")
+    parser.add_argument(
+        "--ig-top5-repeats",
+        type=int,
+        default=0,
+        help="timed top-5 IntegratedGradients repeats (5 calls each); 0: 5 x top-1 estimate",
+    )
+    parser.add_argument("--ig-steps", type=int, default=50, help="IntegratedGradients n_steps")
+    parser.add_argument("--internal-batch-size", type=int, default=16, help="IntegratedGradients internal_batch_size")
+    parser.add_argument("--memory-jobs", type=int, default=2, help="memory subprocesses run at a time (CPU)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model's random weights and of the batch")
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench_saliency"), help="output folder")
+    parser.add_argument("--measure-memory", metavar="KEY", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--targets", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available")
+    for name in ("batch_size", "image_size", "repeats", "ig_steps", "internal_batch_size", "memory_jobs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("warmup", "ig_repeats", "ig_top5_repeats"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# setup
+# ---------------------------------------------------------------------------------------------
+
+
+def build(args: argparse.Namespace) -> tuple[nn.Module, Tensor]:
+    """ResNet-50 with random weights (eval mode) and a random batch, both seeded."""
+    torch.manual_seed(args.seed)
+    model = torchvision.models.resnet50(weights=None).eval().to(args.device)
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(args.seed + 1))
+    return model, x.to(args.device)
+
+
+def ig_memory_steps(args: argparse.Namespace) -> int:
+    """``n_steps`` of two internal batches (captum puts ``internal_batch_size // N`` steps in each)."""
+    return min(args.ig_steps, 2 * max(1, args.internal_batch_size // args.batch_size))
+
+
+def make_calls(
+    model: nn.Module, x: Tensor, top1: Tensor, top5: Tensor, saliency: FinalLayerSaliency, args: argparse.Namespace
+) -> dict[str, Callable[[], object]]:
+    """Every benchmarked call, keyed ``"<top1|top5>/<method>"``."""
+    head = nn.Sequential(model, nn.LogSoftmax(dim=1)).eval()
+    gradcam, sal, ig = LayerGradCam(head, model.layer4), Saliency(head), IntegratedGradients(head)
+    ig_kw = {"n_steps": args.ig_steps, "internal_batch_size": args.internal_batch_size}
+
+    def forward() -> Tensor:
+        with torch.no_grad():
+            return model(x)
+
+    def each_target(fn: Callable[..., Tensor], **kw: Any) -> list[Tensor]:
+        return [fn(x, target=top5[:, j], **kw) for j in range(top5.shape[1])]
+
+    calls: dict[str, Callable[[], object]] = {"top1/forward": forward}
+    for group, target in (("top1", top1), ("top5", top5)):
+        for m in METHODS:
+            calls[f"{group}/ours:{m}"] = functools.partial(saliency.attribute, x, target=target, method=m)
+        calls[f"{group}/ours:attribute_all"] = functools.partial(saliency.attribute_all, x, target=target)
+    calls["top1/captum:LayerGradCam"] = functools.partial(gradcam.attribute, x, target=top1)
+    calls["top1/captum:Saliency"] = functools.partial(sal.attribute, x, target=top1)
+    calls["top1/captum:IntegratedGradients"] = functools.partial(ig.attribute, x, target=top1, **ig_kw)
+    calls["top5/captum:LayerGradCam"] = functools.partial(each_target, gradcam.attribute)
+    calls["top5/captum:Saliency"] = functools.partial(each_target, sal.attribute)
+    calls["top5/captum:IntegratedGradients"] = functools.partial(each_target, ig.attribute, **ig_kw)
+    # short IntegratedGradients calls (two internal batches) for warm-up and the memory measurement
+    short = {**ig_kw, "n_steps": ig_memory_steps(args)}
+    calls["ig-short/top1"] = functools.partial(ig.attribute, x, target=top1, **short)
+    calls["ig-short/top5"] = functools.partial(each_target, ig.attribute, **short)
+    return calls
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], device: str) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------------
+# peak memory
+# ---------------------------------------------------------------------------------------------
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _maxrss_mb() -> float:
+    """``ru_maxrss`` in MB (kB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def measure_memory_here(key: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Peak memory increase (MB) of one call of ``key`` in this (fresh) process; see the module docstring."""
+    model, x = build(args)
+    rows = [[int(v) for v in row.split(",")] for row in args.targets.split(";")]
+    top5 = torch.tensor(rows, device=args.device)
+    saliency = FinalLayerSaliency(model)
+    group, name = key.split("/", 1)
+    tiny = torch.zeros(1, 3, 64, 64, device=args.device)
+    if name == FIRST_CALL:
+        fn: Callable[[], object] = functools.partial(saliency.attribute, x, target=top5[:, 0], method="policy_gradient")
+    else:
+        if name.startswith("ours:"):
+            saliency.attribute(tiny)  # resolves the layers on a tiny batch (one small no-grad forward)
+        else:
+            with torch.no_grad():
+                model(tiny)  # the same small forward, for every method
+        calls = make_calls(model, x, top5[:, 0], top5, saliency, args)
+        fn = calls[f"ig-short/{group}"] if name == "captum:IntegratedGradients" else calls[key]
+    reset = False
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2**20
+        out = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        how = "torch.cuda.max_memory_allocated"
+    else:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the resident high-water mark (ru_maxrss / VmHWM) to the current RSS
+            reset = True
+        except OSError:
+            pass
+        rss = _status_kb("VmRSS")
+        before = rss / 1024 if rss is not None and reset else _maxrss_mb()
+        out = fn()
+        peak = _maxrss_mb()
+        how = "ru_maxrss - VmRSS before (high-water mark reset)" if reset else "ru_maxrss after - ru_maxrss before"
+    del out
+    return {"key": key, "peak_mb": max(0.0, peak - before), "before_mb": before, "peak_abs_mb": peak, "how": how}
+
+
+def memory_subprocess(key: str, args: argparse.Namespace, targets: str) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--measure-memory", key, "--targets", targets]
+    cmd += ["--device", args.device, "--batch-size", str(args.batch_size), "--image-size", str(args.image_size)]
+    cmd += ["--ig-steps", str(args.ig_steps), "--internal-batch-size", str(args.internal_batch_size), "--seed", str(args.seed)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory measurement of {key} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure_memory(keys: list[str], args: argparse.Namespace, top5: Tensor) -> dict[str, dict[str, Any]]:
+    targets = ";".join(",".join(str(int(v)) for v in row) for row in top5.tolist())
+    if args.device == "cuda":  # in process: the peak statistics are reset before each call
+        args.targets = targets
+        return {k: measure_memory_here(k, args) for k in tqdm(keys, desc="peak memory", unit="method")}
+    results: dict[str, dict[str, Any]] = {}
+    with ThreadPoolExecutor(max_workers=args.memory_jobs) as pool:
+        futures = {pool.submit(memory_subprocess, k, args, targets): k for k in keys}
+        for fut in tqdm(futures, desc="peak memory (subprocesses)", unit="method"):
+            results[futures[fut]] = fut.result()
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+# ---------------------------------------------------------------------------------------------
+
+
+def measure_time(
+    calls: dict[str, Callable[[], object]], saliency: FinalLayerSaliency, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Warm-up, then round-robin timed repeats; raw times in seconds per key."""
+    dev = args.device
+    fast = [k for k in calls if not k.startswith("ig-short") and not k.endswith("IntegratedGradients")]
+    repeats = {k: args.repeats for k in fast}
+    repeats["top1/captum:IntegratedGradients"] = args.ig_repeats
+    repeats["top5/captum:IntegratedGradients"] = args.ig_top5_repeats
+    times: dict[str, list[float]] = {k: [] for k in repeats}
+
+    for _ in tqdm(range(args.warmup), desc="warm-up forward", unit="call"):
+        timed(calls["top1/forward"], dev)
+    # the first call of ours resolves the layers: timed on its own, outside the benchmark proper
+    first = timed(calls["top1/ours:policy_gradient"], dev)
+    warm = [k for k in fast for _ in range(args.warmup)]
+    if args.ig_repeats or args.ig_top5_repeats:
+        warm.append("ig-short/top1")
+    for k in tqdm(warm, desc="warm-up methods", unit="call"):
+        timed(calls[k], dev)
+
+    order = list(repeats)
+    total = sum(repeats.values())
+    with tqdm(total=total, desc="timed (round-robin)", unit="call") as bar:
+        for r in range(max(repeats.values())):
+            shift = r % len(order)
+            for k in order[shift:] + order[:shift]:
+                if len(times[k]) < repeats[k]:
+                    bar.set_postfix_str(k)
+                    times[k].append(timed(calls[k], dev))
+                    bar.update()
+    resolved = {"feature_layer": saliency.feature_layer, "classifier": saliency.classifier}
+    resolved["feature_transform"] = saliency.feature_transform
+    return {"times": times, "first_call_s": first, "resolved": resolved}
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def build_rows(timing: dict[str, Any], memory: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    times = timing["times"]
+    fwd_t = statistics.median(times["top1/forward"])
+    fwd_m = memory.get("top1/forward", {}).get("peak_mb")
+    rows = []
+    names = ["forward", *OURS, "ours:attribute_all", FIRST_CALL, *CAPTUM]
+    for group in ("top1", "top5"):
+        for name in names:
+            key = f"{group}/{name}"
+            if key not in times and name != FIRST_CALL:
+                continue
+            if name == FIRST_CALL and group != "top1":
+                continue
+            estimated = False
+            if name == FIRST_CALL:
+                raw, median = [timing["first_call_s"]], timing["first_call_s"]
+            elif times[key]:
+                raw, median = times[key], statistics.median(times[key])
+            elif name == "captum:IntegratedGradients" and times["top1/captum:IntegratedGradients"]:
+                raw, median, estimated = [], TOP_K * statistics.median(times["top1/captum:IntegratedGradients"]), True
+            else:
+                raw, median = [], None
+            mem = memory.get(key, {}).get("peak_mb")
+            calls = TOP_K if (group == "top5" and name.startswith("captum:")) else 1
+            rows.append(
+                {
+                    "group": group,
+                    "method": name,
+                    "calls": calls,
+                    "repeats": len(raw),
+                    "estimated": estimated,
+                    "median_ms": None if median is None else 1000 * median,
+                    "min_ms": min(raw) * 1000 if raw else None,
+                    "max_ms": max(raw) * 1000 if raw else None,
+                    "time_ratio": None if median is None else median / fwd_t,
+                    "peak_mb": mem,
+                    "mem_ratio": None if mem is None or not fwd_m else mem / fwd_m,
+                    "raw_s": raw,
+                }
+            )
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    head = "| maps | method | calls | repeats | median ms | min-max ms | x forward (time) | peak MB | x forward (mem) |"
+    lines = [head, "|---|---|--:|--:|--:|--:|--:|--:|--:|"]
+    for r in rows:
+        est = " (est.)" if r["estimated"] else ""
+        spread = "-" if r["min_ms"] is None else f"{r['min_ms']:.0f}-{r['max_ms']:.0f}"
+        lines.append(
+            f"| {r['group']} | {r['method']} | {r['calls']} | {r['repeats'] if not r['estimated'] else '-'} | "
+            f"{_fmt(r['median_ms'], '.1f')}{est} | {spread} | {_fmt(r['time_ratio'], '.2f')}x{est} | "
+            f"{_fmt(r['peak_mb'], '.1f')} | {_fmt(r['mem_ratio'], '.2f')}x |"
+        )
+    return "\n".join(lines)
+
+
+def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pass/fail of the issue's targets, each over our four methods."""
+    by = {(r["group"], r["method"]): r for r in rows}
+
+    def ratio(group: str, num: str, den: str, field: str) -> dict[str, float | None]:
+        out: dict[str, float | None] = {}
+        for m in METHODS:
+            a, b = by[(group, num.format(m=m))].get(field), by[(group, den.format(m=m))].get(field)
+            out[m] = None if a is None or b is None or b == 0 else a / b
+        return out
+
+    specs = [
+        ("top-1 time <= 1.15x forward", ratio("top1", "ours:{m}", "forward", "median_ms"), "<=", 1.15, "x forward"),
+        (
+            "top-1 no slower than LayerGradCam",
+            ratio("top1", "ours:{m}", "captum:LayerGradCam", "median_ms"),
+            "<=",
+            1.0,
+            "x LayerGradCam",
+        ),
+        (
+            "top-5 >= 3x faster than LayerGradCam (5 calls)",
+            ratio("top5", "captum:LayerGradCam", "ours:{m}", "median_ms"),
+            ">=",
+            3.0,
+            "x faster",
+        ),
+        (
+            "top-5 >= 40x faster than IntegratedGradients (5 calls)",
+            ratio("top5", "captum:IntegratedGradients", "ours:{m}", "median_ms"),
+            ">=",
+            40.0,
+            "x faster",
+        ),
+        (
+            "top-1 lower peak memory than LayerGradCam",
+            ratio("top1", "ours:{m}", "captum:LayerGradCam", "peak_mb"),
+            "<",
+            1.0,
+            "x LayerGradCam",
+        ),
+        (
+            "top-5 lower peak memory than LayerGradCam (5 calls)",
+            ratio("top5", "ours:{m}", "captum:LayerGradCam", "peak_mb"),
+            "<",
+            1.0,
+            "x LayerGradCam",
+        ),
+    ]
+    if by[("top5", "captum:IntegratedGradients")]["estimated"]:
+        specs[3] = (specs[3][0] + " [IG top-5 estimated as 5 x top-1]", *specs[3][1:])
+    results = []
+    for label, values, op, bound, unit in specs:
+        ok = {
+            m: None if v is None else (v <= bound if op == "<=" else v >= bound if op == ">=" else v < bound)
+            for m, v in values.items()
+        }
+        status = "n/a" if any(v is None for v in ok.values()) else "PASS" if all(ok.values()) else "FAIL"
+        results.append({"target": label, "status": status, "values": values, "passed": ok, "unit": unit})
+    return results
+
+
+def format_targets(results: list[dict[str, Any]]) -> str:
+    lines = []
+    for t in results:
+        vals = ", ".join(
+            f"{SHORT[m]} {'-' if v is None else f'{v:.2f}'}{'' if t['passed'][m] in (True, None) else ' (fail)'}"
+            for m, v in t["values"].items()
+        )
+        lines.append(f"[{t['status']}] {t['target']}: {vals} ({t['unit']})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*did not already require gradients.*")
+    if args.measure_memory is not None:  # child process of the CPU memory measurement
+        print(json.dumps(measure_memory_here(args.measure_memory, args)))
+        return {}
+    start = time.perf_counter()
+    load_start = os.getloadavg()
+    model, x = build(args)
+    with torch.no_grad():
+        top5 = model(x).topk(TOP_K, dim=1).indices
+    top1 = top5[:, 0].contiguous()
+    saliency = FinalLayerSaliency(model)
+    calls = make_calls(model, x, top1, top5, saliency, args)
+    timing = measure_time(calls, saliency, args)
+    memory: dict[str, dict[str, Any]] = {}
+    if not args.no_memory:
+        memory = measure_memory([*timing["times"], f"top1/{FIRST_CALL}"], args, top5)
+    rows = build_rows(timing, memory)
+    targets = check_targets(rows)
+    wall = time.perf_counter() - start
+
+    config = {
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+        "batch": [args.batch_size, 3, args.image_size, args.image_size],
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "ig_repeats": args.ig_repeats,
+        "ig_top5_repeats": args.ig_top5_repeats,
+        "ig_steps": args.ig_steps,
+        "ig_memory_steps": ig_memory_steps(args),
+        "internal_batch_size": args.internal_batch_size,
+        "seed": args.seed,
+        "resolved": timing["resolved"],
+        "loadavg_start": load_start,
+        "loadavg_end": os.getloadavg(),
+        "wall_s": wall,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+    header = (
+        f"ResNet-50 (random weights, eval), batch {config['batch']}, {args.device} ({config['device_name']}, "
+        f"{config['threads']} threads), torch {torch.__version__}; median of {args.repeats} round-robin repeats "
+        f"(IntegratedGradients: {args.ig_repeats}, n_steps={args.ig_steps}, internal_batch_size={args.internal_batch_size}); "
+        f"captum on log_softmax(logits), LayerGradCam at layer4; ratios to the plain no-grad forward pass (top-1 row). "
+        f"Peak memory: increase during one call"
+        + (" (fresh subprocess per method, ru_maxrss)" if args.device == "cpu" else " (cuda max_memory_allocated)")
+        + f", IntegratedGradients with n_steps={ig_memory_steps(args)} (peak independent of n_steps). "
+        f"'{FIRST_CALL}': the single first call, which also resolves the layers. "
+        f"Load average start/end: {load_start[0]:.2f}/{config['loadavg_end'][0]:.2f}. Wall time {wall:.0f} s."
+    )
+    text = "\n\n".join([header, markdown_table(rows), "Targets:\n" + format_targets(targets)])
+    print("\n" + text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.md").write_text(text + "\n")
+    result = {"config": config, "rows": rows, "targets": targets, "memory": memory}
+    (args.out / "results.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(f"\nwrote {args.out / 'results.md'} and {args.out / 'results.json'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
