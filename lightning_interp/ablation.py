@@ -1,0 +1,555 @@
+"""Bayesian ablation probing: which units of a layer a task needs, how distributed and how polysemantic.
+
+Reference:
+    Nam, Campbell, Griffiths, Cohen, Leslie, "Discovering the structure of neural network computation by
+    Bayesian ablation" (arXiv:2505.13742, 2025). Definitions follow METHODS.md section 3: the paper names
+    distributedness, manifold complexity and polysemanticity, but its exact formulas are not reproduced
+    here; the ones below are this project's, chosen to be faithful to the paper's framework.
+
+Instead of ablating units one at a time, infer the distribution over ablation masks ``m in {0, 1}^d``
+(``m_i = 0`` zeroes unit ``i``'s output; units are the channels, dim 1, of the layer output, or the
+last dim of a token output ``[N, T, C]``) given that task ``t`` is still done correctly:
+
+``P(m | t, correct) ∝ prior(m) * O_t(m)``, ``O_t(m) = p_t(m) / (1 - p_t(m))``,
+``p_t(m) = (n_correct + 1) / (n + 2)`` on the probe examples of task ``t`` (a class: the examples of that
+class classified correctly; or ``"all"``), ``prior(m) = prior_keep^|m| (1 - prior_keep)^(d - |m|)``.
+
+Read-outs (bits): ``importance_i = P(m_i = 1)``; ``information_i = KL(Bern(importance_i) ||
+Bern(prior_keep))``; ``distributedness = exp(H(information / sum information)) / d`` in ``[1/d, 1]``;
+``manifold_complexity`` = total correlation ``sum_i H(m_i) - H(M)`` (exact under enumeration; under
+MCMC the sum of pairwise mutual informations, and named so); ``polysemanticity_i = exp(H(info_i^t /
+sum_t info_i^t))`` over the class tasks (1 = monosemantic).
+
+Inference is exact enumeration of all ``2^d`` masks (``d <= 16``) or parallel Metropolis chains of
+single-unit flips. Many masks are evaluated in one forward pass (the mask index folded into the batch),
+and where the model can be split at the layer with ``torch.fx`` the part before it runs once per probe
+batch. The module is pure torch: it never imports Lightning.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.fx
+from torch import Tensor, nn
+
+from lightning_interp.hooks import get_module
+
+__all__ = ["AblationResult", "BayesianAblation", "MaskedForward"]
+
+MAX_EXACT_UNITS = 16
+_LOG2 = math.log(2.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# batched masked evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def _unit_dim(t: Tensor) -> int:
+    return -1 if t.ndim == 3 else 1
+
+
+def _apply_mask(h: Tensor, masks: Tensor) -> Tensor:
+    """``h`` ``[N, ...]`` times every mask of ``masks`` ``[M, d]`` -> ``[M * N, ...]`` (mask-major)."""
+    return (h.unsqueeze(0) * _mask_view(h, masks)).reshape(masks.shape[0] * h.shape[0], *h.shape[1:])
+
+
+class MaskedForward:
+    """Evaluate a model with a layer's units masked, for many masks per forward pass.
+
+    With ``torch.fx`` the model is split at ``layer``: the values the rest of the network needs (the
+    layer output and any earlier value used later, e.g. a skip connection) are computed once per probe
+    batch, and only the part after the layer runs on the ``[masks * examples]`` batch. Where tracing
+    fails the whole forward is batched instead (the layer output multiplied by a forward hook).
+
+    Args:
+        model: the model (its parameters, mode and RNG are untouched).
+        layer: ``named_modules()`` path of the layer whose units are masked.
+        max_batch: bound on ``masks * examples`` rows per forward pass.
+        split: try the ``torch.fx`` split (``False`` forces the whole-forward path).
+    """
+
+    def __init__(self, model: nn.Module, layer: str, max_batch: int = 65536, split: bool = True) -> None:
+        self.model = model
+        self.layer = layer
+        self.module = get_module(model, layer)
+        self.max_batch = max_batch
+        self.suffix: torch.fx.GraphModule | None = None
+        self.prefix: torch.fx.GraphModule | None = None
+        if split:
+            try:
+                self._split()
+            except Exception as err:  # tracing arbitrary user models can fail in many ways
+                warnings.warn(
+                    f"could not split {type(model).__name__} at {layer!r} with torch.fx ({type(err).__name__}: {err}); "
+                    "the whole forward pass is batched instead",
+                    stacklevel=2,
+                )
+                self.prefix = self.suffix = None
+
+    @property
+    def is_split(self) -> bool:
+        return self.suffix is not None
+
+    def _split(self) -> None:
+        tracer = torch.fx.Tracer()
+        tracer.is_leaf_module = lambda m, qualname: qualname == self.layer or torch.fx.Tracer.is_leaf_module(tracer, m, qualname)  # type: ignore[method-assign]
+        graph = tracer.trace(self.model)
+        root = self.model
+        nodes = list(graph.nodes)
+        targets = [n for n in nodes if n.op == "call_module" and n.target == self.layer]
+        if len(targets) != 1:
+            raise RuntimeError(f"layer {self.layer!r} is called {len(targets)} times in the traced graph")
+        layer_node = targets[0]
+        after: set[torch.fx.Node] = {layer_node}
+        for n in nodes:
+            if any(a in after for a in n.all_input_nodes):
+                after.add(n)
+        output = next(n for n in nodes if n.op == "output")
+        boundary = [layer_node] + [
+            n for n in nodes if n not in after and n.op != "output" and any(u in after for u in n.users) and n is not layer_node
+        ]
+        # suffix: placeholders for the boundary values, then every node after the layer
+        suffix_graph = torch.fx.Graph()
+        env: dict[torch.fx.Node, torch.fx.Node] = {}
+        for i, n in enumerate(boundary):
+            env[n] = suffix_graph.placeholder(f"boundary_{i}")
+        for n in nodes:
+            if n in after and n is not layer_node and n.op != "output":
+                env[n] = suffix_graph.node_copy(n, lambda a: env[a])
+        suffix_graph.output(torch.fx.graph.map_arg(output.args[0], lambda a: env[a]))
+        # prefix: every node not after the layer (plus the layer), returning the boundary values
+        prefix_graph = torch.fx.Graph()
+        penv: dict[torch.fx.Node, torch.fx.Node] = {}
+        for n in nodes:
+            if (n not in after or n is layer_node) and n.op != "output":
+                penv[n] = prefix_graph.node_copy(n, lambda a: penv[a])
+        prefix_graph.output(tuple(penv[n] for n in boundary))
+        self.prefix = torch.fx.GraphModule(root, prefix_graph)
+        self.suffix = torch.fx.GraphModule(root, suffix_graph)
+
+    @torch.no_grad()
+    def prepare(self, inputs: Tensor) -> list[Tensor]:
+        """Values the part after the layer needs (the layer output first), for one probe batch."""
+        if self.prefix is not None:
+            values = self.prefix(inputs)
+            values = list(values) if isinstance(values, (tuple, list)) else [values]
+            if not all(isinstance(v, Tensor) and v.shape[:1] == inputs.shape[:1] for v in values):
+                raise RuntimeError("the values crossing the layer are not all batch tensors")
+            return values
+        return [inputs]
+
+    @torch.no_grad()
+    def predictions(self, prepared: list[Tensor], masks: Tensor) -> Tensor:
+        """Predicted class ``[M, N]`` for every mask ``[M, d]`` and probe example."""
+        n = prepared[0].shape[0]
+        per = max(1, self.max_batch // n)
+        out = []
+        for start in range(0, masks.shape[0], per):
+            chunk = masks[start : start + per]
+            k = chunk.shape[0]
+            if self.suffix is not None:
+                layer_out = _apply_mask(prepared[0], chunk)
+                rest = [v.unsqueeze(0).expand(k, *v.shape).reshape(k * n, *v.shape[1:]) for v in prepared[1:]]
+                logits = self.suffix(layer_out, *rest)
+            else:
+                x = prepared[0]
+                big = x.unsqueeze(0).expand(k, *x.shape).reshape(k * n, *x.shape[1:])
+                handle = self.module.register_forward_hook(
+                    lambda _m, _i, h, chunk=chunk, k=k: (h.reshape(k, n, *h.shape[1:]) * _mask_view(h, chunk)).reshape(h.shape)
+                )
+                try:
+                    logits = self.model(big)
+                finally:
+                    handle.remove()
+            out.append(logits.argmax(dim=-1).reshape(k, n))
+        return torch.cat(out)
+
+    def num_units(self, prepared: list[Tensor]) -> int:
+        """Number of units ``d`` of the layer."""
+        if self.suffix is not None:
+            h = prepared[0]
+            return h.shape[_unit_dim(h)]
+        store: list[int] = []
+        handle = self.module.register_forward_hook(lambda _m, _i, h: store.append(h.shape[_unit_dim(h)]))
+        try:
+            with torch.no_grad():
+                self.model(prepared[0][:1])
+        finally:
+            handle.remove()
+        return store[0]
+
+
+def _mask_view(h: Tensor, masks: Tensor) -> Tensor:
+    """Masks ``[k, d]`` shaped to broadcast against ``h`` viewed as ``[k, n, ...]``."""
+    dim = _unit_dim(h)
+    shape = [1] * (h.ndim - 1)
+    shape[dim if dim == -1 else 0] = masks.shape[1]
+    return masks.to(h.dtype).reshape(masks.shape[0], 1, *shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# inference and read-outs
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AblationResult:
+    """Posterior read-outs of a Bayesian ablation run.
+
+    Attributes:
+        tasks: task names (``"class <c>"`` or ``"all"``).
+        importance: ``P(m_i = 1 | t, correct)`` ``[T, d]``.
+        information_bits: ``KL(Bern(importance) || Bern(prior_keep))`` in bits ``[T, d]``.
+        distributedness: ``exp(H(information / sum information)) / d`` ``[T]`` (NaN without information).
+        manifold_complexity: total correlation of the mask posterior in bits ``[T]``.
+        complexity_kind: ``"total_correlation"`` (exact) or ``"pairwise_mutual_information"`` (MCMC).
+        polysemanticity: effective number of class tasks each unit informs about ``[d]``.
+        mask_entropy_bits: ``H(M)`` per task ``[T]`` (exact runs; NaN under MCMC).
+        full_accuracy: smoothed accuracy ``p_t`` with no unit ablated ``[T]``.
+        method: ``"exact"`` or ``"mcmc"``.
+        num_evaluations: masks evaluated (each on every probe example).
+        top_masks: per task, the most probable masks ``[k, d]`` (exact runs).
+        top_probs: their posterior probabilities ``[k]``.
+        acceptance_rate: per task (MCMC).
+        ess: effective sample size per task, the minimum over units (MCMC).
+        split: whether the part before the layer was computed once (``torch.fx`` split).
+    """
+
+    tasks: list[str]
+    importance: Tensor
+    information_bits: Tensor
+    distributedness: Tensor
+    manifold_complexity: Tensor
+    complexity_kind: str
+    polysemanticity: Tensor
+    mask_entropy_bits: Tensor
+    full_accuracy: Tensor
+    method: str
+    num_evaluations: int
+    top_masks: list[Tensor] = field(default_factory=list)
+    top_probs: list[Tensor] = field(default_factory=list)
+    acceptance_rate: Tensor | None = None
+    ess: Tensor | None = None
+    split: bool = False
+
+
+def _binary_entropy_bits(p: Tensor) -> Tensor:
+    p = p.clamp(0, 1)
+    return -(torch.special.xlogy(p, p) + torch.special.xlogy(1 - p, 1 - p)) / _LOG2
+
+
+def information_bits(importance: Tensor, prior_keep: float = 0.5) -> Tensor:
+    """``KL(Bern(importance) || Bern(prior_keep))`` in bits."""
+    p = importance.clamp(0, 1)
+    q = prior_keep
+    return (torch.special.xlogy(p, p) - p * math.log(q) + torch.special.xlogy(1 - p, 1 - p) - (1 - p) * math.log(1 - q)) / _LOG2
+
+
+def distributedness(info: Tensor) -> Tensor:
+    """``exp(H(info / sum info)) / d`` over the last dim; NaN where no unit carries information."""
+    total = info.sum(dim=-1, keepdim=True)
+    w = info / total
+    h = -torch.special.xlogy(w, w).sum(dim=-1)
+    out = h.exp() / info.shape[-1]
+    return torch.where(total[..., 0] > 0, out, torch.full_like(out, math.nan))
+
+
+def polysemanticity(info: Tensor) -> Tensor:
+    """``exp(H(info_i^t / sum_t info_i^t))`` per unit from ``info`` ``[T, d]``; NaN for uninformative units."""
+    total = info.sum(dim=0, keepdim=True)
+    w = info / total
+    h = -torch.special.xlogy(w, w).sum(dim=0)
+    return torch.where(total[0] > 0, h.exp(), torch.full_like(h, math.nan))
+
+
+def _all_masks(d: int, device: torch.device) -> Tensor:
+    idx = torch.arange(2**d, device=device)
+    return ((idx[:, None] >> torch.arange(d, device=device)) & 1).bool()
+
+
+def _ess(traces: Tensor) -> Tensor:
+    """Multi-chain effective sample size of ``traces`` ``[C, S, d]`` (Geyer's initial positive sequence)."""
+    c, s, d = traces.shape
+    x = traces.double() - traces.double().mean(dim=(0, 1), keepdim=True)
+    var = (x * x).mean(dim=(0, 1))
+    f = torch.fft.rfft(x, n=2 * s, dim=1)
+    acov = torch.fft.irfft(f * f.conj(), n=2 * s, dim=1)[:, :s].mean(dim=0) / s  # [s, d]
+    rho = acov / var.clamp_min(1e-300)
+    ess = torch.full((d,), float(c * s), dtype=torch.float64)
+    for j in range(d):
+        if var[j] <= 0:
+            continue
+        total = 0.0
+        for k in range(1, s - 1, 2):
+            pair = float(rho[k, j] + rho[k + 1, j])
+            if pair < 0:
+                break
+            total += pair
+        ess[j] = c * s / (1 + 2 * total) if total > -0.5 else float(c * s)
+    return ess
+
+
+class BayesianAblation:
+    """Infer the distribution over ablation masks of a layer given that a task is still done correctly.
+
+    Args:
+        model: a classifier returning logits.
+        layer: ``named_modules()`` path of the layer whose units (channels) are ablated.
+        method: ``"exact"`` (all ``2^d`` masks, ``d <= 16``), ``"mcmc"`` (parallel Metropolis chains of
+            single-unit flips), or ``"auto"`` (exact when ``d <= 16`` and ``2^d`` is at most the MCMC
+            budget ``num_chains * num_steps``).
+        prior_keep: prior probability that a unit is kept (0.5: uniform prior over masks).
+        num_chains: MCMC chains per task.
+        num_steps: MCMC steps per chain (including burn-in).
+        burn_in: MCMC steps discarded at the start of each chain.
+        generator: the ``torch.Generator`` of the MCMC chains (a fresh seeded one when ``None``).
+        max_batch: bound on ``masks * examples`` rows per forward pass (memory).
+        top_k: masks kept per task in exact runs.
+        split: split the model at the layer with ``torch.fx`` where possible.
+
+    Raises:
+        ValueError: an unknown layer, an unknown method, ``prior_keep`` outside ``(0, 1)``.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+        >>> x = torch.randn(64, 4)
+        >>> result = BayesianAblation(model, "1").fit(x, model(x).argmax(1), tasks="all")
+        >>> result.method, result.importance.shape
+        ('exact', torch.Size([1, 6]))
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: str,
+        method: Literal["auto", "exact", "mcmc"] = "auto",
+        prior_keep: float = 0.5,
+        num_chains: int = 16,
+        num_steps: int = 1000,
+        burn_in: int = 200,
+        generator: torch.Generator | None = None,
+        max_batch: int = 65536,
+        top_k: int = 10,
+        split: bool = True,
+    ) -> None:
+        if method not in ("auto", "exact", "mcmc"):
+            raise ValueError(f"method must be 'auto', 'exact' or 'mcmc', got {method!r}")
+        if not 0.0 < prior_keep < 1.0:
+            raise ValueError(f"prior_keep must be in (0, 1), got {prior_keep}")
+        if num_steps <= burn_in or num_chains < 1:
+            raise ValueError("num_steps must exceed burn_in and num_chains must be >= 1")
+        get_module(model, layer)
+        self.model, self.layer, self.method = model, layer, method
+        self.prior_keep, self.num_chains, self.num_steps, self.burn_in = prior_keep, num_chains, num_steps, burn_in
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.max_batch, self.top_k = max_batch, top_k
+        self.forward = MaskedForward(model, layer, max_batch=max_batch, split=split)
+
+    # ------------------------------------------------------------------ data
+    def _collect(self, inputs: Tensor | Iterable, labels: Tensor | None) -> tuple[Tensor, Tensor]:
+        if isinstance(inputs, Tensor):
+            if labels is None:
+                raise ValueError("labels are required with tensor inputs")
+            return inputs, torch.as_tensor(labels)
+        xs, ys = [], []
+        for batch in inputs:
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                raise TypeError("a dataloader must yield (inputs, labels) batches")
+            xs.append(batch[0])
+            ys.append(torch.as_tensor(batch[1]))
+        if not xs:
+            raise ValueError("the dataloader yielded no batches")
+        return torch.cat(xs), torch.cat(ys)
+
+    def _tasks(self, labels: Tensor, tasks: str | Sequence[int], num_classes: int) -> tuple[list[str], Tensor]:
+        """Task names and membership ``[N, T]``; class tasks come first, then ``"all"``."""
+        if tasks == "all":
+            return ["all"], torch.ones(len(labels), 1, dtype=torch.bool, device=labels.device)
+        if tasks == "classes":
+            classes = sorted(set(labels.tolist()))
+        elif isinstance(tasks, str):
+            raise ValueError(f"tasks must be 'classes', 'all' or a list of class indices, got {tasks!r}")
+        else:
+            classes = [int(c) for c in tasks]
+        names, cols = [], []
+        for c in classes:
+            if not 0 <= c < num_classes:
+                raise ValueError(f"task class {c} is outside the model's classes [0, {num_classes})")
+            member = labels == c
+            if not member.any():
+                raise ValueError(f"task 'class {c}' has no probe examples; draw a larger probe set or drop the class")
+            names.append(f"class {c}")
+            cols.append(member)
+        return names, torch.stack(cols, dim=1)
+
+    # ------------------------------------------------------------------ fit
+    @torch.no_grad()
+    def fit(
+        self,
+        inputs: Tensor | Iterable,
+        labels: Tensor | None = None,
+        tasks: Literal["classes", "all"] | Sequence[int] = "classes",
+    ) -> AblationResult:
+        """Run the inference on probe data.
+
+        Args:
+            inputs: probe inputs ``[N, ...]``, or a dataloader of ``(inputs, labels)`` batches.
+            labels: class labels ``[N]`` (with tensor inputs).
+            tasks: ``"classes"`` (one task per class present: its examples classified correctly),
+                ``"all"`` (every example), or a list of class indices.
+
+        Returns:
+            An :class:`AblationResult` (tensors on the model's device).
+
+        Raises:
+            ValueError: labels outside the model's classes, an empty task, ``exact`` with ``d > 16``.
+        """
+        x, y = self._collect(inputs, labels)
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        x, y = x.to(device), y.to(device).long()
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"inputs ({x.shape[0]}) and labels ({y.shape[0]}) differ in length")
+        prepared = self.forward.prepare(x)
+        full = self.forward.predictions(
+            prepared, torch.ones(1, self.forward.num_units(prepared), dtype=torch.bool, device=device)
+        )
+        num_classes = self._num_classes(prepared)
+        if y.numel() and (y.min() < 0 or y.max() >= num_classes):
+            raise ValueError(
+                f"labels must lie in [0, {num_classes}) (the model's classes), got {y.min().item()}..{y.max().item()}"
+            )
+        names, member = self._tasks(y, tasks, num_classes)
+        d = self.forward.num_units(prepared)
+        method = self.method
+        if method == "auto":
+            method = "exact" if d <= MAX_EXACT_UNITS and 2**d <= self.num_chains * self.num_steps else "mcmc"
+        if method == "exact" and d > MAX_EXACT_UNITS:
+            raise ValueError(f"exact enumeration needs d <= {MAX_EXACT_UNITS} units, {self.layer!r} has {d}; use method='mcmc'")
+        member_f = member.to(torch.float64)
+        n_t = member_f.sum(dim=0)
+
+        def log_odds(masks: Tensor) -> Tensor:
+            """``log O_t(m)`` ``[M, T]``."""
+            correct = (self.forward.predictions(prepared, masks) == y[None, :]).to(torch.float64)
+            k = correct @ member_f
+            p = (k + 1) / (n_t + 2)
+            return torch.log(p) - torch.log1p(-p)
+
+        full_acc = ((full[0] == y).to(torch.float64) @ member_f + 1) / (n_t + 2)
+        if method == "exact":
+            result = self._exact(log_odds, d, device)
+        else:
+            result = self._mcmc(log_odds, d, len(names), device)
+        result.tasks = names
+        result.full_accuracy = full_acc
+        result.split = self.forward.is_split
+        class_rows = [i for i, n in enumerate(names) if n != "all"]
+        info = result.information_bits
+        result.polysemanticity = (
+            polysemanticity(info[class_rows]) if class_rows else torch.full((d,), math.nan, dtype=info.dtype, device=info.device)
+        )
+        return result
+
+    def _num_classes(self, prepared: list[Tensor]) -> int:
+        if self.forward.suffix is not None:
+            return int(self.forward.suffix(*[v[:1] for v in prepared]).shape[-1])
+        return int(self.model(prepared[0][:1]).shape[-1])
+
+    def _log_prior(self, masks: Tensor) -> Tensor:
+        k = masks.to(torch.float64).sum(dim=-1)
+        return k * math.log(self.prior_keep) + (masks.shape[-1] - k) * math.log(1 - self.prior_keep)
+
+    def _exact(self, log_odds, d: int, device: torch.device) -> AblationResult:  # type: ignore[no-untyped-def]
+        masks = _all_masks(d, device)
+        lo = log_odds(masks)  # [M, T]
+        logp = lo + self._log_prior(masks)[:, None]
+        logp = logp - torch.logsumexp(logp, dim=0, keepdim=True)
+        p = logp.exp()  # [M, T]
+        importance = (p.T @ masks.to(torch.float64)).clamp(0, 1)  # [T, d]
+        h_m = -(p * logp).sum(dim=0) / _LOG2
+        tc = _binary_entropy_bits(importance).sum(dim=1) - h_m
+        info = information_bits(importance, self.prior_keep)
+        top = p.topk(min(self.top_k, p.shape[0]), dim=0)
+        return AblationResult(
+            tasks=[],
+            importance=importance,
+            information_bits=info,
+            distributedness=distributedness(info),
+            manifold_complexity=tc.clamp_min(0),
+            complexity_kind="total_correlation",
+            polysemanticity=torch.empty(0),
+            mask_entropy_bits=h_m,
+            full_accuracy=torch.empty(0),
+            method="exact",
+            num_evaluations=masks.shape[0],
+            top_masks=[masks[top.indices[:, t]] for t in range(p.shape[1])],
+            top_probs=[top.values[:, t] for t in range(p.shape[1])],
+        )
+
+    def _mcmc(self, log_odds, d: int, num_tasks: int, device: torch.device) -> AblationResult:  # type: ignore[no-untyped-def]
+        c, g = self.num_chains, self.generator
+        state = torch.rand(num_tasks, c, d, generator=g) < self.prior_keep  # prior draws
+        state = state.to(device)
+        task_idx = torch.arange(num_tasks, device=device)[:, None].expand(num_tasks, c).reshape(-1)
+
+        def score(masks: Tensor) -> Tensor:  # [T, C]
+            lo = log_odds(masks.reshape(-1, d))  # [T*C, T]
+            own = lo[torch.arange(lo.shape[0], device=device), task_idx].reshape(num_tasks, c)
+            return own + self._log_prior(masks)
+
+        current = score(state)
+        kept = self.num_steps - self.burn_in
+        traces = torch.zeros(num_tasks, c, kept, d, dtype=torch.bool, device=device)
+        accepted = torch.zeros(num_tasks, dtype=torch.float64, device=device)
+        for step in range(self.num_steps):
+            flip = torch.randint(0, d, (num_tasks, c), generator=g).to(device)
+            proposal = state.clone()
+            proposal.scatter_(2, flip[..., None], ~state.gather(2, flip[..., None]))
+            new = score(proposal)
+            u = torch.rand(num_tasks, c, generator=g, dtype=torch.float64).to(device)
+            accept = u.log() < (new - current)
+            state = torch.where(accept[..., None], proposal, state)
+            current = torch.where(accept, new, current)
+            if step >= self.burn_in:
+                traces[:, :, step - self.burn_in] = state
+                accepted += accept.to(torch.float64).sum(dim=1)
+        samples = traces.to(torch.float64)  # [T, C, S, d]
+        importance = samples.mean(dim=(1, 2))
+        flat = samples.reshape(num_tasks, -1, d)
+        joint11 = torch.einsum("tsi,tsj->tij", flat, flat) / flat.shape[1]
+        pi, pj = importance[:, :, None], importance[:, None, :]
+        cells = [
+            (joint11, pi * pj),
+            (pi - joint11, pi * (1 - pj)),
+            (pj - joint11, (1 - pi) * pj),
+            (1 - pi - pj + joint11, (1 - pi) * (1 - pj)),
+        ]
+        mi = sum(
+            torch.where(j > 0, j * (j.clamp_min(1e-300).log() - m.clamp_min(1e-300).log()), torch.zeros_like(j)) for j, m in cells
+        )
+        pairwise = torch.triu(mi / _LOG2, diagonal=1).sum(dim=(1, 2))  # type: ignore[union-attr]
+        info = information_bits(importance, self.prior_keep)
+        ess = torch.stack([_ess(samples[t].cpu()).min() for t in range(num_tasks)]).to(device)
+        return AblationResult(
+            tasks=[],
+            importance=importance,
+            information_bits=info,
+            distributedness=distributedness(info),
+            manifold_complexity=pairwise.clamp_min(0),
+            complexity_kind="pairwise_mutual_information",
+            polysemanticity=torch.empty(0),
+            mask_entropy_bits=torch.full((num_tasks,), math.nan, dtype=torch.float64, device=device),
+            full_accuracy=torch.empty(0),
+            method="mcmc",
+            num_evaluations=num_tasks * c * (self.num_steps + 1),
+            acceptance_rate=accepted / (c * kept),
+            ess=ess,
+        )
