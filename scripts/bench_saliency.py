@@ -4,7 +4,7 @@ Run (from the repository root)::
 
     .venv/bin/python scripts/bench_saliency.py
 
-(defaults: ``--batch-size 8 --image-size 224 --warmup 2 --repeats 7 --ig-repeats 2 --ig-top5-repeats 0
+(defaults: ``--batch-size 8 --image-size 224 --warmup 1 --repeats 7 --ig-repeats 2 --ig-top5-repeats 0
 --ig-steps 50 --internal-batch-size 16 --seed 0 --out outputs/bench_saliency``, ``--device`` cuda if
 available else cpu, torch's default thread count).
 
@@ -24,27 +24,35 @@ Measured, per method:
   Grad-CAM is the policy-gradient map): ``LayerGradCam`` at ``layer4`` (``relu_attributions=False``),
   ``Saliency`` (``abs=True``) and ``IntegratedGradients`` (``n_steps=--ig-steps``, zero baseline,
   ``internal_batch_size=--internal-batch-size``). Top-5: captum takes one target per sample, so five
-  calls (``target[:, j]``).
+  calls (``target[:, j]``), each result detached (LayerGradCam's result otherwise keeps the autograd
+  graph of its forward pass, all saved activations, alive: five kept results hold five graphs).
 
 Wall time: ``time.perf_counter`` (``torch.cuda.synchronize`` on CUDA); ``--warmup`` untimed calls of
-every method, then ``--repeats`` timed calls per method, interleaved round-robin (one call of each
-method per round, the order rotated every round) so that machine noise hits every method alike;
-the median is reported. IntegratedGradients (50 steps x a ResNet-50 forward + backward of 8 images,
+every method (one more of the forward pass, before the first call of ours), then ``--repeats``
+timed calls per method, interleaved round-robin (one call of each method per round, the order
+rotated every round) so that machine noise hits every method alike; the median is reported.
+IntegratedGradients (50 steps x a ResNet-50 forward + backward of 8 images,
 about a minute per call on 2 CPU cores) gets ``--ig-repeats`` (default 2) timed calls after one short
-warm-up call (``n_steps`` = two internal batches); its top-5 row (5 calls, several minutes) is by
+warm-up call (``n_steps`` = one internal batch); its top-5 row (5 calls, several minutes) is by
 default NOT run but estimated as 5 x the single-target median (``--ig-top5-repeats 0``; marked
 ``est.``); ``--ig-top5-repeats 1`` measures it.
 
 Peak memory: on CPU, each method runs once in a fresh subprocess (this script with
 ``--measure-memory KEY``) that builds the same model and batch, runs one tiny ``[1, 3, 64, 64]``
 no-grad forward (for ``ours`` that forward resolves the layers; ``1st call`` rows skip it and
-resolve on the real batch), resets the kernel's resident high-water mark (``/proc/self/clear_refs``,
-where available), reads the resident size, makes ONE call (top-5: the five captum calls, results
-kept) and reports ``ru_maxrss`` minus that resident size: the peak resident memory increase of the
-call. IntegratedGradients' memory is measured with ``n_steps`` = two internal batches: with
-internal batching captum runs the steps in sequential chunks of ``internal_batch_size`` images and
-sums them, so the peak does not depend on ``n_steps``. Subprocesses run ``--memory-jobs`` at a time.
-On CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` minus the allocated
+resolve on the real batch), resets the kernel's resident high-water mark (writes ``5`` to
+``/proc/self/clear_refs``), reads the resident size ``VmRSS``, makes ONE call (top-5: the five
+captum calls, results kept) and reports the high-water mark ``VmHWM`` minus that resident size: the
+peak resident memory increase of the call. (``ru_maxrss`` is that same high-water mark, but it also
+keeps the process's all-time peak, reached before the call while importing and building, so it is
+only the fallback where ``clear_refs`` is unavailable: ``ru_maxrss`` after minus before the call.)
+IntegratedGradients' memory is measured with ``n_steps`` = one internal batch (2 steps of 8 images):
+with internal batching captum runs the steps in sequential chunks of ``internal_batch_size`` images
+and sums them, so the peak does not depend on ``n_steps`` (up to one ``[N, 3, H, W]`` accumulator).
+The subprocesses run with ``MALLOC_MMAP_THRESHOLD_=65536`` (glibc): every allocation of 64 KiB or more
+is its own mapping, unmapped when freed, so the resident size follows the live tensors rather than
+glibc's caching (without it the same call varied by ~60 MB between methods). Subprocesses run
+``--memory-jobs`` at a time. On CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` minus the allocated
 memory before the call, in this process.
 
 Outputs: a markdown table (absolute median ms and peak MB, ratios to the forward pass) and pass/fail
@@ -96,7 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["cpu", "cuda"], default=default_device, help="device to run on")
     parser.add_argument("--batch-size", type=int, default=8, help="images per batch")
     parser.add_argument("--image-size", type=int, default=224, help="input height and width")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls of every method before timing")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls of every method (forward: one more) before timing")
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per method (IntegratedGradients: --ig-repeats)")
     parser.add_argument("--ig-repeats", type=int, default=2, help="timed IntegratedGradients calls (top-1)")
     parser.add_argument(
@@ -139,8 +147,8 @@ def build(args: argparse.Namespace) -> tuple[nn.Module, Tensor]:
 
 
 def ig_memory_steps(args: argparse.Namespace) -> int:
-    """``n_steps`` of two internal batches (captum puts ``internal_batch_size // N`` steps in each)."""
-    return min(args.ig_steps, 2 * max(1, args.internal_batch_size // args.batch_size))
+    """``n_steps`` of one internal batch (captum puts ``internal_batch_size // N`` steps in each)."""
+    return min(args.ig_steps, max(1, args.internal_batch_size // args.batch_size))
 
 
 def make_calls(
@@ -156,7 +164,9 @@ def make_calls(
             return model(x)
 
     def each_target(fn: Callable[..., Tensor], **kw: Any) -> list[Tensor]:
-        return [fn(x, target=top5[:, j], **kw) for j in range(top5.shape[1])]
+        # detached: LayerGradCam's result carries the autograd graph of the whole forward pass (all saved
+        # activations); five kept results would hold five graphs
+        return [fn(x, target=top5[:, j], **kw).detach() for j in range(top5.shape[1])]
 
     calls: dict[str, Callable[[], object]] = {"top1/forward": forward}
     for group, target in (("top1", top1), ("top5", top5)):
@@ -169,7 +179,7 @@ def make_calls(
     calls["top5/captum:LayerGradCam"] = functools.partial(each_target, gradcam.attribute)
     calls["top5/captum:Saliency"] = functools.partial(each_target, sal.attribute)
     calls["top5/captum:IntegratedGradients"] = functools.partial(each_target, ig.attribute, **ig_kw)
-    # short IntegratedGradients calls (two internal batches) for warm-up and the memory measurement
+    # short IntegratedGradients calls (one internal batch) for warm-up and the memory measurement
     short = {**ig_kw, "n_steps": ig_memory_steps(args)}
     calls["ig-short/top1"] = functools.partial(ig.attribute, x, target=top1, **short)
     calls["ig-short/top5"] = functools.partial(each_target, ig.attribute, **short)
@@ -241,15 +251,21 @@ def measure_memory_here(key: str, args: argparse.Namespace) -> dict[str, Any]:
     else:
         try:
             with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset the resident high-water mark (ru_maxrss / VmHWM) to the current RSS
+                f.write("5")  # reset the resident high-water mark (VmHWM) to the current RSS
             reset = True
         except OSError:
             pass
         rss = _status_kb("VmRSS")
-        before = rss / 1024 if rss is not None and reset else _maxrss_mb()
-        out = fn()
-        peak = _maxrss_mb()
-        how = "ru_maxrss - VmRSS before (high-water mark reset)" if reset else "ru_maxrss after - ru_maxrss before"
+        if reset and rss is not None:
+            before = rss / 1024
+            out = fn()
+            peak = (_status_kb("VmHWM") or 0) / 1024
+            how = "VmHWM after - VmRSS before (high-water mark reset)"
+        else:
+            before = _maxrss_mb()
+            out = fn()
+            peak = _maxrss_mb()
+            how = "ru_maxrss after - ru_maxrss before"
     del out
     return {"key": key, "peak_mb": max(0.0, peak - before), "before_mb": before, "peak_abs_mb": peak, "how": how}
 
@@ -258,7 +274,10 @@ def memory_subprocess(key: str, args: argparse.Namespace, targets: str) -> dict[
     cmd = [sys.executable, str(Path(__file__).resolve()), "--measure-memory", key, "--targets", targets]
     cmd += ["--device", args.device, "--batch-size", str(args.batch_size), "--image-size", str(args.image_size)]
     cmd += ["--ig-steps", str(args.ig_steps), "--internal-batch-size", str(args.internal_batch_size), "--seed", str(args.seed)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    # a fixed mmap threshold: every allocation >= 64 KiB is its own mapping, returned to the system when
+    # freed, so the resident size follows the live tensors instead of glibc's heap caching
+    env = {"MALLOC_MMAP_THRESHOLD_": "65536", **os.environ}
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"memory measurement of {key} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -293,7 +312,7 @@ def measure_time(
     repeats["top5/captum:IntegratedGradients"] = args.ig_top5_repeats
     times: dict[str, list[float]] = {k: [] for k in repeats}
 
-    for _ in tqdm(range(args.warmup), desc="warm-up forward", unit="call"):
+    for _ in tqdm(range(args.warmup + 1), desc="warm-up forward", unit="call"):
         timed(calls["top1/forward"], dev)
     # the first call of ours resolves the layers: timed on its own, outside the benchmark proper
     first = timed(calls["top1/ours:policy_gradient"], dev)
@@ -505,9 +524,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"ResNet-50 (random weights, eval), batch {config['batch']}, {args.device} ({config['device_name']}, "
         f"{config['threads']} threads), torch {torch.__version__}; median of {args.repeats} round-robin repeats "
         f"(IntegratedGradients: {args.ig_repeats}, n_steps={args.ig_steps}, internal_batch_size={args.internal_batch_size}); "
-        f"captum on log_softmax(logits), LayerGradCam at layer4; ratios to the plain no-grad forward pass (top-1 row). "
+        f"captum on log_softmax(logits), LayerGradCam at layer4, top-5 = 5 captum calls (results detached); "
+        f"ratios to the plain no-grad forward pass (top-1 row). "
         f"Peak memory: increase during one call"
-        + (" (fresh subprocess per method, ru_maxrss)" if args.device == "cpu" else " (cuda max_memory_allocated)")
+        + (
+            " (fresh subprocess per method, VmHWM after - VmRSS before, MALLOC_MMAP_THRESHOLD_=65536)"
+            if args.device == "cpu"
+            else " (cuda max_memory_allocated)"
+        )
         + f", IntegratedGradients with n_steps={ig_memory_steps(args)} (peak independent of n_steps). "
         f"'{FIRST_CALL}': the single first call, which also resolves the layers. "
         f"Load average start/end: {load_start[0]:.2f}/{config['loadavg_end'][0]:.2f}. Wall time {wall:.0f} s."

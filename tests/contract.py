@@ -16,7 +16,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_interp.callbacks import FinalLayerSaliencyCallback, InterpretabilityCallback, PosteriorGapCallback
+from lightning_interp.callbacks import (
+    AblationProbeCallback,
+    FinalLayerSaliencyCallback,
+    InterpretabilityCallback,
+    PosteriorGapCallback,
+)
 from lightning_interp.datamodules import PatchImageDataModule, SyntheticDataModule
 from lightning_interp.models import MLPClassifier, SmallCNN
 from lightning_interp.posterior import GaussianTask, xie_task
@@ -200,6 +205,60 @@ CASES.append(
                 lambda: (_saliency_callback(), _cnn(), _NoTaskDataModule()),
                 TypeError,
                 r"needs image inputs",
+            ),
+        ],
+    )
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# AblationProbeCallback
+# ------------------------------------------------------------------------------------------------
+
+_THREE_CLASS = GaussianTask(means=[[0.0, 0.0], [2.5, 0.0], [0.0, 2.5]], covariances=torch.eye(2).expand(3, 2, 2))
+
+
+def _ablation_callback(**kw: Any) -> AblationProbeCallback:
+    kw.setdefault("layers", ["net.1"])
+    kw.setdefault("probe_size", 96)
+    return AblationProbeCallback(**kw)
+
+
+def _ablation_datamodule(batch_size: int = 32, shuffle: bool = True) -> SyntheticDataModule:
+    return SyntheticDataModule(_THREE_CLASS, n_train=256, n_val=96, n_test=0, batch_size=batch_size, seed=2, shuffle=shuffle)
+
+
+CASES.append(
+    ContractCase(
+        id="ablation",
+        make_callback=_ablation_callback,
+        make_model=lambda: MLPClassifier(2, 3, hidden=(6, 5), dropout=0.1, lr=1e-2),
+        make_datamodule=_ablation_datamodule,
+        raise_in="net.4",
+        bad_configs=[
+            BadConfig(
+                "unknown_layer",
+                lambda: (_ablation_callback(layers=["net.42"]), MLPClassifier(2, 3, hidden=(6,)), _ablation_datamodule()),
+                ValueError,
+                r"unknown layer 'net\.42'",
+            ),
+            BadConfig(
+                "exact_too_many_units",
+                lambda: (_ablation_callback(method="exact"), MLPClassifier(2, 3, hidden=(20,)), _ablation_datamodule()),
+                ValueError,
+                r"needs d <= 16, but layer 'net\.1' has 20 units",
+            ),
+            BadConfig(
+                "labels_outside_classes",
+                lambda: (_ablation_callback(), MLPClassifier(2, 2, hidden=(6,)), _ablation_datamodule()),
+                ValueError,
+                r"outside the model's 2 classes",
+            ),
+            BadConfig(
+                "wrong_input",
+                lambda: (_ablation_callback(), MLPClassifier(5, 3, hidden=(6,)), _ablation_datamodule()),
+                TypeError,
+                r"failed on the probe inputs of shape \[2\]",
             ),
         ],
     )

@@ -149,8 +149,10 @@ def test_synthetic_datamodule_is_reproducible_and_exposes_task() -> None:
 def test_sample_dataset_uses_only_its_generator() -> None:
     data = torch.utils.data.TensorDataset(torch.arange(50.0)[:, None], torch.zeros(50))
     rng = torch.get_rng_state()
-    x1, idx1 = sample_dataset(data, 10, torch.Generator().manual_seed(0))
-    x2, idx2 = sample_dataset(data, 10, torch.Generator().manual_seed(0))
+    x1, y1, idx1 = sample_dataset(data, 10, torch.Generator().manual_seed(0))
+    x2, _, idx2 = sample_dataset(data, 10, torch.Generator().manual_seed(0))
+    assert y1 is not None and y1.dtype == torch.int64 and (y1 == 0).all()
+    assert sample_dataset(torch.arange(5.0), 3, torch.Generator())[1] is None
     assert torch.equal(torch.get_rng_state(), rng)
     assert idx1 == idx2 and len(set(idx1)) == 10 and torch.equal(x1, x2)
     assert torch.equal(x1[:, 0], torch.tensor(idx1, dtype=torch.float32))

@@ -1,7 +1,15 @@
 """Lightning callbacks: thin adapters that choose data, call a method and log the results."""
 
+from lightning_interp.callbacks.ablation import AblationProbeCallback
 from lightning_interp.callbacks.base import InterpretabilityCallback, Measurement, isolate
 from lightning_interp.callbacks.posterior_gap import PosteriorGapCallback
 from lightning_interp.callbacks.saliency import FinalLayerSaliencyCallback
 
-__all__ = ["FinalLayerSaliencyCallback", "InterpretabilityCallback", "Measurement", "PosteriorGapCallback", "isolate"]
+__all__ = [
+    "AblationProbeCallback",
+    "FinalLayerSaliencyCallback",
+    "InterpretabilityCallback",
+    "Measurement",
+    "PosteriorGapCallback",
+    "isolate",
+]

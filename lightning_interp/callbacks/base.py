@@ -79,22 +79,26 @@ def isolate(module: nn.Module, grad: bool = False) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def sample_dataset(dataset: Sequence, size: int, generator: torch.Generator) -> tuple[Tensor, list[int]]:
+def sample_dataset(dataset: Sequence, size: int, generator: torch.Generator) -> tuple[Tensor, Tensor | None, list[int]]:
     """A fixed probe batch of ``size`` items drawn without replacement from a map-style dataset.
 
     The indices come from ``generator`` only (the dataloader's sampler and the global RNG are not
-    touched). Items may be tensors or tuples whose first element is the input.
+    touched). Items may be tensors or ``(input, label, ...)`` tuples.
 
     Returns:
-        ``(inputs, indices)``: the stacked inputs and the dataset indices they came from.
+        ``(inputs, labels, indices)``: stacked inputs, labels (``None`` for unlabelled items) and the
+        dataset indices they came from.
     """
     n = len(dataset)
     if n == 0:
         raise ValueError("cannot draw a probe set from an empty dataset")
     idx = torch.randperm(n, generator=generator)[: min(size, n)].tolist()
     items = [dataset[i] for i in idx]
-    inputs = [it[0] if isinstance(it, (tuple, list)) else it for it in items]
-    return torch.stack([torch.as_tensor(x) for x in inputs]), idx
+    if isinstance(items[0], (tuple, list)):
+        inputs = torch.stack([torch.as_tensor(it[0]) for it in items])
+        labels = torch.as_tensor([int(it[1]) for it in items]) if len(items[0]) > 1 else None
+        return inputs, labels, idx
+    return torch.stack([torch.as_tensor(it) for it in items]), None, idx
 
 
 def model_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -180,6 +184,7 @@ class InterpretabilityCallback(Callback, ABC):
         self.last: Measurement | None = None
         self._warned: set[str] = set()
         self._last_step: int | None = None
+        self.step = 0
 
     def __getstate__(self) -> dict[str, Any]:
         # A torch.Generator does not survive torch.multiprocessing's shared-memory pickling
@@ -215,6 +220,37 @@ class InterpretabilityCallback(Callback, ABC):
 
     def _state_key_fields(self) -> dict[str, Any]:
         return {}
+
+    def draw_probe(self, trainer: pl.Trainer, size: int) -> tuple[Tensor, Tensor | None]:
+        """A fixed probe batch of ``size`` items from the datamodule's val (else train) dataset.
+
+        Indices come from the callback's own generator only. Returns ``(inputs, labels)`` (labels
+        ``None`` for unlabelled items).
+
+        Raises:
+            ValueError: no datamodule, or no non-empty val / train dataset.
+        """
+        name = type(self).__name__
+        dm = trainer.datamodule
+        if dm is None:
+            raise ValueError(
+                f"{name} needs probe data: train with a LightningDataModule that has a val_dataloader() (or "
+                "train_dataloader()), or pass the probe data to the callback."
+            )
+        dataset = None
+        for method in ("val_dataloader", "train_dataloader"):
+            try:
+                loader = getattr(dm, method)()
+            except Exception:  # a datamodule may not implement a split
+                continue
+            candidate = getattr(loader, "dataset", None)
+            if candidate is not None and len(candidate) > 0:
+                dataset = candidate
+                break
+        if dataset is None:
+            raise ValueError(f"{name}: {type(dm).__name__} has no non-empty val or train dataset to draw probe data from")
+        inputs, labels, _ = sample_dataset(dataset, size, self.generator)
+        return inputs, labels
 
     # ------------------------------------------------------------------ Lightning hooks
     @property
@@ -267,10 +303,12 @@ class InterpretabilityCallback(Callback, ABC):
     # ------------------------------------------------------------------ running and logging
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Measurement:
         """Measure now (isolated), record the scalars in :attr:`history` and log everything."""
+        step = trainer.global_step
+        #: The global step of the measurement in progress (methods may seed per-step generators from it).
+        self.step = step
         with isolate(pl_module):
             measurement = self.measure(pl_module)
         self.last = measurement
-        step = trainer.global_step
         self._last_step = step
         scalars = {k: _to_float(v) for k, v in measurement.scalars.items()}
         self.history.append({"step": float(step), "epoch": float(trainer.current_epoch), **scalars})

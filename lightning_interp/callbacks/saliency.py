@@ -145,37 +145,9 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
         return {"probe_size": self.probe_size, "feature_layer": self.feature_layer}
 
     # ------------------------------------------------------------------ setup
-    def _draw_probe(self, trainer: pl.Trainer) -> None:
-        dm = trainer.datamodule
-        if dm is None:
-            raise ValueError(
-                "FinalLayerSaliencyCallback needs probe images: pass probe=<images [N, C, H, W]> or train with a "
-                "LightningDataModule that has a val_dataloader() (or train_dataloader())."
-            )
-        loader = None
-        for name in ("val_dataloader", "train_dataloader"):
-            try:
-                loader = getattr(dm, name)()
-            except Exception:  # a datamodule may not implement a split
-                continue
-            if loader is not None and len(getattr(loader, "dataset", [])) > 0:
-                break
-        dataset = getattr(loader, "dataset", None)
-        if dataset is None or len(dataset) == 0:
-            raise ValueError(f"{type(dm).__name__} has no non-empty val or train dataset to draw probe images from")
-        idx = torch.randperm(len(dataset), generator=self.generator)[: self.probe_size].tolist()
-        items = [dataset[i] for i in idx]
-        first = items[0]
-        if isinstance(first, (tuple, list)):
-            self._probe = torch.stack([torch.as_tensor(it[0]) for it in items])
-            if len(first) > 1:
-                self._labels = torch.as_tensor([int(it[1]) for it in items])
-        else:
-            self._probe = torch.stack([torch.as_tensor(it) for it in items])
-
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._probe is None:
-            self._draw_probe(trainer)
+            self._probe, self._labels = self.draw_probe(trainer, self.probe_size)
         probe = self._probe
         if not isinstance(probe, Tensor) or probe.ndim != 4 or not probe.is_floating_point():
             got = f"{probe.dtype} of shape {list(probe.shape)}" if isinstance(probe, Tensor) else type(probe).__name__

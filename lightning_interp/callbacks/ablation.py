@@ -1,0 +1,220 @@
+"""Bayesian ablation probing callback: per layer, which units the tasks need, how distributed, how polysemantic.
+
+Reference: Nam, Campbell, Griffiths, Cohen, Leslie, arXiv:2505.13742 (2025). See
+:mod:`lightning_interp.ablation` (definitions follow METHODS.md section 3; the paper's exact formulas are
+not reproduced here).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from lightning_interp.ablation import MAX_EXACT_UNITS, AblationResult, BayesianAblation
+from lightning_interp.callbacks.base import InterpretabilityCallback, Measurement, RunOn, model_device_dtype
+from lightning_interp.hooks import get_module
+
+__all__ = ["AblationProbeCallback"]
+
+
+class AblationProbeCallback(InterpretabilityCallback):
+    """Log Bayesian-ablation read-outs of one or more layers on a fixed labelled probe set.
+
+    Per layer ``L`` it logs ``ablation/<L>/distributedness`` and ``ablation/<L>/manifold_complexity``
+    (means over the tasks), ``ablation/<L>/polysemanticity`` (mean over informative units),
+    ``ablation/<L>/max_importance``, ``ablation/<L>/informative_units`` (units with more than
+    ``informative_bits`` of information for some task), ``ablation/<L>/full_accuracy`` and, for MCMC
+    runs, ``acceptance_rate`` and ``ess``; an image of unit importance (units x tasks) per layer and a
+    table of the most informative units. The MCMC generator is seeded from ``seed`` and the step, so
+    every rank (and a resumed run) draws the same chains.
+
+    Args:
+        layers: ``named_modules()`` path(s) of the layers to probe.
+        probe_size: number of labelled probe examples (drawn once, own generator).
+        tasks: ``"classes"`` (a task per class), ``"all"``, or a list of class indices.
+        method: ``"auto"``, ``"exact"`` (``d <= 16``) or ``"mcmc"``.
+        prior_keep: prior probability that a unit is kept.
+        num_chains: MCMC chains per task.
+        num_steps: MCMC steps per chain.
+        burn_in: MCMC burn-in steps.
+        max_batch: bound on ``masks * examples`` rows per forward pass.
+        informative_bits: threshold for ``informative_units``.
+        top_units: rows of the table of most informative units.
+        every_n_epochs: see :class:`~lightning_interp.callbacks.base.InterpretabilityCallback` (default 5).
+        every_n_steps: see the base class.
+        run_on: see the base class.
+        measure_at_start: see the base class.
+        measure_at_end: see the base class.
+        seed: seed of the probe draw and the chains.
+        log_images: see the base class.
+        figure_dir: see the base class.
+
+    Raises:
+        ValueError: at setup, for unknown layer names, ``exact`` with more than 16 units, unlabelled
+            probe data, labels outside the model's classes, or a model whose output is not logits.
+        TypeError: at setup, when the model rejects the probe inputs.
+
+    Example:
+        >>> cb = AblationProbeCallback(layers=["net.1"], probe_size=256, every_n_epochs=5)
+    """
+
+    prefix = "ablation"
+
+    def __init__(
+        self,
+        layers: str | Sequence[str],
+        probe_size: int = 512,
+        tasks: Literal["classes", "all"] | Sequence[int] = "classes",
+        method: Literal["auto", "exact", "mcmc"] = "auto",
+        prior_keep: float = 0.5,
+        num_chains: int = 8,
+        num_steps: int = 300,
+        burn_in: int = 50,
+        max_batch: int = 65536,
+        informative_bits: float = 0.05,
+        top_units: int = 20,
+        every_n_epochs: int | None = 5,
+        every_n_steps: int | None = None,
+        run_on: RunOn = "train_epoch_end",
+        measure_at_start: bool = False,
+        measure_at_end: bool = True,
+        seed: int = 0,
+        log_images: bool = True,
+        figure_dir: str | None = None,
+    ) -> None:
+        super().__init__(
+            every_n_epochs=every_n_epochs,
+            every_n_steps=every_n_steps,
+            run_on=run_on,
+            measure_at_start=measure_at_start,
+            measure_at_end=measure_at_end,
+            seed=seed,
+            log_images=log_images,
+            figure_dir=figure_dir,
+        )
+        self.layers = [layers] if isinstance(layers, str) else list(layers)
+        if not self.layers:
+            raise ValueError("layers must name at least one layer (a named_modules() path)")
+        if probe_size < 2:
+            raise ValueError(f"probe_size must be >= 2, got {probe_size}")
+        self.probe_size, self.tasks, self.method = probe_size, tasks, method
+        self.prior_keep, self.num_chains, self.num_steps, self.burn_in = prior_keep, num_chains, num_steps, burn_in
+        self.max_batch, self.informative_bits, self.top_units = max_batch, informative_bits, top_units
+        self._probe: tuple[Tensor, Tensor] | None = None
+        self._ablations: dict[str, BayesianAblation] = {}
+        self._model_id: int | None = None
+
+    def _state_key_fields(self) -> dict[str, Any]:
+        return {"layers": self.layers, "probe_size": self.probe_size}
+
+    # ------------------------------------------------------------------ setup
+    def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for layer in self.layers:
+            get_module(pl_module, layer)
+        if self._probe is None:
+            x, y = self.draw_probe(trainer, self.probe_size)
+            if y is None:
+                raise ValueError("AblationProbeCallback needs labelled probe data: the dataset must yield (input, label) items")
+            self._probe = (x, y)
+        x, y = self._probe
+        device, dtype = model_device_dtype(pl_module)
+        try:
+            out = pl_module(x[:2].to(device=device, dtype=dtype if x.is_floating_point() else x.dtype))
+        except Exception as err:
+            raise TypeError(
+                f"{type(pl_module).__name__} failed on the probe inputs of shape {list(x.shape[1:])}: {type(err).__name__}: {err}"
+            ) from err
+        if not isinstance(out, Tensor) or out.ndim != 2:
+            raise ValueError(f"{type(pl_module).__name__}.forward must return logits [N, K] for ablation probing")
+        if y.min() < 0 or y.max() >= out.shape[1]:
+            raise ValueError(f"probe labels lie in {int(y.min())}..{int(y.max())}, outside the model's {out.shape[1]} classes")
+        for layer in self.layers:
+            ablation = self._ablation(pl_module, layer)
+            d = ablation.forward.num_units(ablation.forward.prepare(x[:2].to(device=device, dtype=dtype)))
+            if self.method == "exact" and d > MAX_EXACT_UNITS:
+                raise ValueError(
+                    f"method='exact' enumerates 2^d masks and needs d <= {MAX_EXACT_UNITS}, but layer {layer!r} has {d} units; "
+                    "use method='mcmc' or 'auto'"
+                )
+
+    def _ablation(self, module: nn.Module, layer: str) -> BayesianAblation:
+        if self._model_id != id(module):
+            self._ablations, self._model_id = {}, id(module)
+        if layer not in self._ablations:
+            self._ablations[layer] = BayesianAblation(
+                module,
+                layer,
+                method=self.method,
+                prior_keep=self.prior_keep,
+                num_chains=self.num_chains,
+                num_steps=self.num_steps,
+                burn_in=self.burn_in,
+                max_batch=self.max_batch,
+            )
+        return self._ablations[layer]
+
+    # ------------------------------------------------------------------ measurement
+    def measure(self, pl_module: nn.Module) -> Measurement:
+        if self._probe is None:
+            raise RuntimeError("AblationProbeCallback.measure() called before setup()")
+        device, dtype = model_device_dtype(pl_module)
+        x, y = self._probe
+        x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
+        scalars: dict[str, Tensor | float] = {}
+        results: dict[str, AblationResult] = {}
+        for layer in self.layers:
+            ablation = self._ablation(pl_module, layer)
+            ablation.generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
+            r = ablation.fit(x, y, tasks=self.tasks)
+            results[layer] = r
+            informative = r.information_bits.max(dim=0).values > self.informative_bits
+            poly = r.polysemanticity[~r.polysemanticity.isnan()]
+            scalars[f"{layer}/distributedness"] = _nanmean(r.distributedness)
+            scalars[f"{layer}/manifold_complexity"] = r.manifold_complexity.mean()
+            scalars[f"{layer}/polysemanticity"] = poly.mean() if poly.numel() else math.nan
+            scalars[f"{layer}/max_importance"] = r.importance.max()
+            scalars[f"{layer}/informative_units"] = informative.sum().double()
+            scalars[f"{layer}/full_accuracy"] = r.full_accuracy.mean()
+            if r.method == "mcmc":
+                scalars[f"{layer}/acceptance_rate"] = r.acceptance_rate.mean()  # type: ignore[union-attr]
+                scalars[f"{layer}/ess"] = r.ess.min()  # type: ignore[union-attr]
+        return Measurement(scalars=scalars, data={"results": results})
+
+    # ------------------------------------------------------------------ figures and tables
+    def figures(self, measurement: Measurement) -> dict[str, Any]:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figs = {}
+        for layer, r in measurement.data["results"].items():
+            imp = r.importance.double().cpu()
+            fig, ax = plt.subplots(figsize=(max(4, 0.25 * imp.shape[1] + 2), max(2.5, 0.3 * imp.shape[0] + 1.5)))
+            im = ax.imshow(imp, cmap="RdBu_r", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+            ax.set_yticks(range(len(r.tasks)), r.tasks, fontsize=7)
+            ax.set_xlabel("unit")
+            ax.set_title(f"{layer}: P(unit kept | task correct) ({r.method})", fontsize=9)
+            fig.colorbar(im, ax=ax, fraction=0.05)
+            figs[f"{layer}/importance"] = fig
+        return figs
+
+    def tables(self, measurement: Measurement) -> dict[str, tuple[list[str], list[list[Any]]]]:
+        rows = []
+        for layer, r in measurement.data["results"].items():
+            info = r.information_bits.double().cpu()
+            flat = info.flatten()
+            for idx in flat.argsort(descending=True)[: self.top_units].tolist():
+                t, unit = divmod(idx, info.shape[1])
+                rows.append([layer, unit, r.tasks[t], float(r.importance[t, unit]), float(info[t, unit])])
+        return {"top_units": (["layer", "unit", "task", "importance", "information_bits"], rows)}
+
+
+def _nanmean(t: Tensor) -> Tensor | float:
+    keep = t[~t.isnan()]
+    return keep.mean() if keep.numel() else math.nan
