@@ -1,0 +1,229 @@
+"""Bayesian ablation: planted models against METHODS.md closed forms, MCMC vs exact, read-outs, bad input."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lightning_interp.ablation import BayesianAblation, MaskedForward, distributedness, polysemanticity
+from lightning_interp.hooks import count_hooks
+
+
+class Planted(nn.Module):
+    """Correctness depends only on ``rule(units)``; half the examples are correct regardless (a coin).
+
+    Input columns: ``d`` unit values (all 1), a coin, the label. With 8 examples of which 4 have the
+    coin, the smoothed accuracy is ``(8 + 1) / 10 = 0.9`` when the rule holds and ``(4 + 1) / 10 = 0.5``
+    otherwise: ``O_hi = 9``, ``O_lo = 1``.
+    """
+
+    def __init__(self, d: int, rule: str) -> None:
+        super().__init__()
+        self.d, self.rule = d, rule
+        self.units = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.units(x[:, : self.d]) > 0.5
+        ok = {"one": u[:, 0], "or": u[:, 0] | u[:, 1], "and": u[:, 0] & u[:, 1]}[self.rule] | (x[:, self.d] > 0.5)
+        y = x[:, self.d + 1]
+        pred = torch.where(ok, y, 1 - y)
+        return torch.stack([1 - pred, pred], dim=1) * 10.0
+
+
+def planted_data(d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    y = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1])
+    x = torch.zeros(8, d + 2)
+    x[:, :d] = 1.0
+    x[:4, d] = 1.0
+    x[:, d + 1] = y.float()
+    return x, y
+
+
+def brute_force(d: int, rule: str, o_hi: float = 9.0, o_lo: float = 1.0) -> tuple[np.ndarray, float, float]:
+    """Independent enumeration: importance, total correlation and H(M) in bits."""
+    masks = np.array(list(itertools.product([0, 1], repeat=d)))
+    ok = {"one": masks[:, 0] == 1, "or": (masks[:, 0] == 1) | (masks[:, 1] == 1), "and": (masks[:, 0] == 1) & (masks[:, 1] == 1)}[
+        rule
+    ]
+    w = np.where(ok, o_hi, o_lo)
+    p = w / w.sum()
+    imp = p @ masks
+    h_m = -(p * np.log2(p)).sum()
+    hb = -(imp * np.log2(imp) + (1 - imp) * np.log2(1 - imp))
+    return imp, hb.sum() - h_m, h_m
+
+
+@pytest.mark.parametrize("rule", ["one", "or", "and"])
+def test_planted_models_match_closed_forms(rule: str) -> None:
+    d = 6
+    x, y = planted_data(d)
+    r = BayesianAblation(Planted(d, rule), "units", method="exact").fit(x, y, tasks="all")
+    imp, tc, h_m = brute_force(d, rule)
+    np.testing.assert_allclose(r.importance[0].numpy(), imp, atol=1e-12)
+    assert r.manifold_complexity.item() == pytest.approx(tc, abs=1e-10)
+    assert r.mask_entropy_bits.item() == pytest.approx(h_m, abs=1e-10)
+    assert r.complexity_kind == "total_correlation" and r.split
+    if rule == "one":  # METHODS.md: importance_1 = 0.9, others 0.5, TC 0, H(M) = d - 1 + 0.469
+        assert r.importance[0, 0].item() == pytest.approx(0.9, abs=1e-12)
+        assert r.importance[0, 1:].tolist() == pytest.approx([0.5] * (d - 1), abs=1e-12)
+        assert r.manifold_complexity.item() == pytest.approx(0.0, abs=1e-10)
+        hb = -(0.9 * math.log2(0.9) + 0.1 * math.log2(0.1))
+        assert r.mask_entropy_bits.item() == pytest.approx(d - 1 + hb, abs=1e-10)
+        assert round(hb, 3) == 0.469
+        assert r.distributedness.item() == pytest.approx(1 / d, abs=1e-9)  # one unit carries all information
+    if rule == "or":  # METHODS.md: importance_1 = 2 O_hi / (3 O_hi + O_lo), TC > 0
+        assert r.importance[0, 0].item() == pytest.approx(2 * 9 / (3 * 9 + 1), abs=1e-12)
+        assert r.manifold_complexity.item() > 0.05
+    assert r.full_accuracy.item() == pytest.approx(0.9)
+    top = r.top_masks[0][0]
+    assert top[0] and (rule == "one" or top[1] or rule == "or")
+
+
+def test_masked_forward_split_and_whole_forward_agree() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 7), nn.ReLU(), nn.Linear(7, 7), nn.Tanh(), nn.Linear(7, 4)).eval()
+    x = torch.randn(20, 3)
+    masks = torch.rand(9, 7) > 0.4
+    split = MaskedForward(model, "1")
+    whole = MaskedForward(model, "1", split=False)
+    assert split.is_split and not whole.is_split
+    a = split.predictions(split.prepare(x), masks)
+    b = whole.predictions(whole.prepare(x), masks)
+    # reference: a per-mask python loop
+    ref = []
+    for m in masks:
+        h = model[1](model[0](x)) * m.float()
+        ref.append(model[4](model[3](model[2](h))).argmax(1))
+    assert torch.equal(a, torch.stack(ref)) and torch.equal(b, torch.stack(ref))
+    assert count_hooks(model) == 0
+    # memory bound: tiny max_batch gives the same answer in more chunks
+    assert torch.equal(MaskedForward(model, "1", max_batch=25).predictions(split.prepare(x), masks), a)
+
+
+class _Skip(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        return self.head(torch.relu(self.b(h)) + h)  # a skip connection around the ablated layer
+
+
+def test_split_handles_skip_connections_and_conv_channels() -> None:
+    torch.manual_seed(1)
+    model = _Skip().eval()
+    x = torch.randn(10, 4)
+    masks = torch.rand(5, 6) > 0.5
+    mf = MaskedForward(model, "b")
+    assert mf.is_split
+    got = mf.predictions(mf.prepare(x), masks)
+    for i, m in enumerate(masks):
+        h = torch.relu(model.a(x))
+        ref = model.head(torch.relu(model.b(h) * m.float()) + h).argmax(1)
+        assert torch.equal(got[i], ref)
+    conv = nn.Sequential(nn.Conv2d(1, 5, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 2)).eval()
+    xi = torch.randn(4, 1, 6, 6)
+    mfc = MaskedForward(conv, "1")
+    m = torch.tensor([[1, 0, 1, 0, 1]], dtype=torch.bool)
+    ref = conv[4](conv[3](conv[2](conv[1](conv[0](xi)) * m.float()[:, :, None, None]))).argmax(1)
+    assert mfc.num_units(mfc.prepare(xi)) == 5
+    assert torch.equal(mfc.predictions(mfc.prepare(xi), m)[0], ref)
+
+
+def test_mcmc_agrees_with_exact_on_ten_units() -> None:
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(5, 10), nn.ReLU(), nn.Linear(10, 3)).eval()
+    x = torch.randn(200, 5)
+    y = model(x).argmax(1)
+    exact = BayesianAblation(model, "1", method="exact").fit(x, y, tasks="all")
+    mcmc = BayesianAblation(
+        model, "1", method="mcmc", num_chains=32, num_steps=1500, burn_in=300, generator=torch.Generator().manual_seed(0)
+    ).fit(x, y, tasks="all")
+    assert (exact.importance - mcmc.importance).abs().max().item() < 0.03
+    assert exact.importance.std() > 0.05, "the test needs units of different importance"
+    assert 0.05 < mcmc.acceptance_rate.item() < 1.0
+    assert mcmc.ess.item() > 100
+    assert mcmc.complexity_kind == "pairwise_mutual_information"
+    assert mcmc.manifold_complexity.item() >= 0
+
+
+def test_readout_metrics() -> None:
+    d = 8
+    one = torch.zeros(1, d)
+    one[0, 3] = 0.7
+    assert distributedness(one).item() == pytest.approx(1 / d)
+    assert distributedness(torch.full((1, d), 0.2)).item() == pytest.approx(1.0)
+    assert math.isnan(distributedness(torch.zeros(1, d)).item())
+    # unit 0 informs only task 0 -> 1; unit 1 informs two tasks equally -> 2; unit 2 nothing -> NaN
+    info = torch.tensor([[0.5, 0.3, 0.0], [0.0, 0.3, 0.0]])
+    poly = polysemanticity(info)
+    assert poly[0].item() == pytest.approx(1.0) and poly[1].item() == pytest.approx(2.0) and math.isnan(poly[2].item())
+
+
+class _TwoTask(nn.Module):
+    """Class-0 examples need unit 0, class-1 examples need unit 1 (each with a coin)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.units = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.units(x[:, :4]) > 0.5
+        y = x[:, 5]
+        need = torch.where(y < 0.5, u[:, 0], u[:, 1])
+        pred = torch.where(need | (x[:, 4] > 0.5), y, 1 - y)
+        return torch.stack([1 - pred, pred], dim=1) * 10.0
+
+
+def test_class_tasks_and_monosemantic_units() -> None:
+    y = torch.tensor([0] * 8 + [1] * 8)
+    x = torch.zeros(16, 6)
+    x[:, :4] = 1.0
+    x[[0, 1, 2, 3, 8, 9, 10, 11], 4] = 1.0
+    x[:, 5] = y.float()
+    r = BayesianAblation(_TwoTask(), "units", method="exact").fit(x, y, tasks="classes")
+    assert r.tasks == ["class 0", "class 1"]
+    assert r.importance[0, 0].item() == pytest.approx(0.9) and r.importance[1, 1].item() == pytest.approx(0.9)
+    assert r.importance[0, 1].item() == pytest.approx(0.5) and r.importance[1, 0].item() == pytest.approx(0.5)
+    assert r.polysemanticity[0].item() == pytest.approx(1.0) and r.polysemanticity[1].item() == pytest.approx(1.0)
+    assert math.isnan(r.polysemanticity[2].item())
+    # a dataloader of (inputs, labels) batches gives the same result
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=5)
+    r2 = BayesianAblation(_TwoTask(), "units", method="exact").fit(loader, tasks="classes")
+    assert torch.allclose(r2.importance, r.importance)
+
+
+def test_model_state_untouched() -> None:
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Dropout(0.5), nn.Linear(6, 2))
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(30, 3)
+    BayesianAblation(model, "1", method="mcmc", num_steps=40, burn_in=10).fit(x, model(x).argmax(1))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert count_hooks(model) == 0 and all(p.grad is None for p in model.parameters())
+
+
+def test_bad_input() -> None:
+    model = nn.Sequential(nn.Linear(3, 20), nn.ReLU(), nn.Linear(20, 2)).eval()
+    x = torch.randn(10, 3)
+    with pytest.raises(ValueError, match=r"unknown layer 'nope'"):
+        BayesianAblation(model, "nope")
+    with pytest.raises(ValueError, match=r"exact enumeration needs d <= 16 units, '1' has 20"):
+        BayesianAblation(model, "1", method="exact").fit(x, torch.zeros(10, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"task 'class 1' has no probe examples"):
+        BayesianAblation(model, "1").fit(x, torch.zeros(10, dtype=torch.long), tasks=[0, 1])
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
+        BayesianAblation(model, "1").fit(x, torch.full((10,), 5))
+    with pytest.raises(ValueError, match="prior_keep"):
+        BayesianAblation(model, "1", prior_keep=1.0)
+    with pytest.raises(ValueError, match="labels are required"):
+        BayesianAblation(model, "1").fit(x)
