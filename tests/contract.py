@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_interp.callbacks import (
     AblationProbeCallback,
+    CorrelationOrderCallback,
     FinalLayerSaliencyCallback,
     InterpretabilityCallback,
     PosteriorGapCallback,
@@ -259,6 +260,69 @@ CASES.append(
                 lambda: (_ablation_callback(), MLPClassifier(5, 3, hidden=(6,)), _ablation_datamodule()),
                 TypeError,
                 r"failed on the probe inputs of shape \[2\]",
+            ),
+        ],
+    )
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# CorrelationOrderCallback
+# ------------------------------------------------------------------------------------------------
+
+
+def _correlation_callback(**kw: Any) -> CorrelationOrderCallback:
+    kw.setdefault("probe_size", 96)
+    return CorrelationOrderCallback(**kw)
+
+
+class _IntOutput(MLPClassifier):
+    """Its hidden activation returns integers (not a float tensor)."""
+
+    def __init__(self) -> None:
+        super().__init__(2, 3, hidden=(6,))
+        self.net[1] = _ToInt()
+
+
+class _ToInt(torch.nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return (x > 0).long()
+
+
+class _IntFirstModel(_IntOutput):
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net[2](self.net[1](self.net[0](x)).float())
+
+
+CASES.append(
+    ContractCase(
+        id="correlation",
+        make_callback=_correlation_callback,
+        make_model=lambda: MLPClassifier(2, 3, hidden=(6, 5), dropout=0.1, lr=1e-2),
+        make_datamodule=_ablation_datamodule,
+        raise_in="net.4",
+        bad_configs=[
+            BadConfig(
+                "unknown_layer",
+                lambda: (
+                    _correlation_callback(layers=["input", "net.9"]),
+                    MLPClassifier(2, 3, hidden=(6,)),
+                    _ablation_datamodule(),
+                ),
+                ValueError,
+                r"unknown layer 'net\.9'",
+            ),
+            BadConfig(
+                "non_float_layer",
+                lambda: (_correlation_callback(layers=["net.1"]), _IntFirstModel(), _ablation_datamodule()),
+                TypeError,
+                r"layer 'net\.1' outputs torch\.int64, not a float tensor",
+            ),
+            BadConfig(
+                "too_few_per_class",
+                lambda: (_correlation_callback(probe_size=12), MLPClassifier(2, 3, hidden=(6,)), _ablation_datamodule()),
+                ValueError,
+                r"fewer than min_per_class=10 probe examples",
             ),
         ],
     )

@@ -2,11 +2,13 @@
 
 from lightning_interp.callbacks.ablation import AblationProbeCallback
 from lightning_interp.callbacks.base import InterpretabilityCallback, Measurement, isolate
+from lightning_interp.callbacks.correlation import CorrelationOrderCallback
 from lightning_interp.callbacks.posterior_gap import PosteriorGapCallback
 from lightning_interp.callbacks.saliency import FinalLayerSaliencyCallback
 
 __all__ = [
     "AblationProbeCallback",
+    "CorrelationOrderCallback",
     "FinalLayerSaliencyCallback",
     "InterpretabilityCallback",
     "Measurement",

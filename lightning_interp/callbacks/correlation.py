@@ -1,0 +1,212 @@
+"""Correlation-order tracking callback: per layer, accuracy carried by means, covariances and higher orders.
+
+Reference: Fischer, Rene, Keup, Layer, Dahmen, Helias, Physical Review Research 4, 043143 (2022). See
+:mod:`lightning_interp.correlation` (definitions follow METHODS.md section 4; the paper's exact formulas
+are not reproduced here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from lightning_interp.callbacks.base import InterpretabilityCallback, Measurement, RunOn, model_device_dtype
+from lightning_interp.correlation import INPUT, ClassMoments, Quadratic, layer_outputs, surrogate_accuracy
+from lightning_interp.hooks import get_module
+
+__all__ = ["CorrelationOrderCallback"]
+
+#: Module types whose outputs ``layers="auto"`` tracks (after the model input).
+ACTIVATIONS: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.ELU,
+    nn.Softplus,
+    nn.Hardswish,
+    Quadratic,
+)
+
+
+class CorrelationOrderCallback(InterpretabilityCallback):
+    """Track how much of each layer's classification is carried by order 1, order 2 and higher orders.
+
+    At each measurement, for every tracked layer (``"input"`` is the model input), the class means and
+    covariances of the layer's output on a fixed labelled probe set are accumulated in float64
+    (:class:`~lightning_interp.correlation.ClassMoments`; layers wider than ``max_dim`` use the
+    low-rank-plus-diagonal mode), the layer's output is replaced by Gaussian surrogates of order 2, 1
+    and 0 and the forward pass continues. Logged per layer ``L``:
+    ``correlation/<L>/acc_real``, ``acc_order2``, ``acc_order1``, ``acc_order0``,
+    ``higher_order_gap = acc_real - acc_order2`` and ``non_gaussianity`` (mean absolute excess
+    kurtosis of the units). Figures: the accuracies per layer now, and the higher-order gap per layer
+    over training (the tracking).
+
+    Args:
+        layers: ``"auto"`` (the input and every activation module) or ``named_modules()`` paths
+            (``"input"`` for the model input).
+        probe_size: labelled probe examples (drawn once, own generator).
+        min_per_class: fewest probe examples a class present in the probe must have.
+        max_dim: widest layer whose covariances are kept in full.
+        rank: sketch rank of the low-rank mode.
+        every_n_epochs: see :class:`~lightning_interp.callbacks.base.InterpretabilityCallback`.
+        every_n_steps: see the base class.
+        run_on: see the base class.
+        measure_at_start: see the base class.
+        measure_at_end: see the base class.
+        seed: seed of the probe draw and of the surrogate draws (with the step).
+        log_images: see the base class.
+        figure_dir: see the base class.
+
+    Raises:
+        ValueError: at setup, for unknown layer names, unlabelled probe data, or fewer than
+            ``min_per_class`` probe examples of a class.
+        TypeError: at setup, for a layer whose output is not a float tensor or a model that rejects the
+            probe inputs.
+
+    Example:
+        >>> cb = CorrelationOrderCallback(layers="auto", probe_size=1024, every_n_epochs=1)
+    """
+
+    prefix = "correlation"
+
+    def __init__(
+        self,
+        layers: str | Sequence[str] = "auto",
+        probe_size: int = 1024,
+        min_per_class: int = 10,
+        max_dim: int = 2048,
+        rank: int = 64,
+        every_n_epochs: int | None = 1,
+        every_n_steps: int | None = None,
+        run_on: RunOn = "train_epoch_end",
+        measure_at_start: bool = False,
+        measure_at_end: bool = True,
+        seed: int = 0,
+        log_images: bool = True,
+        figure_dir: str | None = None,
+    ) -> None:
+        super().__init__(
+            every_n_epochs=every_n_epochs,
+            every_n_steps=every_n_steps,
+            run_on=run_on,
+            measure_at_start=measure_at_start,
+            measure_at_end=measure_at_end,
+            seed=seed,
+            log_images=log_images,
+            figure_dir=figure_dir,
+        )
+        if probe_size < 4 or min_per_class < 2:
+            raise ValueError("probe_size >= 4 and min_per_class >= 2 are required")
+        self.layer_spec = layers
+        self.probe_size, self.min_per_class, self.max_dim, self.rank = probe_size, min_per_class, max_dim, rank
+        self.layers: list[str] = []
+        self._probe: tuple[Tensor, Tensor] | None = None
+        self._num_classes = 0
+
+    def _state_key_fields(self) -> dict[str, Any]:
+        return {"layers": self.layer_spec, "probe_size": self.probe_size}
+
+    # ------------------------------------------------------------------ setup
+    def _resolve_layers(self, module: nn.Module) -> list[str]:
+        if self.layer_spec == "auto":
+            acts = [name for name, m in module.named_modules() if name and isinstance(m, ACTIVATIONS)]
+            return [INPUT, *acts]
+        names = [self.layer_spec] if isinstance(self.layer_spec, str) else list(self.layer_spec)
+        for name in names:
+            if name != INPUT:
+                get_module(module, name)
+        return names
+
+    def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.layers = self._resolve_layers(pl_module)
+        if self._probe is None:
+            x, y = self.draw_probe(trainer, self.probe_size)
+            if y is None:
+                raise ValueError(
+                    "CorrelationOrderCallback needs labelled probe data: the dataset must yield (input, label) items"
+                )
+            self._probe = (x, y)
+        x, y = self._probe
+        device, dtype = model_device_dtype(pl_module)
+        try:
+            _, logits = layer_outputs(pl_module, self.layers, x[:2].to(device=device, dtype=dtype))
+        except TypeError:
+            raise
+        except Exception as err:
+            raise TypeError(
+                f"{type(pl_module).__name__} failed on the probe inputs of shape {list(x.shape[1:])}: {type(err).__name__}: {err}"
+            ) from err
+        if not isinstance(logits, Tensor) or logits.ndim != 2:
+            raise ValueError(f"{type(pl_module).__name__}.forward must return logits [N, K]")
+        self._num_classes = logits.shape[1]
+        if y.min() < 0 or y.max() >= self._num_classes:
+            raise ValueError(
+                f"probe labels lie in {int(y.min())}..{int(y.max())}, outside the model's {self._num_classes} classes"
+            )
+        counts = torch.bincount(y, minlength=self._num_classes)
+        few = [c for c in range(self._num_classes) if 0 < counts[c] < self.min_per_class]
+        if few:
+            raise ValueError(
+                f"classes {few} have fewer than min_per_class={self.min_per_class} probe examples "
+                f"(counts {counts[few].tolist()}); increase probe_size or lower min_per_class"
+            )
+
+    # ------------------------------------------------------------------ measurement
+    def measure(self, pl_module: nn.Module) -> Measurement:
+        if self._probe is None:
+            raise RuntimeError("CorrelationOrderCallback.measure() called before setup()")
+        device, dtype = model_device_dtype(pl_module)
+        x, y = self._probe
+        x, y = x.to(device=device, dtype=dtype), y.to(device)
+        outputs, logits = layer_outputs(pl_module, self.layers, x)
+        acc_real = (logits.argmax(dim=-1) == y).to(torch.float64).mean()
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
+        scalars: dict[str, Tensor | float] = {}
+        accs: dict[str, list[float]] = {}
+        for layer in self.layers:
+            moments = ClassMoments(self._num_classes, max_dim=self.max_dim, rank=self.rank)
+            moments.update(outputs[layer], y)
+            orders = [surrogate_accuracy(pl_module, layer, x, y, moments, order, gen) for order in (2, 1, 0)]
+            scalars[f"{layer}/acc_real"] = acc_real
+            for order, acc in zip((2, 1, 0), orders, strict=True):
+                scalars[f"{layer}/acc_order{order}"] = acc
+            scalars[f"{layer}/higher_order_gap"] = acc_real - orders[0]
+            scalars[f"{layer}/non_gaussianity"] = moments.non_gaussianity()
+            accs[layer] = [float(acc_real), *(float(a) for a in orders)]
+        return Measurement(scalars=scalars, data={"accs": accs})
+
+    # ------------------------------------------------------------------ figures
+    def figures(self, measurement: Measurement) -> dict[str, Any]:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        accs = measurement.data["accs"]
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+        pos = torch.arange(len(accs)).float()
+        for i, label in enumerate(("real", "order 2", "order 1", "order 0")):
+            ax1.bar(pos + (i - 1.5) * 0.2, [v[i] for v in accs.values()], width=0.2, label=label)
+        ax1.set_xticks(pos.tolist(), list(accs), rotation=30, fontsize=7)
+        ax1.set_ylabel("probe accuracy")
+        ax1.set_ylim(0, 1.02)
+        ax1.legend(fontsize=7)
+        ax1.set_title("Gaussian surrogates per layer")
+        for layer in accs:
+            key = f"{layer}/higher_order_gap"
+            pts = [(h["step"], h[key]) for h in self.history if key in h]
+            if pts:
+                ax2.plot(*zip(*pts, strict=True), marker="o", label=layer)
+        ax2.set_xlabel("step")
+        ax2.set_ylabel("acc_real - acc_order2")
+        ax2.set_title("higher-order gap over training")
+        ax2.legend(fontsize=7)
+        fig.tight_layout()
+        return {"orders": fig}
