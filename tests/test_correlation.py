@@ -1,0 +1,223 @@
+"""Correlation orders: streaming moments, Gaussian-closure propagation, surrogates on XOR and a higher-order task."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lightning_interp.correlation import (
+    ClassMoments,
+    Quadratic,
+    propagate_moments,
+    relu_moments,
+    surrogate_accuracy,
+    theory_accuracy,
+)
+
+
+# ------------------------------------------------------------------------------------ moments
+@pytest.mark.parametrize("splits", [[500], [1, 499], [100, 150, 250], [250, 250]])
+def test_streaming_moments_equal_numpy_in_any_split(splits: list[int]) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 6, generator=g) * torch.arange(1, 7) + torch.arange(6)
+    y = torch.randint(0, 3, (500,), generator=g)
+    parts, start = [], 0
+    for n in splits:
+        m = ClassMoments(3)
+        m.update(x[start : start + n], y[start : start + n])
+        parts.append(m)
+        start += n
+    merged = parts[0]
+    for p in parts[1:]:
+        merged.merge(p)
+    xn, yn = x.double().numpy(), y.numpy()
+    for c in range(3):
+        np.testing.assert_allclose(merged.mean(c).numpy(), xn[yn == c].mean(0), rtol=1e-12)
+        np.testing.assert_allclose(merged.covariance(c).numpy(), np.cov(xn[yn == c].T), rtol=1e-9, atol=1e-12)
+    scatter = sum(np.cov(xn[yn == c].T) * ((yn == c).sum() - 1) for c in range(3))
+    np.testing.assert_allclose(merged.pooled_covariance().numpy(), scatter / (500 - 3), rtol=1e-9, atol=1e-12)
+    from scipy.stats import kurtosis
+
+    np.testing.assert_allclose(merged.excess_kurtosis()[1].numpy(), kurtosis(xn[yn == 1], axis=0), rtol=1e-8)
+
+
+def test_low_rank_mode_is_exact_at_full_rank_and_close_for_low_rank_data() -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 5, generator=g)
+    y = torch.randint(0, 2, (300,), generator=g)
+    full = ClassMoments(2)
+    full.update(x, y)
+    lr = ClassMoments(2, max_dim=4, rank=8)
+    for i in range(0, 300, 37):
+        lr.update(x[i : i + 37], y[i : i + 37])
+    assert lr.low_rank and not full.low_rank
+    torch.testing.assert_close(lr.covariance(0), full.covariance(0), rtol=1e-9, atol=1e-9)
+    # 40-dim data on a 3-dim subspace plus small isotropic noise: rank 6 captures it, the diagonal is exact
+    basis = torch.randn(3, 40, generator=g, dtype=torch.float64)
+    z = torch.randn(2000, 3, generator=g, dtype=torch.float64) @ basis + 0.05 * torch.randn(
+        2000, 40, generator=g, dtype=torch.float64
+    )
+    lab = torch.zeros(2000, dtype=torch.long)
+    exact = ClassMoments(1)
+    exact.update(z, lab)
+    sketch = ClassMoments(1, max_dim=10, rank=6)
+    sketch.update(z, lab)
+    ref = exact.covariance(0)
+    approx = sketch.covariance(0)
+    torch.testing.assert_close(torch.diagonal(approx), torch.diagonal(ref), rtol=1e-9, atol=1e-9)
+    assert (approx - ref).norm() / ref.norm() < 0.02
+    assert sketch.sketch[0].shape[0] <= 12  # memory: O(rank * D) rows, not D x D
+
+
+def test_moment_errors() -> None:
+    m = ClassMoments(3)
+    with pytest.raises(TypeError, match="floating-point"):
+        m.update(torch.ones(4, 2, dtype=torch.long), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        m.update(torch.ones(4, 2), torch.full((4,), 3))
+    m.update(torch.randn(5, 2), torch.tensor([0, 0, 0, 0, 1]))
+    with pytest.raises(ValueError, match=r"class\(es\) \[1\] have fewer than 2 probe samples"):
+        m.covariance(1)
+
+
+# ------------------------------------------------------------------------------------ propagation
+def _mc(modules: list[nn.Module], mean: torch.Tensor, cov: torch.Tensor, n: int = 1_000_000, seed: int = 0) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+    root = torch.linalg.cholesky(cov)
+    z = mean + torch.randn(n, len(mean), generator=g, dtype=torch.float64) @ root.T
+    with torch.no_grad():
+        out = nn.Sequential(*modules).double()(z)
+    return out.mean(0), torch.cov(out.T)
+
+
+def _gaussian(d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(d, d, generator=g, dtype=torch.float64)
+    return torch.randn(d, generator=g, dtype=torch.float64) * 0.5, a @ a.T / d + 0.2 * torch.eye(d, dtype=torch.float64)
+
+
+def test_linear_and_quadratic_closed_forms_and_monte_carlo() -> None:
+    torch.manual_seed(2)
+    mean, cov = _gaussian(4, 3)
+    lin = nn.Linear(4, 3).double()
+    m, c = propagate_moments([lin], mean, cov)
+    w, b = lin.weight.detach(), lin.bias.detach()
+    torch.testing.assert_close(m, w @ mean + b)
+    torch.testing.assert_close(c, w @ cov @ w.T)
+    alpha = 0.7
+    m, c = propagate_moments([Quadratic(alpha)], mean, cov)
+    g = 1 + 2 * alpha * mean
+    torch.testing.assert_close(m, mean + alpha * (mean**2 + torch.diagonal(cov)))
+    torch.testing.assert_close(c, torch.outer(g, g) * cov + 2 * alpha**2 * cov**2)
+    # both against 10^6-sample Monte Carlo (standard errors ~ 1e-3)
+    modules = [lin, Quadratic(alpha)]
+    m, c = propagate_moments(modules, mean, cov)
+    m_mc, c_mc = _mc(modules, mean, cov)
+    assert (m - m_mc).abs().max() < 6e-3 and (c - c_mc).abs().max() < 1.5e-2
+
+
+def test_relu_moments_against_monte_carlo() -> None:
+    # Stated tolerance: the ReLU moments are exact, so the only error is Monte-Carlo noise (10^6 samples):
+    # within 3e-3 for means and 5e-3 for covariances on unit-scale inputs.
+    for seed in range(3):
+        mean, cov = _gaussian(5, 10 + seed)
+        m, c = relu_moments(mean, cov)
+        m_mc, c_mc = _mc([nn.ReLU()], mean, cov, seed=seed)
+        assert (m - m_mc).abs().max() < 3e-3
+        assert (c - c_mc).abs().max() < 5e-3
+    # zero-mean case: the arc-cosine kernel of degree 1 (Cho & Saul) times s_i s_j / (2 pi)
+    cov = torch.tensor([[1.0, 0.3], [0.3, 2.0]], dtype=torch.float64)
+    _, c = relu_moments(torch.zeros(2, dtype=torch.float64), cov)
+    rho = 0.3 / math.sqrt(2.0)
+    theta = math.acos(rho)
+    second = math.sqrt(2.0) / (2 * math.pi) * (math.sin(theta) + (math.pi - theta) * math.cos(theta))
+    assert c[0, 1].item() == pytest.approx(second - math.sqrt(2.0) / (2 * math.pi), rel=1e-9)
+
+
+def test_multilayer_relu_network_propagation_and_theory_accuracy() -> None:
+    torch.manual_seed(4)
+    net = [nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2)]
+    for m in net:
+        m.double()
+    mean, cov = _gaussian(3, 5)
+    m, c = propagate_moments(net, mean, cov)
+    m_mc, c_mc = _mc(net, mean, cov, n=400_000)
+    scale = c_mc.abs().max()
+    # Two ReLU layers: each layer's moments are exact, but the closure treats the first layer's rectified
+    # output as Gaussian, so the second layer's covariance is approximate (measured here: ~25% of the
+    # largest entry); the means stay within a few percent.
+    assert (m - m_mc).abs().max() / scale.sqrt() < 0.05 and (c - c_mc).abs().max() / scale < 0.4
+    # two classes: the closed form equals a Monte-Carlo count on the same output Gaussians
+    m1, c1 = m + torch.tensor([0.5, -0.5], dtype=torch.float64), c
+    exact = theory_accuracy([m, m1], [c, c1])
+    mc = theory_accuracy([m, m1], [c, c1], num_samples=200_000, generator=torch.Generator().manual_seed(0))
+    three = theory_accuracy([m, m1], [c, c1], num_samples=200_000, generator=torch.Generator().manual_seed(0))
+    assert 0 < exact.item() < 1 and three.item() == pytest.approx(mc.item())
+    with pytest.raises(TypeError, match=r"module 0 \(Conv1d\)"):
+        propagate_moments([nn.Conv1d(1, 1, 1)], mean, cov)
+
+
+# ------------------------------------------------------------------------------------ surrogates
+def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 600, lr: float = 1e-2) -> nn.Module:
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (128,), generator=g)
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def test_xor_class_information_lives_in_the_covariance() -> None:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    n, noise = 4000, 0.5
+    s = torch.randint(0, 2, (n, 2), generator=g).float() * 2 - 1
+    x = s + noise * torch.randn(n, 2, generator=g)
+    y = (s[:, 0] * s[:, 1] > 0).long()
+    model = _train(nn.Sequential(nn.Linear(2, 16), Quadratic(0.5), nn.Linear(16, 2)), x, y)
+    xt, yt = x[:2000], y[:2000]
+    moments = ClassMoments(2)
+    moments.update(xt, yt)
+    with torch.no_grad():
+        real = (model(xt).argmax(1) == yt).double().mean().item()
+    acc = {o: surrogate_accuracy(model, "input", xt, yt, moments, o, torch.Generator().manual_seed(o)).item() for o in (0, 1, 2)}
+    assert real > 0.9
+    assert abs(acc[1] - 0.5) < 0.05 and abs(acc[0] - 0.5) < 0.05, acc  # equal class means: order 1 at chance
+    # order 2 keeps the sign of the correlation: 1/2 + arcsin(rho)/pi with rho = 1/(1 + noise^2) for a
+    # sign-product classifier, 0.795 here; the trained network reaches most of its accuracy from it
+    assert acc[2] > 0.75 and acc[2] > 0.8 * real, (acc, real)
+    # at the hidden (quadratic) layer, order 1 already carries the class (the means now differ)
+    hidden = ClassMoments(2)
+    with torch.no_grad():
+        hidden.update(model[1](model[0](xt)), yt)
+    acc1_hidden = surrogate_accuracy(model, "1", xt, yt, hidden, 1, torch.Generator().manual_seed(3)).item()
+    assert acc1_hidden > 0.75
+
+
+def test_higher_order_task_order2_at_chance_at_the_input() -> None:
+    torch.manual_seed(1)
+    g = torch.Generator().manual_seed(1)
+    n, d = 6000, 4
+    gauss = torch.randn(n // 2, d, generator=g)
+    lap = torch.distributions.Laplace(0.0, 1 / math.sqrt(2)).sample((n // 2, d))
+    x = torch.cat([gauss, lap])
+    y = torch.cat([torch.zeros(n // 2), torch.ones(n // 2)]).long()
+    perm = torch.randperm(n, generator=g)
+    x, y = x[perm], y[perm]
+    model = _train(nn.Sequential(nn.Linear(d, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2)), x, y, steps=700)
+    xt, yt = x[:3000], y[:3000]
+    with torch.no_grad():
+        real = (model(xt).argmax(1) == yt).double().mean().item()
+    moments = ClassMoments(2)
+    moments.update(xt, yt)
+    acc2 = surrogate_accuracy(model, "input", xt, yt, moments, 2, torch.Generator().manual_seed(0)).item()
+    assert real > 0.6, real
+    assert abs(acc2 - 0.5) < 0.04, acc2
+    assert moments.non_gaussianity().item() > 1.0  # the Laplace class has excess kurtosis 3
