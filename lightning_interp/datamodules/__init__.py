@@ -1,6 +1,20 @@
-"""Datamodules: synthetic tasks with known structure, and ImageNet."""
+"""Datamodules: synthetic tasks with known structure, MNIST and ImageNet."""
 
 from lightning_interp.datamodules.imagenet import ImageNetDataModule, load_images
-from lightning_interp.datamodules.synthetic import PatchImageDataModule, SyntheticDataModule
+from lightning_interp.datamodules.mnist import MNISTDataModule
+from lightning_interp.datamodules.synthetic import (
+    HigherOrderDataModule,
+    PatchImageDataModule,
+    SyntheticDataModule,
+    XORDataModule,
+)
 
-__all__ = ["ImageNetDataModule", "PatchImageDataModule", "SyntheticDataModule", "load_images"]
+__all__ = [
+    "HigherOrderDataModule",
+    "ImageNetDataModule",
+    "MNISTDataModule",
+    "PatchImageDataModule",
+    "SyntheticDataModule",
+    "XORDataModule",
+    "load_images",
+]
