@@ -11,6 +11,7 @@ import glob
 import json
 import os
 import struct
+import time
 from typing import Any
 
 from wandb.proto import wandb_internal_pb2 as pb
@@ -31,6 +32,8 @@ def read_records(path: str) -> list[Any]:
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         chunk = data[pos + 7 : pos + 7 + length]
+        if len(chunk) < length:  # a record still being written
+            break
         pos += 7 + length
         if kind == 0 and length == 0:
             continue
@@ -43,11 +46,23 @@ def read_records(path: str) -> list[Any]:
     return records
 
 
-def read_history(run_dir: str) -> list[dict[str, Any]]:
-    """The rows passed to ``wandb.log`` in the offline run at ``run_dir`` (JSON-decoded values)."""
-    (path,) = glob.glob(os.path.join(run_dir, "run-*.wandb"))
+def read_history(run_dir: str, timeout: float = 60.0) -> list[dict[str, Any]]:
+    """The rows passed to ``wandb.log`` in the offline run at ``run_dir`` (JSON-decoded values).
+
+    ``run.finish()`` can return before wandb's service process has written the whole log, so this
+    waits (up to ``timeout`` seconds) for the run's ``exit`` record.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        paths = glob.glob(os.path.join(run_dir, "run-*.wandb"))
+        records = read_records(paths[0]) if paths else []
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    if not paths:
+        raise FileNotFoundError(f"no run-*.wandb file in {run_dir}")
     rows = []
-    for rec in read_records(path):
+    for rec in records:
         if rec.WhichOneof("record_type") == "history":
             rows.append({(it.key or "/".join(it.nested_key)): json.loads(it.value_json) for it in rec.history.item})
     return rows
