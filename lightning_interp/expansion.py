@@ -1,0 +1,506 @@
+"""Energy expansion of categorical-input classifiers: fields, couplings and gauges.
+
+Reference:
+    Zamuner & De Los Rios, "Interpretable Neural Networks based classifiers for categorical inputs",
+    arXiv:2102.03202 (2021). Definitions follow METHODS.md section 5; the paper's exact formulas are not
+    reproduced here.
+
+For inputs of ``L`` sites with ``q`` states (one-hot encoded), any logit ``f(sigma)`` is exactly a
+generalised Potts energy ``E0 + sum_i h_i(sigma_i) + sum_{i<j} J_ij(sigma_i, sigma_j) + ...``. In the
+zero-sum gauge the terms are the functional-ANOVA components under the uniform measure:
+``h_i(a) = E[f | sigma_i = a] - E[f]`` and
+``J_ij(a, b) = E[f | a, b] - E[f | sigma_i = a] - E[f | sigma_j = b] + E[f]``; being orthogonal, their
+variances split ``Var f`` into orders. :func:`expand` computes them exactly (enumeration of all ``q^L``
+sequences), by Monte Carlo (conditional expectations by substitution into background sequences, with
+standard errors), or in closed form for one hidden layer with a quadratic activation.
+
+The module is pure torch: it never imports Lightning.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "PottsExpansion",
+    "Square",
+    "expand",
+    "one_hot_flat",
+    "reference_gauge",
+    "zero_sum_gauge",
+]
+
+Target = int | tuple[int, int] | None
+
+
+def one_hot_flat(states: Tensor, num_states: int) -> Tensor:
+    """Site-major one-hot encoding ``[N, L] -> [N, L * q]`` (index ``i * q + a``), float32."""
+    return torch.nn.functional.one_hot(states.long(), num_states).reshape(states.shape[0], -1).float()
+
+
+class Square(nn.Module):
+    """The activation ``z^2`` (with one hidden layer, the logit ends exactly at order 2)."""
+
+    def forward(self, z: Tensor) -> Tensor:
+        return z * z
+
+
+# ---------------------------------------------------------------------------------------------
+# gauges
+# ---------------------------------------------------------------------------------------------
+
+
+def _sym_check(couplings: Tensor) -> None:
+    if couplings.ndim < 4 or couplings.shape[-4] != couplings.shape[-3] or couplings.shape[-2] != couplings.shape[-1]:
+        raise ValueError(f"couplings must have shape [..., L, L, q, q], got {list(couplings.shape)}")
+
+
+def _offdiag(length: int, device: torch.device) -> Tensor:
+    return (~torch.eye(length, dtype=torch.bool, device=device))[:, :, None, None]
+
+
+def zero_sum_gauge(fields: Tensor, couplings: Tensor, constant: Tensor | float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """Move ``(E0, h, J)`` to the zero-sum gauge without changing any sequence's energy.
+
+    ``J'_ij(a,b) = J_ij(a,b) - J_ij(.,b) - J_ij(a,.) + J_ij(.,.)``,
+    ``h'_i(a) = h_i(a) - h_i(.) + sum_{j != i} (J_ij(a,.) - J_ij(.,.))`` and
+    ``E0' = E0 + sum_i h_i(.) + sum_{i<j} J_ij(.,.)`` (dot = mean over states). ``couplings`` are the
+    symmetric ``[..., L, L, q, q]`` array (``J[i, j, a, b] = J[j, i, b, a]``, zero diagonal blocks).
+
+    Returns:
+        ``(constant, fields, couplings)`` in the zero-sum gauge.
+    """
+    _sym_check(couplings)
+    off = _offdiag(couplings.shape[-4], couplings.device).to(couplings.dtype)
+    j = couplings * off
+    j_row = j.mean(dim=-1, keepdim=True)  # J_ij(a, .)
+    j_col = j.mean(dim=-2, keepdim=True)  # J_ij(., b)
+    j_all = j.mean(dim=(-2, -1), keepdim=True)  # J_ij(., .)
+    new_j = (j - j_row - j_col + j_all) * off
+    h_mean = fields.mean(dim=-1, keepdim=True)
+    new_h = fields - h_mean + (j_row - j_all)[..., 0].sum(dim=-2)
+    new_c = (
+        torch.as_tensor(constant, dtype=fields.dtype, device=fields.device)
+        + h_mean[..., 0].sum(-1)
+        + 0.5 * j_all.sum(dim=(-4, -3, -2, -1))
+    )
+    return new_c, new_h, new_j
+
+
+def reference_gauge(
+    fields: Tensor, couplings: Tensor, reference: Tensor, constant: Tensor | float = 0.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Move ``(E0, h, J)`` to the gauge where every term of the ``reference`` sequence is zero.
+
+    ``J'_ij(a,b) = J_ij(a,b) - J_ij(r_i,b) - J_ij(a,r_j) + J_ij(r_i,r_j)``,
+    ``h'_i(a) = h_i(a) - h_i(r_i) + sum_{j != i} (J_ij(a,r_j) - J_ij(r_i,r_j))`` and
+    ``E0' = E(reference)``.
+    """
+    _sym_check(couplings)
+    length, q = fields.shape[-2], fields.shape[-1]
+    r = reference.long().to(fields.device)
+    if r.shape != (length,) or (r < 0).any() or (r >= q).any():
+        raise ValueError(f"reference must be a sequence of {length} states in [0, {q})")
+    off = _offdiag(length, couplings.device).to(couplings.dtype)
+    j = couplings * off
+    idx_i = torch.arange(length, device=fields.device)
+    # J_ij(a, r_j): [..., L, L, q]; J_ij(r_i, b): [..., L, L, q]; J_ij(r_i, r_j): [..., L, L]
+    j_a_r = j[..., :, :, :, :].gather(-1, r[None, :, None, None].expand(*j.shape[:-1], 1).contiguous())[..., 0]
+    j_r_b = j.gather(-2, r[:, None, None, None].expand(*j.shape[:-2], 1, q).contiguous())[..., 0, :]
+    j_r_r = j_a_r.gather(-1, r[:, None, None].expand(*j_a_r.shape[:-1], 1).contiguous())[..., 0]
+    new_j = (j - j_r_b[..., :, :, None, :] - j_a_r[..., :, :, :, None] + j_r_r[..., None, None]) * off
+    h_r = fields.gather(-1, r[:, None].expand(*fields.shape[:-1], 1).contiguous())[..., 0]
+    new_h = fields - h_r[..., None] + (j_a_r - j_r_r[..., None]).sum(dim=-2)
+    del idx_i
+    energy_r = torch.as_tensor(constant, dtype=fields.dtype, device=fields.device) + h_r.sum(-1) + 0.5 * j_r_r.sum(dim=(-2, -1))
+    return energy_r, new_h, new_j
+
+
+# ---------------------------------------------------------------------------------------------
+# the expansion
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PottsExpansion:
+    """A logit written as a Potts energy ``E0 + sum_i h_i + sum_{i<j} J_ij (+ residual)``.
+
+    Per output (when the model has several and no target was chosen) there is a leading ``K`` dim.
+
+    Attributes:
+        constant: ``E0`` (``[]`` or ``[K]``).
+        fields: ``h`` ``[(K,) L, q]``.
+        couplings: ``J`` ``[(K,) L, L, q, q]``, symmetric with zero diagonal blocks (zeros for order 1).
+        variance_explained: fraction of ``Var f`` (uniform measure) per order: keys ``1``, ``2`` and
+            ``"residual"`` (order >= 3, or >= 2 for an order-1 expansion); ``[]`` or ``[K]`` tensors.
+        total_variance: ``Var f`` under the uniform measure.
+        residual_variance: variance of what the expansion leaves out.
+        method: ``"exact"``, ``"sampled"`` or ``"quadratic"``.
+        gauge: ``"zero_sum"`` or ``"reference"``.
+        fields_se: standard errors of ``fields`` (sampled method).
+        couplings_se: standard errors of ``couplings`` (sampled method).
+    """
+
+    constant: Tensor
+    fields: Tensor
+    couplings: Tensor
+    variance_explained: dict[int | str, Tensor]
+    total_variance: Tensor
+    residual_variance: Tensor
+    method: str
+    gauge: str = "zero_sum"
+    fields_se: Tensor | None = None
+    couplings_se: Tensor | None = None
+
+    @property
+    def seq_len(self) -> int:
+        return self.fields.shape[-2]
+
+    @property
+    def num_states(self) -> int:
+        return self.fields.shape[-1]
+
+    def energy(self, states: Tensor) -> Tensor:
+        """The expansion's value ``E0 + sum h + sum_{i<j} J`` for sequences ``[N, L]`` -> ``[(K,) N]``."""
+        c = self.contributions(states)
+        return c["constant"][..., None] + c["fields"].sum(-1) + c["couplings"].sum(dim=(-2, -1))
+
+    def contributions(self, states: Tensor) -> dict[str, Tensor]:
+        """Per-site and per-pair terms of given sequences.
+
+        Returns:
+            ``constant`` (``[(K,)]``), ``fields`` ``[(K,) N, L]`` (``h_i(sigma_i)``) and ``couplings``
+            ``[(K,) N, L, L]`` (``J_ij(sigma_i, sigma_j)`` for ``i < j``, zero elsewhere); they sum to the
+            logit up to the residual.
+        """
+        s = states.long().to(self.fields.device)
+        length = self.seq_len
+        if s.ndim != 2 or s.shape[1] != length:
+            raise ValueError(f"states must have shape [N, {length}], got {list(s.shape)}")
+        sites = torch.arange(length, device=s.device)
+        h = self.fields[..., sites[None, :], s]  # [(K,) N, L]
+        j = self.couplings[..., sites[:, None], sites[None, :], :, :]  # [(K,) L, L, q, q]
+        a = s[:, :, None].expand(-1, length, length)
+        b = s[:, None, :].expand(-1, length, length)
+        ii = sites[None, :, None].expand_as(a)
+        jj = sites[None, None, :].expand_as(a)
+        pair = j[..., ii, jj, a, b]  # [(K,) N, L, L]
+        upper = torch.triu(torch.ones(length, length, dtype=torch.bool, device=s.device), diagonal=1)
+        return {"constant": self.constant, "fields": h, "couplings": pair * upper}
+
+    def to_gauge(self, gauge: Literal["zero_sum", "reference"] = "zero_sum", reference: Tensor | None = None) -> PottsExpansion:
+        """The same energy in another gauge (``reference`` needs a reference sequence ``[L]``)."""
+        if gauge == "zero_sum":
+            c, h, j = zero_sum_gauge(self.fields, self.couplings, self.constant)
+        elif gauge == "reference":
+            if reference is None:
+                raise ValueError("the reference gauge needs reference=<a sequence of states [L]>")
+            c, h, j = reference_gauge(self.fields, self.couplings, reference, self.constant)
+        else:
+            raise ValueError(f"gauge must be 'zero_sum' or 'reference', got {gauge!r}")
+        return replace(self, constant=c, fields=h, couplings=j, gauge=gauge, fields_se=None, couplings_se=None)
+
+    def coupling_strength(self, apc: bool = True) -> Tensor:
+        """Frobenius norm of each zero-sum-gauge coupling block ``[(K,) L, L]``.
+
+        With ``apc`` the average-product correction of contact prediction is applied:
+        ``F_ij - F_i. F_.j / F_..`` (means over off-diagonal pairs).
+        """
+        j = self.couplings if self.gauge == "zero_sum" else self.to_gauge("zero_sum").couplings
+        f = j.pow(2).sum(dim=(-2, -1)).sqrt()
+        if not apc:
+            return f
+        length = f.shape[-1]
+        off = ~torch.eye(length, dtype=torch.bool, device=f.device)
+        row = (f * off).sum(-1) / (length - 1)
+        total = (f * off).sum(dim=(-2, -1)) / (length * (length - 1))
+        corrected = f - row[..., :, None] * row[..., None, :] / total[..., None, None].clamp_min(1e-300)
+        return corrected * off
+
+    def strongest_pairs(self, k: int = 10, apc: bool = True) -> list[tuple[int, int, float]]:
+        """The ``k`` site pairs ``(i, j, strength)`` with the largest coupling strength (single output)."""
+        s = self.coupling_strength(apc)
+        if s.ndim != 2:
+            raise ValueError("strongest_pairs needs a single-output expansion (choose a target)")
+        iu = torch.triu_indices(s.shape[0], s.shape[1], offset=1)
+        vals = s[iu[0], iu[1]]
+        order = vals.argsort(descending=True)[:k]
+        return [(int(iu[0, o]), int(iu[1, o]), float(vals[o])) for o in order]
+
+
+def _outputs(model: nn.Module, x: Tensor, target: Target) -> Tensor:
+    out = model(x)
+    if out.ndim == 1:
+        out = out[:, None]
+    if out.ndim != 2:
+        raise ValueError(f"the model must return [N] or [N, K] logits, got {list(out.shape)}")
+    if target is None:
+        return out
+    if isinstance(target, tuple):
+        a, b = target
+        return (out[:, a] - out[:, b])[:, None]
+    return out[:, target : target + 1]
+
+
+class _Evaluator:
+    """Batched evaluation of the model on sequences of states, in the model's dtype and device."""
+
+    def __init__(
+        self, model: nn.Module, num_states: int, encode: Callable[[Tensor, int], Tensor], target: Target, batch: int
+    ) -> None:
+        self.model, self.q, self.encode, self.target, self.batch = model, num_states, encode, target, batch
+        p = next(model.parameters(), None)
+        self.device = p.device if p is not None else torch.device("cpu")
+        self.dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+
+    @torch.no_grad()
+    def __call__(self, states: Tensor) -> Tensor:
+        outs = []
+        for i in range(0, states.shape[0], self.batch):
+            x = self.encode(states[i : i + self.batch], self.q).to(device=self.device, dtype=self.dtype)
+            try:
+                outs.append(_outputs(self.model, x, self.target).to(torch.float64))
+            except (RuntimeError, TypeError) as err:
+                raise ValueError(
+                    f"{type(self.model).__name__} rejected the encoded input of shape {list(x.shape)} "
+                    f"({type(err).__name__}: {err}); pass encode=... matching the model's input"
+                ) from err
+        return torch.cat(outs)  # [N, K]
+
+
+def _anova_exact(f: Tensor, length: int, q: int, order: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Zero-sum terms from all ``q^L`` values ``f`` ``[q^L, K]`` (sequences in lexicographic order)."""
+    k = f.shape[1]
+    grid = f.T.reshape(k, *([q] * length))
+    e0 = grid.mean(dim=tuple(range(1, length + 1)))
+    fields = torch.stack([grid.mean(dim=tuple(d for d in range(1, length + 1) if d != i + 1)) for i in range(length)], dim=1)
+    fields = fields - e0[:, None, None]
+    couplings = torch.zeros(k, length, length, q, q, dtype=f.dtype, device=f.device)
+    if order >= 2:
+        for i, j in itertools.combinations(range(length), 2):
+            keep = (i + 1, j + 1)
+            m = grid.mean(dim=tuple(d for d in range(1, length + 1) if d not in keep))
+            jij = m - fields[:, i, :, None] - fields[:, j, None, :] - e0[:, None, None]
+            couplings[:, i, j] = jij
+            couplings[:, j, i] = jij.transpose(-2, -1)
+    return e0, fields, couplings, grid
+
+
+def _variance_split(fields: Tensor, couplings: Tensor, total: Tensor) -> dict[int | str, Tensor]:
+    v1 = fields.pow(2).mean(-1).sum(-1)
+    v2 = 0.5 * couplings.pow(2).mean(dim=(-2, -1)).sum(dim=(-2, -1))
+    tot = total.clamp_min(1e-300)
+    return {1: v1 / tot, 2: v2 / tot, "residual": (1 - (v1 + v2) / tot).clamp_min(0)}
+
+
+def expand(
+    model: nn.Module,
+    seq_len: int,
+    num_states: int,
+    order: int = 2,
+    method: Literal["exact", "sampled", "quadratic"] = "exact",
+    encode: Callable[[Tensor, int], Tensor] = one_hot_flat,
+    num_samples: int = 1000,
+    generator: torch.Generator | None = None,
+    target: Target = None,
+    background: Tensor | None = None,
+    max_evaluations: int = 2**20,
+    batch_size: int = 65536,
+) -> PottsExpansion:
+    """Expand a model's logit as a Potts energy in the zero-sum gauge.
+
+    Args:
+        model: maps ``encode(states)`` to logits ``[N]`` or ``[N, K]``.
+        seq_len: number of sites ``L``.
+        num_states: states per site ``q``.
+        order: 1 (fields only) or 2 (fields and couplings).
+        method: ``"exact"`` (all ``q^L`` sequences; refused above ``max_evaluations``), ``"sampled"``
+            (Monte-Carlo conditional expectations by substitution into ``num_samples`` background
+            sequences, uniform unless ``background`` is given; with standard errors), or
+            ``"quadratic"`` (closed form for ``Linear -> Square/Quadratic -> Linear``).
+        encode: states ``[N, L]`` -> model input (site-major one-hot by default).
+        num_samples: background sequences of the sampled method.
+        generator: ``torch.Generator`` of the background draws.
+        target: an output index, a pair ``(a, b)`` for the logit difference ``z_a - z_b``, or ``None``
+            for every output.
+        background: background sequences ``[S, L]`` for the sampled method (a data distribution).
+        max_evaluations: the largest number of model evaluations the exact method accepts.
+        batch_size: sequences per forward pass.
+
+    Returns:
+        A :class:`PottsExpansion` (float64) on the model's device.
+
+    Raises:
+        ValueError: ``num_states < 2``, ``seq_len < 1``, an unknown method or order, exact enumeration over
+            the limit, a model that rejects the encoded input, or a non-quadratic model for
+            ``method="quadratic"``.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(3 * 2, 4), Square(), nn.Linear(4, 1))
+        >>> e = expand(model, seq_len=3, num_states=2, method="exact")
+        >>> e.fields.shape, round(float(e.variance_explained["residual"]), 12)
+        (torch.Size([3, 2]), 0.0)
+    """
+    if num_states < 2:
+        raise ValueError(f"num_states must be >= 2, got {num_states}")
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    if order not in (1, 2):
+        raise ValueError(f"order must be 1 or 2, got {order}")
+    if method not in ("exact", "sampled", "quadratic"):
+        raise ValueError(f"method must be 'exact', 'sampled' or 'quadratic', got {method!r}")
+    evaluate = _Evaluator(model, num_states, encode, target, batch_size)
+    device = evaluate.device
+    length, q = seq_len, num_states
+    single = target is not None
+    if method == "exact":
+        n = q**length
+        if n > max_evaluations:
+            raise ValueError(
+                f"exact enumeration needs q^L = {q}^{length} = {n} model evaluations, over max_evaluations={max_evaluations}; "
+                "use method='sampled' or raise max_evaluations"
+            )
+        states = torch.cartesian_prod(*[torch.arange(q, device=device)] * length).reshape(n, length)
+        f = evaluate(states)
+        e0, h, j, grid = _anova_exact(f, length, q, order)
+        total = f.var(dim=0, unbiased=False)
+        k = f.shape[1]
+        expansion = PottsExpansion(e0, h, j, {}, total, total, "exact")
+        recon = expansion.energy(states)  # [K, N]
+        residual = f.T - recon
+        expansion.residual_variance = residual.pow(2).mean(-1)
+        expansion.variance_explained = _variance_split(h, j, total)
+        del grid, k
+    elif method == "quadratic":
+        expansion = _quadratic(model, length, q, target, device)
+    else:
+        expansion = _sampled(evaluate, length, q, order, num_samples, generator, background, device)
+    if single or (expansion.fields.shape[0] == 1 and _single_output(model, evaluate, length)):
+        expansion = _squeeze(expansion)
+    return expansion
+
+
+def _single_output(model: nn.Module, evaluate: _Evaluator, length: int) -> bool:
+    with torch.no_grad():
+        out = model(evaluate.encode(torch.zeros(1, length, dtype=torch.long), evaluate.q).to(evaluate.device, evaluate.dtype))
+    return out.ndim == 1 or out.shape[1] == 1
+
+
+def _squeeze(e: PottsExpansion) -> PottsExpansion:
+    return replace(
+        e,
+        constant=e.constant[0],
+        fields=e.fields[0],
+        couplings=e.couplings[0],
+        variance_explained={k: v[0] for k, v in e.variance_explained.items()},
+        total_variance=e.total_variance[0],
+        residual_variance=e.residual_variance[0],
+        fields_se=None if e.fields_se is None else e.fields_se[0],
+        couplings_se=None if e.couplings_se is None else e.couplings_se[0],
+    )
+
+
+def _quadratic(model: nn.Module, length: int, q: int, target: Target, device: torch.device) -> PottsExpansion:
+    from lightning_interp.correlation import Quadratic
+
+    mods = (
+        [m for m in model.modules() if not isinstance(m, nn.Sequential) and m is not model]
+        if isinstance(model, nn.Sequential)
+        else []
+    )
+    if len(mods) != 3 or not (
+        isinstance(mods[0], nn.Linear) and isinstance(mods[1], (Square, Quadratic)) and isinstance(mods[2], nn.Linear)
+    ):
+        raise ValueError(
+            "method='quadratic' needs nn.Sequential(Linear, Square() or Quadratic(alpha), Linear) on one-hot inputs; "
+            "use method='exact' or 'sampled' for other models"
+        )
+    lin1, act, lin2 = mods
+    beta, alpha = (0.0, 1.0) if isinstance(act, Square) else (1.0, act.alpha)
+    w = lin1.weight.detach().to(torch.float64).reshape(-1, length, q)  # W_k,i(a)
+    b = lin1.bias.detach().to(torch.float64) if lin1.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    v = lin2.weight.detach().to(torch.float64)  # [K, H]
+    c = lin2.bias.detach().to(torch.float64) if lin2.bias is not None else torch.zeros(v.shape[0], dtype=torch.float64)
+    if target is not None:
+        if isinstance(target, tuple):
+            v, c = (v[target[0]] - v[target[1]])[None], (c[target[0]] - c[target[1]])[None]
+        else:
+            v, c = v[target : target + 1], c[target : target + 1]
+    # f = sum_k v_k (beta z_k + alpha z_k^2) + c, z_k = b_k + sum_i W_k,i(sigma_i)
+    e0 = v @ (beta * b + alpha * b * b) + c
+    h = torch.einsum("oh,hia->oia", v, beta * w + alpha * (2 * b[:, None, None] * w + w * w))
+    j = 2 * alpha * torch.einsum("oh,hia,hjb->oijab", v, w, w)
+    off = _offdiag(length, j.device).to(j.dtype)
+    j = j * off
+    e0, h, j = zero_sum_gauge(h, j, e0)
+    e0, h, j = e0.to(device), h.to(device), j.to(device)
+    # orthogonal zero-sum terms: the variance of the (exactly order-2) energy is their sum
+    total = h.pow(2).mean(-1).sum(-1) + 0.5 * j.pow(2).mean(dim=(-2, -1)).sum(dim=(-2, -1))
+    return PottsExpansion(e0, h, j, _variance_split(h, j, total), total, torch.zeros_like(total), "quadratic")
+
+
+def _sampled(
+    evaluate: _Evaluator,
+    length: int,
+    q: int,
+    order: int,
+    num_samples: int,
+    generator: torch.Generator | None,
+    background: Tensor | None,
+    device: torch.device,
+) -> PottsExpansion:
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    if background is None:
+        base = torch.randint(0, q, (num_samples, length), generator=g)
+    else:
+        if background.ndim != 2 or background.shape[1] != length:
+            raise ValueError(f"background must have shape [S, {length}], got {list(background.shape)}")
+        base = background.long().cpu()
+    s = base.shape[0]
+    f0 = evaluate(base.to(device))  # [S, K]
+    k = f0.shape[1]
+    # single-site substitutions: F1[s, i, a] = f(sigma_s with sigma_i = a)
+    states = base[:, None, None, :].repeat(1, length, q, 1)
+    for i in range(length):
+        states[:, i, :, i] = torch.arange(q)
+    f1 = evaluate(states.reshape(-1, length).to(device)).reshape(s, length, q, k)
+    centred1 = f1 - f1.mean(dim=2, keepdim=True)  # per sample: f(i<-a) - mean_b f(i<-b)
+    fields = centred1.mean(0).permute(2, 0, 1)  # [K, L, q]
+    fields_se = (centred1.std(0, unbiased=True) / math.sqrt(s)).permute(2, 0, 1)
+    couplings = torch.zeros(k, length, length, q, q, dtype=torch.float64, device=device)
+    couplings_se = torch.zeros_like(couplings)
+    if order >= 2:
+        for i, j in itertools.combinations(range(length), 2):
+            st = base[:, None, None, :].repeat(1, q, q, 1)
+            st[:, :, :, i] = torch.arange(q)[None, :, None]
+            st[:, :, :, j] = torch.arange(q)[None, None, :]
+            f2 = evaluate(st.reshape(-1, length).to(device)).reshape(s, q, q, k)
+            dc = f2 - f2.mean(1, keepdim=True) - f2.mean(2, keepdim=True) + f2.mean((1, 2), keepdim=True)
+            jij = dc.mean(0).permute(2, 0, 1)
+            se = (dc.std(0, unbiased=True) / math.sqrt(s)).permute(2, 0, 1)
+            couplings[:, i, j], couplings[:, j, i] = jij, jij.transpose(-2, -1)
+            couplings_se[:, i, j], couplings_se[:, j, i] = se, se.transpose(-2, -1)
+    e0 = f0.mean(0)
+    total = f0.var(0, unbiased=True)
+    e = PottsExpansion(
+        e0,
+        fields,
+        couplings,
+        _variance_split(fields, couplings, total),
+        total,
+        total,
+        "sampled",
+        "zero_sum",
+        fields_se,
+        couplings_se,
+    )
+    recon = e.energy(base.to(device))  # [K, S]
+    e.residual_variance = (f0.T - recon - (f0.T - recon).mean(-1, keepdim=True)).pow(2).mean(-1)
+    return e
