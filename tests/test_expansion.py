@@ -1,0 +1,182 @@
+"""Potts (energy) expansion: closed form vs exact, gauges, sampled vs exact, contributions, bad input."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_interp.correlation import Quadratic
+from lightning_interp.expansion import Square, expand, one_hot_flat, reference_gauge, zero_sum_gauge
+
+L, Q = 5, 3
+
+
+def _quadratic_net(out: int = 2, seed: int = 0, act: nn.Module | None = None) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(L * Q, 7), act or Square(), nn.Linear(7, out)).double()
+
+
+def _all_states() -> torch.Tensor:
+    return torch.tensor(list(itertools.product(range(Q), repeat=L)))
+
+
+def test_quadratic_closed_form_equals_exact_to_machine_precision() -> None:
+    for act in (Square(), Quadratic(0.6)):
+        model = _quadratic_net(act=act)
+        exact = expand(model, L, Q, method="exact")
+        closed = expand(model, L, Q, method="quadratic")
+        torch.testing.assert_close(closed.constant, exact.constant, rtol=0, atol=1e-13)
+        torch.testing.assert_close(closed.fields, exact.fields, rtol=0, atol=1e-13)
+        torch.testing.assert_close(closed.couplings, exact.couplings, rtol=0, atol=1e-13)
+        assert exact.residual_variance.abs().max() < 1e-25  # no order >= 3 term
+        assert exact.variance_explained["residual"].abs().max() < 1e-12
+
+
+def test_quadratic_terms_match_methods_formulas_before_gauge_fixing() -> None:
+    # METHODS.md: f = sum_k v_k (b_k + sum_i W_k,i(sigma_i))^2 gives E0 = sum v b^2,
+    # h_i(a) = sum v (2 b W + W^2), J_ij(a, b) = 2 sum v W_k,i(a) W_k,j(b); any sequence's energy must agree
+    model = _quadratic_net(out=1, seed=1)
+    w = model[0].weight.detach().reshape(7, L, Q)
+    b = model[0].bias.detach()
+    v = model[2].weight.detach()[0]
+    c = model[2].bias.detach()[0]
+    h = torch.einsum("k,kia->ia", v, 2 * b[:, None, None] * w + w * w)
+    j = 2 * torch.einsum("k,kia,kjb->ijab", v, w, w) * (~torch.eye(L, dtype=torch.bool))[:, :, None, None]
+    e0 = (v * b * b).sum() + c
+    states = _all_states()
+    expansion = expand(model, L, Q, method="exact")
+    raw = e0 + h[torch.arange(L), states].sum(1)
+    for i, jj in itertools.combinations(range(L), 2):
+        raw = raw + j[i, jj, states[:, i], states[:, jj]]
+    with torch.no_grad():
+        f = model(one_hot_flat(states, Q).double())[:, 0]
+    torch.testing.assert_close(raw, f)
+    torch.testing.assert_close(expansion.energy(states), f)
+    c0, h0, j0 = zero_sum_gauge(h, j, e0)
+    torch.testing.assert_close(h0, expansion.fields, rtol=0, atol=1e-12)
+    torch.testing.assert_close(j0, expansion.couplings, rtol=0, atol=1e-12)
+    torch.testing.assert_close(c0, expansion.constant, rtol=0, atol=1e-12)
+
+
+def test_gauges_leave_energies_unchanged_and_satisfy_their_conditions() -> None:
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(L, Q, generator=g, dtype=torch.float64)
+    j = torch.randn(L, L, Q, Q, generator=g, dtype=torch.float64)
+    j = (j + j.permute(1, 0, 3, 2)) * (~torch.eye(L, dtype=torch.bool))[:, :, None, None]
+    e0 = torch.tensor(0.3, dtype=torch.float64)
+    states = torch.randint(0, Q, (200, L), generator=g)
+
+    def energy(c: torch.Tensor, hh: torch.Tensor, jj: torch.Tensor) -> torch.Tensor:
+        e = c + hh[torch.arange(L), states].sum(1)
+        for i, k in itertools.combinations(range(L), 2):
+            e = e + jj[i, k, states[:, i], states[:, k]]
+        return e
+
+    base = energy(e0, h, j)
+    c1, h1, j1 = zero_sum_gauge(h, j, e0)
+    torch.testing.assert_close(energy(c1, h1, j1), base)
+    assert h1.sum(-1).abs().max() < 1e-12 and j1.sum(-1).abs().max() < 1e-12 and j1.sum(-2).abs().max() < 1e-12
+    torch.testing.assert_close(j1, j1.permute(1, 0, 3, 2))
+    ref = torch.randint(0, Q, (L,), generator=g)
+    c2, h2, j2 = reference_gauge(h, j, ref, e0)
+    torch.testing.assert_close(energy(c2, h2, j2), base)
+    assert h2[torch.arange(L), ref].abs().max() == 0
+    for i, k in itertools.permutations(range(L), 2):
+        assert j2[i, k, ref[i], :].abs().max() < 1e-12 and j2[i, k, :, ref[k]].abs().max() < 1e-12
+    assert c2.item() == pytest.approx(_e(ref, e0, h, j))  # E0' is the reference sequence's energy
+    # the expansion object's gauge change round-trips
+    model = _quadratic_net(out=1, seed=2)
+    e = expand(model, L, Q)
+    back = e.to_gauge("reference", reference=ref).to_gauge("zero_sum")
+    torch.testing.assert_close(back.fields, e.fields, rtol=0, atol=1e-12)
+    torch.testing.assert_close(back.couplings, e.couplings, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="needs reference"):
+        e.to_gauge("reference")
+
+
+def _e(seq: torch.Tensor, e0: torch.Tensor, h: torch.Tensor, j: torch.Tensor) -> float:
+    total = float(e0) + float(h[torch.arange(L), seq].sum())
+    for i, k in itertools.combinations(range(L), 2):
+        total += float(j[i, k, seq[i], seq[k]])
+    return total
+
+
+def test_exact_anova_matches_brute_force_conditional_means_and_contributions() -> None:
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(L * Q, 10), nn.Tanh(), nn.Linear(10, 3)).double()
+    e = expand(model, L, Q, target=2)
+    states = _all_states()
+    with torch.no_grad():
+        f = model(one_hot_flat(states, Q).double())[:, 2]
+    assert e.constant.item() == pytest.approx(f.mean().item(), abs=1e-12)
+    for i in range(L):
+        for a in range(Q):
+            assert e.fields[i, a].item() == pytest.approx((f[states[:, i] == a].mean() - f.mean()).item(), abs=1e-12)
+    i, k, a, b = 1, 3, 2, 0
+    sel = (states[:, i] == a) & (states[:, k] == b)
+    jj = f[sel].mean() - f[states[:, i] == a].mean() - f[states[:, k] == b].mean() + f.mean()
+    assert e.couplings[i, k, a, b].item() == pytest.approx(jj.item(), abs=1e-12)
+    # variance split: orders are orthogonal, so the shares and the residual add up to the total
+    resid_share = e.residual_variance / e.total_variance
+    assert e.variance_explained["residual"].item() == pytest.approx(resid_share.item(), abs=1e-10)
+    # contributions sum to the logit up to the residual
+    some = states[::17]
+    c = e.contributions(some)
+    recon = c["constant"] + c["fields"].sum(1) + c["couplings"].sum(dim=(1, 2))
+    with torch.no_grad():
+        fs = model(one_hot_flat(some, Q).double())[:, 2]
+    assert (recon - fs).pow(2).mean().item() == pytest.approx(((e.energy(states) - f)[::17]).pow(2).mean().item(), rel=1e-9)
+    assert c["couplings"].tril().abs().max() == 0  # only i < j
+    # per-class expansion when no target is chosen
+    multi = expand(model, L, Q)
+    assert multi.fields.shape == (3, L, Q) and multi.couplings.shape == (3, L, L, Q, Q)
+    torch.testing.assert_close(multi.fields[2], e.fields)
+
+
+def test_sampled_agrees_with_exact_within_standard_errors() -> None:
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(L * Q, 12), nn.ReLU(), nn.Linear(12, 1)).double()
+    exact = expand(model, L, Q)
+    sampled = expand(model, L, Q, method="sampled", num_samples=600, generator=torch.Generator().manual_seed(0))
+    assert exact.variance_explained["residual"] > 1e-4, "the test needs order >= 3 terms (noise in the estimates)"
+    zf = (sampled.fields - exact.fields).abs() / sampled.fields_se.clamp_min(1e-15)
+    off = ~torch.eye(L, dtype=torch.bool)
+    dj = (sampled.couplings - exact.couplings).abs()[off]
+    se = sampled.couplings_se[off]
+    assert zf.max() < 4.5
+    assert ((dj <= 4.5 * se) | (dj < 1e-12)).all()
+    assert (sampled.fields_se > 0).any()
+    # and it converges: ten times the samples, closer fields
+    more = expand(model, L, Q, method="sampled", num_samples=6000, generator=torch.Generator().manual_seed(1))
+    assert (more.fields - exact.fields).abs().max() < (sampled.fields - exact.fields).abs().max()
+
+
+def test_coupling_strength_finds_the_interacting_pair() -> None:
+    # f = 3 * [sigma_1 == sigma_3] + small fields: only the pair (1, 3) is coupled
+    class Pair(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            s = x.reshape(-1, L, Q)
+            return 3.0 * (s[:, 1] * s[:, 3]).sum(-1) + 0.1 * s[:, 0, 0]
+
+    e = expand(Pair(), L, Q)
+    strength = e.coupling_strength(apc=False)
+    assert strength[1, 3] > 1 and strength.fill_diagonal_(0).max() == strength[1, 3]
+    assert e.strongest_pairs(1, apc=True)[0][:2] == (1, 3)
+    assert e.variance_explained[2].item() > 0.9
+
+
+def test_bad_input() -> None:
+    model = _quadratic_net()
+    with pytest.raises(ValueError, match="num_states must be >= 2"):
+        expand(model, L, 1)
+    with pytest.raises(ValueError, match=r"q\^L = 3\^5 = 243 model evaluations, over max_evaluations=100"):
+        expand(model, L, Q, max_evaluations=100)
+    with pytest.raises(ValueError, match=r"rejected the encoded input of shape \[243, 15\]"):
+        expand(nn.Sequential(nn.Linear(16, 2)).double(), L, Q)
+    with pytest.raises(ValueError, match="method='quadratic' needs"):
+        expand(nn.Sequential(nn.Linear(L * Q, 4), nn.ReLU(), nn.Linear(4, 1)), L, Q, method="quadratic")
+    with pytest.raises(ValueError, match="order must be 1 or 2"):
+        expand(model, L, Q, order=3)
