@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -38,6 +39,8 @@ __all__ = [
 ]
 
 Target = int | tuple[int, int] | None
+# errors that mean "this input does not fit the model" (others propagate unchanged)
+_SHAPE_ERROR = re.compile(r"shape|size|dimension|mat1|must match|expected", re.IGNORECASE)
 
 
 def one_hot_flat(states: Tensor, num_states: int) -> Tensor:
@@ -268,6 +271,8 @@ class _Evaluator:
             try:
                 outs.append(_outputs(self.model, x, self.target).to(torch.float64))
             except (RuntimeError, TypeError) as err:
+                if not _SHAPE_ERROR.search(str(err)):
+                    raise
                 raise ValueError(
                     f"{type(self.model).__name__} rejected the encoded input of shape {list(x.shape)} "
                     f"({type(err).__name__}: {err}); pass encode=... matching the model's input"

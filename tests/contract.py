@@ -21,6 +21,7 @@ from lightning_interp.callbacks import (
     CorrelationOrderCallback,
     FinalLayerSaliencyCallback,
     InterpretabilityCallback,
+    LogitExpansionCallback,
     PosteriorGapCallback,
 )
 from lightning_interp.datamodules import PatchImageDataModule, SyntheticDataModule
@@ -323,6 +324,72 @@ CASES.append(
                 lambda: (_correlation_callback(probe_size=12), MLPClassifier(2, 3, hidden=(6,)), _ablation_datamodule()),
                 ValueError,
                 r"fewer than min_per_class=10 probe examples",
+            ),
+        ],
+    )
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# LogitExpansionCallback
+# ------------------------------------------------------------------------------------------------
+
+
+class CategoricalDataModule(pl.LightningDataModule):
+    """One-hot sequences of 4 sites with 3 states; class 1 when sites 0 and 2 agree (a pairwise rule)."""
+
+    def __init__(self, batch_size: int = 32, shuffle: bool = True, n: int = 256) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        states = torch.randint(0, 3, (n + 64, 4), generator=g)
+        y = (states[:, 0] == states[:, 2]).long()
+        x = torch.nn.functional.one_hot(states, 3).reshape(len(states), -1).float()
+        self.train_set, self.val_set = TensorDataset(x[:n], y[:n]), TensorDataset(x[n:], y[n:])
+        self.batch_size, self.shuffle = batch_size, shuffle
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=self.shuffle)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.batch_size)
+
+
+def _expansion_callback(**kw: Any) -> LogitExpansionCallback:
+    kw.setdefault("seq_len", 4)
+    kw.setdefault("num_states", 3)
+    kw.setdefault("num_samples", 32)
+    return LogitExpansionCallback(**kw)
+
+
+CASES.append(
+    ContractCase(
+        id="expansion",
+        make_callback=_expansion_callback,
+        make_model=lambda: MLPClassifier(12, 2, hidden=(8,), dropout=0.1, lr=1e-2),
+        make_datamodule=lambda batch_size=32, shuffle=True: CategoricalDataModule(batch_size=batch_size, shuffle=shuffle),
+        raise_in="net.3",
+        bad_configs=[
+            BadConfig(
+                "model_rejects_encoding",
+                lambda: (_expansion_callback(seq_len=5), MLPClassifier(12, 2, hidden=(8,)), CategoricalDataModule()),
+                ValueError,
+                r"rejected the encoded input of shape \[2, 15\]",
+            ),
+            BadConfig(
+                "too_few_states",
+                lambda: (_expansion_callback(num_states=1), MLPClassifier(4, 2, hidden=(8,)), CategoricalDataModule()),
+                ValueError,
+                r"num_states must be >= 2",
+            ),
+            BadConfig(
+                "exact_over_limit",
+                lambda: (
+                    _expansion_callback(method="exact", max_evaluations=10),
+                    MLPClassifier(12, 2, hidden=(8,)),
+                    CategoricalDataModule(),
+                ),
+                ValueError,
+                r"q\^L = 81 evaluations, over max_evaluations=10",
             ),
         ],
     )

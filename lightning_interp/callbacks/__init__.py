@@ -3,6 +3,7 @@
 from lightning_interp.callbacks.ablation import AblationProbeCallback
 from lightning_interp.callbacks.base import InterpretabilityCallback, Measurement, isolate
 from lightning_interp.callbacks.correlation import CorrelationOrderCallback
+from lightning_interp.callbacks.expansion import LogitExpansionCallback
 from lightning_interp.callbacks.posterior_gap import PosteriorGapCallback
 from lightning_interp.callbacks.saliency import FinalLayerSaliencyCallback
 
@@ -11,6 +12,7 @@ __all__ = [
     "CorrelationOrderCallback",
     "FinalLayerSaliencyCallback",
     "InterpretabilityCallback",
+    "LogitExpansionCallback",
     "Measurement",
     "PosteriorGapCallback",
     "isolate",

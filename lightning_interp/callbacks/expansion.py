@@ -1,0 +1,172 @@
+"""Logit (energy) expansion callback: fields, couplings and variance by order for categorical-input models.
+
+Reference: Zamuner & De Los Rios, arXiv:2102.03202 (2021). See :mod:`lightning_interp.expansion`
+(definitions follow METHODS.md section 5; the paper's exact formulas are not reproduced here).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from lightning_interp.callbacks.base import InterpretabilityCallback, Measurement, RunOn
+from lightning_interp.expansion import PottsExpansion, Target, _Evaluator, expand, one_hot_flat, zero_sum_gauge
+
+__all__ = ["LogitExpansionCallback"]
+
+
+def _corr(a: Tensor, b: Tensor) -> Tensor:
+    a, b = a.flatten().double(), b.flatten().double().to(a.device)
+    a, b = a - a.mean(), b - b.mean()
+    return (a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-300)
+
+
+class LogitExpansionCallback(InterpretabilityCallback):
+    """Log the Potts expansion of a categorical-input classifier's logit during training.
+
+    The model must take one-hot inputs of ``seq_len`` sites with ``num_states`` states (site-major
+    ``[N, L * q]`` by default; pass ``encode`` otherwise). Logged: ``expansion/var_order1``,
+    ``expansion/var_order2``, ``expansion/var_residual`` (fractions of the logit's variance under the
+    uniform measure), ``expansion/max_coupling`` (largest APC-corrected coupling strength); when the
+    datamodule exposes planted parameters (``planted_field_difference()`` /
+    ``planted_coupling_difference()``, as :class:`~lightning_interp.datamodules.PottsDataModule`),
+    also ``expansion/field_corr`` and ``expansion/coupling_corr``: correlations of the recovered
+    zero-sum-gauge terms with the planted differences. Images: the coupling-strength map; table: the
+    strongest pairs.
+
+    Args:
+        seq_len: sites ``L``.
+        num_states: states per site ``q``.
+        method: ``"sampled"`` (default), ``"exact"`` or ``"quadratic"`` (see :func:`~lightning_interp.expansion.expand`).
+        order: 1 or 2.
+        num_samples: background sequences of the sampled method.
+        target: output index, ``(a, b)`` for ``z_a - z_b``, or ``None``: the difference ``(1, 0)`` for a
+            two-class model, output 0 otherwise.
+        max_evaluations: the exact method's limit.
+        top_pairs: rows of the strongest-pairs table.
+        every_n_epochs: see :class:`~lightning_interp.callbacks.base.InterpretabilityCallback`.
+        every_n_steps: see the base class.
+        run_on: see the base class.
+        measure_at_start: see the base class.
+        measure_at_end: see the base class.
+        seed: seed of the background sequences (with the step).
+        log_images: see the base class.
+        figure_dir: see the base class.
+
+    Raises:
+        ValueError: at setup, for ``num_states < 2``, a model that rejects the encoded input, or exact
+            enumeration over the limit.
+
+    Example:
+        >>> cb = LogitExpansionCallback(seq_len=8, num_states=4, every_n_epochs=1)
+    """
+
+    prefix = "expansion"
+
+    def __init__(
+        self,
+        seq_len: int,
+        num_states: int,
+        method: Literal["sampled", "exact", "quadratic"] = "sampled",
+        order: int = 2,
+        num_samples: int = 256,
+        target: Target = None,
+        max_evaluations: int = 2**20,
+        top_pairs: int = 10,
+        every_n_epochs: int | None = 1,
+        every_n_steps: int | None = None,
+        run_on: RunOn = "train_epoch_end",
+        measure_at_start: bool = False,
+        measure_at_end: bool = True,
+        seed: int = 0,
+        log_images: bool = True,
+        figure_dir: str | None = None,
+    ) -> None:
+        super().__init__(
+            every_n_epochs=every_n_epochs,
+            every_n_steps=every_n_steps,
+            run_on=run_on,
+            measure_at_start=measure_at_start,
+            measure_at_end=measure_at_end,
+            seed=seed,
+            log_images=log_images,
+            figure_dir=figure_dir,
+        )
+        if method not in ("sampled", "exact", "quadratic"):
+            raise ValueError(f"method must be 'sampled', 'exact' or 'quadratic', got {method!r}")
+        self.seq_len, self.num_states, self.method, self.order = seq_len, num_states, method, order
+        self.num_samples, self.target, self.max_evaluations, self.top_pairs = num_samples, target, max_evaluations, top_pairs
+        self._target: Target = target
+        self._planted: tuple[Tensor, Tensor] | None = None
+
+    def _state_key_fields(self) -> dict[str, Any]:
+        return {"seq_len": self.seq_len, "num_states": self.num_states, "method": self.method}
+
+    def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.num_states < 2:
+            raise ValueError(f"num_states must be >= 2, got {self.num_states}")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2 for couplings, got {self.seq_len}")
+        if self.method == "exact" and self.num_states**self.seq_len > self.max_evaluations:
+            raise ValueError(
+                f"method='exact' needs q^L = {self.num_states**self.seq_len} evaluations, over max_evaluations="
+                f"{self.max_evaluations}; use method='sampled'"
+            )
+        out = _Evaluator(pl_module, self.num_states, one_hot_flat, None, 2)(torch.zeros(2, self.seq_len, dtype=torch.long))
+        if self.target is None:
+            self._target = (1, 0) if out.shape[1] == 2 else 0
+        dm = trainer.datamodule
+        if dm is not None and hasattr(dm, "planted_coupling_difference") and hasattr(dm, "planted_field_difference"):
+            h = torch.as_tensor(dm.planted_field_difference(), dtype=torch.float64)
+            j = torch.as_tensor(dm.planted_coupling_difference(), dtype=torch.float64)
+            _, h0, j0 = zero_sum_gauge(h, j)
+            self._planted = (h0, j0)
+
+    def measure(self, pl_module: nn.Module) -> Measurement:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
+        e = expand(
+            pl_module,
+            self.seq_len,
+            self.num_states,
+            order=self.order,
+            method=self.method,
+            num_samples=self.num_samples,
+            generator=gen,
+            target=self._target,
+            max_evaluations=self.max_evaluations,
+        )
+        strength = e.coupling_strength(apc=True)
+        scalars: dict[str, Tensor | float] = {
+            "var_order1": e.variance_explained[1],
+            "var_order2": e.variance_explained[2],
+            "var_residual": e.variance_explained["residual"],
+            "max_coupling": strength.max(),
+        }
+        if self._planted is not None:
+            h0, j0 = self._planted
+            scalars["field_corr"] = _corr(e.fields, h0)
+            scalars["coupling_corr"] = _corr(e.couplings, j0)
+        return Measurement(scalars=scalars, data={"expansion": e, "strength": strength})
+
+    def figures(self, measurement: Measurement) -> dict[str, Any]:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        s = measurement.data["strength"].double().cpu()
+        fig, ax = plt.subplots(figsize=(4.5, 4))
+        im = ax.imshow(s, cmap="viridis")
+        ax.set_xlabel("site j")
+        ax.set_ylabel("site i")
+        ax.set_title("coupling strength (Frobenius, APC)", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.05)
+        return {"coupling_strength": fig}
+
+    def tables(self, measurement: Measurement) -> dict[str, tuple[list[str], list[list[Any]]]]:
+        e: PottsExpansion = measurement.data["expansion"]
+        pairs = e.strongest_pairs(self.top_pairs, apc=True)
+        return {"strongest_pairs": (["site_i", "site_j", "strength_apc"], [[i, j, s] for i, j, s in pairs])}
