@@ -202,12 +202,6 @@ CASES.append(
                 TypeError,
                 r"needs image inputs \[N, C, H, W\]",
             ),
-            BadConfig(
-                "no_probe_data",
-                lambda: (_saliency_callback(), _cnn(), _NoTaskDataModule()),
-                TypeError,
-                r"needs image inputs",
-            ),
         ],
     )
 )
