@@ -44,8 +44,31 @@ _SHAPE_ERROR = re.compile(r"shape|size|dimension|mat1|must match|expected", re.I
 
 
 def one_hot_flat(states: Tensor, num_states: int) -> Tensor:
-    """Site-major one-hot encoding ``[N, L] -> [N, L * q]`` (index ``i * q + a``), float32."""
-    return torch.nn.functional.one_hot(states.long(), num_states).reshape(states.shape[0], -1).float()
+    """Flattened one-hot encoding of integer sequences, site-major.
+
+    Args:
+        states: int64 ``[N, L]`` with entries in ``[0, num_states)``.
+        num_states: number of states ``q`` per site.
+
+    Returns:
+        float32 ``[N, L * q]`` with ``x[n, i * q + a] = 1`` exactly when ``states[n, i] == a``.
+
+    Raises:
+        ValueError: ``states`` is not 2-D, not an integer tensor, or has entries outside ``[0, num_states)``.
+
+    Example:
+        >>> one_hot_flat(torch.tensor([[0, 2], [1, 0]]), 3)
+        tensor([[1., 0., 0., 0., 0., 1.],
+                [0., 1., 0., 1., 0., 0.]])
+    """
+    if states.dim() != 2:
+        raise ValueError(f"states must be 2-D [N, L], got shape {list(states.shape)}")
+    if states.dtype.is_floating_point or states.dtype.is_complex or states.dtype == torch.bool:
+        raise ValueError(f"states must be an integer tensor, got {states.dtype}")
+    if states.numel() and (int(states.min()) < 0 or int(states.max()) >= num_states):
+        raise ValueError(f"states must lie in [0, {num_states}), got range [{int(states.min())}, {int(states.max())}]")
+    n, length = states.shape
+    return torch.nn.functional.one_hot(states.long(), num_states).reshape(n, length * num_states).float()
 
 
 class Square(nn.Module):

@@ -2,6 +2,7 @@
 
 from lightning_interp.datamodules.imagenet import ImageNetDataModule, load_images
 from lightning_interp.datamodules.mnist import MNISTDataModule
+from lightning_interp.datamodules.potts import PottsDataModule, one_hot_flat
 from lightning_interp.datamodules.synthetic import (
     HigherOrderDataModule,
     PatchImageDataModule,
@@ -14,7 +15,9 @@ __all__ = [
     "ImageNetDataModule",
     "MNISTDataModule",
     "PatchImageDataModule",
+    "PottsDataModule",
     "SyntheticDataModule",
     "XORDataModule",
     "load_images",
+    "one_hot_flat",
 ]

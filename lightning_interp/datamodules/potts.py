@@ -20,40 +20,14 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_interp.expansion import one_hot_flat
+
 __all__ = ["PottsDataModule", "one_hot_flat"]
 
 #: Largest number of categories ``torch.multinomial`` accepts, so the largest enumerable model.
 _MAX_CATEGORIES = 2**24
 #: Rows per chunk when evaluating energies over the enumeration.
 _CHUNK = 2**16
-
-
-def one_hot_flat(states: Tensor, num_states: int) -> Tensor:
-    """Flattened one-hot encoding of integer sequences, site-major.
-
-    Args:
-        states: int64 ``[N, L]`` with entries in ``[0, num_states)``.
-        num_states: number of states ``q`` per site.
-
-    Returns:
-        float32 ``[N, L * q]`` with ``x[n, i * q + a] = 1`` exactly when ``states[n, i] == a``.
-
-    Raises:
-        ValueError: ``states`` is not 2-D, not an integer tensor, or has entries outside ``[0, num_states)``.
-
-    Example:
-        >>> one_hot_flat(torch.tensor([[0, 2], [1, 0]]), 3)
-        tensor([[1., 0., 0., 0., 0., 1.],
-                [0., 1., 0., 1., 0., 0.]])
-    """
-    if states.dim() != 2:
-        raise ValueError(f"states must be 2-D [N, L], got shape {list(states.shape)}")
-    if states.dtype.is_floating_point or states.dtype.is_complex or states.dtype == torch.bool:
-        raise ValueError(f"states must be an integer tensor, got {states.dtype}")
-    if states.numel() and (int(states.min()) < 0 or int(states.max()) >= num_states):
-        raise ValueError(f"states must lie in [0, {num_states}), got range [{int(states.min())}, {int(states.max())}]")
-    n, length = states.shape
-    return torch.nn.functional.one_hot(states.long(), num_states).reshape(n, length * num_states).float()
 
 
 def _zero_sum_gauge(fields: Tensor, couplings: Tensor) -> tuple[Tensor, Tensor]:
@@ -93,12 +67,17 @@ class PottsDataModule(pl.LightningDataModule):
        ``J^s_ij(a, b) ~ shared_scale * N(0, 1)``, all iid;
     2. class fields ``h^c = h^s + field_scale * N(0, 1)`` (iid, class 0 then class 1);
     3. ``num_pairs`` distinct site pairs ``i < j`` chosen uniformly (``.pairs``, int64 ``[num_pairs, 2]``);
-    4. on each chosen pair, class couplings ``J^c_ij = J^s_ij + coupling_scale * N(0, 1)`` (iid ``q x q`` blocks,
-       class 0 then class 1); elsewhere ``J^c_ij = J^s_ij``.
+    4. on each chosen pair, class couplings ``J^c_ij = J^s_ij + D^c_ij``, where ``D^c_ij`` is a ``q x q`` block of iid
+       ``coupling_scale * N(0, 1)`` entries (class 0 then class 1), double-centred (every row and column sums to
+       zero, i.e. the block is in the zero-sum gauge: a pure interaction that no field can absorb); elsewhere
+       ``J^c_ij = J^s_ij``.
 
-    The background cancels in the log-odds, whose couplings are therefore non-zero only on the planted pairs
-    (entries of standard deviation ``sqrt(2) * coupling_scale``) and whose fields have standard deviation
-    ``sqrt(2) * field_scale``. With the defaults (``L = 8``, ``q = 4``, seed 0) the exact Bayes accuracy is about 0.91.
+    The background cancels in the log-odds, whose couplings ``J^1 - J^0`` are therefore non-zero only on the planted
+    pairs, where they are already in the zero-sum gauge (entries of standard deviation
+    ``sqrt(2) * coupling_scale * (q - 1) / q``), and whose fields have standard deviation ``sqrt(2) * field_scale``.
+    A classifier linear in the one-hot input cannot represent the planted pairs. With the defaults (``L = 8``,
+    ``q = 4``, seed 0) the exact Bayes accuracy is about 0.82 (0.82 to 0.91 over seeds 0 to 3), while logistic
+    regression reaches about 0.73.
 
     **Sampling.** Labels are uniform in ``{0, 1}``; each class's sequences are then drawn from ``P_c``:
 
@@ -219,7 +198,10 @@ class PottsDataModule(pl.LightningDataModule):
         fields = shared_h + self.field_scale * torch.randn(2, length, q, generator=g, dtype=f64)
         chosen = torch.randperm(len(iu), generator=g)[: self.num_pairs].sort().values
         upper = shared_j.expand(2, -1, -1, -1).clone()  # [2, P, q, q], pairs i < j
-        upper[:, chosen] += self.coupling_scale * torch.randn(2, len(chosen), q, q, generator=g, dtype=f64)
+        blocks = self.coupling_scale * torch.randn(2, len(chosen), q, q, generator=g, dtype=f64)
+        # double-centre: pure interactions, with no part that a field could absorb
+        blocks = blocks - blocks.mean(-1, keepdim=True) - blocks.mean(-2, keepdim=True) + blocks.mean((-1, -2), keepdim=True)
+        upper[:, chosen] += blocks
         couplings = torch.zeros(2, length, length, q, q, dtype=f64)
         couplings[:, iu, ju] = upper
         couplings[:, ju, iu] = upper.transpose(-1, -2)

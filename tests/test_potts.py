@@ -1,0 +1,326 @@
+"""PottsDataModule: planted parameters, energies, exact and Gibbs sampling, Bayes log-odds, batches and arguments."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from lightning_interp.datamodules import PottsDataModule
+from lightning_interp.datamodules.potts import _zero_sum_gauge, one_hot_flat
+from lightning_interp.models import MLPClassifier
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _naive_energy(dm: PottsDataModule, sigma: list[int], c: int) -> float:
+    """``E_c(sigma)`` by the definition, one term at a time."""
+    h, j = dm.fields[c], dm.couplings[c]
+    total = sum(float(h[i, sigma[i]]) for i in range(dm.seq_len))
+    total += sum(float(j[i, k, sigma[i], sigma[k]]) for i in range(dm.seq_len) for k in range(i + 1, dm.seq_len))
+    return -total
+
+
+def _exact_marginals(dm: PottsDataModule, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact single-site ``[L, q]`` and pairwise ``[L, L, q, q]`` marginals of class ``c``, by enumeration."""
+    states = dm.all_states()
+    p = dm.log_prob(states, c).exp()
+    x = one_hot_flat(states, dm.num_states).double().reshape(len(states), dm.seq_len, dm.num_states)
+    single = torch.einsum("n,nia->ia", p, x)
+    pair = torch.einsum("n,nia,njb->ijab", p, x, x)
+    return single, pair
+
+
+def _empirical_marginals(states: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x = one_hot_flat(states, q).double().reshape(len(states), states.shape[1], q)
+    return x.mean(0), torch.einsum("nia,njb->ijab", x, x) / len(states)
+
+
+def _assert_close_to(freq: torch.Tensor, prob: torch.Tensor, n: int, z: float = 5.0, slack: float = 0.0) -> None:
+    """Empirical frequencies within ``z`` binomial standard errors (plus ``slack``) of the exact probabilities."""
+    se = (prob * (1 - prob) / n).sqrt()
+    diff = (freq - prob).abs()
+    assert torch.all(diff <= z * se + slack + 1e-12), float((diff - z * se).max())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# planted parameters and energies
+
+
+def test_planted_parameters_shapes_symmetry_and_structure() -> None:
+    dm = PottsDataModule(seq_len=6, num_states=3, num_pairs=3)
+    length, q = 6, 3
+    assert dm.fields.shape == (2, length, q) and dm.fields.dtype == torch.float64
+    assert dm.couplings.shape == (2, length, length, q, q) and dm.couplings.dtype == torch.float64
+    assert torch.equal(dm.couplings, dm.couplings.permute(0, 2, 1, 4, 3))
+    assert torch.all(dm.couplings[:, range(length), range(length)] == 0)
+    assert dm.pairs.shape == (3, 2) and torch.all(dm.pairs[:, 0] < dm.pairs[:, 1])
+    # the class-specific couplings live on the planted pairs only (the shared background cancels)
+    diff = dm.planted_coupling_difference()
+    assert torch.equal(diff, dm.couplings[1] - dm.couplings[0])
+    planted = torch.zeros(length, length, dtype=torch.bool)
+    planted[dm.pairs[:, 0], dm.pairs[:, 1]] = planted[dm.pairs[:, 1], dm.pairs[:, 0]] = True
+    block_norm = diff.abs().amax(dim=(2, 3))
+    assert torch.all(block_norm[planted] > 0.1) and torch.all(block_norm[~planted] < 1e-12)
+    # the background itself is present (both classes share the same non-zero couplings off the planted pairs)
+    assert dm.couplings[0][~planted].abs().max() > 0.01
+    assert torch.equal(dm.planted_field_difference(), dm.fields[1] - dm.fields[0])
+    # raw, not gauge-fixed: the field difference does not sum to zero over states
+    assert dm.planted_field_difference().sum(1).abs().max() > 1e-3
+
+
+def test_energy_matches_naive_loop() -> None:
+    dm = PottsDataModule(seq_len=5, num_states=3, num_pairs=2, seed=3)
+    states = torch.randint(0, 3, (40, 5), generator=torch.Generator().manual_seed(0))
+    for c in (0, 1):
+        naive = torch.tensor([_naive_energy(dm, s, c) for s in states.tolist()], dtype=torch.float64)
+        got = dm.energy(states, c)
+        assert got.dtype == torch.float64 and got.shape == (40,)
+        torch.testing.assert_close(got, naive, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="class"):
+        dm.energy(states, 2)
+    with pytest.raises(ValueError, match="shape"):
+        dm.energy(states[:, :4], 0)
+
+
+def test_zero_sum_gauge_preserves_energy_and_is_zero_sum() -> None:
+    dm = PottsDataModule(seq_len=4, num_states=3, seed=1)
+    h, j = dm.planted_field_difference(), dm.planted_coupling_difference()
+    hg, jg = _zero_sum_gauge(h, j)
+    assert hg.sum(1).abs().max() < 1e-12
+    assert jg.sum(2).abs().max() < 1e-12 and jg.sum(3).abs().max() < 1e-12
+    states = dm.all_states()
+    x = one_hot_flat(states, 3).double().reshape(len(states), 4, 3)
+
+    def pairwise(hh: torch.Tensor, jj: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("nia,ia->n", x, hh) + 0.5 * torch.einsum("nia,ijab,njb->n", x, jj, x)
+
+    delta = pairwise(h, j) - pairwise(hg, jg)  # only a constant may differ
+    assert (delta - delta.mean()).abs().max() < 1e-12
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sampling
+
+
+def test_exact_sampling_matches_enumerated_probabilities() -> None:
+    dm = PottsDataModule(seq_len=3, num_states=3, num_pairs=1, coupling_scale=1.5, seed=2)
+    assert dm.enumerable and dm.num_sequences == 27
+    states = dm.all_states()
+    assert states.shape == (27, 3) and len({tuple(s) for s in states.tolist()}) == 27
+    n = 200_000
+    g = torch.Generator().manual_seed(5)
+    for c in (0, 1):
+        prob = dm.log_prob(states, c).exp()
+        assert math.isclose(float(prob.sum()), 1.0, abs_tol=1e-12)
+        sample = dm.sample_states(c, n, g)
+        index = (sample * torch.tensor([9, 3, 1])).sum(1)
+        counts = torch.bincount(index, minlength=27).double()
+        assert chisquare(counts.numpy(), (n * prob).numpy()).pvalue > 1e-4
+        _assert_close_to(counts / n, prob, n)
+    # and the two classes really differ: class 0's probabilities are not class 1's
+    assert (dm.log_prob(states, 0) - dm.log_prob(states, 1)).abs().max() > 0.5
+
+
+def test_training_split_single_site_marginals_match() -> None:
+    dm = PottsDataModule(n_train=20_000, n_val=10, n_test=10)
+    dm.setup()
+    states, y = dm.states["train"], dm.labels["train"]
+    assert abs(float(y.double().mean()) - 0.5) < 0.02
+    for c in (0, 1):
+        single, _ = _exact_marginals(dm, c)
+        sub = states[y == c]
+        freq, _ = _empirical_marginals(sub, dm.num_states)
+        _assert_close_to(freq, single, len(sub))
+
+
+def test_gibbs_sampling_matches_enumeration() -> None:
+    kwargs = dict(seq_len=4, num_states=3, num_pairs=2, coupling_scale=1.5, shared_scale=0.5, seed=4)
+    exact = PottsDataModule(**kwargs)
+    gibbs = PottsDataModule(**kwargs, max_enumeration=1, gibbs_burn_in=50, gibbs_sweeps=5, gibbs_chains=2_000)
+    assert not gibbs.enumerable and torch.equal(exact.couplings, gibbs.couplings)
+    n = 30_000
+    g = torch.Generator().manual_seed(6)
+    for c in (0, 1):
+        single, pair = _exact_marginals(exact, c)
+        sample = gibbs.sample_states(c, n, g)
+        assert sample.shape == (n, 4) and sample.dtype == torch.int64
+        freq, pair_freq = _empirical_marginals(sample, 3)
+        # samples of one chain are a few sweeps apart, so allow a little more than the iid standard error
+        _assert_close_to(freq, single, n, z=6.0, slack=0.005)
+        _assert_close_to(pair_freq, pair, n, z=6.0, slack=0.005)
+    # the classes' pairwise marginals differ by much more than that tolerance on the planted pairs
+    _, pair0 = _exact_marginals(exact, 0)
+    _, pair1 = _exact_marginals(exact, 1)
+    assert (pair0 - pair1).abs().max() > 0.05
+    # the exact quantities need the enumeration
+    states = torch.zeros(2, 4, dtype=torch.long)
+    for call in (lambda: gibbs.log_prob(states, 0), lambda: gibbs.bayes_log_odds(states), gibbs.bayes_accuracy, gibbs.all_states):
+        with pytest.raises(ValueError, match="max_enumeration"):
+            call()
+
+
+def test_gibbs_setup_draws_splits() -> None:
+    dm = PottsDataModule(seq_len=5, num_states=3, n_train=300, n_val=50, n_test=0, max_enumeration=10, gibbs_burn_in=5)
+    dm.setup()
+    assert dm.states["train"].shape == (300, 5) and dm.states["test"].shape == (0, 5)
+    assert dm.states["train"].min() >= 0 and dm.states["train"].max() < 3
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (128, 15) and y.shape == (128,)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bayes log-odds
+
+
+def test_bayes_log_odds_equals_enumerated_posterior() -> None:
+    dm = PottsDataModule(seq_len=4, num_states=3, num_pairs=2, seed=7)
+    states = dm.all_states()
+    # independently: naive energies, normalised by summing over every sequence, then Bayes' rule with priors 1/2
+    energies = torch.tensor([[_naive_energy(dm, s, c) for s in states.tolist()] for c in (0, 1)], dtype=torch.float64)
+    log_lik = -energies - torch.logsumexp(-energies, dim=1, keepdim=True)
+    log_joint = log_lik + math.log(0.5)
+    log_post = log_joint - torch.logsumexp(log_joint, dim=0, keepdim=True)
+    expected = log_post[1] - log_post[0]
+    torch.testing.assert_close(dm.bayes_log_odds(states), expected, rtol=0, atol=1e-10)
+    for c in (0, 1):
+        torch.testing.assert_close(dm.log_prob(states, c), log_lik[c], rtol=0, atol=1e-10)
+    assert math.isclose(dm.bayes_accuracy(), float(log_joint.max(dim=0).values.exp().sum()), abs_tol=1e-12)
+
+
+def test_bayes_log_odds_is_the_planted_pairwise_energy() -> None:
+    length, q = 4, 3
+    dm = PottsDataModule(seq_len=length, num_states=q, num_pairs=2, seed=8)
+    f = dm.bayes_log_odds(dm.all_states()).reshape((q,) * length)  # axis i = site i (lexicographic order)
+    # brute-force ANOVA under the uniform measure
+    e0 = f.mean()
+    h = torch.stack([f.mean(dim=tuple(k for k in range(length) if k != i)) - e0 for i in range(length)])
+    j = torch.zeros(length, length, q, q, dtype=torch.float64)
+    for i, k in itertools.combinations(range(length), 2):
+        m = f.mean(dim=tuple(s for s in range(length) if s not in (i, k)))
+        j[i, k] = m - h[i][:, None] - h[k][None, :] - e0
+        j[k, i] = j[i, k].T
+    recon = e0.expand_as(f).clone()
+    for i in range(length):
+        shape = [1] * length
+        shape[i] = q
+        recon = recon + h[i].reshape(shape)
+    for i, k in itertools.combinations(range(length), 2):
+        shape = [1] * length
+        shape[i] = shape[k] = q
+        recon = recon + j[i, k].reshape(shape)
+    assert (f - recon).abs().max() < 1e-10  # no term of order >= 3
+    assert f.std() > 0.5  # and a non-trivial function
+    h_gauge, j_gauge = _zero_sum_gauge(dm.planted_field_difference(), dm.planted_coupling_difference())
+    torch.testing.assert_close(j, j_gauge, rtol=0, atol=1e-10)
+    torch.testing.assert_close(h, h_gauge, rtol=0, atol=1e-10)
+    # the strong couplings sit on the planted pairs
+    norms = j.abs().amax(dim=(2, 3))
+    assert torch.all(norms[dm.pairs[:, 0], dm.pairs[:, 1]] > 0.1)
+    assert float(norms.sum() - 2 * norms[dm.pairs[:, 0], dm.pairs[:, 1]].sum()) < 1e-10
+
+
+def test_bayes_accuracy_with_defaults() -> None:
+    dm = PottsDataModule(n_train=0, n_val=0, n_test=20_000)
+    acc = dm.bayes_accuracy()
+    assert 0.7 < acc < 0.99
+    dm.setup()
+    states, y = dm.states["test"], dm.labels["test"]
+    empirical = float(((dm.bayes_log_odds(states) > 0).long() == y).double().mean())
+    assert abs(empirical - acc) < 5 * math.sqrt(acc * (1 - acc) / len(y))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# batches, seeds, arguments
+
+
+def test_one_hot_batches_site_major() -> None:
+    dm = PottsDataModule(seq_len=5, num_states=4, n_train=100, n_val=70, n_test=30, batch_size=32)
+    assert (dm.seq_len, dm.num_states, dm.num_classes) == (5, 4, 2)
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (32, 20) and x.dtype == torch.float32 and y.shape == (32,) and y.dtype == torch.int64
+    xs, ys = zip(*dm.val_dataloader(), strict=True)
+    x, y = torch.cat(xs), torch.cat(ys)
+    states = dm.states["val"]
+    assert x.shape == (70, 20) and torch.equal(y, dm.labels["val"])
+    for n, i, a in itertools.product(range(70), range(5), range(4)):
+        assert x[n, i * 4 + a] == float(states[n, i] == a)
+    assert torch.equal(x, one_hot_flat(states, 4))
+
+
+def test_states_batches() -> None:
+    dm = PottsDataModule(seq_len=5, num_states=4, n_train=100, n_val=70, n_test=30, batch_size=32, encoding="states")
+    x, y = next(iter(dm.test_dataloader()))
+    assert x.shape == (30, 5) and x.dtype == torch.int64 and y.dtype == torch.int64
+    assert torch.equal(x, dm.states["test"]) and torch.equal(y, dm.labels["test"])
+
+
+def test_one_hot_flat() -> None:
+    states = torch.tensor([[2, 0, 1], [1, 1, 0]])
+    x = one_hot_flat(states, 3)
+    assert x.dtype == torch.float32 and x.shape == (2, 9)
+    assert x[0].tolist() == [0, 0, 1, 1, 0, 0, 0, 1, 0]
+    for bad in (torch.tensor([0, 1]), torch.tensor([[0, 3]]), torch.tensor([[-1, 0]]), torch.tensor([[0.0, 1.0]])):
+        with pytest.raises(ValueError):
+            one_hot_flat(bad, 3)
+
+
+def test_seeded_reproducibility() -> None:
+    kwargs = dict(seq_len=5, num_states=3, n_train=200, n_val=20, n_test=20)
+    a, b, other = PottsDataModule(**kwargs), PottsDataModule(**kwargs), PottsDataModule(**kwargs, seed=1)
+    for dm in (a, b, other):
+        dm.setup()
+    assert torch.equal(a.fields, b.fields) and torch.equal(a.couplings, b.couplings)
+    for split in ("train", "val", "test"):
+        assert torch.equal(a.states[split], b.states[split]) and torch.equal(a.labels[split], b.labels[split])
+    assert not torch.equal(a.fields, other.fields)
+    assert not torch.equal(a.states["train"], other.states["train"])
+    assert not torch.equal(a.states["train"], a.states["val"][:1].expand(200, -1))
+    # the gibbs path is seeded too
+    g_kwargs = dict(kwargs, max_enumeration=1, gibbs_burn_in=3)
+    c, d = PottsDataModule(**g_kwargs), PottsDataModule(**g_kwargs)
+    c.setup()
+    d.setup()
+    assert torch.equal(c.states["train"], d.states["train"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(num_states=1), "num_states"),
+        (dict(seq_len=1), "seq_len"),
+        (dict(encoding="onehot"), "encoding"),
+        (dict(seq_len=3, num_pairs=4), "num_pairs"),
+        (dict(num_pairs=-1), "num_pairs"),
+        (dict(coupling_scale=-1.0), "scale"),
+        (dict(n_train=-1), "n_train"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(max_enumeration=2**25), "max_enumeration"),
+        (dict(gibbs_sweeps=0), "gibbs"),
+    ],
+)
+def test_bad_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        PottsDataModule(**kwargs)
+
+
+def test_trains_a_classifier_one_step() -> None:
+    dm = PottsDataModule(seq_len=4, num_states=3, n_train=64, n_val=16, n_test=16, batch_size=16)
+    model = MLPClassifier(in_features=12, num_classes=2, hidden=(8,))
+    before = model.net[0].weight.detach().clone()
+    trainer = pl.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, dm)
+    assert trainer.global_step == 1
+    assert not torch.equal(model.net[0].weight, before)
