@@ -180,3 +180,33 @@ def test_bad_input() -> None:
         expand(nn.Sequential(nn.Linear(L * Q, 4), nn.ReLU(), nn.Linear(4, 1)), L, Q, method="quadratic")
     with pytest.raises(ValueError, match="order must be 1 or 2"):
         expand(model, L, Q, order=3)
+
+
+def test_trained_network_recovers_planted_coupling_differences() -> None:
+    from lightning_interp.datamodules import PottsDataModule
+
+    dm = PottsDataModule(seed=0)
+    dm.setup("fit")
+    x, y = next(iter(torch.utils.data.DataLoader(dm.train_dataloader().dataset, batch_size=len(dm.train_dataloader().dataset))))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(dm.seq_len * dm.num_states, 64), nn.ReLU(), nn.Linear(64, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(800):
+        idx = torch.randint(0, len(x), (256,), generator=g)
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    e = expand(model, dm.seq_len, dm.num_states, method="exact", target=(1, 0))
+    _, h0, j0 = zero_sum_gauge(
+        torch.as_tensor(dm.planted_field_difference(), dtype=torch.float64),
+        torch.as_tensor(dm.planted_coupling_difference(), dtype=torch.float64),
+    )
+    corr = torch.corrcoef(torch.stack([e.couplings.flatten(), j0.flatten()]))[0, 1]
+    field_corr = torch.corrcoef(torch.stack([e.fields.flatten(), h0.flatten()]))[0, 1]
+    assert corr > 0.8 and field_corr > 0.8, (corr, field_corr)
+    planted = {tuple(sorted(p)) for p in torch.as_tensor(dm.pairs).tolist()}
+    top = {(i, j) for i, j, _ in e.strongest_pairs(len(planted), apc=False)}
+    assert top == planted
