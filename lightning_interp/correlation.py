@@ -399,17 +399,19 @@ _GL_X, _GL_W = (torch.tensor(v, dtype=torch.float64) for v in __import__("numpy"
 def _bvn_cdf(h: Tensor, k: Tensor, rho: Tensor) -> Tensor:
     """``P(Z1 <= h, Z2 <= k)`` for a standard bivariate normal with correlation ``rho`` (elementwise).
 
-    Plackett's identity ``d Phi2 / d rho = phi2`` integrated from 0 to ``rho`` by 24-point Gauss-Legendre
-    quadrature; accurate to ~1e-10 for ``|rho| <= 0.95`` and to ~1e-4 up to ``|rho| = 0.999``.
+    Plackett's identity integrated over the angle ``theta = asin(r)``:
+    ``Phi2 = Phi(h) Phi(k) + (1 / 2 pi) int_0^{asin rho} exp(-(h^2 - 2 h k sin t + k^2) / (2 cos^2 t)) dt``
+    by 24-point Gauss-Legendre quadrature (smooth up to ``|rho| -> 1``; ~1e-6 or better against scipy).
     """
     base = _cdf(h) * _cdf(k)
     x = (_GL_X.to(h.device) + 1) / 2  # nodes on [0, 1]
     w = _GL_W.to(h.device) / 2
-    r = rho[..., None] * x  # [..., 24]
-    s2 = (1 - r * r).clamp_min(1e-12)
+    top = torch.asin(rho.clamp(-1.0, 1.0))
+    t = top[..., None] * x  # [..., 24]
+    sin_t, cos2 = torch.sin(t), torch.cos(t) ** 2
     hh, kk = h[..., None], k[..., None]
-    dens = torch.exp(-(hh * hh - 2 * r * hh * kk + kk * kk) / (2 * s2)) / (2 * math.pi * s2.sqrt())
-    return base + rho * (dens * w).sum(-1)
+    dens = torch.exp(-(hh * hh - 2 * hh * kk * sin_t + kk * kk) / (2 * cos2.clamp_min(1e-300)))
+    return base + top * (dens * w).sum(-1) / (2 * math.pi)
 
 
 def relu_moments(mean: Tensor, cov: Tensor) -> tuple[Tensor, Tensor]:

@@ -221,3 +221,16 @@ def test_higher_order_task_order2_at_chance_at_the_input() -> None:
     assert real > 0.6, real
     assert abs(acc2 - 0.5) < 0.04, acc2
     assert moments.non_gaussianity().item() > 1.0  # the Laplace class has excess kurtosis 3
+
+
+def test_bivariate_normal_cdf_against_scipy_up_to_near_perfect_correlation() -> None:
+    from scipy.stats import multivariate_normal
+
+    from lightning_interp.correlation import _bvn_cdf
+
+    cases = [(0.3, 0.3, 0.999999), (0.3, 0.3, 0.9999), (0.3, -0.2, 0.5), (-1.0, 0.5, -0.9), (2.0, 1.0, 0.95), (-3.0, -3.0, 0.0)]
+    h, k, r = (torch.tensor(v, dtype=torch.float64) for v in zip(*cases, strict=True))
+    got = _bvn_cdf(h, k, r)
+    for i, (hh, kk, rr) in enumerate(cases):
+        ref = multivariate_normal([0, 0], [[1, rr], [rr, 1]]).cdf([hh, kk])
+        assert got[i].item() == pytest.approx(ref, abs=1e-7)

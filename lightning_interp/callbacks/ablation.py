@@ -53,6 +53,7 @@ class AblationProbeCallback(InterpretabilityCallback):
         seed: seed of the probe draw and the chains.
         log_images: see the base class.
         figure_dir: see the base class.
+        key_prefix: see the base class.
 
     Raises:
         ValueError: at setup, for unknown layer names, ``exact`` with more than 16 units, unlabelled
@@ -86,6 +87,7 @@ class AblationProbeCallback(InterpretabilityCallback):
         seed: int = 0,
         log_images: bool = True,
         figure_dir: str | None = None,
+        key_prefix: str | None = None,
     ) -> None:
         super().__init__(
             every_n_epochs=every_n_epochs,
@@ -96,6 +98,7 @@ class AblationProbeCallback(InterpretabilityCallback):
             seed=seed,
             log_images=log_images,
             figure_dir=figure_dir,
+            key_prefix=key_prefix,
         )
         self.layers = [layers] if isinstance(layers, str) else list(layers)
         if not self.layers:

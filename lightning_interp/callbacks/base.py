@@ -144,6 +144,8 @@ class InterpretabilityCallback(Callback, ABC):
         seed: seed of the callback's own ``torch.Generator`` (probe sets and any sampling).
         log_images: render figures and send them to the loggers (global rank 0 only).
         figure_dir: also write each figure as a PNG into this folder (global rank 0 only).
+        key_prefix: prefix of the logged keys instead of the class's :attr:`prefix` (to tell two
+            instances apart in one run, e.g. ``"posterior_gap/preset3"``).
 
     Raises:
         ValueError: negative cadences or an unknown ``run_on``.
@@ -162,6 +164,7 @@ class InterpretabilityCallback(Callback, ABC):
         seed: int = 0,
         log_images: bool = True,
         figure_dir: str | None = None,
+        key_prefix: str | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
@@ -177,6 +180,8 @@ class InterpretabilityCallback(Callback, ABC):
         self.seed = seed
         self.log_images = log_images
         self.figure_dir = figure_dir
+        if key_prefix is not None:
+            self.prefix = key_prefix
         self.generator = torch.Generator().manual_seed(seed)
         #: One dict per measurement: ``step``, ``epoch`` and the scalars (without prefix).
         self.history: list[dict[str, float]] = []
@@ -256,7 +261,11 @@ class InterpretabilityCallback(Callback, ABC):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(
-            every_n_epochs=self.every_n_epochs, every_n_steps=self.every_n_steps, seed=self.seed, **self._state_key_fields()
+            every_n_epochs=self.every_n_epochs,
+            every_n_steps=self.every_n_steps,
+            seed=self.seed,
+            prefix=self.prefix,
+            **self._state_key_fields(),
         )
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

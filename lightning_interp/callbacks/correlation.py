@@ -63,6 +63,7 @@ class CorrelationOrderCallback(InterpretabilityCallback):
         seed: seed of the probe draw and of the surrogate draws (with the step).
         log_images: see the base class.
         figure_dir: see the base class.
+        key_prefix: see the base class.
 
     Raises:
         ValueError: at setup, for unknown layer names, unlabelled probe data, or fewer than
@@ -91,6 +92,7 @@ class CorrelationOrderCallback(InterpretabilityCallback):
         seed: int = 0,
         log_images: bool = True,
         figure_dir: str | None = None,
+        key_prefix: str | None = None,
     ) -> None:
         super().__init__(
             every_n_epochs=every_n_epochs,
@@ -101,6 +103,7 @@ class CorrelationOrderCallback(InterpretabilityCallback):
             seed=seed,
             log_images=log_images,
             figure_dir=figure_dir,
+            key_prefix=key_prefix,
         )
         if probe_size < 4 or min_per_class < 2:
             raise ValueError("probe_size >= 4 and min_per_class >= 2 are required")

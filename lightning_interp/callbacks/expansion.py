@@ -55,6 +55,7 @@ class LogitExpansionCallback(InterpretabilityCallback):
         seed: seed of the background sequences (with the step).
         log_images: see the base class.
         figure_dir: see the base class.
+        key_prefix: see the base class.
 
     Raises:
         ValueError: at setup, for ``num_states < 2``, a model that rejects the encoded input, or exact
@@ -84,6 +85,7 @@ class LogitExpansionCallback(InterpretabilityCallback):
         seed: int = 0,
         log_images: bool = True,
         figure_dir: str | None = None,
+        key_prefix: str | None = None,
     ) -> None:
         super().__init__(
             every_n_epochs=every_n_epochs,
@@ -94,6 +96,7 @@ class LogitExpansionCallback(InterpretabilityCallback):
             seed=seed,
             log_images=log_images,
             figure_dir=figure_dir,
+            key_prefix=key_prefix,
         )
         if method not in ("sampled", "exact", "quadratic"):
             raise ValueError(f"method must be 'sampled', 'exact' or 'quadratic', got {method!r}")

@@ -48,6 +48,7 @@ class PosteriorGapCallback(InterpretabilityCallback):
         seed: seed of the probe set.
         log_images: see the base class.
         figure_dir: see the base class.
+        key_prefix: see the base class.
 
     Raises:
         ValueError: at setup, when no task is available, the module's output is not ``[N, K]`` logits,
@@ -85,6 +86,7 @@ class PosteriorGapCallback(InterpretabilityCallback):
         seed: int = 0,
         log_images: bool = True,
         figure_dir: str | None = None,
+        key_prefix: str | None = None,
     ) -> None:
         super().__init__(
             every_n_epochs=every_n_epochs,
@@ -95,6 +97,7 @@ class PosteriorGapCallback(InterpretabilityCallback):
             seed=seed,
             log_images=log_images,
             figure_dir=figure_dir,
+            key_prefix=key_prefix,
         )
         if task is not None and not isinstance(task, GenerativeTask):
             raise TypeError(f"task must be a lightning_interp.posterior.GenerativeTask, got {type(task).__name__}")

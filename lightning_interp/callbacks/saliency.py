@@ -86,6 +86,7 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
         seed: seed of the probe draw and the random baseline maps.
         log_images: see the base class.
         figure_dir: see the base class.
+        key_prefix: see the base class.
 
     Raises:
         ValueError: at setup, for unknown layer names, a model without a final ``nn.Linear``, no
@@ -115,6 +116,7 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
         seed: int = 0,
         log_images: bool = True,
         figure_dir: str | None = None,
+        key_prefix: str | None = None,
     ) -> None:
         super().__init__(
             every_n_epochs=every_n_epochs,
@@ -125,6 +127,7 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
             seed=seed,
             log_images=log_images,
             figure_dir=figure_dir,
+            key_prefix=key_prefix,
         )
         if target not in ("predicted", "label"):
             raise ValueError(f"target must be 'predicted' or 'label', got {target!r}")

@@ -1,0 +1,250 @@
+"""The main job, ``lightning-interp demo``: every callback on the task it suits, in one logged run.
+
+* posterior gap: the post's MLP (1-64-64-2) on presets 1 and 3 of Xie (2025);
+* final-layer saliency: the small CNN on :class:`~lightning_interp.datamodules.PatchImageDataModule`;
+* Bayesian ablation and correlation orders: an MLP on XOR;
+* the energy expansion: an MLP on sequences from two planted Potts models.
+
+All parts log into one logger (one offline wandb run by default), write their figures under
+``OUT/figures/<part>/``, and the demo writes ``OUT/summary.json`` and ``OUT/report.html``.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["PARTS", "run_demo"]
+
+PARTS: tuple[str, ...] = ("posterior", "saliency", "ablation", "correlation", "expansion")
+
+
+def make_logger(kind: str, out: str, name: str) -> Any:
+    """A wandb (offline unless ``WANDB_MODE=online``), TensorBoard or CSV logger."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+
+    if kind == "wandb":
+        os.environ.setdefault("WANDB_MODE", "offline")
+        os.environ.setdefault("WANDB_SILENT", "true")
+        return WandbLogger(project="lightning-interp-demo", name=name, save_dir=out, offline=os.environ["WANDB_MODE"] != "online")
+    if kind == "tensorboard":
+        return TensorBoardLogger(save_dir=out, name=name)
+    if kind == "csv":
+        return CSVLogger(save_dir=out, name=name)
+    raise ValueError(f"unknown logger {kind!r}: choose wandb, tensorboard or csv")
+
+
+def finish_logger(logger: Any) -> None:
+    """Close a logger's run so its files are complete."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if isinstance(logger, WandbLogger):
+        if logger._experiment is not None:
+            logger.experiment.finish()
+    else:
+        logger.finalize("success")
+
+
+def _trainer(logger: Any, out: str, callbacks: list, **kw: Any) -> Any:
+    import lightning.pytorch as pl
+
+    return pl.Trainer(
+        callbacks=callbacks,
+        logger=logger,
+        accelerator="auto",
+        devices=1,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=sys.stderr.isatty(),
+        default_root_dir=out,
+        **kw,
+    )
+
+
+def run_demo(
+    out: str = "demo_out",
+    max_steps: int = 3000,
+    logger: str = "wandb",
+    presets: Sequence[int] = (1, 3),
+    seed: int = 0,
+    parts: Sequence[str] = PARTS,
+    epochs: int = 4,
+    n_train: int = 100_000,
+    probe_size: int = 4096,
+) -> dict[str, Any]:
+    """Run the demo; returns the summary also written to ``out/summary.json``.
+
+    Args:
+        out: output folder.
+        max_steps: training steps per posterior preset.
+        logger: ``"wandb"`` (offline), ``"tensorboard"`` or ``"csv"``.
+        presets: posterior presets to run.
+        seed: seed of everything.
+        parts: which of :data:`PARTS` to run.
+        epochs: epochs of the saliency, ablation / correlation and expansion parts.
+        n_train: training-set size of the posterior presets.
+        probe_size: posterior-gap probe size.
+    """
+    import lightning.pytorch as pl
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lightning_interp import callbacks as cbs
+    from lightning_interp import datamodules as dms
+    from lightning_interp.models import MLPClassifier, SmallCNN
+    from lightning_interp.posterior import xie_task
+
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown demo parts {sorted(unknown)}; choose from {PARTS}")
+    os.makedirs(out, exist_ok=True)
+    start = time.perf_counter()
+    run_logger = make_logger(logger, out, "demo")
+    summary: dict[str, Any] = {"max_steps": max_steps, "epochs": epochs, "logger": logger, "seed": seed, "parts": {}}
+    figs = lambda part: os.path.join(out, "figures", part)  # noqa: E731
+
+    def record(part: str, callback: Any, t0: float, **extra: Any) -> None:
+        summary["parts"][part] = {
+            "callback": type(callback).__name__,
+            "prefix": callback.prefix,
+            "final": callback.history[-1],
+            "history": callback.history,
+            "wall_time_s": round(time.perf_counter() - t0, 2),
+            **extra,
+        }
+
+    if "posterior" in parts:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for preset in presets:
+            t0 = time.perf_counter()
+            pl.seed_everything(seed, verbose=False)
+            cb = cbs.PosteriorGapCallback(
+                probe_size=probe_size,
+                every_n_epochs=None,
+                every_n_steps=max(1, max_steps // 20),
+                measure_at_start=True,
+                seed=seed,
+                figure_dir=figs(f"posterior_preset{preset}"),
+                key_prefix=f"posterior_gap/preset{preset}",
+            )
+            dm = dms.SyntheticDataModule(xie_task(preset), n_train, 0, 0, batch_size=64, seed=seed)
+            _trainer(run_logger, out, [cb], max_steps=max_steps, limit_val_batches=0).fit(
+                MLPClassifier(1, 2, hidden=(64, 64)), dm
+            )
+            record(f"posterior_preset{preset}", cb, t0, preset=preset)
+            ax.plot([max(h["step"], 1) for h in cb.history], [h["kl"] for h in cb.history], marker="o", label=f"preset {preset}")
+        ax.set(xscale="log", yscale="log", xlabel="training step", ylabel="mean KL(p || q) on the probe set")
+        ax.set_title("Posterior gap during training")
+        ax.legend()
+        fig.savefig(os.path.join(out, "gap_vs_step.png"), dpi=100, bbox_inches="tight")
+        plt.close(fig)
+
+    if "saliency" in parts:
+        t0 = time.perf_counter()
+        pl.seed_everything(seed, verbose=False)
+        cb = cbs.FinalLayerSaliencyCallback(probe_size=8, min_size=4, every_n_epochs=1, seed=seed, figure_dir=figs("saliency"))
+        dm = dms.PatchImageDataModule(n_train=2048, n_val=256, seed=seed)
+        _trainer(run_logger, out, [cb], max_epochs=epochs).fit(
+            SmallCNN(in_channels=1, num_classes=4, channels=(8, 16), lr=1e-2), dm
+        )
+        record("saliency", cb, t0)
+
+    if "ablation" in parts or "correlation" in parts:
+        t0 = time.perf_counter()
+        pl.seed_everything(seed, verbose=False)
+        xor_cbs = []
+        if "ablation" in parts:
+            xor_cbs.append(
+                cbs.AblationProbeCallback(
+                    layers=["net.1", "net.3"], probe_size=256, every_n_epochs=1, seed=seed, figure_dir=figs("ablation")
+                )
+            )
+        if "correlation" in parts:
+            xor_cbs.append(
+                cbs.CorrelationOrderCallback(probe_size=1024, every_n_epochs=1, seed=seed, figure_dir=figs("correlation"))
+            )
+        dm = dms.XORDataModule(noise=0.3, n_train=4096, n_val=1024, seed=seed)
+        _trainer(run_logger, out, xor_cbs, max_epochs=epochs).fit(MLPClassifier(2, 2, hidden=(12, 12), lr=1e-2), dm)
+        for cb in xor_cbs:
+            record("ablation" if isinstance(cb, cbs.AblationProbeCallback) else "correlation", cb, t0, task="xor")
+
+    if "expansion" in parts:
+        t0 = time.perf_counter()
+        pl.seed_everything(seed, verbose=False)
+        cb = cbs.LogitExpansionCallback(
+            8, 4, method="sampled", num_samples=256, every_n_epochs=1, seed=seed, figure_dir=figs("expansion")
+        )
+        dm = dms.PottsDataModule(seq_len=8, num_states=4, n_train=20000, seed=seed)
+        _trainer(run_logger, out, [cb], max_epochs=epochs).fit(MLPClassifier(32, 2, hidden=(64,), lr=3e-3), dm)
+        record("expansion", cb, t0)
+
+    finish_logger(run_logger)
+    summary["wall_time_s"] = round(time.perf_counter() - start, 2)
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    write_report(out, summary)
+    return summary
+
+
+def _latest_figures(folder: str) -> list[str]:
+    """The newest PNG per figure key in ``folder`` (files are named ``<key>_stepNNNNNN.png``)."""
+    if not os.path.isdir(folder):
+        return []
+    latest: dict[str, str] = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".png") and "_step" in name:
+            latest[name.rsplit("_step", 1)[0]] = name
+    return [os.path.join(folder, n) for n in latest.values()]
+
+
+def write_report(out: str, summary: dict[str, Any]) -> str:
+    """Write ``out/report.html``: per part the final scalars and the latest figures.
+
+    The page reports, in ``data-images-loaded`` / ``data-images-total`` attributes of ``<body>``, how
+    many of its images the browser could load (checked in a test with headless Chromium).
+    """
+    parts_html = []
+    for part, res in summary["parts"].items():
+        rows = "".join(
+            f"<tr><td>{html.escape(k)}</td><td>{v:.6g}</td></tr>" for k, v in res["final"].items() if isinstance(v, (int, float))
+        )
+        folder = os.path.join(out, "figures", part)
+        imgs = "".join(
+            f'<figure><img src="{html.escape(os.path.relpath(p, out))}" alt="{html.escape(os.path.basename(p))}">'
+            f"<figcaption>{html.escape(os.path.basename(p))}</figcaption></figure>"
+            for p in _latest_figures(folder)
+        )
+        parts_html.append(
+            f"<section><h2>{html.escape(part)} <small>({html.escape(res['callback'])}, {res['wall_time_s']} s)</small></h2>"
+            f"<table><tr><th>{html.escape(res['prefix'])}/...</th><th>final</th></tr>{rows}</table>{imgs}</section>"
+        )
+    extra = '<figure><img src="gap_vs_step.png" alt="gap_vs_step.png"><figcaption>posterior gap vs step</figcaption></figure>'
+    if not os.path.exists(os.path.join(out, "gap_vs_step.png")):
+        extra = ""
+    page = f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>lightning-interp demo</title>
+<style>body{{font-family:sans-serif;margin:2em}} img{{max-width:640px;border:1px solid #ccc}} figure{{display:inline-block}}
+table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}}</style></head>
+<body data-images-loaded="pending">
+<h1>lightning-interp demo</h1><p>wall time {summary["wall_time_s"]} s; logger {html.escape(summary["logger"])}</p>
+{extra}{"".join(parts_html)}
+<script>
+window.addEventListener("load", () => {{
+  const imgs = Array.from(document.images);
+  document.body.dataset.imagesTotal = imgs.length;
+  document.body.dataset.imagesLoaded = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+}});
+</script>
+</body></html>
+"""
+    path = os.path.join(out, "report.html")
+    with open(path, "w") as f:
+        f.write(page)
+    return path
