@@ -19,35 +19,103 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 MEASURES = ("kl", "reverse_kl", "js", "tv", "l2", "max_abs", "excess_ce", "accuracy", "accuracy_gap", "kl_low_density")
 
 
-def test_demo_writes_summary_figures_and_an_offline_wandb_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    out = tmp_path / "demo"
-    main(["demo", "--out", str(out), "--max-steps", "60"])
-    summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["presets"]) == {"1", "3"}
-    for preset in ("1", "3"):
-        final = summary["presets"][preset]["final"]
+PREFIXES = {
+    "posterior_preset1": "posterior_gap/preset1",
+    "posterior_preset3": "posterior_gap/preset3",
+    "saliency": "saliency",
+    "ablation": "ablation",
+    "correlation": "correlation",
+    "expansion": "expansion",
+}
+FIGURES = {
+    "posterior_gap/preset1/posterior",
+    "posterior_gap/preset3/gap_by_density",
+    "saliency/maps",
+    "ablation/net.1/importance",
+    "correlation/orders",
+    "expansion/coupling_strength",
+}
+TABLES = {"posterior_gap/preset3/by_density", "ablation/top_units", "expansion/strongest_pairs"}
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_MODE", "offline")
+        main(["demo", "--out", str(out), "--max-steps", "60", "--epochs", "1"])
+    return out
+
+
+def test_demo_writes_summary_and_figures_for_every_callback(demo_out: Path) -> None:
+    summary = json.loads((demo_out / "summary.json").read_text())
+    assert set(summary["parts"]) == set(PREFIXES)
+    for part, prefix in PREFIXES.items():
+        res = summary["parts"][part]
+        assert res["prefix"] == prefix and len(res["history"]) >= 1
+        assert os.listdir(demo_out / "figures" / part), part
+    for preset in ("preset1", "preset3"):
+        final = summary["parts"][f"posterior_{preset}"]["final"]
         assert final["step"] == 60.0
         assert all(final[m] >= 0 for m in ("kl", "reverse_kl", "js", "tv", "l2", "max_abs"))
-        figs = os.listdir(out / "figures" / f"preset{preset}")
-        assert any(f.startswith("posterior_gap_posterior_step") for f in figs)
-        assert any(f.startswith("posterior_gap_gap_by_density_step") for f in figs)
-    assert (out / "gap_vs_step.png").stat().st_size > 1000
+    assert (demo_out / "gap_vs_step.png").stat().st_size > 1000
+    assert (demo_out / "report.html").exists()
 
-    runs = sorted(glob.glob(str(out / "wandb" / "offline-run-*")))
-    assert len(runs) == 2, "one offline wandb run per preset"
-    for preset, run in zip(("1", "3"), runs, strict=True):
-        rows = read_history(run)
-        keys = set().union(*rows)
-        for m in MEASURES:
-            assert f"posterior_gap/{m}" in keys
-        assert any(r.get("posterior_gap/posterior/_type") == "images/separated" for r in rows)
-        assert any(r.get("posterior_gap/by_density/_type") == "table-file" for r in rows)
-        logged_kl = [r["posterior_gap/kl"] for r in rows if "posterior_gap/kl" in r]
-        history = summary["presets"][preset]["history"]
-        assert logged_kl == pytest.approx([h["kl"] for h in history], rel=1e-12)
-        assert glob.glob(os.path.join(run, "files", "media", "images", "posterior_gap", "posterior_*.png"))
-        assert glob.glob(os.path.join(run, "files", "media", "table", "posterior_gap", "by_density_*.json"))
+
+def test_demo_wandb_run_holds_scalars_images_and_tables_of_every_callback(demo_out: Path) -> None:
+    runs = sorted(glob.glob(str(demo_out / "wandb" / "offline-run-*")))
+    assert len(runs) == 1, "the whole demo logs into one wandb run"
+    rows = read_history(runs[0])
+    keys = set().union(*rows)
+    summary = json.loads((demo_out / "summary.json").read_text())
+    for part, prefix in PREFIXES.items():
+        final = summary["parts"][part]["final"]
+        for name, value in final.items():
+            if name in ("step", "epoch") or value != value:  # NaN values are not logged
+                continue
+            logged = [r[f"{prefix}/{name}"] for r in rows if f"{prefix}/{name}" in r]
+            assert logged and logged[-1] == pytest.approx(value, rel=1e-9), f"{prefix}/{name}"
+    for fig in FIGURES:
+        assert any(r.get(f"{fig}/_type") == "images/separated" for r in rows), fig
+    for table in TABLES:
+        assert any(r.get(f"{table}/_type") == "table-file" for r in rows), table
+    for m in MEASURES:
+        assert f"posterior_gap/preset1/{m}" in keys
+    assert glob.glob(os.path.join(runs[0], "files", "media", "images", "saliency", "maps_*.png"))
+    assert glob.glob(os.path.join(runs[0], "files", "media", "table", "ablation", "top_units_*.json"))
+
+
+def test_demo_report_renders_every_figure_in_headless_chromium(demo_out: Path, tmp_path: Path) -> None:
+    import re
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Chromium is not installed (.ci/run installs Debian's chromium)")
+    html_text = (demo_out / "report.html").read_text()
+    expected = len(re.findall(r"<img ", html_text))
+    assert expected >= len(PREFIXES)
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--allow-file-access-from-files",
+        "--virtual-time-budget=10000",
+        "--dump-dom",
+    ]
+    dom = subprocess.run(
+        [chromium, *flags, (demo_out / "report.html").as_uri()], capture_output=True, text=True, timeout=120
+    ).stdout
+    total = re.search(r'data-images-total="(\d+)"', dom)
+    loaded = re.search(r'data-images-loaded="(\d+)"', dom)
+    assert total and loaded, dom[:500]
+    assert int(total.group(1)) == expected and int(loaded.group(1)) == expected
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
@@ -102,8 +170,8 @@ def test_demo_rejects_unknown_logger() -> None:
 
 @pytest.mark.parametrize("logger", ["csv", "tensorboard"])
 def test_demo_with_other_loggers(logger: str, tmp_path: Path) -> None:
-    main(["demo", "--out", str(tmp_path), "--max-steps", "20", "--logger", logger, "--presets", "2"])
+    main(["demo", "--out", str(tmp_path), "--max-steps", "20", "--logger", logger, "--presets", "2", "--parts", "posterior"])
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["logger"] == logger and summary["presets"]["2"]["final"]["step"] == 20.0
+    assert summary["logger"] == logger and summary["parts"]["posterior_preset2"]["final"]["step"] == 20.0
     pattern = "metrics.csv" if logger == "csv" else "events.out.tfevents.*"
-    assert glob.glob(str(tmp_path / "preset2" / "**" / pattern), recursive=True)
+    assert glob.glob(str(tmp_path / "demo" / "**" / pattern), recursive=True)
