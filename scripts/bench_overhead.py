@@ -1,0 +1,151 @@
+"""Overhead of the lightning-interp callbacks at their default cadence, against bare training.
+
+Trains the small CNN on MNIST-like data (:class:`~lightning_interp.datamodules.PatchImageDataModule` at
+28 x 28, 60,000 training images, batch 64: one epoch is 937 steps) for a fixed number of steps, bare
+and with the image callbacks (final-layer saliency, Bayesian ablation on the last conv block,
+correlation orders) at their default cadence, alternating the two; the posterior-gap and expansion
+callbacks run on the tasks they need (a 1-D Gaussian preset, Potts sequences) in the same alternation.
+Prints the median wall-time ratio per setup (target: at most 1.10x) and the per-callback cost from
+Lightning's ``SimpleProfiler`` in the same run.
+
+Run (from the repository root)::
+
+    .venv/bin/python scripts/bench_overhead.py            # about 4 minutes on 2 CPU cores
+    .venv/bin/python scripts/bench_overhead.py --quick    # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.profilers import SimpleProfiler
+from tqdm import tqdm
+
+from lightning_interp import callbacks as cbs
+from lightning_interp.datamodules import PatchImageDataModule, PottsDataModule, SyntheticDataModule
+from lightning_interp.models import MLPClassifier, SmallCNN
+from lightning_interp.posterior import xie_task
+
+
+def setups(quick: bool) -> dict[str, tuple[Callable[[], Any], Callable[[], Any], Callable[[], list]]]:
+    """name -> (model factory, datamodule factory, callbacks factory)."""
+    n_img = 4096 if quick else 60_000
+    image_dm = PatchImageDataModule(image_size=28, grid=2, patch=5, n_train=n_img, n_val=1000, batch_size=64)
+    image_dm.setup()
+    gauss_dm = SyntheticDataModule(xie_task(3), n_train=100_000 if not quick else 8192, n_val=0, n_test=0, batch_size=64)
+    gauss_dm.setup()
+    potts_dm = PottsDataModule(n_train=60_000 if not quick else 8192, n_val=1000, n_test=0, batch_size=64)
+    potts_dm.setup()
+    return {
+        "cnn: saliency + ablation + correlation": (
+            lambda: SmallCNN(in_channels=1, num_classes=4, channels=(8, 12)),
+            lambda: image_dm,
+            lambda: [
+                cbs.FinalLayerSaliencyCallback(log_images=False),
+                cbs.AblationProbeCallback(layers=["features.4"], log_images=False),
+                cbs.CorrelationOrderCallback(log_images=False),
+            ],
+        ),
+        "mlp: posterior gap (preset 3)": (
+            lambda: MLPClassifier(1, 2, hidden=(64, 64)),
+            lambda: gauss_dm,
+            lambda: [cbs.PosteriorGapCallback(log_images=False)],
+        ),
+        "mlp: logit expansion (Potts)": (
+            lambda: MLPClassifier(32, 2, hidden=(64,)),
+            lambda: potts_dm,
+            lambda: [cbs.LogitExpansionCallback(8, 4, log_images=False)],
+        ),
+    }
+
+
+def fit(model: Any, dm: Any, callbacks: list, steps: int, profiler: Any = None) -> float:
+    trainer = pl.Trainer(
+        max_steps=steps,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        profiler=profiler,
+        accelerator="cpu",
+    )
+    start = time.perf_counter()
+    trainer.fit(model, dm)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=1000, help="training steps per fit (one epoch is 937 steps)")
+    parser.add_argument("--repeats", type=int, default=3, help="bare / instrumented pairs per setup")
+    parser.add_argument("--quick", action="store_true", help="a smoke run (small data, 100 steps, 1 repeat)")
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench_overhead"))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.repeats = 100, 1
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    load_start = os.getloadavg()
+    results = []
+    for name, (make_model, make_dm, make_cbs) in setups(args.quick).items():
+        bare, instrumented = [], []
+        for _ in tqdm(range(args.repeats), desc=name):
+            pl.seed_everything(0, verbose=False)
+            bare.append(fit(make_model(), make_dm(), [], args.steps))
+            pl.seed_everything(0, verbose=False)
+            instrumented.append(fit(make_model(), make_dm(), make_cbs(), args.steps))
+        profiler = SimpleProfiler()
+        pl.seed_everything(0, verbose=False)
+        fit(make_model(), make_dm(), make_cbs(), args.steps, profiler)
+        per_callback: dict[str, float] = {}
+        for action, durations in profiler.recorded_durations.items():
+            if action.startswith("[Callback]") and any(
+                c in action for c in ("Saliency", "Ablation", "Correlation", "Posterior", "Expansion")
+            ):
+                cls = action.split("]")[1].split(".")[0]
+                per_callback[cls] = per_callback.get(cls, 0.0) + float(sum(durations))
+        ratio = statistics.median(i / b for i, b in zip(instrumented, bare, strict=True))
+        results.append(
+            {
+                "setup": name,
+                "bare_s": statistics.median(bare),
+                "instrumented_s": statistics.median(instrumented),
+                "median_ratio": ratio,
+                "per_callback_s": per_callback,
+            }
+        )
+    lines = [
+        f"{args.steps} steps per fit, {args.repeats} alternating bare / instrumented pairs, CPU "
+        f"(load {load_start[0]:.2f} -> {os.getloadavg()[0]:.2f}); callbacks at default cadence.",
+        "",
+        "| setup | bare s | with callbacks s | median ratio | target <= 1.10 | per-callback s (SimpleProfiler) |",
+        "|---|--:|--:|--:|---|---|",
+    ]
+    for r in results:
+        costs = ", ".join(f"{k} {v:.2f}" for k, v in r["per_callback_s"].items())
+        status = "PASS" if r["median_ratio"] <= 1.10 else "FAIL"
+        lines.append(
+            f"| {r['setup']} | {r['bare_s']:.2f} | {r['instrumented_s']:.2f} | {r['median_ratio']:.3f}x | {status} | {costs} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.md").write_text(table + "\n")
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
