@@ -531,4 +531,10 @@ def _sampled(
     )
     recon = e.energy(base.to(device))  # [K, S]
     e.residual_variance = (f0.T - recon - (f0.T - recon).mean(-1, keepdim=True)).pow(2).mean(-1)
+    # The order-1 and order-2 variances come from the precise centred estimates; the sample variance of
+    # num_samples logits is much noisier, so the total is their sum plus the measured residual variance.
+    v1 = fields.pow(2).mean(-1).sum(-1)
+    v2 = 0.5 * couplings.pow(2).mean(dim=(-2, -1)).sum(dim=(-2, -1))
+    e.total_variance = v1 + v2 + e.residual_variance
+    e.variance_explained = _variance_split(fields, couplings, e.total_variance)
     return e

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
@@ -40,6 +42,17 @@ def _fit(case: ContractCase, callbacks: list[Callback], seed: int = 7, **kw: Any
     model = case.make_model()
     _trainer(callbacks, **kw).fit(model, case.make_datamodule())
     return model
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run with one intra-op thread, as each of two ddp processes on two cores does, for identical float sums."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _without_dropout(model: pl.LightningModule) -> pl.LightningModule:
@@ -173,7 +186,8 @@ def test_ddp_two_processes_match_single_process(case: ContractCase, tmp_path: An
     single_cb = case.make_callback(**kw)
     pl.seed_everything(3, verbose=False)
     single = _without_dropout(case.make_model())
-    _trainer([single_cb], max_epochs=1).fit(single, case.make_datamodule(batch_size=32, shuffle=False))
+    with one_thread():
+        _trainer([single_cb], max_epochs=1).fit(single, case.make_datamodule(batch_size=32, shuffle=False))
 
     ddp_cb = case.make_callback(**kw)
     pl.seed_everything(3, verbose=False)
