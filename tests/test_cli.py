@@ -138,7 +138,7 @@ def test_configs_run_with_lightning_cli(config: Path, tmp_path: Path, monkeypatc
             "--config",
             str(config),
             "--trainer.max_steps",
-            "30",
+            "12",
             "--trainer.enable_progress_bar",
             "false",
             "--trainer.logger.init_args.save_dir",
