@@ -43,6 +43,7 @@ from lightning_interp.hooks import get_module
 __all__ = ["AblationResult", "BayesianAblation", "MaskedForward"]
 
 MAX_EXACT_UNITS = 16
+_MAX_ELEMENTS = 4_000_000
 _LOG2 = math.log(2.0)
 
 
@@ -113,7 +114,7 @@ class MaskedForward:
                 after.add(n)
         output = next(n for n in nodes if n.op == "output")
         boundary = [layer_node] + [
-            n for n in nodes if n not in after and n.op != "output" and any(u in after for u in n.users) and n is not layer_node
+            n for n in nodes if n not in after and n.op != "output" and any(u in after and u is not layer_node for u in n.users)
         ]
         # suffix: placeholders for the boundary values, then every node after the layer
         suffix_graph = torch.fx.Graph()
@@ -149,7 +150,9 @@ class MaskedForward:
     def predictions(self, prepared: list[Tensor], masks: Tensor) -> Tensor:
         """Predicted class ``[M, N]`` for every mask ``[M, d]`` and probe example."""
         n = prepared[0].shape[0]
-        per = max(1, self.max_batch // n)
+        # rows per forward pass: at most max_batch, and at most ~4M layer-output elements (wide rows stay in cache)
+        row_elems = max(1, prepared[0][0].numel())
+        per = max(1, min(self.max_batch, _MAX_ELEMENTS // row_elems) // n)
         out = []
         for start in range(0, masks.shape[0], per):
             chunk = masks[start : start + per]
@@ -249,7 +252,8 @@ def information_bits(importance: Tensor, prior_keep: float = 0.5) -> Tensor:
     """``KL(Bern(importance) || Bern(prior_keep))`` in bits."""
     p = importance.clamp(0, 1)
     q = prior_keep
-    return (torch.special.xlogy(p, p) - p * math.log(q) + torch.special.xlogy(1 - p, 1 - p) - (1 - p) * math.log(1 - q)) / _LOG2
+    kl = (torch.special.xlogy(p, p) - p * math.log(q) + torch.special.xlogy(1 - p, 1 - p) - (1 - p) * math.log(1 - q)) / _LOG2
+    return kl.clamp_min(0)  # rounding can give -1e-17 for an unused unit
 
 
 def distributedness(info: Tensor) -> Tensor:

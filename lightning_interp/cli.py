@@ -59,9 +59,7 @@ def _demo(argv: Sequence[str]) -> None:
         final = {k: v for k, v in res["final"].items() if k not in ("step", "epoch")}
         shown = ", ".join(f"{k}={v:.4g}" for k, v in list(final.items())[:6])
         print(f"{part:>18} ({res['wall_time_s']:5.1f} s): {shown}")
-    print(
-        f"\nwrote {os.path.join(args.out, 'summary.json')} and report.html ({summary['wall_time_s']:.1f} s)"
-    )
+    print(f"\nwrote {os.path.join(args.out, 'summary.json')} and report.html ({summary['wall_time_s']:.1f} s)")
 
 
 def _audit(argv: Sequence[str]) -> None:

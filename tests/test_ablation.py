@@ -162,6 +162,11 @@ def test_readout_metrics() -> None:
     assert distributedness(one).item() == pytest.approx(1 / d)
     assert distributedness(torch.full((1, d), 0.2)).item() == pytest.approx(1.0)
     assert math.isnan(distributedness(torch.zeros(1, d)).item())
+    # an importance that rounds to just below 0.5 carries zero (not negative) information
+    from lightning_interp.ablation import information_bits
+
+    info_rounding = information_bits(torch.tensor([[0.5 - 5.55e-17, 0.9]], dtype=torch.float64))
+    assert info_rounding[0, 0].item() == 0.0 and distributedness(info_rounding).item() == pytest.approx(0.5)
     # unit 0 informs only task 0 -> 1; unit 1 informs two tasks equally -> 2; unit 2 nothing -> NaN
     info = torch.tensor([[0.5, 0.3, 0.0], [0.0, 0.3, 0.0]])
     poly = polysemanticity(info)

@@ -176,7 +176,7 @@ class AblationProbeCallback(InterpretabilityCallback):
             r = ablation.fit(x, y, tasks=self.tasks)
             results[layer] = r
             informative = r.information_bits.max(dim=0).values > self.informative_bits
-            poly = r.polysemanticity[~r.polysemanticity.isnan()]
+            poly = r.polysemanticity[informative & ~r.polysemanticity.isnan()]
             scalars[f"{layer}/distributedness"] = _nanmean(r.distributedness)
             scalars[f"{layer}/manifold_complexity"] = r.manifold_complexity.mean()
             scalars[f"{layer}/polysemanticity"] = poly.mean() if poly.numel() else math.nan

@@ -1,0 +1,564 @@
+"""Per-layer distributedness and polysemanticity over training, by Bayesian ablation, on small trained networks.
+
+Reference:
+    Nam, Campbell, Griffiths, Cohen, Leslie, "Discovering the structure of neural network computation by
+    Bayesian ablation", arXiv:2505.13742 (2025). Definitions follow METHODS.md section 3 (the paper names
+    distributedness, manifold complexity and polysemanticity but its formulas were not available; these are
+    the project's, see :mod:`lightning_interp.ablation`).
+
+Run (from the repository root)::
+
+    .venv/bin/python scripts/reproduce_nam.py
+
+(defaults: ``--experiments mlp cnn mnist --seeds 0 1 2 --epochs 10 --hidden 12 12 --cnn-channels 8 12
+--classes 4 --n-train 2048 --n-val 512 --probe-size 512 --batch-size 32 --lr 1e-3 --cnn-lr 1e-2
+--mnist-dir data --mnist-epochs 3 --mnist-probe-size 512 --max-batch 4096 --threads 1
+--out outputs/reproduce_nam``); ``--quick`` is a smoke test of a few seconds after the imports.
+
+What is trained (Lightning, Adam, cross-entropy), with the product's
+:class:`~lightning_interp.callbacks.AblationProbeCallback` attached (``method="exact"``: all ``2^d`` masks of
+each probed layer, ``tasks="classes"``, measured before training and after every epoch, probe = ``--probe-size``
+examples of the validation split, drawn once by the callback):
+
+* ``mlp``: ``MLPClassifier(144, 4, hidden=(12, 12))`` on :class:`~lightning_interp.datamodules.PatchImageDataModule`
+  (4 classes: a bright 3x3 square in one of the four quadrants of a noisy 12x12 image, flattened by the model);
+  probed layers ``net.1`` and ``net.3`` (the two ReLU outputs).
+* ``cnn``: ``SmallCNN(1, 4, channels=(8, 12))`` (the setup of ``configs/ablation_patches.yaml``) on the same data;
+  probed layers ``features.1`` and ``features.4`` (ReLU outputs of the two conv blocks; a unit is a channel).
+* ``mnist`` (only when the IDX files are under ``--mnist-dir``/MNIST/raw; otherwise reported as skipped):
+  ``MLPClassifier(784, 10, hidden=(12, 12))`` on flattened, normalised MNIST, one seed.
+
+The data sets are the same for every seed (datamodule seed 0); ``--seeds`` changes the weight initialisation
+and the batch order (``seed_everything``). Hyper-parameters are the library defaults / the config's, untuned.
+
+Two settings for speed on a shared 2-core CPU, neither of which changes the numbers: ``--max-batch 4096``
+(the callback's ``max_batch``, default 65536; with 65536 rows per masked forward an exact fit of the CNN's
+``features.4`` took 6.5 s, with 4096 rows 0.7 s: the ``[rows, 12, 6, 6]`` chunks do not stay in cache) and
+``--threads 1`` (an exact fit of one MLP layer took 0.15 s with 1 thread and 0.5-3.3 s with 2, the OpenMP
+threads stalling while other jobs held the cores).
+
+Read-outs per layer and measurement (see METHODS.md section 3): ``acc`` (the network's accuracy on the probe
+examples, unsmoothed), ``distr`` (distributedness, mean over class tasks, in ``[1/d, 1]``), ``mc`` (manifold
+complexity: total correlation of the mask posterior in bits, mean over tasks), ``poly`` (polysemanticity as
+the callback logs it: mean over units with any information), ``poly_inf`` (mean polysemanticity over the
+informative units only: units with more than 0.05 bits for some task; in ``[1, classes]``), ``inf_units``
+(number of informative units) and ``info`` (total information of the layer's units, bits, mean over tasks).
+Table cells are ``mean ± sd`` over the seeds.
+
+Workaround (script-side; the library is not changed): ``lightning_interp.ablation.information_bits`` can return
+tiny negative values (about ``-8e-17`` bits) for a unit whose importance rounds to just below 0.5 (e.g. a dead
+ReLU unit, which no mask affects), and ``distributedness`` / ``polysemanticity`` then return NaN for that whole
+task / unit (``xlogy(w, w)`` of a negative weight). The read-outs here are recomputed with the library's own
+``distributedness`` and ``polysemanticity`` from ``information_bits.clamp_min(0)``; ``lib NaN`` counts, summed
+over the seeds, the tasks + units that the library (and so the callback's logged scalars) reported as NaN where
+the clamped information gives a number. NaNs that remain are genuine: no unit carries information.
+
+Outputs under ``--out``: ``results.md`` (tables and the computed observations), ``results.json`` (every number,
+per seed, with the final importance matrices), and per experiment ``<exp>_over_training.png`` (accuracy,
+distributedness, manifold complexity and polysemanticity per layer over training) and
+``<exp>_importance_final.png`` (final ``P(unit kept | task correct)``, tasks x units, per layer, seed 0).
+
+Observed in the default run (see the printed "Observations" lines, computed from the numbers, for the run at
+hand):
+* Both networks reach 100% probe accuracy by epoch 2-3, and the read-outs settle with the accuracy: after epoch 3
+  nothing changes by more than the spread between seeds.
+* MLP: the mask posterior carries little information once trained (about 0.1 bits per task summed over the 12
+  units, 2-3 informative units per layer): 12 units are far more than this task needs, so most masks keep it
+  correct. Distributedness drops in the first 1-2 epochs (net.1 0.42 -> 0.28, net.3 0.31 -> 0.24) and then stays
+  flat; net.3 ends a little less distributed than net.1 in 2 of 3 seeds (0.24 vs 0.28, sd 0.04: not a clear
+  effect). The informative units are nearly monosemantic in both layers (1.15-1.17 effective classes);
+  net.3's polysemanticity falls from 1.69 after epoch 1 to 1.15.
+* CNN: the second conv layer (features.4) is less distributed than the first (0.32 vs 0.51, 3 of 3 seeds) and
+  more polysemantic (2.82 vs 2.23 effective classes per informative channel, 3 of 3 seeds); features.1's
+  polysemanticity falls over training (2.73 -> 2.23, 3 of 3 seeds). Caveat: information counts both signs, and
+  several features.4 channels must be kept for some classes and ablated for others (importance < 0.5: they are
+  evidence against those classes), so one class-discriminating channel scores as several "tasks".
+* Manifold complexity (total correlation) rises from about 0.05 bits at initialisation to 0.2 (MLP) and 0.6-0.7
+  bits (CNN) in the first epochs and is flat afterwards; no consistent difference between layers.
+* The library's NaN (see "Workaround") hit 0-13 task/unit read-outs per epoch (summed over seeds) in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from lightning_interp.ablation import AblationResult, distributedness, polysemanticity
+from lightning_interp.callbacks import AblationProbeCallback
+from lightning_interp.datamodules import MNISTDataModule, PatchImageDataModule
+from lightning_interp.models import MLPClassifier, SmallCNN
+
+INFORMATIVE_BITS = 0.05
+METRICS = ("acc", "distr", "mc", "poly", "poly_inf", "inf_units", "info", "lib_nan")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--experiments", nargs="+", choices=["mlp", "cnn", "mnist"], default=["mlp", "cnn", "mnist"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="model / batch-order seeds")
+    parser.add_argument("--epochs", type=int, default=10, help="training epochs (patch task)")
+    parser.add_argument("--hidden", nargs="+", type=int, default=[12, 12], help="MLP hidden widths (<= 16 each: exact)")
+    parser.add_argument("--cnn-channels", nargs="+", type=int, default=[8, 12], help="SmallCNN channels (<= 16 each)")
+    parser.add_argument("--classes", type=int, default=4, help="patch-task classes (<= 4 with the 2x2 grid)")
+    parser.add_argument("--n-train", type=int, default=2048, help="patch-task training images")
+    parser.add_argument("--n-val", type=int, default=512, help="patch-task validation images (the probe is drawn from them)")
+    parser.add_argument("--probe-size", type=int, default=512, help="probe examples of the callback")
+    parser.add_argument("--batch-size", type=int, default=32, help="training batch size")
+    parser.add_argument("--lr", type=float, default=1e-3, help="MLP learning rate (the model default)")
+    parser.add_argument("--cnn-lr", type=float, default=1e-2, help="CNN learning rate (configs/ablation_patches.yaml)")
+    parser.add_argument("--mnist-dir", default="data", help="folder holding MNIST/raw/ (torchvision root)")
+    parser.add_argument("--mnist-epochs", type=int, default=3, help="MNIST training epochs")
+    parser.add_argument("--mnist-probe-size", type=int, default=512, help="MNIST probe examples")
+    parser.add_argument("--mnist-train-batches", type=float, default=1.0, help="limit_train_batches of the MNIST run")
+    parser.add_argument("--max-batch", type=int, default=4096, help="the callback's max_batch (rows per masked forward)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (see the module docstring)")
+    parser.add_argument("--out", type=Path, default=Path("outputs/reproduce_nam"), help="output folder")
+    parser.add_argument("--quick", action="store_true", help="tiny smoke-test configuration")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.epochs, args.hidden, args.cnn_channels = [0], 2, [6, 6], [4, 6]
+        args.n_train, args.n_val, args.probe_size = 256, 128, 128
+        args.mnist_epochs, args.mnist_probe_size, args.mnist_train_batches = 1, 128, 5
+        args.experiments = [e for e in args.experiments if e != "cnn"]
+    if max(args.hidden + args.cnn_channels) > 16:
+        parser.error("probed widths must be <= 16 (exact enumeration)")
+    if args.epochs < 1 or args.mnist_epochs < 1 or not args.seeds:
+        parser.error("--epochs and --mnist-epochs must be >= 1 and --seeds non-empty")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# training with the product callback
+# ---------------------------------------------------------------------------------------------
+
+
+class RecordingProbe(AblationProbeCallback):
+    """:class:`AblationProbeCallback` that also keeps every measurement's results and the probe accuracy."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.records: list[dict[str, Any]] = []
+        self._epochs_trained = 0
+
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        self._epochs_trained = 0 if trainer.global_step == 0 else trainer.current_epoch + 1
+        return super().run(trainer, pl_module)
+
+    def measure(self, pl_module: nn.Module) -> Any:
+        measurement = super().measure(pl_module)
+        x, y = self._probe  # type: ignore[misc]
+        p = next(pl_module.parameters())
+        acc = float((pl_module(x.to(p.device, p.dtype)).argmax(1).cpu() == y).double().mean())
+        results = {k: _cpu(r) for k, r in measurement.data["results"].items()}
+        self.records.append({"epoch": self._epochs_trained, "acc": acc, "results": results})
+        return measurement
+
+
+def _cpu(r: AblationResult) -> AblationResult:
+    for name in ("importance", "information_bits", "distributedness", "manifold_complexity", "polysemanticity"):
+        setattr(r, name, getattr(r, name).detach().cpu().double())
+    return r
+
+
+def _nanmean(t: Tensor) -> float:
+    keep = t[~t.isnan()]
+    return float(keep.mean()) if keep.numel() else math.nan
+
+
+def readouts(acc: float, r: AblationResult) -> dict[str, float]:
+    """The table's read-outs, from the information clamped at 0 (see ``lib_nan`` and the module docstring)."""
+    info = r.information_bits.clamp_min(0)
+    informative = info.max(dim=0).values > INFORMATIVE_BITS
+    distr = distributedness(info)
+    poly = polysemanticity(info)  # every task is a class task here (tasks="classes")
+    lib_nan = int(r.distributedness.isnan().sum() - distr.isnan().sum()) + int(
+        r.polysemanticity.isnan().sum() - poly.isnan().sum()
+    )
+    return {
+        "acc": acc,
+        "distr": _nanmean(distr),
+        "mc": float(r.manifold_complexity.mean()),
+        "poly": _nanmean(poly),
+        "poly_inf": _nanmean(poly[informative]),
+        "inf_units": float(informative.sum()),
+        "info": float(info.sum(dim=1).mean()),
+        "lib_nan": float(lib_nan),
+    }
+
+
+class EpochBar(pl.Callback):
+    """A tqdm bar per training run, advanced every epoch."""
+
+    def __init__(self, desc: str, total: int) -> None:
+        self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None:
+            self.bar.set_postfix(loss=f"{float(loss):.3f}")
+        self.bar.update(1)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.bar.close()
+
+
+@dataclass
+class Experiment:
+    name: str
+    description: str
+    layers: list[str]
+    make_model: Callable[[], pl.LightningModule]
+    make_data: Callable[[], pl.LightningDataModule]
+    epochs: int
+    probe_size: int
+    seeds: list[int]
+    limit_train_batches: float = 1.0
+
+
+def experiments(args: argparse.Namespace) -> tuple[list[Experiment], dict[str, str]]:
+    def patches() -> PatchImageDataModule:
+        return PatchImageDataModule(num_classes=args.classes, n_train=args.n_train, n_val=args.n_val, batch_size=args.batch_size)
+
+    mlp_layers = [f"net.{2 * i + 1}" for i in range(len(args.hidden))]
+    found: list[Experiment] = []
+    skipped: dict[str, str] = {}
+    if "mlp" in args.experiments:
+        found.append(
+            Experiment(
+                "mlp",
+                f"MLPClassifier(144, {args.classes}, hidden={tuple(args.hidden)}, lr={args.lr}) on PatchImageDataModule",
+                mlp_layers,
+                lambda: MLPClassifier(144, args.classes, hidden=tuple(args.hidden), lr=args.lr),
+                patches,
+                args.epochs,
+                args.probe_size,
+                args.seeds,
+            )
+        )
+    if "cnn" in args.experiments:
+        cnn_layers = [f"features.{3 * i + 1}" for i in range(len(args.cnn_channels))]
+        found.append(
+            Experiment(
+                "cnn",
+                f"SmallCNN(1, {args.classes}, channels={tuple(args.cnn_channels)}, lr={args.cnn_lr}) on PatchImageDataModule",
+                cnn_layers,
+                lambda: SmallCNN(1, args.classes, channels=tuple(args.cnn_channels), lr=args.cnn_lr),
+                patches,
+                args.epochs,
+                args.probe_size,
+                args.seeds,
+            )
+        )
+    if "mnist" in args.experiments:
+        try:
+            MNISTDataModule(args.mnist_dir).check_files()
+        except FileNotFoundError as err:
+            skipped["mnist"] = str(err).splitlines()[0]
+        else:
+            found.append(
+                Experiment(
+                    "mnist",
+                    f"MLPClassifier(784, 10, hidden={tuple(args.hidden)}) on flattened MNIST",
+                    mlp_layers,
+                    lambda: MLPClassifier(784, 10, hidden=tuple(args.hidden)),
+                    lambda: MNISTDataModule(args.mnist_dir, flatten=True, batch_size=128),
+                    args.mnist_epochs,
+                    args.mnist_probe_size,
+                    args.seeds[:1],
+                    args.mnist_train_batches,
+                )
+            )
+    return found, skipped
+
+
+def train(exp: Experiment, seed: int, max_batch: int) -> list[dict[str, Any]]:
+    pl.seed_everything(seed, verbose=False)
+    model = exp.make_model()
+    probe = RecordingProbe(
+        layers=exp.layers,
+        probe_size=exp.probe_size,
+        tasks="classes",
+        method="exact",
+        max_batch=max_batch,
+        every_n_epochs=1,
+        measure_at_start=True,
+        log_images=False,
+        seed=0,
+    )
+    trainer = pl.Trainer(
+        max_epochs=exp.epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        callbacks=[probe, EpochBar(f"{exp.name} seed {seed}", exp.epochs)],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        limit_train_batches=exp.limit_train_batches,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(model, datamodule=exp.make_data())
+    return probe.records
+
+
+# ---------------------------------------------------------------------------------------------
+# tables, figures, observations
+# ---------------------------------------------------------------------------------------------
+
+
+def summarise(records: dict[int, list[dict[str, Any]]], layers: list[str]) -> dict[str, dict[int, dict[str, list[float]]]]:
+    """``layer -> epoch -> metric -> [value per seed]``."""
+    out: dict[str, dict[int, dict[str, list[float]]]] = {layer: {} for layer in layers}
+    for recs in records.values():
+        for rec in recs:
+            for layer in layers:
+                values = readouts(rec["acc"], rec["results"][layer])
+                slot = out[layer].setdefault(rec["epoch"], {m: [] for m in METRICS})
+                for m in METRICS:
+                    slot[m].append(values[m])
+    return out
+
+
+def _cell(values: list[float], digits: int = 2) -> str:
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return "nan"
+    mean = statistics.fmean(finite)
+    if len(finite) < 2:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(finite):.{digits}f}"
+
+
+def table(summary: dict[str, dict[int, dict[str, list[float]]]], units: dict[str, int]) -> str:
+    lines = [
+        "| layer (d) | epoch | acc | distr | mc (bits) | poly | poly_inf | inf_units | info (bits) | lib NaN |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for layer, epochs in summary.items():
+        for epoch, m in sorted(epochs.items()):
+            lines.append(
+                f"| {layer} ({units[layer]}) | {epoch} | {_cell(m['acc'], 3)} | {_cell(m['distr'])} | {_cell(m['mc'])} | "
+                f"{_cell(m['poly'])} | {_cell(m['poly_inf'])} | {_cell(m['inf_units'], 1)} | {_cell(m['info'])} | "
+                f"{sum(m['lib_nan']):.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def final_per_seed(records: dict[int, list[dict[str, Any]]], layers: list[str]) -> str:
+    lines = ["| seed | layer | acc | distr | mc (bits) | poly_inf | inf_units |", "|---:|---|---:|---:|---:|---:|---:|"]
+    for seed, recs in records.items():
+        for layer in layers:
+            v = readouts(recs[-1]["acc"], recs[-1]["results"][layer])
+            cells = [f"{v['acc']:.3f}", f"{v['distr']:.2f}", f"{v['mc']:.2f}", f"{v['poly_inf']:.2f}", f"{v['inf_units']:.0f}"]
+            lines.append(f"| {seed} | {layer} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def observations(name: str, records: dict[int, list[dict[str, Any]]], layers: list[str]) -> list[str]:
+    """Comparisons computed from the numbers: later vs earlier layer at the end; first trained epoch vs the end."""
+    lines = []
+    first, last = layers[0], layers[-1]
+    for metric, label in (
+        ("distr", "distributedness"),
+        ("poly_inf", "polysemanticity (informative units)"),
+        ("mc", "manifold complexity"),
+    ):
+        final = {
+            seed: {la: readouts(recs[-1]["acc"], recs[-1]["results"][la])[metric] for la in layers}
+            for seed, recs in records.items()
+        }
+        lower = sum(final[s][last] < final[s][first] for s in final)
+        mean = {la: statistics.fmean(final[s][la] for s in final) for la in layers}
+        lines.append(
+            f"{name}: final {label}: " + ", ".join(f"{la} {mean[la]:.2f}" for la in layers) + f"; {last} lower than {first} "
+            f"in {lower}/{len(final)} seeds"
+        )
+        for la in layers:
+            start = [readouts(recs[1]["acc"], recs[1]["results"][la])[metric] for recs in records.values() if len(recs) > 1]
+            end = [readouts(recs[-1]["acc"], recs[-1]["results"][la])[metric] for recs in records.values()]
+            up = sum(b > a for a, b in zip(start, end, strict=False))
+            if start:
+                lines.append(
+                    f"{name}: {la} {label} after epoch 1 -> end: {statistics.fmean(start):.2f} -> {statistics.fmean(end):.2f} "
+                    f"(up in {up}/{len(start)} seeds)"
+                )
+    return lines
+
+
+def plot_over_training(
+    name: str, summary: dict[str, dict[int, dict[str, list[float]]]], records: dict[int, list[dict[str, Any]]], path: Path
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (
+        ("acc", "probe accuracy"),
+        ("distr", "distributedness (mean over tasks)"),
+        ("mc", "manifold complexity (bits, mean over tasks)"),
+        ("poly_inf", "polysemanticity (informative units)"),
+    )
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (metric, title) in zip(axes, panels, strict=True):
+        for i, (layer, epochs) in enumerate(summary.items()):
+            xs = sorted(epochs)
+            per_seed = list(zip(*[epochs[e][metric] for e in xs], strict=True))
+            for values in per_seed:
+                ax.plot(xs, values, color=colors[i % len(colors)], alpha=0.25, lw=0.8)
+            mean = [statistics.fmean([v for v in epochs[e][metric] if not math.isnan(v)] or [math.nan]) for e in xs]
+            ax.plot(xs, mean, color=colors[i % len(colors)], lw=2, marker="o", ms=3, label=layer)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epochs trained")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{name}: Bayesian ablation over training (thin: seeds {list(records)}, thick: mean)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_importance(name: str, records: dict[int, list[dict[str, Any]]], layers: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seed = next(iter(records))
+    final = records[seed][-1]
+    fig, axes = plt.subplots(1, len(layers), figsize=(4.5 * len(layers), 2.8), squeeze=False)
+    im = None
+    for ax, layer in zip(axes[0], layers, strict=True):
+        r = final["results"][layer]
+        imp = r.importance.numpy()
+        im = ax.imshow(imp, cmap="RdBu_r", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+        ax.set_yticks(range(len(r.tasks)), r.tasks, fontsize=7)
+        ax.set_xticks(range(imp.shape[1]))
+        ax.tick_params(axis="x", labelsize=6)
+        poly = r.polysemanticity.numpy()
+        ax.set_xlabel("unit (top: polysemanticity of informative units)", fontsize=7)
+        informative = r.information_bits.max(dim=0).values > INFORMATIVE_BITS
+        top = ax.secondary_xaxis("top")
+        top.set_xticks(range(imp.shape[1]), [f"{p:.1f}" if k else "" for p, k in zip(poly, informative.tolist(), strict=True)])
+        top.tick_params(labelsize=6)
+        ax.set_title(f"{layer}: P(unit kept | task correct)", fontsize=9, pad=14)
+    fig.colorbar(im, ax=axes[0].tolist(), fraction=0.03)
+    fig.suptitle(f"{name}, seed {seed}, after {final['epoch']} epochs (acc {final['acc']:.3f})", fontsize=10, y=1.1)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _json_record(rec: dict[str, Any], layers: list[str]) -> dict[str, Any]:
+    return {
+        "epoch": rec["epoch"],
+        "acc": rec["acc"],
+        "layers": {
+            la: {
+                **readouts(rec["acc"], rec["results"][la]),
+                "tasks": rec["results"][la].tasks,
+                "distributedness_per_task": rec["results"][la].distributedness.tolist(),
+                "manifold_complexity_per_task": rec["results"][la].manifold_complexity.tolist(),
+                "polysemanticity_per_unit": rec["results"][la].polysemanticity.tolist(),
+                "importance": rec["results"][la].importance.tolist(),
+            }
+            for la in layers
+        },
+    }
+
+
+def _load(values: tuple[float, ...]) -> str:
+    return "/".join(f"{v:.2f}" for v in values)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*The number of training batches.*")
+    warnings.filterwarnings("ignore", message=".*You defined a `validation_step` but have no `val_dataloader`.*")
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    t0 = time.perf_counter()
+    load_start = os.getloadavg()
+    print(f"loadavg at start: {_load(load_start)}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    exps, skipped = experiments(args)
+    for name, why in skipped.items():
+        print(f"{name}: skipped: {why}")
+    md = ["# Bayesian ablation over training (Nam et al. 2025, arXiv:2505.13742)", ""]
+    payload: dict[str, Any] = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "skipped": skipped,
+        "experiments": {},
+    }
+    all_obs: list[str] = []
+    for exp in exps:
+        t1 = time.perf_counter()
+        records = {seed: train(exp, seed, args.max_batch) for seed in tqdm(exp.seeds, desc=exp.name, unit="seed")}
+        wall = time.perf_counter() - t1
+        units = {la: int(records[exp.seeds[0]][-1]["results"][la].importance.shape[1]) for la in exp.layers}
+        summary = summarise(records, exp.layers)
+        obs = observations(exp.name, records, exp.layers)
+        all_obs += obs
+        plot_over_training(exp.name, summary, records, args.out / f"{exp.name}_over_training.png")
+        plot_importance(exp.name, records, exp.layers, args.out / f"{exp.name}_importance_final.png")
+        text = [
+            f"## {exp.name}: {exp.description}",
+            "",
+            f"layers {exp.layers} (units {list(units.values())}); seeds {exp.seeds}; {exp.epochs} epochs; probe "
+            f"{exp.probe_size}; exact enumeration; wall {wall:.1f} s. Cells: mean ± sd over seeds; epoch 0 = initialisation.",
+            "",
+            table(summary, units),
+            "",
+            "Final measurement per seed:",
+            "",
+            final_per_seed(records, exp.layers),
+            "",
+            "Observations (computed):",
+            "",
+            *[f"- {line}" for line in obs],
+            "",
+        ]
+        print("\n".join(text), flush=True)
+        md += text
+        payload["experiments"][exp.name] = {
+            "description": exp.description,
+            "layers": exp.layers,
+            "units": units,
+            "wall_s": wall,
+            "observations": obs,
+            "per_seed": {str(s): [_json_record(r, exp.layers) for r in recs] for s, recs in records.items()},
+        }
+    for name, why in skipped.items():
+        md += [f"## {name}: skipped", "", why, ""]
+    load_end = os.getloadavg()
+    total = time.perf_counter() - t0
+    footer = f"loadavg start {_load(load_start)}, end {_load(load_end)}; wall {total:.1f} s"
+    md.append(footer)
+    print(footer)
+    payload.update(loadavg_start=load_start, loadavg_end=load_end, wall_s=total)
+    (args.out / "results.md").write_text("\n".join(md) + "\n")
+    (args.out / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
+    print(f"wrote {args.out}/results.md, results.json and the figures")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
