@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
             if action.startswith("[Callback]") and any(
                 c in action for c in ("Saliency", "Ablation", "Correlation", "Posterior", "Expansion")
             ):
-                cls = action.split("]")[1].split(".")[0]
+                cls = action.split("]")[1].split("{")[0].split(".")[0]
                 per_callback[cls] = per_callback.get(cls, 0.0) + float(sum(durations))
         ratio = statistics.median(i / b for i, b in zip(instrumented, bare, strict=True))
         results.append(
