@@ -4,7 +4,7 @@ Run (from the repository root)::
 
     .venv/bin/python scripts/bench_saliency.py
 
-(defaults: ``--batch-size 8 --image-size 224 --warmup 1 --repeats 7 --ig-repeats 2 --ig-top5-repeats 0
+(defaults: ``--batch-size 8 --image-size 224 --warmup 1 --repeats 7 --ig-repeats 1 --ig-top5-repeats 0
 --ig-steps 50 --internal-batch-size 16 --seed 0 --out outputs/bench_saliency``, ``--device`` cuda if
 available else cpu, torch's default thread count).
 
@@ -19,7 +19,8 @@ Measured, per method:
 * ``ours:<method>``: ``FinalLayerSaliency(model).attribute(x, target, method=...)`` for the four
   methods, and ``ours:attribute_all`` (all four maps at once). Top-5: ONE call with the ``[N, 5]``
   target. The first call resolves the layers (an extra forward with hooks on every module); it is
-  done in warm-up and reported on its own row (``1st call``, time of that single call);
+  done in warm-up and reported on its own row (``1st call``: a new ``FinalLayerSaliency`` per call,
+  at most 3 repeats);
 * captum, on ``log_softmax(model(x))`` (``nn.Sequential(model, nn.LogSoftmax(1))``, the quantity whose
   Grad-CAM is the policy-gradient map): ``LayerGradCam`` at ``layer4`` (``relu_attributions=False``),
   ``Saliency`` (``abs=True``) and ``IntegratedGradients`` (``n_steps=--ig-steps``, zero baseline,
@@ -31,29 +32,32 @@ Wall time: ``time.perf_counter`` (``torch.cuda.synchronize`` on CUDA); ``--warmu
 every method (one more of the forward pass, before the first call of ours), then ``--repeats``
 timed calls per method, interleaved round-robin (one call of each method per round, the order
 rotated every round) so that machine noise hits every method alike; the median is reported.
-IntegratedGradients (50 steps x a ResNet-50 forward + backward of 8 images,
-about a minute per call on 2 CPU cores) gets ``--ig-repeats`` (default 2) timed calls after one short
-warm-up call (``n_steps`` = one internal batch); its top-5 row (5 calls, several minutes) is by
-default NOT run but estimated as 5 x the single-target median (``--ig-top5-repeats 0``; marked
-``est.``); ``--ig-top5-repeats 1`` measures it.
+IntegratedGradients (50 steps x a ResNet-50 forward + backward of 8 images, about a minute per call
+on 2 CPU cores) gets ``--ig-repeats`` timed calls (default 1: a second one would push the default
+run past 6 minutes on 2 cores) after one short warm-up call (``n_steps`` = one internal batch). Its
+top-5 row (5 calls, about 5 minutes) is by default NOT run but estimated as 5 x the single-target
+median (``--ig-top5-repeats 0``, marked ``est.``; captum's cost does not depend on the target);
+``--ig-top5-repeats 1`` measures it.
 
-Peak memory: on CPU, each method runs once in a fresh subprocess (this script with
-``--measure-memory KEY``) that builds the same model and batch, runs one tiny ``[1, 3, 64, 64]``
-no-grad forward (for ``ours`` that forward resolves the layers; ``1st call`` rows skip it and
-resolve on the real batch), resets the kernel's resident high-water mark (writes ``5`` to
-``/proc/self/clear_refs``), reads the resident size ``VmRSS``, makes ONE call (top-5: the five
-captum calls, results kept) and reports the high-water mark ``VmHWM`` minus that resident size: the
-peak resident memory increase of the call. (``ru_maxrss`` is that same high-water mark, but it also
-keeps the process's all-time peak, reached before the call while importing and building, so it is
-only the fallback where ``clear_refs`` is unavailable: ``ru_maxrss`` after minus before the call.)
-IntegratedGradients' memory is measured with ``n_steps`` = one internal batch (2 steps of 8 images):
-with internal batching captum runs the steps in sequential chunks of ``internal_batch_size`` images
-and sums them, so the peak does not depend on ``n_steps`` (up to one ``[N, 3, H, W]`` accumulator).
-The subprocesses run with ``MALLOC_MMAP_THRESHOLD_=65536`` (glibc): every allocation of 64 KiB or more
-is its own mapping, unmapped when freed, so the resident size follows the live tensors rather than
-glibc's caching (without it the same call varied by ~60 MB between methods). Subprocesses run
-``--memory-jobs`` at a time. On CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` minus the allocated
-memory before the call, in this process.
+Peak memory: on CPU, each method runs once in a new process, ``--memory-jobs`` at a time, forked
+from a ``multiprocessing`` fork server that has only imported torch, torchvision, captum and
+``lightning_interp.saliency`` (a new interpreter would cost ~6 s of imports per method; where
+``forkserver`` is unavailable it is one, running this script with ``--measure-memory KEY``). The
+process builds the same model and batch, runs one tiny ``[1, 3, 64, 64]`` no-grad forward (for
+``ours`` that forward resolves the layers; the ``1st call`` row skips it and resolves on the real
+batch), resets the kernel's resident high-water mark (writes ``5`` to ``/proc/self/clear_refs``),
+reads its resident size ``VmRSS``, makes ONE call (top-5: the five captum calls, results kept) and
+reports the high-water mark ``VmHWM`` minus that resident size: the peak resident memory increase
+of the call. (``ru_maxrss`` is the same high-water mark, but it also keeps the all-time peak reached
+while importing and building, so it is only the fallback where ``clear_refs`` is unavailable:
+``ru_maxrss`` after minus before the call.) The processes run with ``MALLOC_MMAP_THRESHOLD_=65536``
+(glibc): every allocation of 64 KiB or more is its own mapping, unmapped when freed, so the resident
+size follows the live tensors rather than glibc's caching (without it the same call varied by
+~60 MB between methods). IntegratedGradients' memory is measured with ``n_steps`` = one internal
+batch (2 steps of 8 images): captum runs the steps in sequential chunks of ``internal_batch_size``
+images and sums them, so the peak does not depend on ``n_steps`` (up to one ``[N, 3, H, W]``
+accumulator). On CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` minus
+the allocated memory before the call, in this process.
 
 Outputs: a markdown table (absolute median ms and peak MB, ratios to the forward pass) and pass/fail
 lines for the targets, printed and written to ``--out``/``results.md``; every number (raw times
@@ -69,6 +73,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import multiprocessing
 import os
 import platform
 import resource
@@ -106,7 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=224, help="input height and width")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls of every method (forward: one more) before timing")
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per method (IntegratedGradients: --ig-repeats)")
-    parser.add_argument("--ig-repeats", type=int, default=2, help="timed IntegratedGradients calls (top-1)")
+    parser.add_argument("--ig-repeats", type=int, default=1, help="timed IntegratedGradients calls (top-1)")
     parser.add_argument(
         "--ig-top5-repeats",
         type=int,
@@ -115,7 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--ig-steps", type=int, default=50, help="IntegratedGradients n_steps")
     parser.add_argument("--internal-batch-size", type=int, default=16, help="IntegratedGradients internal_batch_size")
-    parser.add_argument("--memory-jobs", type=int, default=2, help="memory subprocesses run at a time (CPU)")
+    parser.add_argument("--memory-jobs", type=int, default=2, help="memory-measurement processes run at a time (CPU)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model's random weights and of the batch")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_saliency"), help="output folder")
@@ -151,6 +156,11 @@ def ig_memory_steps(args: argparse.Namespace) -> int:
     return min(args.ig_steps, max(1, args.internal_batch_size // args.batch_size))
 
 
+def first_call(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
+    """The first call of a new :class:`FinalLayerSaliency`: layer resolution + one map."""
+    return FinalLayerSaliency(model).attribute(x, target=target, method="policy_gradient")
+
+
 def make_calls(
     model: nn.Module, x: Tensor, top1: Tensor, top5: Tensor, saliency: FinalLayerSaliency, args: argparse.Namespace
 ) -> dict[str, Callable[[], object]]:
@@ -173,6 +183,7 @@ def make_calls(
         for m in METHODS:
             calls[f"{group}/ours:{m}"] = functools.partial(saliency.attribute, x, target=target, method=m)
         calls[f"{group}/ours:attribute_all"] = functools.partial(saliency.attribute_all, x, target=target)
+    calls[f"top1/{FIRST_CALL}"] = functools.partial(first_call, model, x, top1)
     calls["top1/captum:LayerGradCam"] = functools.partial(gradcam.attribute, x, target=top1)
     calls["top1/captum:Saliency"] = functools.partial(sal.attribute, x, target=top1)
     calls["top1/captum:IntegratedGradients"] = functools.partial(ig.attribute, x, target=top1, **ig_kw)
@@ -184,6 +195,17 @@ def make_calls(
     calls["ig-short/top1"] = functools.partial(ig.attribute, x, target=top1, **short)
     calls["ig-short/top5"] = functools.partial(each_target, ig.attribute, **short)
     return calls
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def sync(device: str) -> None:
@@ -229,16 +251,13 @@ def measure_memory_here(key: str, args: argparse.Namespace) -> dict[str, Any]:
     saliency = FinalLayerSaliency(model)
     group, name = key.split("/", 1)
     tiny = torch.zeros(1, 3, 64, 64, device=args.device)
-    if name == FIRST_CALL:
-        fn: Callable[[], object] = functools.partial(saliency.attribute, x, target=top5[:, 0], method="policy_gradient")
-    else:
-        if name.startswith("ours:"):
-            saliency.attribute(tiny)  # resolves the layers on a tiny batch (one small no-grad forward)
-        else:
-            with torch.no_grad():
-                model(tiny)  # the same small forward, for every method
-        calls = make_calls(model, x, top5[:, 0], top5, saliency, args)
-        fn = calls[f"ig-short/{group}"] if name == "captum:IntegratedGradients" else calls[key]
+    if name.startswith("ours:") and name != FIRST_CALL:
+        saliency.attribute(tiny)  # resolves the layers on a tiny batch (one small no-grad forward)
+    elif name != FIRST_CALL:
+        with torch.no_grad():
+            model(tiny)  # the same small forward, for every method
+    calls = make_calls(model, x, top5[:, 0], top5, saliency, args)
+    fn = calls[f"ig-short/{group}"] if name == "captum:IntegratedGradients" else calls[key]
     reset = False
     if args.device == "cuda":
         torch.cuda.synchronize()
@@ -270,13 +289,24 @@ def measure_memory_here(key: str, args: argparse.Namespace) -> dict[str, Any]:
     return {"key": key, "peak_mb": max(0.0, peak - before), "before_mb": before, "peak_abs_mb": peak, "how": how}
 
 
+#: glibc: a fixed mmap threshold makes every allocation >= 64 KiB its own mapping, returned to the system
+#: when freed, so the resident size follows the live tensors instead of glibc's heap caching.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+#: Imported once by the fork server; every measurement process is forked from it.
+PRELOAD = ["torch", "torchvision", "captum.attr", "lightning_interp.saliency"]
+
+
+def _memory_worker(job: tuple[str, argparse.Namespace]) -> dict[str, Any]:
+    warnings.filterwarnings("ignore", message=".*did not already require gradients.*")
+    return measure_memory_here(*job)
+
+
 def memory_subprocess(key: str, args: argparse.Namespace, targets: str) -> dict[str, Any]:
+    """Fallback where ``forkserver`` is unavailable: a new interpreter running ``--measure-memory KEY``."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--measure-memory", key, "--targets", targets]
     cmd += ["--device", args.device, "--batch-size", str(args.batch_size), "--image-size", str(args.image_size)]
     cmd += ["--ig-steps", str(args.ig_steps), "--internal-batch-size", str(args.internal_batch_size), "--seed", str(args.seed)]
-    # a fixed mmap threshold: every allocation >= 64 KiB is its own mapping, returned to the system when
-    # freed, so the resident size follows the live tensors instead of glibc's heap caching
-    env = {"MALLOC_MMAP_THRESHOLD_": "65536", **os.environ}
+    env = {**MALLOC_ENV, **os.environ}
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"memory measurement of {key} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -289,10 +319,28 @@ def measure_memory(keys: list[str], args: argparse.Namespace, top5: Tensor) -> d
         args.targets = targets
         return {k: measure_memory_here(k, args) for k in tqdm(keys, desc="peak memory", unit="method")}
     results: dict[str, dict[str, Any]] = {}
-    with ThreadPoolExecutor(max_workers=args.memory_jobs) as pool:
-        futures = {pool.submit(memory_subprocess, k, args, targets): k for k in keys}
-        for fut in tqdm(futures, desc="peak memory (subprocesses)", unit="method"):
-            results[futures[fut]] = fut.result()
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        with ThreadPoolExecutor(max_workers=args.memory_jobs) as pool:
+            futures = {pool.submit(memory_subprocess, k, args, targets): k for k in keys}
+            for fut in tqdm(futures, desc="peak memory (subprocesses)", unit="method"):
+                results[futures[fut]] = fut.result()
+        return results
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    saved = {k: os.environ.get(k) for k in MALLOC_ENV}
+    os.environ.update({k: os.environ.get(k, v) for k, v in MALLOC_ENV.items()})  # inherited by the fork server
+    child_args = argparse.Namespace(**{**vars(args), "targets": targets})
+    try:
+        with ctx.Pool(processes=args.memory_jobs, maxtasksperchild=1) as pool:  # a new process per method
+            jobs = [(k, child_args) for k in keys]
+            for res in tqdm(pool.imap_unordered(_memory_worker, jobs), total=len(jobs), desc="peak memory", unit="method"):
+                results[res["key"]] = res
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return results
 
 
@@ -308,15 +356,15 @@ def measure_time(
     dev = args.device
     fast = [k for k in calls if not k.startswith("ig-short") and not k.endswith("IntegratedGradients")]
     repeats = {k: args.repeats for k in fast}
+    repeats[f"top1/{FIRST_CALL}"] = min(3, args.repeats)  # a new FinalLayerSaliency each call
     repeats["top1/captum:IntegratedGradients"] = args.ig_repeats
     repeats["top5/captum:IntegratedGradients"] = args.ig_top5_repeats
     times: dict[str, list[float]] = {k: [] for k in repeats}
 
     for _ in tqdm(range(args.warmup + 1), desc="warm-up forward", unit="call"):
         timed(calls["top1/forward"], dev)
-    # the first call of ours resolves the layers: timed on its own, outside the benchmark proper
-    first = timed(calls["top1/ours:policy_gradient"], dev)
-    warm = [k for k in fast for _ in range(args.warmup)]
+    timed(calls["top1/ours:policy_gradient"], dev)  # the first call of ours resolves the layers
+    warm = [k for k in fast for _ in range(args.warmup) if not k.endswith(FIRST_CALL)]
     if args.ig_repeats or args.ig_top5_repeats:
         warm.append("ig-short/top1")
     for k in tqdm(warm, desc="warm-up methods", unit="call"):
@@ -334,7 +382,7 @@ def measure_time(
                     bar.update()
     resolved = {"feature_layer": saliency.feature_layer, "classifier": saliency.classifier}
     resolved["feature_transform"] = saliency.feature_transform
-    return {"times": times, "first_call_s": first, "resolved": resolved}
+    return {"times": times, "resolved": resolved}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,14 +403,10 @@ def build_rows(timing: dict[str, Any], memory: dict[str, dict[str, Any]]) -> lis
     for group in ("top1", "top5"):
         for name in names:
             key = f"{group}/{name}"
-            if key not in times and name != FIRST_CALL:
-                continue
-            if name == FIRST_CALL and group != "top1":
+            if key not in times:
                 continue
             estimated = False
-            if name == FIRST_CALL:
-                raw, median = [timing["first_call_s"]], timing["first_call_s"]
-            elif times[key]:
+            if times[key]:
                 raw, median = times[key], statistics.median(times[key])
             elif name == "captum:IntegratedGradients" and times["top1/captum:IntegratedGradients"]:
                 raw, median, estimated = [], TOP_K * statistics.median(times["top1/captum:IntegratedGradients"]), True
@@ -490,17 +534,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     top1 = top5[:, 0].contiguous()
     saliency = FinalLayerSaliency(model)
     calls = make_calls(model, x, top1, top5, saliency, args)
+    phases = {"setup_s": time.perf_counter() - start}
     timing = measure_time(calls, saliency, args)
+    phases["timing_s"] = time.perf_counter() - start - phases["setup_s"]
     memory: dict[str, dict[str, Any]] = {}
     if not args.no_memory:
-        memory = measure_memory([*timing["times"], f"top1/{FIRST_CALL}"], args, top5)
+        memory = measure_memory(list(timing["times"]), args, top5)
+    phases["memory_s"] = time.perf_counter() - start - phases["setup_s"] - phases["timing_s"]
     rows = build_rows(timing, memory)
     targets = check_targets(rows)
     wall = time.perf_counter() - start
 
     config = {
         "device": args.device,
-        "device_name": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine(),
+        "device_name": torch.cuda.get_device_name() if args.device == "cuda" else cpu_name(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
@@ -518,6 +565,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "loadavg_start": load_start,
         "loadavg_end": os.getloadavg(),
         "wall_s": wall,
+        "phases_s": phases,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
     header = (
@@ -528,13 +576,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"ratios to the plain no-grad forward pass (top-1 row). "
         f"Peak memory: increase during one call"
         + (
-            " (fresh subprocess per method, VmHWM after - VmRSS before, MALLOC_MMAP_THRESHOLD_=65536)"
+            " (new process per method, VmHWM after - VmRSS before, MALLOC_MMAP_THRESHOLD_=65536)"
             if args.device == "cpu"
             else " (cuda max_memory_allocated)"
         )
         + f", IntegratedGradients with n_steps={ig_memory_steps(args)} (peak independent of n_steps). "
-        f"'{FIRST_CALL}': the single first call, which also resolves the layers. "
-        f"Load average start/end: {load_start[0]:.2f}/{config['loadavg_end'][0]:.2f}. Wall time {wall:.0f} s."
+        f"'{FIRST_CALL}': the first call of a new FinalLayerSaliency, which also resolves the layers "
+        f"(one-time cost; {min(3, args.repeats)} repeats). "
+        f"Load average start/end: {load_start[0]:.2f}/{config['loadavg_end'][0]:.2f}. Wall time {wall:.0f} s "
+        f"(setup {phases['setup_s']:.0f}, timing {phases['timing_s']:.0f}, memory {phases['memory_s']:.0f})."
     )
     text = "\n\n".join([header, markdown_table(rows), "Targets:\n" + format_targets(targets)])
     print("\n" + text)
