@@ -261,6 +261,21 @@ def _as_spatial(t: Tensor) -> Tensor | None:
     return None
 
 
+class _Summary:
+    """What layer resolution keeps of a module output: its shape and, for spatial maps, channel means."""
+
+    def __init__(self, shape: torch.Size, mean: Tensor | None, relu_mean: Tensor | None, spatial: bool) -> None:
+        self.shape, self.mean, self.relu_mean, self.spatial = shape, mean, relu_mean, spatial
+
+    @classmethod
+    def of(cls, out: Tensor) -> _Summary:
+        spatial = out.ndim == 4 and out.shape[2] * out.shape[3] > 1
+        out = out.detach()
+        if spatial:  # means taken now: a later in-place op (DenseNet's relu) may change the tensor
+            return cls(out.shape, out.mean(dim=(2, 3)), F.relu(out).mean(dim=(2, 3)), True)
+        return cls(out.shape, None, None, _as_spatial(out[:1]) is not None)
+
+
 class FinalLayerSaliency(Attribution):
     """Policy-gradient, CAM and the paper's discriminative / confusing maps from the final layer.
 
@@ -331,7 +346,8 @@ class FinalLayerSaliency(Attribution):
         def make_hook(name: str, module: nn.Module):
             def hook(_m: nn.Module, inp: tuple, out: object) -> None:
                 if isinstance(out, Tensor):
-                    records.append((name, out.detach().clone()))
+                    # keep only what the checks need (shape; spatial means for 4-D maps), not a copy of every output
+                    records.append((name, _Summary.of(out)))
                     if isinstance(module, nn.Linear) and inp and isinstance(inp[0], Tensor):
                         linear_io[name] = (inp[0].detach().clone(), out.detach().clone())
 
@@ -365,11 +381,11 @@ class FinalLayerSaliency(Attribution):
         outputs = dict(records)
         cls_pos = max(i for i, n in enumerate(order) if n == self.classifier)
 
-        def gap_transform(a: Tensor) -> str | None:
-            if a.ndim != 4 or a.shape[2] * a.shape[3] <= 1 or pooled.ndim != 2 or a.shape[:2] != pooled.shape:
+        def gap_transform(a: _Summary) -> str | None:
+            if a.mean is None or pooled.ndim != 2 or a.shape[:2] != pooled.shape:
                 return None
-            for kind, t in (("identity", a), ("relu", F.relu(a))):
-                if torch.allclose(t.mean(dim=(2, 3)), pooled, rtol=1e-4, atol=1e-5):
+            for kind, m in (("identity", a.mean), ("relu", a.relu_mean)):
+                if torch.allclose(m, pooled, rtol=1e-4, atol=1e-5):
                     return kind
             return None
 
@@ -382,7 +398,7 @@ class FinalLayerSaliency(Attribution):
         else:
             if self.feature_layer not in outputs:
                 raise ValueError(f"feature_layer {self.feature_layer!r} did not return a tensor in the forward pass")
-            if _as_spatial(outputs[self.feature_layer]) is None:
+            if not outputs[self.feature_layer].spatial:
                 raise ValueError(
                     f"feature_layer {self.feature_layer!r} outputs shape {list(outputs[self.feature_layer].shape)}, "
                     "not a spatial map [N, C, H, W] or tokens [N, T, C]; choose a convolutional or token layer"
@@ -392,9 +408,7 @@ class FinalLayerSaliency(Attribution):
         if self.uses_closed_form:
             return
         if self.feature_layer is None:
-            self.feature_layer = self._pick_fallback_layer(
-                inputs, [n for n in order[:cls_pos] if _as_spatial(outputs[n]) is not None]
-            )
+            self.feature_layer = self._pick_fallback_layer(inputs, [n for n in order[:cls_pos] if outputs[n].spatial])
         warnings.warn(
             f"{type(self.model).__name__}: the head is not global-average-pool -> Linear at {self.feature_layer!r}; "
             "FinalLayerSaliency uses the autograd fallback (gradients at the feature layer).",
@@ -467,7 +481,8 @@ class FinalLayerSaliency(Attribution):
             self._resolve(inputs)
         if self.uses_closed_form:
             feats, logits = self._forward_features(inputs)
-            weight = get_module(self.model, self.classifier).weight.to(feats.dtype)  # type: ignore[arg-type]
+            param = get_module(self.model, self.classifier).weight  # type: ignore[arg-type]
+            weight = param.to(feats.dtype)
             tgt = self._targets(target, logits)
             k = tgt.shape[1]
             flat_t = tgt.reshape(-1)
@@ -475,8 +490,8 @@ class FinalLayerSaliency(Attribution):
             w_c = weight[flat_t].reshape(len(inputs), k, -1)  # [N, k, D]
             expected = (q @ weight)[:, None, :]  # [N, 1, D]
             g = w_c - expected
-            disc_mask = self._class_chain_mask(flat_t, "+", weight).reshape(len(inputs), k, -1)
-            conf_mask = self._class_chain_mask(flat_t, "-", weight).reshape(len(inputs), k, -1)
+            disc_mask = self._class_chain_mask(flat_t, "+", param).reshape(len(inputs), k, -1)
+            conf_mask = self._class_chain_mask(flat_t, "-", param).reshape(len(inputs), k, -1)
         else:
             feats, logits, w_c, g, tgt = self._fallback(inputs, target)
             k = tgt.shape[1]
