@@ -11,7 +11,33 @@ from lightning_interp.posterior import GenerativeTask
 __all__ = ["HigherOrderDataModule", "PatchImageDataModule", "SyntheticDataModule", "XORDataModule"]
 
 
-class SyntheticDataModule(pl.LightningDataModule):
+class _SplitLoaders(pl.LightningDataModule):
+    """Loaders over fixed ``train`` / ``val`` / ``test`` splits held in ``self._splits`` (drawn at ``setup``)."""
+
+    _splits: dict[str, TensorDataset]
+    batch_size: int
+    shuffle: bool
+    num_workers: int
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        if not self._splits:
+            self.setup()
+        return DataLoader(self._splits[name], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.shuffle)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", False)
+
+
+class SyntheticDataModule(_SplitLoaders):
     """Fixed train / val / test sets drawn from a :class:`~lightning_interp.posterior.GenerativeTask`.
 
     The three splits are drawn once, at :meth:`setup`, from independent generators derived from
@@ -72,23 +98,6 @@ class SyntheticDataModule(pl.LightningDataModule):
         for offset, (name, n) in enumerate((("train", self.n_train), ("val", self.n_val), ("test", self.n_test))):
             g = torch.Generator().manual_seed(self.seed * 3 + offset)
             self._splits[name] = TensorDataset(*self.task.sample(n, g))
-
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        if not self._splits:
-            self.setup()
-        return DataLoader(self._splits[name], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.shuffle)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
 
 
 class PatchImageDataModule(pl.LightningDataModule):
@@ -184,7 +193,7 @@ class PatchImageDataModule(pl.LightningDataModule):
         return self.val_dataloader()
 
 
-class _SampledDataModule(pl.LightningDataModule):
+class _SampledDataModule(_SplitLoaders):
     """Shared machinery of the order-probing tasks: fixed splits drawn at :meth:`setup` by :meth:`sample`.
 
     Subclasses implement ``_draw(n, generator) -> (x, y, extra)``; ``extra`` (or ``None``) is kept per split in
@@ -239,23 +248,6 @@ class _SampledDataModule(pl.LightningDataModule):
             self._splits[name] = TensorDataset(x, y)
             if extra is not None:
                 self._extra[name] = extra
-
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        if not self._splits:
-            self.setup()
-        return DataLoader(self._splits[name], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.shuffle)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
 
 
 class XORDataModule(_SampledDataModule):
