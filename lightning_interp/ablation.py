@@ -37,12 +37,15 @@ from typing import Literal
 import torch
 import torch.fx
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from lightning_interp.hooks import get_module
 
 __all__ = ["AblationResult", "BayesianAblation", "MaskedForward"]
 
 MAX_EXACT_UNITS = 16
+#: ``method="auto"`` enumerates at least this many masks (d <= 12) exactly rather than sampling.
+AUTO_EXACT_MASKS = 4096
 _MAX_ELEMENTS = 4_000_000
 _LOG2 = math.log(2.0)
 
@@ -59,6 +62,64 @@ def _unit_dim(t: Tensor) -> int:
 def _apply_mask(h: Tensor, masks: Tensor) -> Tensor:
     """``h`` ``[N, ...]`` times every mask of ``masks`` ``[M, d]`` -> ``[M * N, ...]`` (mask-major)."""
     return (h.unsqueeze(0) * _mask_view(h, masks)).reshape(masks.shape[0] * h.shape[0], *h.shape[1:])
+
+
+#: Modules and functions ``f`` with ``f(m * h) = m * f(h)`` for a 0/1 mask ``m`` over channels
+#: (``f(0) = 0``, applied per channel): the mask can be applied after them.
+_MASK_COMMUTING_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.ELU, nn.Hardswish, nn.Hardtanh, nn.Identity,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
+    nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Flatten,
+)  # fmt: skip
+_MASK_COMMUTING_FUNCTIONS = {
+    torch.relu, torch.tanh, torch.flatten, F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.elu, F.hardswish,
+    F.hardtanh, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
+}  # fmt: skip
+_MASK_COMMUTING_METHODS = {"relu", "tanh", "flatten"}
+
+
+def _commutes_with_mask(model: nn.Module, node: torch.fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(model.get_submodule(str(node.target)), _MASK_COMMUTING_MODULES)
+    if node.op == "call_function":
+        return node.target in _MASK_COMMUTING_FUNCTIONS
+    return node.op == "call_method" and node.target in _MASK_COMMUTING_METHODS
+
+
+def _as_list(values: object) -> list[Tensor]:
+    return list(values) if isinstance(values, (tuple, list)) else [values]  # type: ignore[list-item]
+
+
+def _split_graph(
+    root: nn.Module, graph: torch.fx.Graph, node: torch.fx.Node
+) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+    """Split ``graph`` at ``node``: a prefix returning the values the rest needs (``node``'s first) and the suffix."""
+    nodes = list(graph.nodes)
+    after: set[torch.fx.Node] = {node}
+    for n in nodes:
+        if any(a in after for a in n.all_input_nodes):
+            after.add(n)
+    output = next(n for n in nodes if n.op == "output")
+    crossing = [n for n in nodes if n not in after and n.op != "output" and any(u in after and u is not node for u in n.users)]
+    boundary = [node, *crossing]
+    # suffix: placeholders for the boundary values, then every node after the split
+    suffix_graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    for i, n in enumerate(boundary):
+        env[n] = suffix_graph.placeholder(f"boundary_{i}")
+    for n in nodes:
+        if n in after and n is not node and n.op != "output":
+            env[n] = suffix_graph.node_copy(n, lambda a: env[a])
+    suffix_graph.output(torch.fx.graph.map_arg(output.args[0], lambda a: env[a]))
+    # prefix: every node not after the split (plus the split node), returning the boundary values
+    prefix_graph = torch.fx.Graph()
+    penv: dict[torch.fx.Node, torch.fx.Node] = {}
+    for n in nodes:
+        if (n not in after or n is node) and n.op != "output":
+            penv[n] = prefix_graph.node_copy(n, lambda a: penv[a])
+    prefix_graph.output(tuple(penv[n] for n in boundary))
+    return torch.fx.GraphModule(root, prefix_graph), torch.fx.GraphModule(root, suffix_graph)
 
 
 class MaskedForward:
@@ -83,6 +144,9 @@ class MaskedForward:
         self.max_batch = max_batch
         self.suffix: torch.fx.GraphModule | None = None
         self.prefix: torch.fx.GraphModule | None = None
+        self._pushed: list[tuple[str, torch.fx.GraphModule, torch.fx.GraphModule]] = []
+        #: the op after the layer that the mask is applied after (``None``: at the layer itself)
+        self.mask_after: str | None = None
         if split:
             try:
                 self._split()
@@ -93,6 +157,7 @@ class MaskedForward:
                     stacklevel=2,
                 )
                 self.prefix = self.suffix = None
+                self._pushed = []
 
     @property
     def is_split(self) -> bool:
@@ -102,42 +167,55 @@ class MaskedForward:
         tracer = torch.fx.Tracer()
         tracer.is_leaf_module = lambda m, qualname: qualname == self.layer or torch.fx.Tracer.is_leaf_module(tracer, m, qualname)  # type: ignore[method-assign]
         graph = tracer.trace(self.model)
-        root = self.model
-        nodes = list(graph.nodes)
-        targets = [n for n in nodes if n.op == "call_module" and n.target == self.layer]
+        targets = [n for n in graph.nodes if n.op == "call_module" and n.target == self.layer]
         if len(targets) != 1:
             raise RuntimeError(f"layer {self.layer!r} is called {len(targets)} times in the traced graph")
         layer_node = targets[0]
-        after: set[torch.fx.Node] = {layer_node}
-        for n in nodes:
-            if any(a in after for a in n.all_input_nodes):
-                after.add(n)
-        output = next(n for n in nodes if n.op == "output")
-        boundary = [layer_node] + [
-            n for n in nodes if n not in after and n.op != "output" and any(u in after and u is not layer_node for u in n.users)
-        ]
-        # suffix: placeholders for the boundary values, then every node after the layer
-        suffix_graph = torch.fx.Graph()
-        env: dict[torch.fx.Node, torch.fx.Node] = {}
-        for i, n in enumerate(boundary):
-            env[n] = suffix_graph.placeholder(f"boundary_{i}")
-        for n in nodes:
-            if n in after and n is not layer_node and n.op != "output":
-                env[n] = suffix_graph.node_copy(n, lambda a: env[a])
-        suffix_graph.output(torch.fx.graph.map_arg(output.args[0], lambda a: env[a]))
-        # prefix: every node not after the layer (plus the layer), returning the boundary values
-        prefix_graph = torch.fx.Graph()
-        penv: dict[torch.fx.Node, torch.fx.Node] = {}
-        for n in nodes:
-            if (n not in after or n is layer_node) and n.op != "output":
-                penv[n] = prefix_graph.node_copy(n, lambda a: penv[a])
-        prefix_graph.output(tuple(penv[n] for n in boundary))
-        self.prefix = torch.fx.GraphModule(root, prefix_graph)
-        self.suffix = torch.fx.GraphModule(root, suffix_graph)
+        self.prefix, self.suffix = _split_graph(self.model, graph, layer_node)
+        # push the mask past the ops after the layer that commute with zeroing a channel (ReLU, pooling,
+        # flatten of a pooled map, ...): they then run once per probe batch instead of once per mask.
+        # Candidates furthest first; the first call of prepare() keeps the first one that checks out.
+        node = layer_node
+        while len(node.users) == 1:
+            user = next(iter(node.users))
+            if user.all_input_nodes != [node] or not _commutes_with_mask(self.model, user):
+                break
+            node = user
+            self._pushed.insert(0, (getattr(node.target, "__name__", str(node.target)), *_split_graph(self.model, graph, node)))
+
+    def _choose_push(self, inputs: Tensor) -> None:
+        """Keep the furthest push that has the layer's unit count and gives the same logits on random masks."""
+        candidates, self._pushed = self._pushed, []
+        if self.prefix is None or self.suffix is None:
+            return
+        x = inputs[:8]
+        plain = _as_list(self.prefix(x))
+        h = plain[0]
+        d, n, k = h.shape[_unit_dim(h)], x.shape[0], 8
+        masks = torch.rand(k, d, generator=torch.Generator().manual_seed(0)).to(h.device) < 0.5
+        masks[0] = True
+
+        def run(suffix: torch.fx.GraphModule, vals: list[Tensor]) -> Tensor:
+            rest = [v.unsqueeze(0).expand(k, *v.shape).reshape(k * n, *v.shape[1:]) for v in vals[1:]]
+            return suffix(_apply_mask(vals[0], masks), *rest)
+
+        reference = run(self.suffix, plain)
+        for name, prefix, suffix in candidates:
+            values = _as_list(prefix(x))
+            hp = values[0]
+            if hp.ndim < 2 or hp.shape[:1] != x.shape[:1] or hp.shape[_unit_dim(hp)] != d:
+                continue
+            out = run(suffix, values)
+            # bitwise on CPU; GPU kernels may reorder sums
+            if torch.equal(out, reference) or (out.device.type != "cpu" and torch.allclose(out, reference, rtol=1e-5, atol=1e-6)):
+                self.prefix, self.suffix, self.mask_after = prefix, suffix, name
+                return
 
     @torch.no_grad()
     def prepare(self, inputs: Tensor) -> list[Tensor]:
         """Values the part after the layer needs (the layer output first), for one probe batch."""
+        if self._pushed:
+            self._choose_push(inputs)
         if self.prefix is not None:
             values = self.prefix(inputs)
             values = list(values) if isinstance(values, (tuple, list)) else [values]
@@ -148,7 +226,7 @@ class MaskedForward:
 
     @torch.no_grad()
     def predictions(self, prepared: list[Tensor], masks: Tensor) -> Tensor:
-        """Predicted class ``[M, N]`` for every mask ``[M, d]`` and probe example."""
+        """Predicted class ``[M, N]`` for every mask ``[M, d]`` and probe example (of ``prepared``)."""
         n = prepared[0].shape[0]
         # rows per forward pass: at most max_batch, and at most ~4M layer-output elements (wide rows stay in cache)
         row_elems = max(1, prepared[0][0].numel())
@@ -217,7 +295,7 @@ class AblationResult:
         mask_entropy_bits: ``H(M)`` per task ``[T]`` (exact runs; NaN under MCMC).
         full_accuracy: smoothed accuracy ``p_t`` with no unit ablated ``[T]``.
         method: ``"exact"`` or ``"mcmc"``.
-        num_evaluations: masks evaluated (each on every probe example).
+        num_evaluations: masks evaluated (exact: each on every probe example; MCMC: each on its task's examples).
         top_masks: per task, the most probable masks ``[k, d]`` (exact runs).
         top_probs: their posterior probabilities ``[k]``.
         acceptance_rate: per task (MCMC).
@@ -307,8 +385,8 @@ class BayesianAblation:
         model: a classifier returning logits.
         layer: ``named_modules()`` path of the layer whose units (channels) are ablated.
         method: ``"exact"`` (all ``2^d`` masks, ``d <= 16``), ``"mcmc"`` (parallel Metropolis chains of
-            single-unit flips), or ``"auto"`` (exact when ``d <= 16`` and ``2^d`` is at most the MCMC
-            budget ``num_chains * num_steps``).
+            single-unit flips), or ``"auto"`` (exact when ``d <= 12``, or when ``d <= 16`` and ``2^d`` is at
+            most the MCMC budget ``num_chains * (num_steps + 1)``).
         prior_keep: prior probability that a unit is kept (0.5: uniform prior over masks).
         num_chains: MCMC chains per task.
         num_steps: MCMC steps per chain (including burn-in).
@@ -434,24 +512,40 @@ class BayesianAblation:
         d = self.forward.num_units(prepared)
         method = self.method
         if method == "auto":
-            method = "exact" if d <= MAX_EXACT_UNITS and 2**d <= self.num_chains * self.num_steps else "mcmc"
+            budget = max(AUTO_EXACT_MASKS, self.num_chains * (self.num_steps + 1))
+            method = "exact" if d <= MAX_EXACT_UNITS and 2**d <= budget else "mcmc"
         if method == "exact" and d > MAX_EXACT_UNITS:
             raise ValueError(f"exact enumeration needs d <= {MAX_EXACT_UNITS} units, {self.layer!r} has {d}; use method='mcmc'")
         member_f = member.to(torch.float64)
         n_t = member_f.sum(dim=0)
 
         def log_odds(masks: Tensor) -> Tensor:
-            """``log O_t(m)`` ``[M, T]``."""
+            """``log O_t(m)`` ``[M, T]`` of every mask for every task."""
             correct = (self.forward.predictions(prepared, masks) == y[None, :]).to(torch.float64)
             k = correct @ member_f
             p = (k + 1) / (n_t + 2)
+            return torch.log(p) - torch.log1p(-p)
+
+        # MCMC scores a chain's mask on its own task only, so each task's chains see only its examples
+        rows = [torch.nonzero(member[:, t]).flatten() for t in range(member.shape[1])]
+        task_prepared = [[v[r] for v in prepared] for r in rows]
+
+        def own_log_odds(masks: Tensor) -> Tensor:
+            """``log O_t(m)`` ``[T, C]`` of the masks ``[T, C, d]`` of task ``t``'s chains."""
+            k = torch.stack(
+                [
+                    (self.forward.predictions(task_prepared[t], masks[t]) == y[rows[t]][None, :]).to(torch.float64).sum(dim=1)
+                    for t in range(masks.shape[0])
+                ]
+            )
+            p = (k + 1) / (n_t[:, None] + 2)
             return torch.log(p) - torch.log1p(-p)
 
         full_acc = ((full[0] == y).to(torch.float64) @ member_f + 1) / (n_t + 2)
         if method == "exact":
             result = self._exact(log_odds, d, device)
         else:
-            result = self._mcmc(log_odds, d, len(names), device)
+            result = self._mcmc(own_log_odds, d, len(names), device)
         result.tasks = names
         result.full_accuracy = full_acc
         result.split = self.forward.is_split
@@ -498,16 +592,13 @@ class BayesianAblation:
             top_probs=[top.values[:, t] for t in range(p.shape[1])],
         )
 
-    def _mcmc(self, log_odds, d: int, num_tasks: int, device: torch.device) -> AblationResult:  # type: ignore[no-untyped-def]
+    def _mcmc(self, own_log_odds, d: int, num_tasks: int, device: torch.device) -> AblationResult:  # type: ignore[no-untyped-def]
         c, g = self.num_chains, self.generator
         state = torch.rand(num_tasks, c, d, generator=g) < self.prior_keep  # prior draws
         state = state.to(device)
-        task_idx = torch.arange(num_tasks, device=device)[:, None].expand(num_tasks, c).reshape(-1)
 
         def score(masks: Tensor) -> Tensor:  # [T, C]
-            lo = log_odds(masks.reshape(-1, d))  # [T*C, T]
-            own = lo[torch.arange(lo.shape[0], device=device), task_idx].reshape(num_tasks, c)
-            return own + self._log_prior(masks)
+            return own_log_odds(masks) + self._log_prior(masks)
 
         current = score(state)
         kept = self.num_steps - self.burn_in

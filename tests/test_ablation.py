@@ -138,6 +138,61 @@ def test_split_handles_skip_connections_and_conv_channels() -> None:
     assert torch.equal(mfc.predictions(mfc.prepare(xi), m)[0], ref)
 
 
+class _TokenPool(nn.Module):
+    """Token output ``[N, T, C]`` (units on the last dim), then a shape-keeping ``MaxPool1d`` that mixes units."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, 6)
+        self.act = nn.ReLU()
+        self.pool = nn.MaxPool1d(3, stride=1, padding=1)
+        self.head = nn.Linear(4 * 6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.act(self.embed(x))).flatten(1))
+
+
+def test_mask_is_pushed_past_commuting_ops_only_when_exact() -> None:
+    """The mask moves past ReLU / pooling / flatten when that gives identical logits, and only then."""
+    torch.manual_seed(3)
+    cases = [
+        # conv block -> ReLU -> max pool -> GAP -> flatten -> Linear: pushed to after the flatten
+        (nn.Sequential(nn.Conv2d(1, 5, 3), nn.Identity(), nn.ReLU(), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                       nn.Linear(5, 3)), "1", torch.randn(30, 1, 8, 8), "5"),
+        # flatten of an unpooled map changes the unit count: the push stops being valid, plain split kept
+        (nn.Sequential(nn.Conv2d(1, 4, 3), nn.Identity(), nn.Flatten(), nn.Linear(4 * 36, 3)), "1", torch.randn(30, 1, 8, 8),
+         None),
+        # MaxPool1d on a token output pools over neighbouring units (same shape, other logits): pushed past the ReLU only
+        (_TokenPool(), "embed", torch.randn(30, 4, 3), "act"),
+    ]  # fmt: skip
+    for model, layer, x, expect in cases:
+        model.eval()
+        masks = torch.rand(16, {"5": 5, None: 4, "act": 6}[expect]) > 0.5
+        split = MaskedForward(model, layer)
+        whole = MaskedForward(model, layer, split=False)
+        got = split.predictions(split.prepare(x), masks)
+        assert split.mask_after == expect
+        assert torch.equal(got, whole.predictions(whole.prepare(x), masks))
+        assert count_hooks(model) == 0
+
+
+def test_mcmc_per_task_rows_match_whole_forward() -> None:
+    """Chains scored on their own task's examples only give the same chains as full evaluation."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(1, 20, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(20, 3)).eval()
+    x = torch.randn(60, 1, 6, 6)
+    y = torch.arange(60) % 3
+    runs = [
+        BayesianAblation(model, "1", method="mcmc", num_chains=4, num_steps=60, burn_in=10, split=split,
+                         generator=torch.Generator().manual_seed(0)).fit(x, y)
+        for split in (True, False)
+    ]  # fmt: skip
+    assert runs[0].method == "mcmc" and runs[0].split and not runs[1].split
+    assert len(runs[0].tasks) == len(set(y.tolist())) > 1
+    assert torch.equal(runs[0].importance, runs[1].importance)
+    assert torch.equal(runs[0].acceptance_rate, runs[1].acceptance_rate)
+
+
 def test_mcmc_agrees_with_exact_on_ten_units() -> None:
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(5, 10), nn.ReLU(), nn.Linear(10, 3)).eval()
