@@ -39,7 +39,7 @@ import torch.fx
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lightning_interp.hooks import get_module
+from lightning_interp.hooks import as_list, get_module, split_graph, trace_at
 
 __all__ = ["AblationResult", "BayesianAblation", "MaskedForward"]
 
@@ -87,41 +87,6 @@ def _commutes_with_mask(model: nn.Module, node: torch.fx.Node) -> bool:
     return node.op == "call_method" and node.target in _MASK_COMMUTING_METHODS
 
 
-def _as_list(values: object) -> list[Tensor]:
-    return list(values) if isinstance(values, (tuple, list)) else [values]  # type: ignore[list-item]
-
-
-def _split_graph(
-    root: nn.Module, graph: torch.fx.Graph, node: torch.fx.Node
-) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
-    """Split ``graph`` at ``node``: a prefix returning the values the rest needs (``node``'s first) and the suffix."""
-    nodes = list(graph.nodes)
-    after: set[torch.fx.Node] = {node}
-    for n in nodes:
-        if any(a in after for a in n.all_input_nodes):
-            after.add(n)
-    output = next(n for n in nodes if n.op == "output")
-    crossing = [n for n in nodes if n not in after and n.op != "output" and any(u in after and u is not node for u in n.users)]
-    boundary = [node, *crossing]
-    # suffix: placeholders for the boundary values, then every node after the split
-    suffix_graph = torch.fx.Graph()
-    env: dict[torch.fx.Node, torch.fx.Node] = {}
-    for i, n in enumerate(boundary):
-        env[n] = suffix_graph.placeholder(f"boundary_{i}")
-    for n in nodes:
-        if n in after and n is not node and n.op != "output":
-            env[n] = suffix_graph.node_copy(n, lambda a: env[a])
-    suffix_graph.output(torch.fx.graph.map_arg(output.args[0], lambda a: env[a]))
-    # prefix: every node not after the split (plus the split node), returning the boundary values
-    prefix_graph = torch.fx.Graph()
-    penv: dict[torch.fx.Node, torch.fx.Node] = {}
-    for n in nodes:
-        if (n not in after or n is node) and n.op != "output":
-            penv[n] = prefix_graph.node_copy(n, lambda a: penv[a])
-    prefix_graph.output(tuple(penv[n] for n in boundary))
-    return torch.fx.GraphModule(root, prefix_graph), torch.fx.GraphModule(root, suffix_graph)
-
-
 class MaskedForward:
     """Evaluate a model with a layer's units masked, for many masks per forward pass.
 
@@ -164,14 +129,8 @@ class MaskedForward:
         return self.suffix is not None
 
     def _split(self) -> None:
-        tracer = torch.fx.Tracer()
-        tracer.is_leaf_module = lambda m, qualname: qualname == self.layer or torch.fx.Tracer.is_leaf_module(tracer, m, qualname)  # type: ignore[method-assign]
-        graph = tracer.trace(self.model)
-        targets = [n for n in graph.nodes if n.op == "call_module" and n.target == self.layer]
-        if len(targets) != 1:
-            raise RuntimeError(f"layer {self.layer!r} is called {len(targets)} times in the traced graph")
-        layer_node = targets[0]
-        self.prefix, self.suffix = _split_graph(self.model, graph, layer_node)
+        graph, layer_node = trace_at(self.model, self.layer)
+        self.prefix, self.suffix = split_graph(self.model, graph, layer_node)
         # push the mask past the ops after the layer that commute with zeroing a channel (ReLU, pooling,
         # flatten of a pooled map, ...): they then run once per probe batch instead of once per mask.
         # Candidates furthest first; the first call of prepare() keeps the first one that checks out.
@@ -181,7 +140,7 @@ class MaskedForward:
             if user.all_input_nodes != [node] or not _commutes_with_mask(self.model, user):
                 break
             node = user
-            self._pushed.insert(0, (getattr(node.target, "__name__", str(node.target)), *_split_graph(self.model, graph, node)))
+            self._pushed.insert(0, (getattr(node.target, "__name__", str(node.target)), *split_graph(self.model, graph, node)))
 
     def _choose_push(self, inputs: Tensor) -> None:
         """Keep the furthest push that has the layer's unit count and gives the same logits on random masks."""
@@ -189,7 +148,7 @@ class MaskedForward:
         if self.prefix is None or self.suffix is None:
             return
         x = inputs[:8]
-        plain = _as_list(self.prefix(x))
+        plain = as_list(self.prefix(x))
         h = plain[0]
         d, n, k = h.shape[_unit_dim(h)], x.shape[0], 8
         masks = torch.rand(k, d, generator=torch.Generator().manual_seed(0)).to(h.device) < 0.5
@@ -201,7 +160,7 @@ class MaskedForward:
 
         reference = run(self.suffix, plain)
         for name, prefix, suffix in candidates:
-            values = _as_list(prefix(x))
+            values = as_list(prefix(x))
             hp = values[0]
             if hp.ndim < 2 or hp.shape[:1] != x.shape[:1] or hp.shape[_unit_dim(hp)] != d:
                 continue

@@ -13,7 +13,8 @@ or ``N(mu_bar, Sigma_bar)`` (order 0), and the forward pass continues: ``acc_rea
 acc_0 ~ chance`` up to noise, and ``higher_order_gap = acc_real - acc_2`` is what orders above two carry.
 
 This module provides :class:`ClassMoments` (streaming, mergeable float64 moments; a low-rank-plus-
-diagonal mode for wide layers), :func:`surrogate_accuracy`, the analytic Gaussian-closure propagation
+diagonal mode for wide layers), :func:`gaussian_surrogates` (exact surrogate draws from a layer's probe
+samples, no covariance matrix), :class:`LayerReplacement`, :func:`surrogate_accuracy`, the analytic Gaussian-closure propagation
 :func:`propagate_moments` through ``Linear`` / ``Flatten`` / ``Identity`` / ``ReLU`` / :class:`Quadratic`,
 :func:`theory_accuracy`, and non-Gaussianity diagnostics. It is pure torch: it never imports Lightning.
 """
@@ -27,11 +28,13 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_interp.hooks import get_module
+from lightning_interp.hooks import as_list, get_module, split_at
 
 __all__ = [
     "ClassMoments",
+    "LayerReplacement",
     "Quadratic",
+    "gaussian_surrogates",
     "propagate_moments",
     "relu_moments",
     "surrogate_accuracy",
@@ -85,6 +88,8 @@ class ClassMoments:
         num_classes: number of classes ``K``.
         max_dim: widest layer kept in full; wider layers use the low-rank-plus-diagonal mode.
         rank: sketch rank of the low-rank mode.
+        covariances: accumulate second moments between units (``False`` keeps only per-unit moments:
+            means, variances and kurtosis, for example next to :func:`gaussian_surrogates`).
 
     Example:
         >>> m = ClassMoments(2)
@@ -93,10 +98,10 @@ class ClassMoments:
         torch.Size([3, 3])
     """
 
-    def __init__(self, num_classes: int, max_dim: int = 2048, rank: int = 64) -> None:
+    def __init__(self, num_classes: int, max_dim: int = 2048, rank: int = 64, covariances: bool = True) -> None:
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        self.num_classes, self.max_dim, self.rank = num_classes, max_dim, rank
+        self.num_classes, self.max_dim, self.rank, self.covariances = num_classes, max_dim, rank, covariances
         self.dim: int | None = None
         self.count = torch.zeros(num_classes, dtype=torch.float64)
         self.sum: Tensor | None = None
@@ -105,6 +110,7 @@ class ClassMoments:
         self.diag: Tensor | None = None  # [K, D] sum of squares
         self.third: Tensor | None = None
         self.fourth: Tensor | None = None
+        self._cache: dict[object, object] = {}  # factorizations, cleared by update() and merge()
 
     @property
     def low_rank(self) -> bool:
@@ -116,6 +122,8 @@ class ClassMoments:
         z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
         self.count = self.count.to(device)
         self.sum, self.diag, self.third, self.fourth = z(k, dim), z(k, dim), z(k, dim), z(k, dim)
+        if not self.covariances:
+            return
         if self.low_rank:
             self.sketch = [z(0, dim) for _ in range(k)]
         else:
@@ -133,16 +141,20 @@ class ClassMoments:
             raise ValueError(f"labels must have shape [{x.shape[0]}], got {list(labels.shape)}")
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise ValueError(f"labels must lie in [0, {self.num_classes})")
+        self._cache.clear()
         if self.dim is None:
             self._init(x.shape[1], x.device)
         elif x.shape[1] != self.dim:
             raise ValueError(f"features have {x.shape[1]} dims, earlier batches {self.dim}")
         onehot = torch.nn.functional.one_hot(labels, self.num_classes).to(torch.float64).T  # [K, N]
         self.count += onehot.sum(dim=1)
+        x2 = x * x
         self.sum += onehot @ x
-        self.diag += onehot @ (x * x)
-        self.third += onehot @ (x**3)
-        self.fourth += onehot @ (x**4)
+        self.diag += onehot @ x2
+        self.third += onehot @ (x2 * x)
+        self.fourth += onehot @ (x2 * x2)
+        if not self.covariances:
+            return
         if self.low_rank:
             for c in range(self.num_classes):
                 rows = x[labels == c]
@@ -155,13 +167,21 @@ class ClassMoments:
                     self.second[c] += rows.T @ rows  # type: ignore[index]
 
     def _shrink(self, b: Tensor) -> Tensor:
-        """Frequent-Directions shrink of a sketch to at most ``2 * rank`` rows."""
+        """Frequent-Directions shrink of a sketch to at most ``2 * rank`` rows.
+
+        The right singular vectors come from the eigen-decomposition of the small Gram matrix ``B B^T``
+        (``m x m``, ``m <= 2 * rank + batch``): the same shrink as an SVD of ``B`` at a fraction of the cost
+        for wide layers. Directions with ``s^2 <= s_rank^2`` are dropped by the shrink anyway, so the
+        squared condition number of the Gram matrix does not matter.
+        """
         if b.shape[0] <= 2 * self.rank:
             return b
-        _, s, vh = torch.linalg.svd(b, full_matrices=False)
-        delta = s[self.rank] ** 2 if s.numel() > self.rank else 0.0
-        s2 = (s[: self.rank] ** 2 - delta).clamp_min(0)
-        return s2.sqrt()[:, None] * vh[: self.rank]
+        evals, evecs = torch.linalg.eigh(b @ b.T)  # ascending
+        s2, u = evals.flip(0).clamp_min(0), evecs.flip(1)
+        delta = s2[self.rank]
+        keep = s2[: self.rank]
+        scale = torch.where(keep > delta, ((keep - delta) / keep.clamp_min(1e-300)).sqrt(), torch.zeros_like(keep))
+        return scale[:, None] * (u[:, : self.rank].T @ b)
 
     def merge(self, other: ClassMoments) -> ClassMoments:
         """Add ``other``'s data to this accumulator (exact in full mode). Returns ``self``."""
@@ -169,11 +189,14 @@ class ClassMoments:
             return self
         if self.dim is None:
             self._init(other.dim, other.sum.device)  # type: ignore[union-attr]
-        if other.dim != self.dim or other.num_classes != self.num_classes:
+        if other.dim != self.dim or other.num_classes != self.num_classes or other.covariances != self.covariances:
             raise ValueError("cannot merge moments of different shapes")
+        self._cache.clear()
         self.count += other.count
         for name in ("sum", "diag", "third", "fourth"):
             getattr(self, name).add_(getattr(other, name))
+        if not self.covariances:
+            return self
         if self.low_rank:
             self.sketch = [self._shrink(torch.cat([a, b])) for a, b in zip(self.sketch, other.sketch, strict=True)]  # type: ignore[arg-type]
         else:
@@ -184,6 +207,8 @@ class ClassMoments:
     def _check(self, c: int | None = None, minimum: int = 2) -> None:
         if self.dim is None:
             raise ValueError("no data: call update() first")
+        if minimum > 1 and not self.covariances:
+            raise ValueError("these moments were accumulated with covariances=False; use ClassMoments(..., covariances=True)")
         counts = self.count if c is None else self.count[c : c + 1]
         if (counts < minimum).any():
             bad = [int(i) for i in torch.nonzero(self.count < minimum).flatten()] if c is None else [c]
@@ -229,6 +254,8 @@ class ClassMoments:
         exact marginal variances.
         """
         self._check(c)
+        if ("factor", c) in self._cache:
+            return self._cache[("factor", c)]  # type: ignore[return-value]
         n = self.count[c]
         mu = self.mean(c)
         b = self.sketch[c]  # type: ignore[index]
@@ -240,6 +267,7 @@ class ClassMoments:
         u = q @ (evecs * evals.clamp_min(0).sqrt())
         var = (self.diag[c] - n * mu * mu) / (n - 1)  # type: ignore[index]
         d = (var - (u * u).sum(1)).clamp_min(0)
+        self._cache[("factor", c)] = (u, d)
         return u, d
 
     def pooled_covariance_factor(self) -> tuple[Tensor, Tensor]:
@@ -270,41 +298,53 @@ class ClassMoments:
         return k[~k.isnan()].abs().mean() if (~k.isnan()).any() else torch.tensor(math.nan, dtype=torch.float64)
 
     # ------------------------------------------------------------------ sampling
-    def _sampler(self, mean: Tensor, cov_or_factor: Tensor | tuple[Tensor, Tensor]):  # type: ignore[no-untyped-def]
-        if isinstance(cov_or_factor, tuple):
-            u, d = cov_or_factor
-            return lambda n, g: (
-                mean
-                + (torch.randn(n, u.shape[1], generator=g, dtype=torch.float64).to(mean.device) @ u.T)
-                + (torch.randn(n, u.shape[0], generator=g, dtype=torch.float64).to(mean.device) * d.sqrt())
-            )
-        evals, evecs = torch.linalg.eigh(cov_or_factor)
-        root = evecs * evals.clamp_min(0).sqrt()
-        return lambda n, g: mean + torch.randn(n, root.shape[1], generator=g, dtype=torch.float64).to(mean.device) @ root.T
+    def _root(self, key: int | str) -> Tensor:
+        """``R`` with ``R R^T = Sigma`` (PSD part, by eigen-decomposition) of class ``key`` or ``"pooled"`` (full mode)."""
+        if ("root", key) not in self._cache:
+            evals, evecs = torch.linalg.eigh(self._pooled() if key == "pooled" else self.covariance(key))  # type: ignore[arg-type]
+            self._cache[("root", key)] = evecs * evals.clamp_min(0).sqrt()
+        return self._cache[("root", key)]  # type: ignore[return-value]
 
-    def sample(self, labels: Tensor, order: int, generator: torch.Generator | None = None) -> Tensor:
-        """Gaussian surrogate draws ``[N, D]`` (float64) for examples of classes ``labels``.
+    def _pooled(self) -> Tensor | tuple[Tensor, Tensor]:
+        if "pooled" not in self._cache:
+            self._cache["pooled"] = self.pooled_covariance_factor() if self.low_rank else self.pooled_covariance()
+        return self._cache["pooled"]  # type: ignore[return-value]
+
+    def sample(
+        self, labels: Tensor, order: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64
+    ) -> Tensor:
+        """Gaussian surrogate draws ``[N, D]`` for examples of classes ``labels``.
+
+        Factorizations are computed in float64 and cached until the next :meth:`update` or :meth:`merge`,
+        so the three orders of one layer share them; the draws themselves are made in ``dtype``.
 
         Args:
             labels: class of each example ``[N]``.
             order: 2 ``N(mu_c, Sigma_c)``, 1 ``N(mu_c, Sigma_bar)``, 0 ``N(mu_bar, Sigma_bar)``.
             generator: a CPU ``torch.Generator``.
+            dtype: floating dtype of the draws (float64 by default; the model's dtype is enough for
+                surrogate accuracies).
         """
         if order not in (0, 1, 2):
             raise ValueError(f"order must be 0, 1 or 2, got {order}")
         labels = labels.long()
-        out = torch.empty(len(labels), self.dim, dtype=torch.float64, device=self.sum.device)  # type: ignore[arg-type, union-attr]
-        pooled = None
-        if order < 2:
-            pooled = self.pooled_covariance_factor() if self.low_rank else self.pooled_covariance()
+        device = self.sum.device  # type: ignore[union-attr]
+        out = torch.empty(len(labels), self.dim, dtype=dtype, device=device)  # type: ignore[arg-type]
         for c in sorted(set(labels.tolist())):
-            idx = torch.nonzero(labels.to(out.device) == c).flatten()
-            if order == 2:
-                cov = self.covariance_factor(c) if self.low_rank else self.covariance(c)
-                draw = self._sampler(self.mean(c), cov)
+            idx = torch.nonzero(labels.to(device) == c).flatten()
+            n = len(idx)
+            mean = self.overall_mean() if order == 0 else self.mean(c)
+            if self.low_rank:
+                u, d = self.covariance_factor(c) if order == 2 else self._pooled()  # type: ignore[misc]
+                draw = (
+                    mean.to(dtype)
+                    + torch.randn(n, u.shape[1], generator=generator, dtype=dtype).to(device) @ u.T.to(dtype)
+                    + torch.randn(n, u.shape[0], generator=generator, dtype=dtype).to(device) * d.sqrt().to(dtype)
+                )
             else:
-                draw = self._sampler(self.mean(c) if order == 1 else self.overall_mean(), pooled)  # type: ignore[arg-type]
-            out[idx] = draw(len(idx), generator)
+                root = self._root(c if order == 2 else "pooled").to(dtype)
+                draw = mean.to(dtype) + torch.randn(n, root.shape[1], generator=generator, dtype=dtype).to(device) @ root.T
+            out[idx] = draw
         return out
 
 
@@ -339,6 +379,135 @@ def layer_outputs(model: nn.Module, layers: Sequence[str], inputs: Tensor) -> tu
     return store, logits
 
 
+def gaussian_surrogates(
+    features: Tensor,
+    labels: Tensor,
+    order: Literal[0, 1, 2] | Sequence[int],
+    generator: torch.Generator | None = None,
+) -> Tensor | list[Tensor]:
+    """Exact draws from the order-``order`` Gaussian surrogates of a layer, made from its own samples.
+
+    For the probe examples ``x_i`` (``features`` ``[N, ...]``) of classes ``labels``, a draw for example
+    ``i`` of class ``c`` is ``m + sum_j z_j v_j`` with ``z ~ N(0, I)`` and ``v_j`` the centred samples
+    scaled so that ``sum_j v_j v_j^T`` is the unbiased covariance: the class's own samples
+    (``(x_j - mu_c) / sqrt(n_c - 1)``) for order 2, all samples (``(x_j - mu_{y_j}) / sqrt(N - K)``, the
+    pooled within-class covariance) for orders 1 and 0; ``m`` is ``mu_c`` (orders 2, 1) or the overall mean
+    (order 0). The draws follow ``N(m, Sigma)`` exactly, with the sample moments of ``features``, for
+    layers of any width (no covariance matrix, factorization or low-rank approximation): the cost is
+    ``sum_c n_c^2 D`` (order 2) or ``N^2 D`` (orders 1, 0) multiply-adds in the features' dtype. Asked
+    for orders 1 and 0 together, both use the same pooled noise (each is exactly distributed; their
+    accuracies become common-random-number estimates) and the ``N^2 D`` product is paid once.
+
+    Args:
+        features: a layer's outputs on probe data ``[N, ...]`` (floating point).
+        labels: their classes ``[N]``; each class present needs at least two examples.
+        order: 2 ``N(mu_c, Sigma_c)``, 1 ``N(mu_c, Sigma_bar)``, 0 ``N(mu_bar, Sigma_bar)``, or a
+            sequence of orders.
+        generator: a CPU ``torch.Generator`` for ``z``.
+
+    Returns:
+        Draws with the shape, dtype and device of ``features`` (a list of them for a sequence of orders).
+
+    Example:
+        >>> x, y = torch.randn(200, 3), torch.arange(200) % 2
+        >>> gaussian_surrogates(x, y, 2, torch.Generator().manual_seed(0)).shape
+        torch.Size([200, 3])
+    """
+    orders = [order] if isinstance(order, int) else list(order)
+    if any(o not in (0, 1, 2) for o in orders):
+        raise ValueError(f"order must be 0, 1 or 2, got {order}")
+    if not isinstance(features, Tensor) or not features.is_floating_point():
+        raise TypeError(f"features must be a floating-point tensor, got {getattr(features, 'dtype', type(features).__name__)}")
+    x = features.detach().reshape(features.shape[0], -1)
+    labels = labels.to(x.device).long()
+    if labels.shape != (x.shape[0],):
+        raise ValueError(f"labels must have shape [{x.shape[0]}], got {list(labels.shape)}")
+    classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    if (counts < 2).any():
+        raise ValueError(f"class(es) {classes[counts < 2].tolist()} have fewer than 2 examples; draw a larger probe set")
+    onehot = torch.nn.functional.one_hot(inverse, len(classes)).to(torch.float64)  # [N, K]
+    means64 = (onehot.T @ x.to(torch.float64)) / counts[:, None].to(torch.float64)  # [K, D]
+    centred = x - means64.to(x.dtype)[inverse]
+    draws: dict[int, Tensor] = {}
+    if 2 in orders:
+        out = torch.empty_like(x)
+        for k in range(len(classes)):
+            idx = torch.nonzero(inverse == k).flatten()
+            z = torch.randn(len(idx), len(idx), generator=generator, dtype=x.dtype).to(x.device)
+            out[idx] = means64[k].to(x.dtype) + (z @ centred[idx]) / math.sqrt(len(idx) - 1)
+        draws[2] = out
+    if 1 in orders or 0 in orders:
+        n = x.shape[0]
+        z = torch.randn(n, n, generator=generator, dtype=x.dtype).to(x.device)
+        noise = (z @ centred) / math.sqrt(n - len(classes))
+        if 1 in orders:
+            draws[1] = means64.to(x.dtype)[inverse] + noise
+        if 0 in orders:
+            draws[0] = ((means64 * counts[:, None]).sum(0) / n).to(x.dtype) + noise
+    shaped = [draws[o].reshape(features.shape) for o in orders]
+    return shaped[0] if isinstance(order, int) else shaped
+
+
+class LayerReplacement:
+    """Run a model with one layer's output replaced, computing the part before the layer once.
+
+    Where ``torch.fx`` can split the model at ``layer`` (:func:`~lightning_interp.hooks.split_at`),
+    :meth:`prepare` runs the part up to the layer once per probe batch and each call runs only the
+    rest; otherwise each call is a whole forward pass with a forward hook that returns the replacement.
+    ``layer="input"`` replaces the model input.
+
+    Args:
+        model: the classifier.
+        layer: ``named_modules()`` path, or ``"input"``.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> run = LayerReplacement(model, "1")
+        >>> run.prepare(torch.randn(5, 3))
+        >>> run(torch.zeros(5, 4)).shape
+        torch.Size([5, 2])
+    """
+
+    def __init__(self, model: nn.Module, layer: str) -> None:
+        self.model, self.layer = model, layer
+        self.split: tuple[torch.fx.GraphModule, torch.fx.GraphModule] | None = None
+        if layer != INPUT:
+            get_module(model, layer)
+            try:
+                self.split = split_at(model, layer)
+            except Exception:  # tracing arbitrary user models can fail in many ways: hooks work everywhere
+                self.split = None
+        # whether values other than the layer's output cross the split (skip connections): only then
+        # does prepare() run the part before the layer
+        out_node = next(n for n in self.split[0].graph.nodes if n.op == "output") if self.split is not None else None
+        self._crossing = out_node is not None and len(out_node.args[0]) > 1
+        self._inputs: Tensor | None = None
+        self._rest: list[Tensor] = []
+
+    def prepare(self, inputs: Tensor) -> None:
+        """Fix the probe inputs (and compute what the rest of the model needs besides the layer)."""
+        self._inputs = inputs
+        self._rest = as_list(self.split[0](inputs))[1:] if self.split is not None and self._crossing else []
+
+    def __call__(self, replacement: Tensor) -> Tensor:
+        """Logits with the layer's output replaced by ``replacement`` (the layer's output shape)."""
+        if self._inputs is None:
+            raise RuntimeError("call prepare(inputs) first")
+        if self.layer == INPUT:
+            return self.model(replacement.to(self._inputs.dtype).reshape(self._inputs.shape))
+        if self.split is not None:
+            return self.split[1](replacement, *self._rest)
+
+        def hook(_m: nn.Module, _i: tuple, out: Tensor) -> Tensor:
+            return replacement.to(device=out.device, dtype=out.dtype).reshape(out.shape)
+
+        handle = get_module(self.model, self.layer).register_forward_hook(hook)
+        try:
+            return self.model(self._inputs)
+        finally:
+            handle.remove()
+
+
 @torch.no_grad()
 def surrogate_accuracy(
     model: nn.Module,
@@ -364,7 +533,7 @@ def surrogate_accuracy(
         A 0-d tensor on the model's device.
     """
     labels = labels.to(inputs.device).long()
-    draws = moments.sample(labels, order, generator)
+    draws = moments.sample(labels, order, generator, dtype=inputs.dtype if inputs.is_floating_point() else torch.float64)
     if layer == INPUT:
         logits = model(draws.to(inputs.dtype).reshape(inputs.shape))
     else:

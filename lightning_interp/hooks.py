@@ -18,9 +18,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
+import torch.fx
 from torch import Tensor, nn
 
-__all__ = ["capture", "count_hooks", "get_module", "replace"]
+__all__ = ["capture", "count_hooks", "get_module", "replace", "split_at", "split_graph", "trace_at"]
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
@@ -97,3 +98,79 @@ def no_hooks_left(model: nn.Module) -> Iterator[None]:
     after = count_hooks(model)
     if after != before:
         raise RuntimeError(f"{after - before} hook(s) outlived their use")
+
+
+# ---------------------------------------------------------------------------------------------
+# splitting a model at a layer (torch.fx)
+# ---------------------------------------------------------------------------------------------
+
+
+def trace_at(model: nn.Module, layer: str) -> tuple[torch.fx.Graph, torch.fx.Node]:
+    """Trace ``model`` with ``torch.fx`` keeping ``layer`` as one call; the graph and that call's node.
+
+    Raises:
+        RuntimeError: the layer is called more or less than once in the graph (tracing errors propagate).
+    """
+    get_module(model, layer)
+    tracer = torch.fx.Tracer()
+    tracer.is_leaf_module = lambda m, qualname: qualname == layer or torch.fx.Tracer.is_leaf_module(tracer, m, qualname)  # type: ignore[method-assign]
+    graph = tracer.trace(model)
+    targets = [n for n in graph.nodes if n.op == "call_module" and n.target == layer]
+    if len(targets) != 1:
+        raise RuntimeError(f"layer {layer!r} is called {len(targets)} times in the traced graph")
+    return graph, targets[0]
+
+
+def as_list(values: object) -> list[Tensor]:
+    """A module's output as a list of values (a single tensor becomes a one-element list)."""
+    return list(values) if isinstance(values, (tuple, list)) else [values]  # type: ignore[list-item]
+
+
+def split_graph(root: nn.Module, graph: torch.fx.Graph, node: torch.fx.Node) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+    """Split a traced ``graph`` of ``root`` at ``node``.
+
+    Returns:
+        ``(prefix, suffix)``: ``prefix(*inputs)`` returns the values the rest of the graph needs (``node``'s
+        output first, then any earlier value used after it, such as a skip connection) and
+        ``suffix(node_output, *others)`` returns the model output.
+    """
+    nodes = list(graph.nodes)
+    after: set[torch.fx.Node] = {node}
+    for n in nodes:
+        if any(a in after for a in n.all_input_nodes):
+            after.add(n)
+    output = next(n for n in nodes if n.op == "output")
+    crossing = [n for n in nodes if n not in after and n.op != "output" and any(u in after and u is not node for u in n.users)]
+    boundary = [node, *crossing]
+    # suffix: placeholders for the boundary values, then every node after the split
+    suffix_graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    for i, n in enumerate(boundary):
+        env[n] = suffix_graph.placeholder(f"boundary_{i}")
+    for n in nodes:
+        if n in after and n is not node and n.op != "output":
+            env[n] = suffix_graph.node_copy(n, lambda a: env[a])
+    suffix_graph.output(torch.fx.graph.map_arg(output.args[0], lambda a: env[a]))
+    # prefix: every node not after the split (plus the split node), returning the boundary values
+    prefix_graph = torch.fx.Graph()
+    penv: dict[torch.fx.Node, torch.fx.Node] = {}
+    for n in nodes:
+        if (n not in after or n is node) and n.op != "output":
+            penv[n] = prefix_graph.node_copy(n, lambda a: penv[a])
+    prefix_graph.output(tuple(penv[n] for n in boundary))
+    return torch.fx.GraphModule(root, prefix_graph), torch.fx.GraphModule(root, suffix_graph)
+
+
+def split_at(model: nn.Module, layer: str) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+    """``(prefix, suffix)`` of ``model`` split at ``layer`` (see :func:`split_graph`).
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> prefix, suffix = split_at(model, "1")
+        >>> x = torch.randn(5, 3)
+        >>> h, *rest = as_list(prefix(x))
+        >>> torch.equal(suffix(h, *rest), model(x))
+        True
+    """
+    return split_graph(model, *trace_at(model, layer))

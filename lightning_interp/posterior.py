@@ -35,6 +35,7 @@ __all__ = [
     "GaussianMixtureTask",
     "GaussianTask",
     "GenerativeTask",
+    "PatchImageTask",
     "PosteriorGap",
     "XieTask",
     "posterior_gap",
@@ -117,11 +118,22 @@ class GenerativeTask(ABC):
     def sample_class(self, c: int, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``n`` float64 samples ``[n, D]`` from ``p(x|c)``."""
 
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one input as the model takes it: ``(dim,)``, or ``(C, H, W)`` for image tasks.
+
+        :meth:`sample` returns flat ``[n, dim]`` inputs; ``x.reshape(n, *task.input_shape)`` is what a
+        model of the task gets.
+        """
+        return (self.dim,)
+
     def _check_x(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.ndim == 1 and self.dim == 1:
             x = x[:, None]
+        if x.ndim > 2 and tuple(x.shape[1:]) == self.input_shape:
+            x = x.reshape(x.shape[0], -1)
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape [n, {self.dim}], got {list(x.shape)}")
         return x.to(dtype=torch.float64, device="cpu")
@@ -326,6 +338,94 @@ class XieTask(GaussianTask):
 
     def __repr__(self) -> str:
         return f"XieTask(preset={self.preset})"
+
+
+class PatchImageTask(GenerativeTask):
+    """Images of noise with a bright square whose cell gives the class: a task with an exact posterior.
+
+    Class ``c`` (uniform prior) puts a ``patch x patch`` square of brightness ``contrast`` (in every channel)
+    at a uniformly drawn offset inside cell ``c`` of a ``grid x grid`` layout of a ``size x size`` image,
+    on i.i.d. Gaussian noise of standard deviation ``noise``. The class likelihood is a uniform mixture
+    over the ``(cell - patch + 1)^2`` offsets of isotropic Gaussians, so with ``S_o(x)`` the sum of ``x``
+    over the square at offset ``o`` (all channels),
+
+    ``log p(x|c) = -|x|^2 / (2 noise^2) - D/2 log(2 pi noise^2) - C patch^2 contrast^2 / (2 noise^2)
+    + logmeanexp_o (contrast / noise^2) S_o(x)``,
+
+    computed for all offsets at once with a box filter. This is the generative model of
+    :class:`~lightning_interp.datamodules.PatchImageDataModule` (its ``task`` attribute), so a CNN trained
+    there can be compared with the Bayes posterior.
+
+    Args:
+        num_classes: number of classes (cells used, row by row), at most ``grid**2``.
+        image_size: height and width.
+        channels: image channels.
+        grid: cells per side (``cell = image_size // grid``).
+        patch: side of the square (smaller than a cell).
+        contrast: brightness added on the square.
+        noise: standard deviation of the noise.
+
+    Example:
+        >>> task = PatchImageTask(num_classes=4, image_size=12, grid=2, patch=3)
+        >>> x, y = task.sample(5, torch.Generator().manual_seed(0))
+        >>> x.shape, task.input_shape, task.log_posterior(x).shape
+        (torch.Size([5, 144]), (1, 12, 12), torch.Size([5, 4]))
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 4,
+        image_size: int = 12,
+        channels: int = 1,
+        grid: int = 2,
+        patch: int = 3,
+        contrast: float = 2.0,
+        noise: float = 0.3,
+    ) -> None:
+        cell = image_size // grid
+        if num_classes > grid * grid or num_classes < 2:
+            raise ValueError(f"num_classes must be in [2, grid**2 = {grid * grid}], got {num_classes}")
+        if patch >= cell or patch < 1:
+            raise ValueError(f"patch ({patch}) must be in [1, image_size // grid = {cell})")
+        if noise <= 0:
+            raise ValueError(f"noise must be > 0, got {noise}")
+        self.num_classes, self.image_size, self.channels, self.grid, self.patch = num_classes, image_size, channels, grid, patch
+        self.contrast, self.noise, self.cell = float(contrast), float(noise), cell
+        self.dim = channels * image_size * image_size
+        self.priors = torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.channels, self.image_size, self.image_size)
+
+    def class_log_likelihood(self, x: Tensor) -> Tensor:
+        n, var = x.shape[0], self.noise**2
+        img = x.reshape(n, *self.input_shape)
+        base = -(x * x).sum(dim=1) / (2 * var) - 0.5 * self.dim * math.log(2 * math.pi * var)
+        base = base - self.channels * self.patch**2 * self.contrast**2 / (2 * var)
+        # S[:, r, c]: sum over the square with top-left corner (r, c), all channels
+        box = torch.nn.functional.avg_pool2d(img.sum(dim=1, keepdim=True), self.patch, stride=1)[:, 0] * self.patch**2
+        span = self.cell - self.patch + 1
+        out = torch.empty(n, self.num_classes, dtype=torch.float64)
+        for c in range(self.num_classes):
+            r0, c0 = (c // self.grid) * self.cell, (c % self.grid) * self.cell
+            sums = box[:, r0 : r0 + span, c0 : c0 + span].reshape(n, -1)
+            out[:, c] = base + torch.logsumexp(self.contrast / var * sums, dim=1) - math.log(span * span)
+        return out
+
+    def patch_mask(self, c: int, offsets: Tensor) -> Tensor:
+        """Boolean masks ``[n, size, size]`` of the squares of class ``c`` at ``offsets`` ``[n, 2]``."""
+        mask = torch.zeros(len(offsets), self.image_size, self.image_size, dtype=torch.bool)
+        r0, c0 = (c // self.grid) * self.cell, (c % self.grid) * self.cell
+        for i, (dr, dc) in enumerate(offsets.tolist()):
+            mask[i, r0 + dr : r0 + dr + self.patch, c0 + dc : c0 + dc + self.patch] = True
+        return mask
+
+    def sample_class(self, c: int, n: int, generator: torch.Generator | None = None) -> Tensor:
+        offsets = torch.randint(0, self.cell - self.patch + 1, (n, 2), generator=generator)
+        x = self.noise * torch.randn(n, *self.input_shape, generator=generator, dtype=torch.float64)
+        x = x + self.contrast * self.patch_mask(c, offsets)[:, None].to(torch.float64)
+        return x.reshape(n, -1)
 
 
 def xie_task(preset: int) -> XieTask:

@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import statistics
 import time
 import warnings
@@ -35,6 +36,8 @@ from lightning_interp import callbacks as cbs
 from lightning_interp.datamodules import PatchImageDataModule, PottsDataModule, SyntheticDataModule
 from lightning_interp.models import MLPClassifier, SmallCNN
 from lightning_interp.posterior import xie_task
+
+CALLBACK_NAMES = set(cbs.__all__)
 
 
 def setups(quick: bool) -> dict[str, tuple[Callable[[], Any], Callable[[], Any], Callable[[], list]]]:
@@ -112,11 +115,9 @@ def main(argv: list[str] | None = None) -> None:
         fit(make_model(), make_dm(), make_cbs(), args.steps, profiler)
         per_callback: dict[str, float] = {}
         for action, durations in profiler.recorded_durations.items():
-            if action.startswith("[Callback]") and any(
-                c in action for c in ("Saliency", "Ablation", "Correlation", "Posterior", "Expansion")
-            ):
-                cls = action.split("]")[1].split("{")[0].split(".")[0]
-                per_callback[cls] = per_callback.get(cls, 0.0) + float(sum(durations))
+            match = re.match(r"\[Callback\]([A-Za-z_]\w*)", action)
+            if match and match.group(1) in CALLBACK_NAMES:
+                per_callback[match.group(1)] = per_callback.get(match.group(1), 0.0) + float(sum(durations))
         ratio = statistics.median(i / b for i, b in zip(instrumented, bare, strict=True))
         results.append(
             {

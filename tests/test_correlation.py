@@ -11,12 +11,15 @@ from torch import nn
 
 from lightning_interp.correlation import (
     ClassMoments,
+    LayerReplacement,
     Quadratic,
+    gaussian_surrogates,
     propagate_moments,
     relu_moments,
     surrogate_accuracy,
     theory_accuracy,
 )
+from lightning_interp.hooks import count_hooks
 
 
 # ------------------------------------------------------------------------------------ moments
@@ -234,3 +237,79 @@ def test_bivariate_normal_cdf_against_scipy_up_to_near_perfect_correlation() -> 
     for i, (hh, kk, rr) in enumerate(cases):
         ref = multivariate_normal([0, 0], [[1, rr], [rr, 1]]).cdf([hh, kk])
         assert got[i].item() == pytest.approx(ref, abs=1e-7)
+
+
+# ------------------------------------------------------------------------- exact surrogate draws
+def test_gaussian_surrogates_have_the_sample_moments_of_the_features() -> None:
+    """Draws from the probe samples follow N(mu_c, Sigma_c) / N(mu_c, Sigma_bar) / N(mu_bar, Sigma_bar) (numpy moments)."""
+    g = torch.Generator().manual_seed(0)
+    n, d = 60, 3
+    y = torch.arange(n) % 3
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64) + y[:, None]
+    x[:, 2] += 0.8 * x[:, 0] * (y[:, None] == 1)[:, 0]  # class 1 has a correlation the others lack
+    xs, ys = x.numpy(), y.numpy()
+    mu = np.stack([xs[ys == c].mean(0) for c in range(3)])
+    cov = [np.cov(xs[ys == c].T) for c in range(3)]
+    pooled = sum(((ys == c).sum() - 1) * cov[c] for c in range(3)) / (n - 3)
+    reps = 3000
+    reps_draws = [gaussian_surrogates(x, y, (2, 1, 0), g) for _ in range(reps)]
+    draws = {o: torch.stack([r[i] for r in reps_draws]).numpy() for i, o in enumerate((2, 1, 0))}  # [R, N, D]
+    for c in range(3):
+        idx = ys == c
+        d2 = draws[2][:, idx].reshape(-1, d)
+        d1 = draws[1][:, idx].reshape(-1, d)
+        d0 = draws[0][:, idx].reshape(-1, d)
+        scale = np.sqrt(np.diag(cov[c]))[:, None] * np.sqrt(np.diag(cov[c]))[None, :]
+        # standard error of a covariance entry ~ scale * sqrt(2 / samples); samples ~ 60k per class
+        assert np.abs(np.cov(d2.T) - cov[c]).max() < 0.03 * scale.max()
+        assert np.abs(d2.mean(0) - mu[c]).max() < 0.03 * np.sqrt(cov[c].diagonal().max())
+        assert np.abs(np.cov(d1.T) - pooled).max() < 0.03 * np.abs(pooled).max()
+        assert np.abs(d1.mean(0) - mu[c]).max() < 0.03 * np.sqrt(pooled.diagonal().max())
+        # asked together, orders 1 and 0 share the pooled noise: they differ by mu_c - mu_bar, exactly
+        assert np.allclose(d1 - d0, mu[c] - xs.mean(0), atol=1e-12)
+    # the features' dtype, shape and device are kept; the sequence form returns the same draws as single calls
+    img = torch.randn(40, 2, 3, 3, generator=g)
+    lab = torch.arange(40) % 2
+    seq = gaussian_surrogates(img, lab, (2, 1), torch.Generator().manual_seed(5))
+    one = gaussian_surrogates(img, lab, 2, torch.Generator().manual_seed(5))
+    assert seq[0].shape == img.shape and seq[0].dtype == img.dtype and torch.equal(seq[0], one)
+    with pytest.raises(ValueError, match="fewer than 2"):
+        gaussian_surrogates(img, torch.tensor([0] * 39 + [1]), 2)
+    with pytest.raises(ValueError, match="order"):
+        gaussian_surrogates(img, lab, 3)
+    with pytest.raises(TypeError, match="floating"):
+        gaussian_surrogates(torch.ones(4, 2, dtype=torch.long), lab[:4], 2)
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        return self.head(torch.relu(self.b(h)) + h)
+
+
+def test_layer_replacement_split_and_hook_paths_agree() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(16, 4)
+    for model, layer, shape in [
+        (_Residual(), "b", (16, 6)),  # a skip connection crosses the split
+        (nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)), "1", (16, 6)),
+        (nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)), "input", (16, 4)),
+    ]:
+        replacement = torch.randn(*shape)
+        split = LayerReplacement(model, layer)
+        hooked = LayerReplacement(model, layer)
+        hooked.split = None
+        for run in (split, hooked):
+            run.prepare(x)
+        assert (split.split is not None) == (layer != "input")
+        got, ref = split(replacement), hooked(replacement)
+        assert torch.allclose(got, ref, atol=1e-6)
+        if layer == "b":
+            assert torch.allclose(got, model.head(torch.relu(replacement) + torch.relu(model.a(x))), atol=1e-6)
+        assert count_hooks(model) == 0
+    with pytest.raises(RuntimeError, match="prepare"):
+        LayerReplacement(_Residual(), "b")(torch.zeros(1, 6))

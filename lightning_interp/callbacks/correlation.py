@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_interp.callbacks.base import InterpretabilityCallback, Measurement, RunOn, model_device_dtype
-from lightning_interp.correlation import INPUT, ClassMoments, Quadratic, layer_outputs, surrogate_accuracy
+from lightning_interp.correlation import INPUT, ClassMoments, LayerReplacement, Quadratic, gaussian_surrogates, layer_outputs
 from lightning_interp.hooks import get_module
 
 __all__ = ["CorrelationOrderCallback"]
@@ -38,11 +38,12 @@ ACTIVATIONS: tuple[type[nn.Module], ...] = (
 class CorrelationOrderCallback(InterpretabilityCallback):
     """Track how much of each layer's classification is carried by order 1, order 2 and higher orders.
 
-    At each measurement, for every tracked layer (``"input"`` is the model input), the class means and
-    covariances of the layer's output on a fixed labelled probe set are accumulated in float64
-    (:class:`~lightning_interp.correlation.ClassMoments`; layers wider than ``max_dim`` use the
-    low-rank-plus-diagonal mode), the layer's output is replaced by Gaussian surrogates of order 2, 1
-    and 0 and the forward pass continues. Logged per layer ``L``:
+    At each measurement, for every tracked layer (``"input"`` is the model input), the layer's output on a
+    fixed labelled probe set is replaced by Gaussian surrogates of order 2, 1 and 0 with the class means
+    and covariances of that output (drawn exactly from the probe samples by
+    :func:`~lightning_interp.correlation.gaussian_surrogates`, for layers of any width) and the forward
+    pass continues from the layer (:class:`~lightning_interp.correlation.LayerReplacement`: the part
+    before the layer runs once where ``torch.fx`` can split the model). Logged per layer ``L``:
     ``correlation/<L>/acc_real``, ``acc_order2``, ``acc_order1``, ``acc_order0``,
     ``higher_order_gap = acc_real - acc_order2`` and ``non_gaussianity`` (mean absolute excess
     kurtosis of the units). Figures: the accuracies per layer now, and the higher-order gap per layer
@@ -53,8 +54,6 @@ class CorrelationOrderCallback(InterpretabilityCallback):
             (``"input"`` for the model input).
         probe_size: labelled probe examples (drawn once, own generator).
         min_per_class: fewest probe examples a class present in the probe must have.
-        max_dim: widest layer whose covariances are kept in full.
-        rank: sketch rank of the low-rank mode.
         every_n_epochs: see :class:`~lightning_interp.callbacks.base.InterpretabilityCallback`.
         every_n_steps: see the base class.
         run_on: see the base class.
@@ -80,10 +79,8 @@ class CorrelationOrderCallback(InterpretabilityCallback):
     def __init__(
         self,
         layers: str | Sequence[str] = "auto",
-        probe_size: int = 1024,
+        probe_size: int = 512,
         min_per_class: int = 10,
-        max_dim: int = 2048,
-        rank: int = 64,
         every_n_epochs: int | None = 1,
         every_n_steps: int | None = None,
         run_on: RunOn = "train_epoch_end",
@@ -108,7 +105,9 @@ class CorrelationOrderCallback(InterpretabilityCallback):
         if probe_size < 4 or min_per_class < 2:
             raise ValueError("probe_size >= 4 and min_per_class >= 2 are required")
         self.layer_spec = layers
-        self.probe_size, self.min_per_class, self.max_dim, self.rank = probe_size, min_per_class, max_dim, rank
+        self.probe_size, self.min_per_class = probe_size, min_per_class
+        self._replacements: dict[str, LayerReplacement] = {}
+        self._model_id: int | None = None
         self.layers: list[str] = []
         self._probe: tuple[Tensor, Tensor] | None = None
         self._num_classes = 0
@@ -173,10 +172,19 @@ class CorrelationOrderCallback(InterpretabilityCallback):
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
         scalars: dict[str, Tensor | float] = {}
         accs: dict[str, list[float]] = {}
+        if self._model_id != id(pl_module):
+            self._replacements, self._model_id = {}, id(pl_module)
         for layer in self.layers:
-            moments = ClassMoments(self._num_classes, max_dim=self.max_dim, rank=self.rank)
+            moments = ClassMoments(self._num_classes, covariances=False)  # per-unit moments: kurtosis
             moments.update(outputs[layer], y)
-            orders = [surrogate_accuracy(pl_module, layer, x, y, moments, order, gen) for order in (2, 1, 0)]
+            if layer not in self._replacements:
+                self._replacements[layer] = LayerReplacement(pl_module, layer)
+            run = self._replacements[layer]
+            run.prepare(x)
+            orders = [
+                (run(draws).argmax(dim=-1) == y).to(torch.float64).mean()
+                for draws in gaussian_surrogates(outputs[layer], y, (2, 1, 0), gen)
+            ]
             scalars[f"{layer}/acc_real"] = acc_real
             for order, acc in zip((2, 1, 0), orders, strict=True):
                 scalars[f"{layer}/acc_order{order}"] = acc

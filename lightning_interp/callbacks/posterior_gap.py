@@ -22,8 +22,10 @@ class PosteriorGapCallback(InterpretabilityCallback):
     """Log how far the model's softmax ``q(c|x)`` is from the true posterior ``p(c|x)`` of a known task.
 
     At setup the callback takes the task from ``task=`` or from the datamodule's ``task`` attribute
-    (for example :class:`~lightning_interp.datamodules.SyntheticDataModule`), checks that the module
-    maps ``[N, D]`` inputs to ``[N, K]`` logits with ``K = task.num_classes``, and draws its own fixed
+    (for example :class:`~lightning_interp.datamodules.SyntheticDataModule`, or
+    :class:`~lightning_interp.datamodules.PatchImageDataModule` for a CNN on images), checks that the
+    module maps inputs of shape ``[N, *task.input_shape]`` to ``[N, K]`` logits with
+    ``K = task.num_classes``, and draws its own fixed
     probe set of ``probe_size`` labelled samples with its own generator. At each measurement it logs
     ``posterior_gap/<measure>`` for ``kl``, ``reverse_kl``, ``js``, ``tv``, ``l2``, ``max_abs``,
     ``excess_ce``, ``accuracy``, ``bayes_accuracy`` and ``accuracy_gap`` (all on the probe set), plus
@@ -137,13 +139,14 @@ class PosteriorGapCallback(InterpretabilityCallback):
     def _check_module(self, module: nn.Module, task: GenerativeTask) -> None:
         device, dtype = model_device_dtype(module)
         x, _ = task.sample(2, torch.Generator().manual_seed(self.seed))
+        shape = ", ".join(str(s) for s in task.input_shape)
         try:
-            out = module(x.to(device=device, dtype=dtype))
+            out = module(x.reshape(len(x), *task.input_shape).to(device=device, dtype=dtype))
         except Exception as err:
             raise TypeError(
-                f"{type(module).__name__} failed on the task's inputs (float tensors of shape [N, {task.dim}]): "
+                f"{type(module).__name__} failed on the task's inputs (float tensors of shape [N, {shape}]): "
                 f"{type(err).__name__}: {err}. PosteriorGapCallback feeds x from task.sample(); use a model whose "
-                "forward takes [N, D] inputs and returns [N, K] logits."
+                f"forward takes [N, {shape}] inputs and returns [N, K] logits."
             ) from err
         if not isinstance(out, Tensor) or out.ndim != 2:
             got = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
@@ -174,7 +177,11 @@ class PosteriorGapCallback(InterpretabilityCallback):
     # ------------------------------------------------------------------ measurement
     def _logits(self, module: nn.Module, x: Tensor) -> Tensor:
         device, dtype = model_device_dtype(module)
-        chunks = [module(x[i : i + self.batch_size].to(device=device, dtype=dtype)) for i in range(0, len(x), self.batch_size)]
+        shape = self._resolved.input_shape if self._resolved is not None else x.shape[1:]
+        chunks = [
+            module(x[i : i + self.batch_size].reshape(-1, *shape).to(device=device, dtype=dtype))
+            for i in range(0, len(x), self.batch_size)
+        ]
         return torch.cat(chunks)
 
     def measure(self, pl_module: nn.Module) -> Measurement:

@@ -6,7 +6,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_interp.posterior import GenerativeTask
+from lightning_interp.posterior import GenerativeTask, PatchImageTask
 
 __all__ = ["HigherOrderDataModule", "PatchImageDataModule", "SyntheticDataModule", "XORDataModule"]
 
@@ -106,7 +106,9 @@ class PatchImageDataModule(pl.LightningDataModule):
     Class ``c`` of ``num_classes`` (at most ``grid**2``) puts a ``patch x patch`` square of brightness
     ``contrast`` in cell ``c`` of a ``grid x grid`` layout of the image (with a random offset inside the
     cell), on Gaussian noise of standard deviation ``noise``. The evidence for each image is therefore
-    known (``.masks`` holds the patch location of every image), which is what saliency maps should find.
+    known (``.masks`` holds the patch location of every image), which is what saliency maps should find,
+    and so is the exact posterior: ``.task`` is the generative model
+    (:class:`~lightning_interp.posterior.PatchImageTask`), so :class:`PosteriorGapCallback` works here too.
     Batches are ``(x [B, channels, size, size], y [B])``.
 
     Args:
@@ -158,6 +160,7 @@ class PatchImageDataModule(pl.LightningDataModule):
         self.num_classes, self.image_size, self.channels, self.grid, self.patch = num_classes, image_size, channels, grid, patch
         self.contrast, self.noise = contrast, noise
         self.n_train, self.n_val, self.batch_size, self.seed, self.shuffle = n_train, n_val, batch_size, seed, shuffle
+        self.task = PatchImageTask(num_classes, image_size, channels, grid, patch, contrast, noise)
         self._splits: dict[str, TensorDataset] = {}
         self.masks: dict[str, torch.Tensor] = {}
 
