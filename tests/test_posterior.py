@@ -20,6 +20,7 @@ from lightning_interp.posterior import (
     GAP_MEASURES,
     GaussianMixtureTask,
     GaussianTask,
+    PatchImageTask,
     PosteriorGap,
     XieTask,
     posterior_gap,
@@ -679,3 +680,56 @@ def test_metric_locates_gap_in_low_density_region_preset3():
         assert torch.all(by[1:] < 1e-12), (k, by)
         assert out[k] < by[0] / 20, k  # on average the gap is diluted: the mean hides where it is
     assert out["excess_ce"] > 0
+
+
+# ------------------------------------------------------------------------------ image task
+def test_patch_image_likelihood_matches_enumeration_over_offsets():
+    """``log p(x|c)``: a box-filter logsumexp against scipy normal log-densities summed per offset."""
+    from scipy.special import logsumexp
+    from scipy.stats import norm
+
+    task = PatchImageTask(num_classes=3, image_size=7, channels=2, grid=2, patch=2, contrast=1.5, noise=0.8)
+    x, y = task.sample(12, torch.Generator().manual_seed(0))
+    assert x.shape == (12, 2 * 49) and x.dtype == torch.float32
+    xs = x.double().numpy().reshape(12, 2, 7, 7)
+    cell, span = 3, 2
+    ref = np.zeros((12, 3))
+    for c in range(3):
+        terms = []
+        for dr in range(span):
+            for dc in range(span):
+                mean = np.zeros((2, 7, 7))
+                r0, c0 = (c // 2) * cell + dr, (c % 2) * cell + dc
+                mean[:, r0 : r0 + 2, c0 : c0 + 2] = 1.5
+                terms.append(norm.logpdf(xs, loc=mean, scale=0.8).reshape(12, -1).sum(1))
+        ref[:, c] = logsumexp(np.stack(terms), axis=0) - np.log(span * span)
+    got = task.class_log_likelihood(x.double())
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-10, atol=1e-8)
+    # images in [N, C, H, W] are accepted as well
+    assert torch.allclose(task.log_posterior(x.reshape(12, 2, 7, 7)), task.log_posterior(x))
+    # the label is the most probable class almost always at this contrast
+    assert (task.log_posterior(x).argmax(1) == y).double().mean() >= 0.75
+
+
+def test_patch_image_datamodule_draws_from_its_task():
+    """The datamodule's images follow ``dm.task``: same mean log-likelihood of the label and same Bayes accuracy."""
+    from lightning_interp.datamodules import PatchImageDataModule
+
+    kw = dict(num_classes=4, image_size=10, grid=2, patch=2, contrast=0.7, noise=1.0)
+    dm = PatchImageDataModule(**kw, n_train=4000, n_val=16, batch_size=64, seed=1)
+    dm.setup()
+    x, y = dm._splits["train"].tensors
+    task = dm.task
+    assert isinstance(task, PatchImageTask) and task.input_shape == (1, 10, 10)
+    xt, yt = task.sample(4000, torch.Generator().manual_seed(2))
+
+    def stats(inputs, labels):
+        lp = task.log_posterior(inputs.reshape(len(inputs), -1))
+        own = lp.gather(1, labels[:, None])[:, 0]
+        return own.mean().item(), own.std().item() / len(own) ** 0.5, (lp.argmax(1) == labels).double().mean().item()
+
+    (m1, s1, a1), (m2, s2, a2) = stats(x, y), stats(xt, yt)
+    assert abs(m1 - m2) < 4 * (s1**2 + s2**2) ** 0.5, (m1, m2)
+    assert 0.3 < a1 < 0.98 and abs(a1 - a2) < 0.04, (a1, a2)  # chance is 0.25
+    with pytest.raises(ValueError, match="patch"):
+        PatchImageTask(image_size=6, grid=2, patch=3)

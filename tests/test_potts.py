@@ -193,6 +193,27 @@ def test_bayes_log_odds_equals_enumerated_posterior() -> None:
     assert math.isclose(dm.bayes_accuracy(), float(log_joint.max(dim=0).values.exp().sum()), abs_tol=1e-12)
 
 
+def test_task_is_the_exact_posterior_of_the_datamodule() -> None:
+    """``dm.task`` (a GenerativeTask over one-hot inputs) has the naive-enumeration posterior and density."""
+    dm = PottsDataModule(seq_len=4, num_states=3, num_pairs=2, seed=7)
+    states = dm.all_states()
+    energies = torch.tensor([[_naive_energy(dm, s, c) for s in states.tolist()] for c in (0, 1)], dtype=torch.float64)
+    log_lik = (-energies - torch.logsumexp(-energies, dim=1, keepdim=True)).T  # [N, 2]
+    task = dm.task
+    x = one_hot_flat(states, 3)
+    assert task.dim == 12 and task.num_classes == 2 and task.input_shape == (12,)
+    torch.testing.assert_close(task.class_log_likelihood(x.double()), log_lik, rtol=0, atol=1e-10)
+    torch.testing.assert_close(task.log_density(x), torch.logsumexp(log_lik + math.log(0.5), dim=1), rtol=0, atol=1e-10)
+    # the marginal over all sequences sums to one, and the task's samples are one-hot sequences of both classes
+    assert math.isclose(float(task.log_density(x).exp().sum()), 1.0, abs_tol=1e-12)
+    xs, ys = task.sample(64, torch.Generator().manual_seed(0))
+    assert torch.equal(xs.reshape(64, 4, 3).sum(2), torch.ones(64, 4)) and set(ys.tolist()) == {0, 1}
+    with pytest.raises(ValueError, match="one_hot"):
+        _ = PottsDataModule(seq_len=4, num_states=3, encoding="states").task
+    with pytest.raises(ValueError, match="max_enumeration"):
+        _ = PottsDataModule(seq_len=4, num_states=3, max_enumeration=10).task
+
+
 def test_bayes_log_odds_is_the_planted_pairwise_energy() -> None:
     length, q = 4, 3
     dm = PottsDataModule(seq_len=length, num_states=q, num_pairs=2, seed=8)
