@@ -317,23 +317,18 @@ def _all_masks(d: int, device: torch.device) -> Tensor:
 
 def _ess(traces: Tensor) -> Tensor:
     """Multi-chain effective sample size of ``traces`` ``[C, S, d]`` (Geyer's initial positive sequence)."""
-    c, s, d = traces.shape
+    c, s, _ = traces.shape
     x = traces.double() - traces.double().mean(dim=(0, 1), keepdim=True)
     var = (x * x).mean(dim=(0, 1))
     f = torch.fft.rfft(x, n=2 * s, dim=1)
     acov = torch.fft.irfft(f * f.conj(), n=2 * s, dim=1)[:, :s].mean(dim=0) / s  # [s, d]
     rho = acov / var.clamp_min(1e-300)
-    ess = torch.full((d,), float(c * s), dtype=torch.float64)
-    for j in range(d):
-        if var[j] <= 0:
-            continue
-        total = 0.0
-        for k in range(1, s - 1, 2):
-            pair = float(rho[k, j] + rho[k + 1, j])
-            if pair < 0:
-                break
-            total += pair
-        ess[j] = c * s / (1 + 2 * total) if total > -0.5 else float(c * s)
+    # pairs rho_k + rho_{k+1} for k = 1, 3, 5, ..., summed up to (excluding) the first negative pair
+    m = len(range(1, s - 1, 2))
+    pairs = rho[1 : 1 + 2 * m : 2] + rho[2 : 2 + 2 * m : 2]  # [m, d]
+    total = (pairs * (pairs >= 0).to(pairs.dtype).cumprod(dim=0)).sum(dim=0)
+    ess = torch.where(total > -0.5, c * s / (1 + 2 * total), torch.full_like(total, float(c * s)))
+    ess = torch.where(var > 0, ess, torch.full_like(ess, float(c * s)))
     return ess
 
 

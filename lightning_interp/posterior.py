@@ -415,11 +415,12 @@ class PatchImageTask(GenerativeTask):
 
     def patch_mask(self, c: int, offsets: Tensor) -> Tensor:
         """Boolean masks ``[n, size, size]`` of the squares of class ``c`` at ``offsets`` ``[n, 2]``."""
-        mask = torch.zeros(len(offsets), self.image_size, self.image_size, dtype=torch.bool)
         r0, c0 = (c // self.grid) * self.cell, (c % self.grid) * self.cell
-        for i, (dr, dc) in enumerate(offsets.tolist()):
-            mask[i, r0 + dr : r0 + dr + self.patch, c0 + dc : c0 + dc + self.patch] = True
-        return mask
+        pos = torch.arange(self.image_size)
+        top, left = (r0 + offsets[:, 0])[:, None], (c0 + offsets[:, 1])[:, None]
+        rows = (pos >= top) & (pos < top + self.patch)  # [n, size]
+        cols = (pos >= left) & (pos < left + self.patch)
+        return rows[:, :, None] & cols[:, None, :]
 
     def sample_class(self, c: int, n: int, generator: torch.Generator | None = None) -> Tensor:
         offsets = torch.randint(0, self.cell - self.patch + 1, (n, 2), generator=generator)

@@ -287,3 +287,34 @@ def test_bad_input() -> None:
         BayesianAblation(model, "1", prior_keep=1.0)
     with pytest.raises(ValueError, match="labels are required"):
         BayesianAblation(model, "1").fit(x)
+
+
+def test_ess_matches_a_loop_over_geyers_initial_positive_sequence() -> None:
+    """The vectorised effective sample size equals a per-unit loop, and is near ``n (1 - a) / (1 + a)`` for AR(1)."""
+    from lightning_interp.ablation import _ess
+
+    g = torch.Generator().manual_seed(0)
+    c, s, d = 4, 400, 3
+    z = torch.randn(c, s, d, generator=g, dtype=torch.float64)
+    x = torch.zeros_like(z)
+    a = torch.tensor([0.0, 0.5, 0.9], dtype=torch.float64)  # per-unit autocorrelation
+    for t in range(s):
+        x[:, t] = (a * x[:, t - 1] if t else 0) + z[:, t]
+    traces = torch.cat([x, torch.zeros(c, s, 1, dtype=torch.float64)], dim=2)  # plus a constant unit
+    got = _ess(traces)
+    xc = traces - traces.mean(dim=(0, 1), keepdim=True)
+    var = (xc * xc).mean(dim=(0, 1))
+    f = torch.fft.rfft(xc, n=2 * s, dim=1)
+    rho = (torch.fft.irfft(f * f.conj(), n=2 * s, dim=1)[:, :s].mean(dim=0) / s) / var.clamp_min(1e-300)
+    for j in range(d + 1):
+        total = 0.0
+        for k in range(1, s - 1, 2):
+            pair = float(rho[k, j] + rho[k + 1, j])
+            if pair < 0:
+                break
+            total += pair
+        ref = c * s if var[j] <= 0 or total <= -0.5 else c * s / (1 + 2 * total)
+        assert math.isclose(float(got[j]), ref, rel_tol=1e-9), (j, float(got[j]), ref)
+    theory = c * s * (1 - a) / (1 + a)
+    assert ((got[:d] - theory).abs() / theory < 0.35).all(), (got, theory)
+    assert got[d] == c * s

@@ -76,7 +76,7 @@ class PosteriorGapCallback(InterpretabilityCallback):
     def __init__(
         self,
         task: GenerativeTask | None = None,
-        probe_size: int = 4096,
+        probe_size: int = 2048,
         num_density_bins: int = 10,
         batch_size: int = 8192,
         grid_size: int = 400,
