@@ -4,9 +4,11 @@ Trains the small CNN on MNIST-like data (:class:`~lightning_interp.datamodules.P
 28 x 28, 60,000 training images, batch 64: one epoch is 937 steps) for a fixed number of steps, bare
 and with four callbacks (final-layer saliency, Bayesian ablation on the last conv block, correlation
 orders, and the posterior gap against the task's exact posterior) at their default cadence,
-alternating the two. The expansion needs categorical inputs: an MLP on Potts sequences (60,000, batch
-64) carries it with the posterior gap, ablation and correlation orders; a third setup is the posterior
-gap alone on the 1-D Gaussian preset 3.
+alternating the two, plus a third run with the same callbacks attached but idle (never measuring: what
+Lightning's per-step hook dispatch alone costs). The expansion needs categorical inputs: an MLP on
+Potts sequences (60,000, batch 64) carries it with the posterior gap, ablation and correlation orders;
+a third setup is the posterior gap alone on the 1-D Gaussian preset 3.
+
 Prints the median wall-time ratio per setup (target: at most 1.10x) and the per-callback cost from
 Lightning's ``SimpleProfiler`` in the same run. The default cadence is per epoch, so the default run is
 two whole epochs (two measurements of each per-epoch callback, one of the ablation at the end); a run
@@ -46,8 +48,12 @@ from lightning_interp.posterior import xie_task
 CALLBACK_NAMES = set(cbs.__all__)
 
 
-def setups(quick: bool) -> dict[str, tuple[Callable[[], Any], Callable[[], Any], Callable[[], list]]]:
-    """name -> (model factory, datamodule factory, callbacks factory)."""
+#: Keyword arguments that make a callback idle: attached (Lightning dispatches all its hooks) but never measuring.
+IDLE: dict[str, Any] = dict(every_n_epochs=None, every_n_steps=None, measure_at_start=False, measure_at_end=False)
+
+
+def setups(quick: bool) -> dict[str, tuple[Callable[[], Any], Callable[[], Any], Callable[..., list]]]:
+    """name -> (model factory, datamodule factory, callbacks factory taking extra callback keyword arguments)."""
     n_img = 4096 if quick else 60_000
     image_dm = PatchImageDataModule(image_size=28, grid=2, patch=5, n_train=n_img, n_val=1000, batch_size=64)
     image_dm.setup()
@@ -59,27 +65,27 @@ def setups(quick: bool) -> dict[str, tuple[Callable[[], Any], Callable[[], Any],
         "cnn on patch images: saliency + ablation + correlation + posterior gap": (
             lambda: SmallCNN(in_channels=1, num_classes=4, channels=(8, 12)),
             lambda: image_dm,
-            lambda: [
-                cbs.FinalLayerSaliencyCallback(log_images=False),
-                cbs.AblationProbeCallback(layers=["features.4"], log_images=False),
-                cbs.CorrelationOrderCallback(log_images=False),
-                cbs.PosteriorGapCallback(log_images=False),
+            lambda **kw: [
+                cbs.FinalLayerSaliencyCallback(log_images=False, **kw),
+                cbs.AblationProbeCallback(layers=["features.4"], log_images=False, **kw),
+                cbs.CorrelationOrderCallback(log_images=False, **kw),
+                cbs.PosteriorGapCallback(log_images=False, **kw),
             ],
         ),
         "mlp on Potts: expansion + posterior gap + ablation + correlation": (
             lambda: MLPClassifier(32, 2, hidden=(64,)),
             lambda: potts_dm,
-            lambda: [
-                cbs.LogitExpansionCallback(8, 4, log_images=False),
-                cbs.PosteriorGapCallback(log_images=False),
-                cbs.AblationProbeCallback(layers=["net.1"], log_images=False),
-                cbs.CorrelationOrderCallback(log_images=False),
+            lambda **kw: [
+                cbs.LogitExpansionCallback(8, 4, log_images=False, **kw),
+                cbs.PosteriorGapCallback(log_images=False, **kw),
+                cbs.AblationProbeCallback(layers=["net.1"], log_images=False, **kw),
+                cbs.CorrelationOrderCallback(log_images=False, **kw),
             ],
         ),
         "mlp: posterior gap (preset 3)": (
             lambda: MLPClassifier(1, 2, hidden=(64, 64)),
             lambda: gauss_dm,
-            lambda: [cbs.PosteriorGapCallback(log_images=False)],
+            lambda **kw: [cbs.PosteriorGapCallback(log_images=False, **kw)],
         ),
     }
 
@@ -107,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--steps", type=int, default=1874, help="training steps per fit (default: two epochs; one epoch is 937 steps)"
     )
-    parser.add_argument("--repeats", type=int, default=3, help="bare / instrumented pairs per setup")
+    parser.add_argument("--repeats", type=int, default=3, help="bare / instrumented / idle rounds per setup")
     parser.add_argument("--quick", action="store_true", help="a smoke run (small data, 100 steps, 1 repeat)")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_overhead"))
     args = parser.parse_args(argv)
@@ -118,12 +124,14 @@ def main(argv: list[str] | None = None) -> None:
     load_start = os.getloadavg()
     results = []
     for name, (make_model, make_dm, make_cbs) in setups(args.quick).items():
-        bare, instrumented = [], []
+        bare, idle, instrumented = [], [], []
         for _ in tqdm(range(args.repeats), desc=name):
             pl.seed_everything(0, verbose=False)
             bare.append(fit(make_model(), make_dm(), [], args.steps))
             pl.seed_everything(0, verbose=False)
             instrumented.append(fit(make_model(), make_dm(), make_cbs(), args.steps))
+            pl.seed_everything(0, verbose=False)
+            idle.append(fit(make_model(), make_dm(), make_cbs(**IDLE), args.steps))
         profiler = SimpleProfiler()
         pl.seed_everything(0, verbose=False)
         fit(make_model(), make_dm(), make_cbs(), args.steps, profiler)
@@ -139,21 +147,24 @@ def main(argv: list[str] | None = None) -> None:
                 "bare_s": statistics.median(bare),
                 "instrumented_s": statistics.median(instrumented),
                 "median_ratio": ratio,
+                "idle_ratio": statistics.median(i / b for i, b in zip(idle, bare, strict=True)),
                 "per_callback_s": per_callback,
             }
         )
     lines = [
-        f"{args.steps} steps per fit, {args.repeats} alternating bare / instrumented pairs, CPU "
-        f"(load {load_start[0]:.2f} -> {os.getloadavg()[0]:.2f}); callbacks at default cadence.",
+        f"{args.steps} steps per fit, {args.repeats} alternating bare / instrumented / idle runs, CPU "
+        f"(load {load_start[0]:.2f} -> {os.getloadavg()[0]:.2f}); callbacks at default cadence. Idle: the same "
+        "callbacks attached but never measuring (Lightning's per-step hook dispatch alone).",
         "",
-        "| setup | bare s | with callbacks s | median ratio | target <= 1.10 | per-callback s (SimpleProfiler) |",
-        "|---|--:|--:|--:|---|---|",
+        "| setup | bare s | with callbacks s | median ratio | target <= 1.10 | idle ratio | per-callback s (SimpleProfiler) |",
+        "|---|--:|--:|--:|---|--:|---|",
     ]
     for r in results:
         costs = ", ".join(f"{k} {v:.2f}" for k, v in r["per_callback_s"].items())
         status = "PASS" if r["median_ratio"] <= 1.10 else "FAIL"
         lines.append(
-            f"| {r['setup']} | {r['bare_s']:.2f} | {r['instrumented_s']:.2f} | {r['median_ratio']:.3f}x | {status} | {costs} |"
+            f"| {r['setup']} | {r['bare_s']:.2f} | {r['instrumented_s']:.2f} | {r['median_ratio']:.3f}x | {status} "
+            f"| {r['idle_ratio']:.3f}x | {costs} |"
         )
     table = "\n".join(lines)
     print(table)

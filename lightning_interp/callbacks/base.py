@@ -260,15 +260,22 @@ class InterpretabilityCallback(Callback, ABC):
     # ------------------------------------------------------------------ Lightning hooks
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
-            every_n_epochs=self.every_n_epochs,
-            every_n_steps=self.every_n_steps,
-            seed=self.seed,
-            prefix=self.prefix,
-            **self._state_key_fields(),
-        )
+        # Lightning reads the key at every hook call of every step (profiler action names), so it is built
+        # once and rebuilt at setup(), where a configuration changed after construction takes effect
+        key = self.__dict__.get("_state_key")
+        if key is None:
+            key = self._generate_state_key(
+                every_n_epochs=self.every_n_epochs,
+                every_n_steps=self.every_n_steps,
+                seed=self.seed,
+                prefix=self.prefix,
+                **self._state_key_fields(),
+            )
+            self.__dict__["_state_key"] = key
+        return key
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.__dict__.pop("_state_key", None)
         with isolate(pl_module):
             self.validate(trainer, pl_module)
 
