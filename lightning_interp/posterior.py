@@ -388,7 +388,7 @@ class PatchImageTask(GenerativeTask):
         if patch >= cell or patch < 1:
             raise ValueError(f"patch ({patch}) must be in [1, image_size // grid = {cell})")
         if noise <= 0:
-            raise ValueError(f"noise must be > 0, got {noise}")
+            raise ValueError(f"noise must be > 0 for a density (and a posterior), got {noise}")
         self.num_classes, self.image_size, self.channels, self.grid, self.patch = num_classes, image_size, channels, grid, patch
         self.contrast, self.noise, self.cell = float(contrast), float(noise), cell
         self.dim = channels * image_size * image_size

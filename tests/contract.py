@@ -24,7 +24,7 @@ from lightning_interp.callbacks import (
     LogitExpansionCallback,
     PosteriorGapCallback,
 )
-from lightning_interp.datamodules import PatchImageDataModule, SyntheticDataModule
+from lightning_interp.datamodules import PatchImageDataModule, PottsDataModule, SyntheticDataModule
 from lightning_interp.models import MLPClassifier, SmallCNN
 from lightning_interp.posterior import GaussianTask, xie_task
 
@@ -137,6 +137,26 @@ CASES: list[ContractCase] = [
                 ),
                 TypeError,
                 r"failed on the task's inputs \(float tensors of shape \[N, 2\]\)",
+            ),
+            BadConfig(
+                "noise_free_images",
+                lambda: (
+                    _gap_callback(),
+                    SmallCNN(in_channels=1, num_classes=4),
+                    PatchImageDataModule(noise=0.0, n_train=64, n_val=16, batch_size=16),
+                ),
+                ValueError,
+                r"noise must be > 0 for a density \(and a posterior\), got 0.0",
+            ),
+            BadConfig(
+                "potts_index_encoding",
+                lambda: (
+                    _gap_callback(),
+                    MLPClassifier(4, 2, hidden=(8,)),
+                    PottsDataModule(seq_len=4, num_states=3, encoding="states", n_train=64, n_val=16, n_test=0),
+                ),
+                ValueError,
+                r"inputs are one-hot sequences.*encoding='states'.*PottsDataModule\(encoding='one_hot'\)",
             ),
         ],
     ),

@@ -160,9 +160,18 @@ class PatchImageDataModule(pl.LightningDataModule):
         self.num_classes, self.image_size, self.channels, self.grid, self.patch = num_classes, image_size, channels, grid, patch
         self.contrast, self.noise = contrast, noise
         self.n_train, self.n_val, self.batch_size, self.seed, self.shuffle = n_train, n_val, batch_size, seed, shuffle
-        self.task = PatchImageTask(num_classes, image_size, channels, grid, patch, contrast, noise)
         self._splits: dict[str, TensorDataset] = {}
         self.masks: dict[str, torch.Tensor] = {}
+
+    @property
+    def task(self) -> PatchImageTask:
+        """The generative model of these images (exact posterior).
+
+        Raises:
+            ValueError: ``noise == 0`` (no density, so no posterior to compare with).
+        """
+        ch, size, grid, patch = self.channels, self.image_size, self.grid, self.patch
+        return PatchImageTask(self.num_classes, size, ch, grid, patch, self.contrast, self.noise)
 
     def _draw(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         y = torch.randint(0, self.num_classes, (n,), generator=g)
