@@ -39,7 +39,7 @@ import torch.fx
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lightning_interp.hooks import as_list, get_module, split_graph, trace_at
+from lightning_interp.hooks import as_list, get_module, same_logits, split_graph, trace_at
 
 __all__ = ["AblationResult", "BayesianAblation", "MaskedForward"]
 
@@ -68,20 +68,23 @@ def _apply_mask(h: Tensor, masks: Tensor) -> Tensor:
 #: (``f(0) = 0``, applied per channel): the mask can be applied after them.
 _MASK_COMMUTING_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.ELU, nn.Hardswish, nn.Hardtanh, nn.Identity,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
-    nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Flatten,
+    nn.Dropout, nn.Dropout2d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Flatten,
 )  # fmt: skip
+# (no 1-d pools: on a token output [N, T, C] they pool over the units, the last dim)
 _MASK_COMMUTING_FUNCTIONS = {
     torch.relu, torch.tanh, torch.flatten, F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.elu, F.hardswish,
-    F.hardtanh, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
+    F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
 }  # fmt: skip
 _MASK_COMMUTING_METHODS = {"relu", "tanh", "flatten"}
 
 
 def _commutes_with_mask(model: nn.Module, node: torch.fx.Node) -> bool:
     if node.op == "call_module":
-        return isinstance(model.get_submodule(str(node.target)), _MASK_COMMUTING_MODULES)
+        module = model.get_submodule(str(node.target))
+        if isinstance(module, nn.Hardtanh) and not module.min_val <= 0 <= module.max_val:
+            return False  # f(0) != 0
+        return isinstance(module, _MASK_COMMUTING_MODULES)
     if node.op == "call_function":
         return node.target in _MASK_COMMUTING_FUNCTIONS
     return node.op == "call_method" and node.target in _MASK_COMMUTING_METHODS
@@ -109,6 +112,7 @@ class MaskedForward:
         self.max_batch = max_batch
         self.suffix: torch.fx.GraphModule | None = None
         self.prefix: torch.fx.GraphModule | None = None
+        self._plain: tuple[torch.fx.GraphModule, torch.fx.GraphModule] | None = None
         self._pushed: list[tuple[str, torch.fx.GraphModule, torch.fx.GraphModule]] = []
         #: the op after the layer that the mask is applied after (``None``: at the layer itself)
         self.mask_after: str | None = None
@@ -116,13 +120,12 @@ class MaskedForward:
             try:
                 self._split()
             except Exception as err:  # tracing arbitrary user models can fail in many ways
-                warnings.warn(
-                    f"could not split {type(model).__name__} at {layer!r} with torch.fx ({type(err).__name__}: {err}); "
-                    "the whole forward pass is batched instead",
-                    stacklevel=2,
-                )
-                self.prefix = self.suffix = None
-                self._pushed = []
+                self._no_split(f"could not split {type(model).__name__} at {layer!r} with torch.fx ({type(err).__name__}: {err})")
+
+    def _no_split(self, why: str) -> None:
+        warnings.warn(f"{why}; the whole forward pass is batched instead", stacklevel=3)
+        self.prefix = self.suffix = self._plain = None
+        self._pushed, self.mask_after = [], None
 
     @property
     def is_split(self) -> bool:
@@ -130,10 +133,12 @@ class MaskedForward:
 
     def _split(self) -> None:
         graph, layer_node = trace_at(self.model, self.layer)
-        self.prefix, self.suffix = split_graph(self.model, graph, layer_node)
+        self._plain = split_graph(self.model, graph, layer_node)
+        self.prefix, self.suffix = self._plain
         # push the mask past the ops after the layer that commute with zeroing a channel (ReLU, pooling,
         # flatten of a pooled map, ...): they then run once per probe batch instead of once per mask.
-        # Candidates furthest first; the first call of prepare() keeps the first one that checks out.
+        # Candidates furthest first; prepare() keeps the first one that checks out on its inputs.
+        self._pushed, self.mask_after = [], None
         node = layer_node
         while len(node.users) == 1:
             user = next(iter(node.users))
@@ -142,12 +147,28 @@ class MaskedForward:
             node = user
             self._pushed.insert(0, (getattr(node.target, "__name__", str(node.target)), *split_graph(self.model, graph, node)))
 
-    def _choose_push(self, inputs: Tensor) -> None:
-        """Keep the furthest push that has the layer's unit count and gives the same logits on random masks."""
-        candidates, self._pushed = self._pushed, []
-        if self.prefix is None or self.suffix is None:
+    def _check_split(self, x: Tensor) -> None:
+        """Re-trace (or give up the split) when the traced graph no longer computes the model's logits.
+
+        ``torch.fx`` freezes Python control flow at trace time; a model whose branches depend on attributes
+        changed since then would otherwise be evaluated with the old graph.
+        """
+        if self._plain is None:
             return
-        x = inputs[:8]
+        for attempt in range(2):
+            prefix, suffix = self._plain
+            got, want = suffix(*as_list(prefix(x))), self.model(x)
+            if isinstance(got, Tensor) and isinstance(want, Tensor) and same_logits(got, want):
+                return
+            if attempt == 0:
+                self._split()
+        self._no_split(f"the torch.fx split of {type(self.model).__name__} at {self.layer!r} no longer computes its logits")
+
+    def _choose_push(self, x: Tensor) -> None:
+        """Use the furthest push that keeps the layer's unit count and gives the same logits on random masks."""
+        assert self._plain is not None
+        self.prefix, self.suffix = self._plain
+        self.mask_after = None
         plain = as_list(self.prefix(x))
         h = plain[0]
         d, n, k = h.shape[_unit_dim(h)], x.shape[0], 8
@@ -159,22 +180,28 @@ class MaskedForward:
             return suffix(_apply_mask(vals[0], masks), *rest)
 
         reference = run(self.suffix, plain)
-        for name, prefix, suffix in candidates:
+        if same_logits(reference, reference[:n].repeat(k, *([1] * (reference.ndim - 1)))):
+            return  # the masks do not change the logits (e.g. a zero head): nothing to verify a push on
+        for name, prefix, suffix in self._pushed:
             values = as_list(prefix(x))
             hp = values[0]
             if hp.ndim < 2 or hp.shape[:1] != x.shape[:1] or hp.shape[_unit_dim(hp)] != d:
                 continue
-            out = run(suffix, values)
-            # bitwise on CPU; GPU kernels may reorder sums
-            if torch.equal(out, reference) or (out.device.type != "cpu" and torch.allclose(out, reference, rtol=1e-5, atol=1e-6)):
+            if same_logits(run(suffix, values), reference):
                 self.prefix, self.suffix, self.mask_after = prefix, suffix, name
                 return
 
     @torch.no_grad()
     def prepare(self, inputs: Tensor) -> list[Tensor]:
-        """Values the part after the layer needs (the layer output first), for one probe batch."""
-        if self._pushed:
-            self._choose_push(inputs)
+        """Values the part after the layer needs (the layer output first), for one probe batch.
+
+        Each call first checks on (up to) 16 of the inputs that the split still computes the model's logits
+        and which mask push (if any) gives the same logits as masking at the layer.
+        """
+        if self._plain is not None:
+            self._check_split(inputs[:16])
+        if self._pushed and self._plain is not None:
+            self._choose_push(inputs[:16])
         if self.prefix is not None:
             values = self.prefix(inputs)
             values = list(values) if isinstance(values, (tuple, list)) else [values]

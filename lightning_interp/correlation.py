@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_interp.hooks import as_list, get_module, split_at
+from lightning_interp.hooks import as_list, get_module, same_logits, split_at
 
 __all__ = [
     "ClassMoments",
@@ -485,7 +485,25 @@ class LayerReplacement:
         self._rest: list[Tensor] = []
 
     def prepare(self, inputs: Tensor) -> None:
-        """Fix the probe inputs (and compute what the rest of the model needs besides the layer)."""
+        """Fix the probe inputs (and compute what the rest of the model needs besides the layer).
+
+        Also checks on (up to) 16 inputs that the split still computes the model's output (``torch.fx``
+        freezes Python control flow at trace time): if not, the model is traced again, and if that does not
+        help, replacements go through a forward hook.
+        """
+        if self.split is not None:
+            x = inputs[:16]
+            for attempt in range(2):
+                if same_logits(self.split[1](*as_list(self.split[0](x))), self.model(x)):
+                    break
+                try:
+                    self.split = split_at(self.model, self.layer) if attempt == 0 else None
+                except Exception:
+                    self.split = None
+                if self.split is None:
+                    break
+            out_node = next(n for n in self.split[0].graph.nodes if n.op == "output") if self.split is not None else None
+            self._crossing = out_node is not None and len(out_node.args[0]) > 1
         self._inputs = inputs
         self._rest = as_list(self.split[0](inputs))[1:] if self.split is not None and self._crossing else []
 

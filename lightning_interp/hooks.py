@@ -21,7 +21,7 @@ from contextlib import contextmanager
 import torch.fx
 from torch import Tensor, nn
 
-__all__ = ["capture", "count_hooks", "get_module", "replace", "split_at", "split_graph", "trace_at"]
+__all__ = ["capture", "count_hooks", "get_module", "replace", "same_logits", "split_at", "split_graph", "trace_at"]
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
@@ -136,19 +136,35 @@ def split_graph(root: nn.Module, graph: torch.fx.Graph, node: torch.fx.Node) -> 
     """
     nodes = list(graph.nodes)
     after: set[torch.fx.Node] = {node}
+    on_input: set[torch.fx.Node] = set()  # nodes that depend on a model input (the rest are constants)
     for n in nodes:
         if any(a in after for a in n.all_input_nodes):
             after.add(n)
+        if n.op == "placeholder" or any(a in on_input for a in n.all_input_nodes):
+            on_input.add(n)
     output = next(n for n in nodes if n.op == "output")
-    crossing = [n for n in nodes if n not in after and n.op != "output" and any(u in after and u is not node for u in n.users)]
+    # values computed before the split and used after it (skip connections); parameters, buffers and other
+    # constants used after the split are recomputed in the suffix instead of crossing it
+    crossing = [
+        n
+        for n in nodes
+        if n not in after and n in on_input and n.op != "output" and any(u in after and u is not node for u in n.users)
+    ]
     boundary = [node, *crossing]
-    # suffix: placeholders for the boundary values, then every node after the split
+    # suffix: placeholders for the boundary values, then every node after the split (and the constants)
     suffix_graph = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     for i, n in enumerate(boundary):
         env[n] = suffix_graph.placeholder(f"boundary_{i}")
+    constants: set[torch.fx.Node] = set()
+    stack = [a for n in after | {output} if n is not node for a in n.all_input_nodes if a not in on_input]
+    while stack:
+        n = stack.pop()
+        if n not in constants:
+            constants.add(n)
+            stack.extend(n.all_input_nodes)
     for n in nodes:
-        if n in after and n is not node and n.op != "output":
+        if n.op != "output" and n not in env and ((n in after and n is not node) or n in constants):
             env[n] = suffix_graph.node_copy(n, lambda a: env[a])
     suffix_graph.output(torch.fx.graph.map_arg(output.args[0], lambda a: env[a]))
     # prefix: every node not after the split (plus the split node), returning the boundary values
@@ -159,6 +175,13 @@ def split_graph(root: nn.Module, graph: torch.fx.Graph, node: torch.fx.Node) -> 
             penv[n] = prefix_graph.node_copy(n, lambda a: penv[a])
     prefix_graph.output(tuple(penv[n] for n in boundary))
     return torch.fx.GraphModule(root, prefix_graph), torch.fx.GraphModule(root, suffix_graph)
+
+
+def same_logits(a: object, b: object) -> bool:
+    """Whether two model outputs agree: bitwise on the CPU, to float tolerance on accelerators (reordered sums)."""
+    if not isinstance(a, Tensor) or not isinstance(b, Tensor) or a.shape != b.shape:
+        return False
+    return torch.equal(a, b) or (a.device.type != "cpu" and torch.allclose(a, b, rtol=1e-5, atol=1e-6))
 
 
 def split_at(model: nn.Module, layer: str) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:

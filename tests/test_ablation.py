@@ -318,3 +318,48 @@ def test_ess_matches_a_loop_over_geyers_initial_positive_sequence() -> None:
     theory = c * s * (1 - a) / (1 + a)
     assert ((got[:d] - theory).abs() / theory < 0.35).all(), (got, theory)
     assert got[d] == c * s
+
+
+class _Flagged(nn.Module):
+    """A Python branch after the layer (frozen by torch.fx at trace time) and a parameter used after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.act, self.b, self.c = nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3), nn.Linear(8, 3)
+        self.temp = nn.Parameter(torch.tensor(1.5))
+        self.use_c = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.a(x))
+        return (self.c(h) if self.use_c else self.b(h)) * self.temp
+
+
+def test_split_follows_model_changes_and_keeps_constants_inside() -> None:
+    torch.manual_seed(5)
+    model = _Flagged().eval()
+    x = torch.randn(40, 4)
+    masks = torch.rand(12, 8) > 0.5
+    mf = MaskedForward(model, "act")
+    whole = MaskedForward(model, "act", split=False)
+    assert mf.is_split and len(mf.prepare(x)) == 1  # the parameter `temp` does not cross the split
+    assert torch.equal(mf.predictions(mf.prepare(x), masks), whole.predictions(whole.prepare(x), masks))
+    model.use_c = True  # the traced graph still calls `b`: prepare() notices and traces again
+    got = mf.predictions(mf.prepare(x), masks)
+    assert mf.is_split and torch.equal(got, whole.predictions(whole.prepare(x), masks))
+
+
+def test_push_is_not_taken_on_uninformative_logits() -> None:
+    """With a zero head every candidate 'agrees'; the push waits until masks change the logits, then is checked."""
+    torch.manual_seed(6)
+    # conv [N, 4, 2, 2] -> Flatten(2) gives [N, 4, 4]: four units on the last dim, but they are not the channels
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(2), nn.Flatten(1), nn.Linear(16, 3)).eval()
+    nn.init.zeros_(model[3].weight)
+    x = torch.randn(32, 1, 4, 4)
+    masks = torch.rand(10, 4) > 0.5
+    mf, whole = MaskedForward(model, "0"), MaskedForward(model, "0", split=False)
+    mf.prepare(x)
+    assert mf.mask_after is None
+    nn.init.normal_(model[3].weight)
+    got = mf.predictions(mf.prepare(x), masks)
+    assert mf.mask_after is None
+    assert torch.equal(got, whole.predictions(whole.prepare(x), masks))

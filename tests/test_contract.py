@@ -247,3 +247,14 @@ def test_bad_cadence_arguments(case: ContractCase) -> None:
         case.make_callback(every_n_steps=-1)
     with pytest.raises(ValueError, match="run_on must be"):
         case.make_callback(run_on="sometimes")
+
+
+def test_copies_get_their_own_state_key() -> None:
+    """Lightning needs a unique state_key per callback: a reconfigured copy must not keep the original's key."""
+    import copy
+
+    cb = CASES[0].make_callback()
+    key = cb.state_key
+    twin = copy.deepcopy(cb)
+    twin.seed = cb.seed + 1
+    assert twin.state_key != key and cb.state_key == key

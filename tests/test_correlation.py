@@ -313,3 +313,18 @@ def test_layer_replacement_split_and_hook_paths_agree() -> None:
         assert count_hooks(model) == 0
     with pytest.raises(RuntimeError, match="prepare"):
         LayerReplacement(_Residual(), "b")(torch.zeros(1, 6))
+
+
+def test_layer_replacement_follows_model_changes() -> None:
+    torch.manual_seed(1)
+    from tests.test_ablation import _Flagged
+
+    model = _Flagged().eval()
+    x = torch.randn(20, 4)
+    run = LayerReplacement(model, "act")
+    run.prepare(x)
+    h = torch.relu(model.a(x))
+    assert torch.equal(run(h), model(x))
+    model.use_c = True
+    run.prepare(x)
+    assert run.split is not None and torch.equal(run(h), model(x))

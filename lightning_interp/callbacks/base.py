@@ -196,6 +196,7 @@ class InterpretabilityCallback(Callback, ABC):
         # (ddp_spawn); carry its state as bytes instead.
         state = self.__dict__.copy()
         state["generator"] = self.generator.get_state().numpy().tobytes()
+        state.pop("_state_key", None)  # a copy may be reconfigured: its key is built afresh
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
