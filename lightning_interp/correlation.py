@@ -477,10 +477,6 @@ class LayerReplacement:
                 self.split = split_at(model, layer)
             except Exception:  # tracing arbitrary user models can fail in many ways: hooks work everywhere
                 self.split = None
-        # whether values other than the layer's output cross the split (skip connections): only then
-        # does prepare() run the part before the layer
-        out_node = next(n for n in self.split[0].graph.nodes if n.op == "output") if self.split is not None else None
-        self._crossing = out_node is not None and len(out_node.args[0]) > 1
         self._inputs: Tensor | None = None
         self._rest: list[Tensor] = []
 
@@ -502,10 +498,12 @@ class LayerReplacement:
                     self.split = None
                 if self.split is None:
                     break
-            out_node = next(n for n in self.split[0].graph.nodes if n.op == "output") if self.split is not None else None
-            self._crossing = out_node is not None and len(out_node.args[0]) > 1
         self._inputs = inputs
-        self._rest = as_list(self.split[0](inputs))[1:] if self.split is not None and self._crossing else []
+        # only values other than the layer's output crossing the split (skip connections) need the part
+        # before the layer to run on all the inputs
+        out_node = next(n for n in self.split[0].graph.nodes if n.op == "output") if self.split is not None else None
+        crossing = out_node is not None and len(out_node.args[0]) > 1
+        self._rest = as_list(self.split[0](inputs))[1:] if self.split is not None and crossing else []
 
     def __call__(self, replacement: Tensor) -> Tensor:
         """Logits with the layer's output replaced by ``replacement`` (the layer's output shape)."""
