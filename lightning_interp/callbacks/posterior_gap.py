@@ -162,8 +162,9 @@ class PosteriorGapCallback(InterpretabilityCallback):
 
     def _draw_probe(self, task: GenerativeTask) -> None:
         x, y = task.sample(self.probe_size, self.generator)
-        log_density = task.log_density(x)
-        probe = {"x": x, "y": y, "log_posterior": task.log_posterior(x), "log_density": log_density}
+        log_joint = task.log_joint(x)  # once: the density and the posterior both follow from it
+        log_density = torch.logsumexp(log_joint, dim=1)
+        probe = {"x": x, "y": y, "log_posterior": log_joint - log_density[:, None], "log_density": log_density}
         if self.num_density_bins > 1:
             qs = torch.linspace(0, 1, self.num_density_bins + 1, dtype=torch.float64)[1:-1]
             probe["density_edges"] = torch.unique(torch.quantile(log_density, qs))
