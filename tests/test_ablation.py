@@ -363,3 +363,20 @@ def test_push_is_not_taken_on_uninformative_logits() -> None:
     got = mf.predictions(mf.prepare(x), masks)
     assert mf.mask_after is None
     assert torch.equal(got, whole.predictions(whole.prepare(x), masks))
+
+
+def test_push_on_torchvision_resnet_last_stage() -> None:
+    """ResNet-18's layer4 -> avgpool -> flatten -> fc: the mask moves to after the flatten, same predictions."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=5).eval()
+    x = torch.randn(12, 3, 64, 64)
+    masks = torch.rand(6, 512) > 0.5
+    split, whole = MaskedForward(model, "layer4"), MaskedForward(model, "layer4", split=False)
+    got = split.predictions(split.prepare(x), masks)
+    assert split.mask_after == "flatten"
+    assert torch.equal(got, whole.predictions(whole.prepare(x), masks))
+    mid = MaskedForward(model, "layer3.1")  # followed by a conv block: nothing to push past
+    mid.prepare(x)
+    assert mid.is_split and mid.mask_after is None
