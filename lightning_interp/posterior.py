@@ -340,6 +340,32 @@ class XieTask(GaussianTask):
         return f"XieTask(preset={self.preset})"
 
 
+def check_patch_layout(num_classes: int, image_size: int, grid: int, patch: int) -> int:
+    """Validate a patch-image layout (one class per cell of a ``grid x grid`` layout); return the cell side.
+
+    Raises:
+        ValueError: ``num_classes`` outside ``[2, grid**2]`` or a patch that does not fit its cell.
+    """
+    cell = image_size // grid
+    if num_classes > grid * grid or num_classes < 2:
+        raise ValueError(f"num_classes must be in [2, grid**2 = {grid * grid}], got {num_classes}")
+    if patch >= cell or patch < 1:
+        raise ValueError(f"patch ({patch}) must be in [1, image_size // grid = {cell})")
+    return cell
+
+
+def patch_masks(labels: Tensor, offsets: Tensor, image_size: int, grid: int, patch: int) -> Tensor:
+    """Boolean masks ``[n, size, size]`` of the squares of classes ``labels`` ``[n]`` at ``offsets`` ``[n, 2]``."""
+    cell = image_size // grid
+    labels = torch.as_tensor(labels).long()
+    pos = torch.arange(image_size)
+    top = ((labels // grid) * cell + offsets[:, 0])[:, None]
+    left = ((labels % grid) * cell + offsets[:, 1])[:, None]
+    rows = (pos >= top) & (pos < top + patch)  # [n, size]
+    cols = (pos >= left) & (pos < left + patch)
+    return rows[:, :, None] & cols[:, None, :]
+
+
 class PatchImageTask(GenerativeTask):
     """Images of noise with a bright square whose cell gives the class: a task with an exact posterior.
 
@@ -382,11 +408,7 @@ class PatchImageTask(GenerativeTask):
         contrast: float = 2.0,
         noise: float = 0.3,
     ) -> None:
-        cell = image_size // grid
-        if num_classes > grid * grid or num_classes < 2:
-            raise ValueError(f"num_classes must be in [2, grid**2 = {grid * grid}], got {num_classes}")
-        if patch >= cell or patch < 1:
-            raise ValueError(f"patch ({patch}) must be in [1, image_size // grid = {cell})")
+        cell = check_patch_layout(num_classes, image_size, grid, patch)
         if noise <= 0:
             raise ValueError(f"noise must be > 0 for a density (and a posterior), got {noise}")
         self.num_classes, self.image_size, self.channels, self.grid, self.patch = num_classes, image_size, channels, grid, patch
@@ -415,12 +437,7 @@ class PatchImageTask(GenerativeTask):
 
     def patch_mask(self, c: int, offsets: Tensor) -> Tensor:
         """Boolean masks ``[n, size, size]`` of the squares of class ``c`` at ``offsets`` ``[n, 2]``."""
-        r0, c0 = (c // self.grid) * self.cell, (c % self.grid) * self.cell
-        pos = torch.arange(self.image_size)
-        top, left = (r0 + offsets[:, 0])[:, None], (c0 + offsets[:, 1])[:, None]
-        rows = (pos >= top) & (pos < top + self.patch)  # [n, size]
-        cols = (pos >= left) & (pos < left + self.patch)
-        return rows[:, :, None] & cols[:, None, :]
+        return patch_masks(torch.full((len(offsets),), c), offsets, self.image_size, self.grid, self.patch)
 
     def sample_class(self, c: int, n: int, generator: torch.Generator | None = None) -> Tensor:
         offsets = torch.randint(0, self.cell - self.patch + 1, (n, 2), generator=generator)

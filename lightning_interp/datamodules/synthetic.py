@@ -6,7 +6,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_interp.posterior import GenerativeTask, PatchImageTask
+from lightning_interp.posterior import GenerativeTask, PatchImageTask, check_patch_layout, patch_masks
 
 __all__ = ["HigherOrderDataModule", "PatchImageDataModule", "SyntheticDataModule", "XORDataModule"]
 
@@ -152,11 +152,7 @@ class PatchImageDataModule(pl.LightningDataModule):
         shuffle: bool = True,
     ) -> None:
         super().__init__()
-        cell = image_size // grid
-        if num_classes > grid * grid or num_classes < 2:
-            raise ValueError(f"num_classes must be in [2, grid**2 = {grid * grid}], got {num_classes}")
-        if patch >= cell:
-            raise ValueError(f"patch ({patch}) must be smaller than a cell (image_size // grid = {cell})")
+        check_patch_layout(num_classes, image_size, grid, patch)
         self.num_classes, self.image_size, self.channels, self.grid, self.patch = num_classes, image_size, channels, grid, patch
         self.contrast, self.noise = contrast, noise
         self.n_train, self.n_val, self.batch_size, self.seed, self.shuffle = n_train, n_val, batch_size, seed, shuffle
@@ -176,13 +172,9 @@ class PatchImageDataModule(pl.LightningDataModule):
     def _draw(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         y = torch.randint(0, self.num_classes, (n,), generator=g)
         x = self.noise * torch.randn(n, self.channels, self.image_size, self.image_size, generator=g)
-        mask = torch.zeros(n, self.image_size, self.image_size, dtype=torch.bool)
         cell = self.image_size // self.grid
         offsets = torch.randint(0, cell - self.patch + 1, (n, 2), generator=g)
-        for i, c in enumerate(y.tolist()):
-            r = (c // self.grid) * cell + int(offsets[i, 0])
-            col = (c % self.grid) * cell + int(offsets[i, 1])
-            mask[i, r : r + self.patch, col : col + self.patch] = True
+        mask = patch_masks(y, offsets, self.image_size, self.grid, self.patch)
         x = x + self.contrast * mask[:, None].float()
         return x, y, mask
 
