@@ -25,7 +25,12 @@ PARTS: tuple[str, ...] = ("posterior", "saliency", "ablation", "correlation", "e
 
 
 def make_logger(kind: str, out: str, name: str) -> Any:
-    """A wandb (offline unless ``WANDB_MODE=online``), TensorBoard or CSV logger."""
+    """A wandb (offline unless ``WANDB_MODE=online``), TensorBoard or CSV logger.
+
+    Raises:
+        ModuleNotFoundError: ``kind="tensorboard"`` when neither ``tensorboard`` nor ``tensorboardX`` is
+            installed (install the ``tensorboard`` extra: ``pip install 'lightning-interp[tensorboard]'``).
+    """
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
     if kind == "wandb":
@@ -33,6 +38,13 @@ def make_logger(kind: str, out: str, name: str) -> Any:
         os.environ.setdefault("WANDB_SILENT", "true")
         return WandbLogger(project="lightning-interp-demo", name=name, save_dir=out, offline=os.environ["WANDB_MODE"] != "online")
     if kind == "tensorboard":
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+            raise ModuleNotFoundError(
+                "the tensorboard logger needs `tensorboard` (or `tensorboardX`), which is not installed: "
+                "pip install 'lightning-interp[tensorboard]' (or pip install tensorboard)"
+            )
         return TensorBoardLogger(save_dir=out, name=name)
     if kind == "csv":
         return CSVLogger(save_dir=out, name=name)

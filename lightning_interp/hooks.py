@@ -18,14 +18,51 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
+import torch._dynamo
 import torch.fx
 from torch import Tensor, nn
 
-__all__ = ["capture", "count_hooks", "get_module", "replace", "same_logits", "split_at", "split_graph", "trace_at"]
+__all__ = [
+    "capture",
+    "count_hooks",
+    "get_module",
+    "layer_names",
+    "replace",
+    "same_logits",
+    "split_at",
+    "split_graph",
+    "trace_at",
+    "uncompiled",
+]
+
+#: The attribute under which ``torch.compile`` keeps the original module (``OptimizedModule._orig_mod``).
+_COMPILED = "_orig_mod"
+
+
+def _user_name(name: str) -> str:
+    """A ``named_modules()`` path as the user wrote it: without the ``_orig_mod`` step of compiled modules."""
+    return ".".join(part for part in name.split(".") if part != _COMPILED)
+
+
+def layer_names(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's layers by the names the user wrote (``named_modules()`` paths without ``_orig_mod``).
+
+    For a submodule compiled with ``torch.compile`` the name maps to the original module, so hooks and
+    ``torch.fx`` see the eager layers.
+    """
+    out: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
+            continue  # its name is taken by the module it wraps
+        out.setdefault(_user_name(name), module)
+    return out
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
     """The submodule at ``named_modules()`` path ``name`` (``""`` is the model itself).
+
+    Compiled submodules (``torch.compile``) are addressed by the user's names: ``features.0`` finds
+    ``features._orig_mod.0``.
 
     Raises:
         ValueError: no such module; the message lists the available names.
@@ -33,11 +70,43 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
     if not isinstance(name, str):
         raise TypeError(f"layer names are strings (named_modules() paths), got {type(name).__name__}")
     modules = dict(model.named_modules())
+    if name in modules and not isinstance(modules[name], torch._dynamo.eval_frame.OptimizedModule):
+        return modules[name]
+    modules = layer_names(model)
     if name not in modules:
         names = [n for n in modules if n]
         shown = ", ".join(repr(n) for n in names[:30]) + (", ..." if len(names) > 30 else "")
         raise ValueError(f"unknown layer {name!r}: use one of the model's named_modules() paths: {shown}")
     return modules[name]
+
+
+@contextmanager
+def uncompiled(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block, every ``torch.compile``-d submodule of ``model`` is replaced by its original module.
+
+    A measurement then runs the eager layers: forward hooks fire, ``torch.fx`` can trace, layer names are
+    the user's, and no recompilation is triggered. The compiled wrappers are put back in ``finally``; the
+    parameters are the same objects throughout.
+
+    Yields:
+        ``model``.
+    """
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+
+    def unwrap(parent: nn.Module) -> None:
+        for key, child in list(parent._modules.items()):
+            if isinstance(child, torch._dynamo.eval_frame.OptimizedModule):
+                swapped.append((parent, key, child))
+                parent._modules[key] = child = child._orig_mod
+            if child is not None:
+                unwrap(child)
+
+    try:
+        unwrap(model)
+        yield model
+    finally:
+        for parent, key, child in reversed(swapped):
+            parent._modules[key] = child
 
 
 def count_hooks(model: nn.Module) -> int:

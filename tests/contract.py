@@ -393,7 +393,7 @@ CASES.append(
                 "too_few_states",
                 lambda: (_expansion_callback(num_states=1), MLPClassifier(4, 2, hidden=(8,)), CategoricalDataModule()),
                 ValueError,
-                r"num_states must be >= 2",
+                r"num_states must be an int >= 2, got 1",
             ),
             BadConfig(
                 "exact_over_limit",

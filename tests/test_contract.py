@@ -234,9 +234,10 @@ class _StepCounter(Callback):
 
 @pytest.mark.parametrize(("case", "bad"), BAD_PARAMS)
 def test_configuration_errors_raise_at_setup(case: ContractCase, bad: Any) -> None:
-    callback, model, dm = bad.build()
+    # what needs no model raises in __init__ (inside build()), the rest before the first training step
     _StepCounter.steps = 0
     with pytest.raises(bad.error, match=bad.match):
+        callback, model, dm = bad.build()
         _trainer([callback, _StepCounter()], max_steps=2).fit(model, dm)
     assert _StepCounter.steps == 0, "the error must come before the first training step"
 

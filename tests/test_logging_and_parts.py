@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 
 from lightning_interp.callbacks import PosteriorGapCallback
-from lightning_interp.callbacks.base import sample_dataset
+from lightning_interp.callbacks.probe import draw_probe
 from lightning_interp.datamodules import SyntheticDataModule
 from lightning_interp.hooks import capture, count_hooks, get_module, replace
 from lightning_interp.models import MLPClassifier, SmallCNN
@@ -90,7 +90,7 @@ def test_callback_uses_explicit_task_and_bounded_probe() -> None:
 def test_callback_constructor_errors() -> None:
     with pytest.raises(TypeError, match="GenerativeTask"):
         PosteriorGapCallback(task="preset1")
-    with pytest.raises(ValueError, match="probe_size >= 2"):
+    with pytest.raises(ValueError, match="probe_size must be an int >= 2, got 1"):
         PosteriorGapCallback(probe_size=1)
 
 
@@ -146,18 +146,18 @@ def test_synthetic_datamodule_is_reproducible_and_exposes_task() -> None:
         SyntheticDataModule("preset1")  # type: ignore[arg-type]
 
 
-def test_sample_dataset_uses_only_its_generator() -> None:
+def test_draw_probe_uses_only_its_generator() -> None:
     data = torch.utils.data.TensorDataset(torch.arange(50.0)[:, None], torch.zeros(50))
     rng = torch.get_rng_state()
-    x1, y1, idx1 = sample_dataset(data, 10, torch.Generator().manual_seed(0))
-    x2, _, idx2 = sample_dataset(data, 10, torch.Generator().manual_seed(0))
-    assert y1 is not None and y1.dtype == torch.int64 and (y1 == 0).all()
-    assert sample_dataset(torch.arange(5.0), 3, torch.Generator())[1] is None
+    p1 = draw_probe(data, 10, torch.Generator().manual_seed(0))
+    p2 = draw_probe(data, 10, torch.Generator().manual_seed(0))
+    assert p1.labels is not None and p1.labels.dtype == torch.int64 and (p1.labels == 0).all()
+    assert draw_probe(torch.arange(5.0), 3, torch.Generator()).labels is None
     assert torch.equal(torch.get_rng_state(), rng)
-    assert idx1 == idx2 and len(set(idx1)) == 10 and torch.equal(x1, x2)
-    assert torch.equal(x1[:, 0], torch.tensor(idx1, dtype=torch.float32))
+    idx = p1.inputs[:, 0].long().tolist()
+    assert len(set(idx)) == 10 and torch.equal(p1.inputs, p2.inputs) and p1.available == 50 and p1.deterministic
     with pytest.raises(ValueError, match="empty"):
-        sample_dataset([], 3, torch.Generator())
+        draw_probe([], 3, torch.Generator())
 
 
 def test_models_shapes_and_heads() -> None:

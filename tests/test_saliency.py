@@ -311,8 +311,8 @@ def test_saliency_callback_with_label_targets_and_explicit_probe() -> None:
     assert torch.equal(cb.last.data["maps"]["target"], cb._labels)
     assert "deletion_auc_pg" not in cb.history[-1]
     assert 0.0 <= cb.history[-1]["neg_pg_share"] <= 1.0
-    explicit = FinalLayerSaliencyCallback(probe=torch.randn(3, 1, 12, 12), target="label")
+    explicit = FinalLayerSaliencyCallback(probe=torch.randn(3, 1, 12, 12), probe_size=3, target="label")
     with pytest.raises(ValueError, match="target='label' needs labelled probe data"):
-        pl.Trainer(max_steps=1, callbacks=[explicit], logger=False, enable_progress_bar=False).fit(
+        pl.Trainer(max_steps=1, callbacks=[explicit], logger=False, enable_checkpointing=False, enable_progress_bar=False).fit(
             SmallCNN(in_channels=1, num_classes=4, channels=(8, 16)), dm
         )

@@ -8,6 +8,7 @@ not reproduced here).
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -16,7 +17,17 @@ import torch
 from torch import Tensor, nn
 
 from lightning_interp.ablation import MAX_EXACT_UNITS, AblationResult, BayesianAblation
-from lightning_interp.callbacks.base import InterpretabilityCallback, Measurement, RunOn, model_device_dtype
+from lightning_interp.callbacks.base import (
+    InterpretabilityCallback,
+    Measurement,
+    RunOn,
+    check_choice,
+    check_int,
+    check_logits,
+    check_number,
+    model_device_dtype,
+)
+from lightning_interp.callbacks.probe import ProbeSource, Unpack
 from lightning_interp.hooks import get_module
 
 __all__ = ["AblationProbeCallback"]
@@ -54,11 +65,17 @@ class AblationProbeCallback(InterpretabilityCallback):
         log_images: see the base class.
         figure_dir: see the base class.
         key_prefix: see the base class.
+        probe: labelled probe data instead of the trainer's; see the base class.
+        unpack: how to read a batch; see the base class.
+        prog_bar: scalars to show in the progress bar; see the base class.
 
     Raises:
-        ValueError: at setup, for unknown layer names, ``exact`` with more than 16 units, unlabelled
-            probe data, labels outside the model's classes, or a model whose output is not logits.
-        TypeError: at setup, when the model rejects the probe inputs.
+        ValueError: in ``__init__``, for an empty or non-string ``layers``, a ``tasks`` that is not
+            ``"classes"``, ``"all"`` or a list of class indices, an unknown ``method``, ``prior_keep``
+            outside (0, 1), or counts out of range (``burn_in >= num_steps``, ...); before the first
+            training step, for unknown layer names, ``exact`` with more than 16 units, unlabelled probe data,
+            task classes or labels outside the model's classes, or a model whose output is not logits.
+        TypeError: before the first training step, when the model rejects the probe inputs.
 
     Example:
         >>> cb = AblationProbeCallback(layers=["net.1"], probe_size=256, every_n_epochs=5)
@@ -88,6 +105,9 @@ class AblationProbeCallback(InterpretabilityCallback):
         log_images: bool = True,
         figure_dir: str | None = None,
         key_prefix: str | None = None,
+        probe: ProbeSource | None = None,
+        unpack: Unpack = None,
+        prog_bar: Sequence[str] = (),
     ) -> None:
         super().__init__(
             every_n_epochs=every_n_epochs,
@@ -99,18 +119,39 @@ class AblationProbeCallback(InterpretabilityCallback):
             log_images=log_images,
             figure_dir=figure_dir,
             key_prefix=key_prefix,
+            probe=probe,
+            unpack=unpack,
+            prog_bar=prog_bar,
         )
         self.layers = [layers] if isinstance(layers, str) else list(layers)
-        if not self.layers:
-            raise ValueError("layers must name at least one layer (a named_modules() path)")
-        if probe_size < 2:
-            raise ValueError(f"probe_size must be >= 2, got {probe_size}")
+        if not self.layers or not all(isinstance(layer, str) and layer for layer in self.layers):
+            raise ValueError(f"layers must name at least one layer (named_modules() paths, strings), got {layers!r}")
+        check_int("probe_size", probe_size, 2)
+        if isinstance(tasks, str):
+            check_choice("tasks", tasks, ("classes", "all"))
+        elif (
+            not isinstance(tasks, Sequence)
+            or not tasks
+            or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tasks)
+            or len(set(tasks)) != len(tasks)
+        ):
+            raise ValueError(f"tasks must be 'classes', 'all' or a list of distinct class indices >= 0, got {tasks!r}")
+        check_choice("method", method, ("auto", "exact", "mcmc"))
+        check_number("prior_keep", prior_keep, 0, 1, open_low=True, open_high=True)
+        check_int("num_chains", num_chains, 1)
+        check_int("num_steps", num_steps, 1)
+        check_int("burn_in", burn_in, 0)
+        if burn_in >= num_steps:
+            raise ValueError(f"burn_in ({burn_in}) must be smaller than num_steps ({num_steps})")
+        check_int("max_batch", max_batch, 1)
+        check_number("informative_bits", informative_bits, 0)
+        check_int("top_units", top_units, 0)
         self.probe_size, self.tasks, self.method = probe_size, tasks, method
         self.prior_keep, self.num_chains, self.num_steps, self.burn_in = prior_keep, num_chains, num_steps, burn_in
         self.max_batch, self.informative_bits, self.top_units = max_batch, informative_bits, top_units
         self._probe: tuple[Tensor, Tensor] | None = None
         self._ablations: dict[str, BayesianAblation] = {}
-        self._model_id: int | None = None
+        self._model_ref: Any = None  # weak reference: a new model (even at a reused address) gets new ablations
 
     def _state_key_fields(self) -> dict[str, Any]:
         return {"layers": self.layers, "probe_size": self.probe_size}
@@ -132,10 +173,19 @@ class AblationProbeCallback(InterpretabilityCallback):
             raise TypeError(
                 f"{type(pl_module).__name__} failed on the probe inputs of shape {list(x.shape[1:])}: {type(err).__name__}: {err}"
             ) from err
-        if not isinstance(out, Tensor) or out.ndim != 2:
-            raise ValueError(f"{type(pl_module).__name__}.forward must return logits [N, K] for ablation probing")
+        check_logits(out, "AblationProbeCallback", pl_module)
         if y.min() < 0 or y.max() >= out.shape[1]:
             raise ValueError(f"probe labels lie in {int(y.min())}..{int(y.max())}, outside the model's {out.shape[1]} classes")
+        if not isinstance(self.tasks, str):
+            outside = [t for t in self.tasks if t >= out.shape[1]]
+            if outside:
+                raise ValueError(
+                    f"tasks {outside} are not classes of the model, which has {out.shape[1]} (0..{out.shape[1] - 1}); "
+                    "use class indices below that, or tasks='classes'"
+                )
+            absent = [t for t in self.tasks if not (y == t).any()]
+            if absent:
+                raise ValueError(f"tasks {absent} have no examples in the probe set; increase probe_size or drop them")
         for layer in self.layers:
             ablation = self._ablation(pl_module, layer)
             d = ablation.forward.num_units(ablation.forward.prepare(x[:2].to(device=device, dtype=dtype)))
@@ -146,8 +196,8 @@ class AblationProbeCallback(InterpretabilityCallback):
                 )
 
     def _ablation(self, module: nn.Module, layer: str) -> BayesianAblation:
-        if self._model_id != id(module):
-            self._ablations, self._model_id = {}, id(module)
+        if self._model_ref is None or self._model_ref() is not module:
+            self._ablations, self._model_ref = {}, weakref.ref(module)
         if layer not in self._ablations:
             self._ablations[layer] = BayesianAblation(
                 module,

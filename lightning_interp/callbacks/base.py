@@ -17,7 +17,24 @@ chooses its data (:meth:`~InterpretabilityCallback.validate`), calls a method
 * **history and checkpoints**: every measurement's scalars are kept in ``history`` on every rank
   and survive ``state_dict`` / ``load_state_dict`` under a ``state_key`` unique to the
   configuration;
-* **validation at setup**: configuration errors surface before the first training step.
+* **probe data from any source** (:meth:`~InterpretabilityCallback.draw_probe`), in this order: the
+  ``probe=`` argument (a tensor, an ``(inputs, labels)`` pair, a map-style ``Dataset`` or a
+  ``DataLoader``); the datamodule's ``val_dataloader()``, else its ``train_dataloader()``; the
+  dataloaders given to ``fit`` / ``validate`` (``trainer.val_dataloaders``, else
+  ``trainer.train_dataloader``). Map-style data is sampled by index with the callback's own generator
+  (the same probe on every rank); iterable data gives its first ``probe_size`` items (deterministic when
+  the iterable is; rank 0's items are broadcast to the other ranks). Batches may be tensors, tuples
+  ``(x, y, ...)``, lists or dicts; ``unpack=`` says which entry is the input and which the label;
+* **every entry point**: ``fit`` measures at the cadence; ``validate`` (e.g. ``trainer.validate(model,
+  loader, ckpt_path=...)``, the way to audit a trained checkpoint) measures once on the restored weights;
+  ``test`` and ``predict`` leave the callback idle. Checks that need the model run at ``on_fit_start``
+  (after ``configure_model`` and ``LightningModule.setup``), or at ``on_train_start`` when the only data
+  is the training loader: always before the first training step;
+* **metrics where Lightning looks**: every scalar also goes to ``trainer.callback_metrics`` (so
+  ``EarlyStopping`` and ``ModelCheckpoint`` can monitor it), and the names in ``prog_bar`` to the
+  progress bar;
+* **validation**: arguments are checked in ``__init__``, what needs the model or data before the first
+  training step; each error names the problem and the fix.
 """
 
 from __future__ import annotations
@@ -26,6 +43,7 @@ import io
 import math
 import os
 import re
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -38,7 +56,19 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-__all__ = ["InterpretabilityCallback", "Measurement", "isolate", "sample_dataset"]
+from lightning_interp.callbacks.probe import ProbeSource, Unpack, draw_probe
+from lightning_interp.hooks import uncompiled
+
+__all__ = [
+    "InterpretabilityCallback",
+    "Measurement",
+    "check_choice",
+    "check_int",
+    "check_logits",
+    "check_number",
+    "isolate",
+    "model_device_dtype",
+]
 
 RunOn = Literal["train_epoch_end", "validation_epoch_end"]
 
@@ -63,13 +93,15 @@ def isolate(module: nn.Module, grad: bool = False) -> Iterator[None]:
     Puts every submodule in eval mode, disables autograd (unless ``grad``), forks the global CPU
     (and CUDA) RNG, and restores the train/eval mode of every submodule and the ``requires_grad``
     of every parameter in ``finally``. Gradients needed by a method must be taken with
-    ``torch.autograd.grad`` (never ``.backward()``), so ``.grad`` stays untouched.
+    ``torch.autograd.grad`` (never ``.backward()``), so ``.grad`` stays untouched. Submodules compiled
+    with ``torch.compile`` run their original, eager modules inside the block (see
+    :func:`~lightning_interp.hooks.uncompiled`).
     """
     modes = [(m, m.training) for m in module.modules()]
     flags = [(p, p.requires_grad) for p in module.parameters()]
     cuda = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
     try:
-        with torch.random.fork_rng(devices=cuda), torch.set_grad_enabled(grad):
+        with torch.random.fork_rng(devices=cuda), torch.set_grad_enabled(grad), uncompiled(module):
             module.eval()
             yield
     finally:
@@ -79,28 +111,6 @@ def isolate(module: nn.Module, grad: bool = False) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def sample_dataset(dataset: Sequence, size: int, generator: torch.Generator) -> tuple[Tensor, Tensor | None, list[int]]:
-    """A fixed probe batch of ``size`` items drawn without replacement from a map-style dataset.
-
-    The indices come from ``generator`` only (the dataloader's sampler and the global RNG are not
-    touched). Items may be tensors or ``(input, label, ...)`` tuples.
-
-    Returns:
-        ``(inputs, labels, indices)``: stacked inputs, labels (``None`` for unlabelled items) and the
-        dataset indices they came from.
-    """
-    n = len(dataset)
-    if n == 0:
-        raise ValueError("cannot draw a probe set from an empty dataset")
-    idx = torch.randperm(n, generator=generator)[: min(size, n)].tolist()
-    items = [dataset[i] for i in idx]
-    if isinstance(items[0], (tuple, list)):
-        inputs = torch.stack([torch.as_tensor(it[0]) for it in items])
-        labels = torch.as_tensor([int(it[1]) for it in items]) if len(items[0]) > 1 else None
-        return inputs, labels, idx
-    return torch.stack([torch.as_tensor(it) for it in items]), None, idx
-
-
 def model_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
     """Device and floating dtype of the first parameter (CPU / float32 for a parameterless module)."""
     for p in module.parameters():
@@ -108,16 +118,68 @@ def model_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
+def check_int(name: str, value: Any, minimum: int = 0, allow_none: bool = False) -> None:
+    """Raise ``ValueError`` unless ``value`` is an int ``>= minimum`` (or ``None`` where allowed)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}{' or None' if allow_none else ''}, got {value!r}")
+
+
+def check_number(
+    name: str, value: Any, low: float = -math.inf, high: float = math.inf, open_low: bool = False, open_high: bool = False
+) -> None:
+    """Raise ``ValueError`` unless ``value`` is a real number in the interval (bounds open where asked)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    ok = ok and (value > low if open_low else value >= low) and (value < high if open_high else value <= high)
+    if not ok:
+        interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    """Raise ``ValueError`` unless ``value`` is one of ``choices`` (the message lists them)."""
+    if not isinstance(value, (str, int, float, type(None))) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+
+
+def check_logits(out: Any, who: str, model: nn.Module) -> Tensor:
+    """Check that a model's output is ``[N, K]`` logits with ``K >= 2`` and return it.
+
+    A single logit ``[N, 1]`` (binary classification with ``BCEWithLogitsLoss``) is refused: the methods
+    need one logit per class. The message shows the two-logit form ``torch.cat([-z / 2, z / 2], 1)``, which
+    has the same softmax as ``sigmoid(z)``.
+
+    Raises:
+        ValueError: the output is not ``[N, K >= 2]``.
+    """
+    name = type(model).__name__
+    if not isinstance(out, Tensor) or out.ndim != 2:
+        got = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(
+            f"{who} needs {name}.forward to return logits of shape [N, K], got {got}. "
+            "Wrap the model so that forward returns a [N, K] tensor of logits."
+        )
+    if out.shape[1] < 2:
+        raise ValueError(
+            f"{who}: {name} returns a single logit per example ([N, 1]); the methods need one logit per class. "
+            "For a binary classifier return two logits, e.g. torch.cat([-z / 2, z / 2], dim=1), whose softmax "
+            "equals (1 - sigmoid(z), sigmoid(z))."
+        )
+    return out
+
+
 def _to_float(value: Tensor | float) -> float:
     return float(value.detach().cpu().item()) if isinstance(value, Tensor) else float(value)
 
 
 def _figure_to_png(fig: Any) -> bytes:
-    import matplotlib.pyplot as plt
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    if hasattr(fig, "number"):  # a pyplot figure: release it from pyplot's registry
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
     return buf.getvalue()
 
 
@@ -128,27 +190,57 @@ def _png_to_array(png: bytes) -> Any:
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
 
 
+def _first_loader(loaders: Any) -> Any:
+    """The first dataloader of what ``trainer.val_dataloaders`` / ``train_dataloader`` hold (one, a list, a dict)."""
+    if isinstance(loaders, dict):
+        loaders = list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        return loaders[0] if loaders else None
+    return loaders
+
+
+def _has_items(loader: Any) -> bool:
+    dataset = getattr(loader, "dataset", None)
+    try:
+        return dataset is None or len(dataset) > 0
+    except TypeError:  # an iterable dataset without a length
+        return True
+
+
 class InterpretabilityCallback(Callback, ABC):
-    """Base class of the lightning-interp callbacks (cadence, isolation, logging, state).
+    """Base class of the lightning-interp callbacks (cadence, isolation, probe data, logging, state).
 
     Subclasses set :attr:`prefix` and implement :meth:`validate` and :meth:`measure`; they may
-    override :meth:`figures`, :meth:`tables` and :meth:`_state_key_fields`.
+    override :meth:`figures`, :meth:`tables` and :meth:`_state_key_fields`. The arguments below are
+    shared by every callback (the subclasses pass them through).
 
     Args:
         every_n_epochs: measure at the end of every n-th epoch (``None`` or 0: never).
         every_n_steps: measure after every n-th optimizer step (``None`` or 0: never).
         run_on: ``"train_epoch_end"`` or ``"validation_epoch_end"`` (inside Lightning's
             ``inference_mode`` validation; skipped during the sanity check) for the epoch cadence.
-        measure_at_start: also measure once at fit start (the untrained network).
+            ``EarlyStopping`` and ``ModelCheckpoint`` with their defaults read the metrics at the end of
+            the training epoch; use ``"validation_epoch_end"`` when they check after validation
+            (``check_on_train_epoch_end=False``).
+        measure_at_start: also measure once before the first training step (the untrained network;
+            never on a run resumed from a checkpoint).
         measure_at_end: also measure once at the end of training unless the last step was measured.
         seed: seed of the callback's own ``torch.Generator`` (probe sets and any sampling).
         log_images: render figures and send them to the loggers (global rank 0 only).
         figure_dir: also write each figure as a PNG into this folder (global rank 0 only).
         key_prefix: prefix of the logged keys instead of the class's :attr:`prefix` (to tell two
             instances apart in one run, e.g. ``"posterior_gap/preset3"``).
+        probe: the probe data, instead of the trainer's: a tensor of inputs, an ``(inputs, labels)``
+            tuple, a map-style ``Dataset`` or a ``DataLoader`` (see the resolution order above).
+        unpack: how to read a batch or dataset item: ``(input_key, label_key)`` (dict keys or tuple
+            positions; ``label_key`` ``None`` for unlabelled data) or a callable ``batch -> (inputs,
+            labels)``. By default tuples and lists are ``(inputs, labels, ...)`` and dicts use the keys
+            ``input``/``inputs``/``x``/``image``/``images``/... and ``label``/``labels``/``y``/``target``/...
+            (:data:`~lightning_interp.callbacks.probe.INPUT_KEYS`, :data:`~lightning_interp.callbacks.probe.LABEL_KEYS`).
+        prog_bar: names (without the prefix) of scalars to show in the progress bar.
 
     Raises:
-        ValueError: negative cadences or an unknown ``run_on``.
+        ValueError: a malformed shared argument (negative cadence, unknown ``run_on``, ...).
     """
 
     #: Prefix of every logged key, e.g. ``"posterior_gap"``.
@@ -165,13 +257,35 @@ class InterpretabilityCallback(Callback, ABC):
         log_images: bool = True,
         figure_dir: str | None = None,
         key_prefix: str | None = None,
+        probe: ProbeSource | None = None,
+        unpack: Unpack = None,
+        prog_bar: Sequence[str] = (),
     ) -> None:
         super().__init__()
         for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
-            if value is not None and (not isinstance(value, int) or value < 0):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"{name} must be None or an int >= 0, got {value!r}")
         if run_on not in ("train_epoch_end", "validation_epoch_end"):
             raise ValueError(f"run_on must be 'train_epoch_end' or 'validation_epoch_end', got {run_on!r}")
+        check_int("seed", seed)
+        for name, flag in (
+            ("measure_at_start", measure_at_start),
+            ("measure_at_end", measure_at_end),
+            ("log_images", log_images),
+        ):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
+        for name, text in (("figure_dir", figure_dir), ("key_prefix", key_prefix)):
+            if text is not None and (not isinstance(text, (str, os.PathLike)) or not str(text)):
+                raise TypeError(f"{name} must be a non-empty string or None, got {text!r}")
+        if unpack is not None and not callable(unpack):
+            if isinstance(unpack, (str, bytes)) or not isinstance(unpack, Sequence) or not 1 <= len(unpack) <= 2:
+                raise TypeError(
+                    f"unpack must be (input_key, label_key), e.g. ('image', 'label') or (0, 1), or a callable "
+                    f"batch -> (inputs, labels); got {unpack!r}"
+                )
+        if isinstance(prog_bar, str) or not all(isinstance(k, str) for k in prog_bar):
+            raise TypeError(f"prog_bar must be a list of scalar names (without the prefix), got {prog_bar!r}")
         self.every_n_epochs = every_n_epochs or 0
         self.every_n_steps = every_n_steps or 0
         self.run_on = run_on
@@ -182,6 +296,9 @@ class InterpretabilityCallback(Callback, ABC):
         self.figure_dir = figure_dir
         if key_prefix is not None:
             self.prefix = key_prefix
+        self.probe = probe
+        self.unpack = unpack
+        self.prog_bar = list(prog_bar)
         self.generator = torch.Generator().manual_seed(seed)
         #: One dict per measurement: ``step``, ``epoch`` and the scalars (without prefix).
         self.history: list[dict[str, float]] = []
@@ -189,12 +306,14 @@ class InterpretabilityCallback(Callback, ABC):
         self.last: Measurement | None = None
         self._warned: set[str] = set()
         self._last_step: int | None = None
+        self._prepared_for: Any = None  # weak reference to the module validate() last ran on
+        self._active = True
         self.step = 0
 
     def __getstate__(self) -> dict[str, Any]:
         # A torch.Generator does not survive torch.multiprocessing's shared-memory pickling
-        # (ddp_spawn); carry its state as bytes instead.
-        state = self.__dict__.copy()
+        # (ddp_spawn); carry its state as bytes instead. Weak references do not pickle.
+        state = {k: None if isinstance(v, weakref.ref) else v for k, v in self.__dict__.items()}
         state["generator"] = self.generator.get_state().numpy().tobytes()
         state.pop("_state_key", None)  # a copy may be reconfigured: its key is built afresh
         return state
@@ -209,7 +328,9 @@ class InterpretabilityCallback(Callback, ABC):
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Check the configuration against the trainer and module and prepare probe data.
 
-        Called at ``setup``; raise ``ValueError`` / ``TypeError`` naming the problem and the fix.
+        Called once the model exists (``on_fit_start``, ``on_train_start`` or ``on_validation_start``,
+        always before the first training step); raise ``ValueError`` / ``TypeError`` naming the problem
+        and the fix.
         """
 
     @abstractmethod
@@ -227,36 +348,75 @@ class InterpretabilityCallback(Callback, ABC):
     def _state_key_fields(self) -> dict[str, Any]:
         return {}
 
+    #: Whether :meth:`validate` draws probe data from the trainer's data (else from a task or a sampler).
+    needs_data: bool = True
+
+    # ------------------------------------------------------------------ probe data
+    def probe_source(self, trainer: pl.Trainer) -> tuple[Any, str] | None:
+        """Where the probe comes from, ``(source, description)``, in the order of the module docstring.
+
+        ``None`` when there is no data yet (a fit whose only data is the training loader, before
+        ``on_train_start``).
+        """
+        if self.probe is not None:
+            return self.probe, "the probe argument"
+        dm = trainer.datamodule
+        if dm is not None:
+            for method in ("val_dataloader", "train_dataloader"):
+                try:
+                    loader = getattr(dm, method)()
+                except Exception:  # a datamodule may not implement a split
+                    continue
+                loader = _first_loader(loader)
+                if loader is not None and _has_items(loader):
+                    return loader, f"{type(dm).__name__}.{method}()"
+        if trainer.state.fn == "fit" and trainer.val_dataloaders is None:
+            # the loaders given to fit() are attached when the loops start; setting up the validation
+            # data early creates no iterator and draws no random numbers (the sanity check does the same)
+            trainer.fit_loop.epoch_loop.val_loop.setup_data()
+        for loaders, where in (
+            (trainer.val_dataloaders, "the validation dataloader"),
+            (trainer.train_dataloader, "the training dataloader"),
+        ):
+            loader = _first_loader(loaders)
+            if loader is not None and _has_items(loader):
+                return loader, where
+        return None
+
     def draw_probe(self, trainer: pl.Trainer, size: int) -> tuple[Tensor, Tensor | None]:
-        """A fixed probe batch of ``size`` items from the datamodule's val (else train) dataset.
+        """A fixed probe batch of ``size`` items from :meth:`probe_source`, read with ``unpack``.
 
         Indices come from the callback's own generator only. Returns ``(inputs, labels)`` (labels
-        ``None`` for unlabelled items).
+        ``None`` for unlabelled data). When the source has fewer items, all of them are used and a
+        warning gives the numbers.
 
         Raises:
-            ValueError: no datamodule, or no non-empty val / train dataset.
+            ValueError: no data at all (the message lists the ways to give it).
+            TypeError: batches that cannot be read (the message names ``unpack``).
         """
         name = type(self).__name__
-        dm = trainer.datamodule
-        if dm is None:
+        found = self.probe_source(trainer)
+        if found is None:
             raise ValueError(
-                f"{name} needs probe data: train with a LightningDataModule that has a val_dataloader() (or "
-                "train_dataloader()), or pass the probe data to the callback."
+                f"{name} needs probe data and found none: pass {name}(probe=...) (a tensor, an (inputs, labels) pair, "
+                "a Dataset or a DataLoader), or give data to the trainer: trainer.fit(model, train_loader, val_loader), "
+                "a LightningDataModule, or trainer.validate(model, loader)."
             )
-        dataset = None
-        for method in ("val_dataloader", "train_dataloader"):
-            try:
-                loader = getattr(dm, method)()
-            except Exception:  # a datamodule may not implement a split
-                continue
-            candidate = getattr(loader, "dataset", None)
-            if candidate is not None and len(candidate) > 0:
-                dataset = candidate
-                break
-        if dataset is None:
-            raise ValueError(f"{name}: {type(dm).__name__} has no non-empty val or train dataset to draw probe data from")
-        inputs, labels, _ = sample_dataset(dataset, size, self.generator)
-        return inputs, labels
+        source, where = found
+        try:
+            probe = draw_probe(source, size, self.generator, self.unpack)
+        except TypeError as err:
+            raise TypeError(f"{name} could not read probe data from {where}: {err}") from err
+        if not probe.deterministic and trainer.world_size > 1:
+            # an iterable may yield other items on every rank: all ranks measure rank 0's probe
+            probe.inputs, probe.labels = trainer.strategy.broadcast((probe.inputs, probe.labels), src=0)
+        if len(probe.inputs) < size:
+            self._warn_once(
+                "probe-size",
+                f"{name}: probe_size={size} but {where} has only {len(probe.inputs)} items; the probe uses those "
+                f"{len(probe.inputs)} (lower probe_size to silence this warning).",
+            )
+        return probe.inputs, probe.labels
 
     # ------------------------------------------------------------------ Lightning hooks
     @property
@@ -276,13 +436,39 @@ class InterpretabilityCallback(Callback, ABC):
         return key
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Only configuration that needs neither the model (configure_model() has not run yet) nor the data
         self.__dict__.pop("_state_key", None)
+        self._active = stage in ("fit", "validate")
+        self._prepared_for = None
+
+    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Run :meth:`validate` on ``pl_module`` (isolated) unless it already ran on this module in this stage."""
+        ref = self._prepared_for
+        if ref is not None and ref() is pl_module:
+            return
         with isolate(pl_module):
             self.validate(trainer, pl_module)
+        self._prepared_for = weakref.ref(pl_module)
+
+    def _data_ready(self, trainer: pl.Trainer) -> bool:
+        return not self.needs_data or self.probe_source(trainer) is not None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.measure_at_start and trainer.global_step == 0 and not self.history:
+        # with only a training loader the data appears at on_train_start: prepare there, still before step 1
+        if self._active and self._data_ready(trainer):
+            self.prepare(trainer, pl_module)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._active:
+            return
+        self.prepare(trainer, pl_module)
+        # a resumed run restores trained weights: a "step 0" measurement of them would be a fake start
+        if self.measure_at_start and trainer.global_step == 0 and trainer.ckpt_path is None and not self.history:
             self.run(trainer, pl_module)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._active and trainer.state.fn == "validate":
+            self.prepare(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
         step = trainer.global_step
@@ -297,10 +483,13 @@ class InterpretabilityCallback(Callback, ABC):
             self.run(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if (
+        if not self._active or trainer.sanity_checking:
+            return
+        if trainer.state.fn == "validate":  # trainer.validate(): one measurement of the (restored) weights
+            self.run(trainer, pl_module)
+        elif (
             self.run_on == "validation_epoch_end"
             and trainer.state.fn == "fit"
-            and not trainer.sanity_checking
             and self._epoch_due(trainer)
             and trainer.global_step != self._last_step
         ):
@@ -323,6 +512,7 @@ class InterpretabilityCallback(Callback, ABC):
         step = trainer.global_step
         #: The global step of the measurement in progress (methods may seed per-step generators from it).
         self.step = step
+        self.prepare(trainer, pl_module)
         with isolate(pl_module):
             measurement = self.measure(pl_module)
         self.last = measurement
@@ -350,6 +540,13 @@ class InterpretabilityCallback(Callback, ABC):
         metrics = {self._key(k): v for k, v in scalars.items() if not math.isnan(v)}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
+        # the same numbers on every rank, so monitors (EarlyStopping, ModelCheckpoint) agree across ranks
+        callback_metrics, bar = trainer.callback_metrics, trainer.progress_bar_metrics
+        for key, value in metrics.items():
+            callback_metrics[key] = torch.tensor(value)
+        for name in self.prog_bar:
+            if self._key(name) in metrics:
+                bar[self._key(name)] = metrics[self._key(name)]
 
     def _log_figure(self, trainer: pl.Trainer, key: str, fig: Any, step: int) -> None:
         from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger

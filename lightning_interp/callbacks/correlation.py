@@ -7,6 +7,7 @@ are not reproduced here).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,7 +15,15 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_interp.callbacks.base import InterpretabilityCallback, Measurement, RunOn, model_device_dtype
+from lightning_interp.callbacks.base import (
+    InterpretabilityCallback,
+    Measurement,
+    RunOn,
+    check_int,
+    check_logits,
+    model_device_dtype,
+)
+from lightning_interp.callbacks.probe import ProbeSource, Unpack
 from lightning_interp.correlation import INPUT, ClassMoments, LayerReplacement, Quadratic, gaussian_surrogates, layer_outputs
 from lightning_interp.hooks import get_module
 
@@ -63,12 +72,17 @@ class CorrelationOrderCallback(InterpretabilityCallback):
         log_images: see the base class.
         figure_dir: see the base class.
         key_prefix: see the base class.
+        probe: labelled probe data instead of the trainer's; see the base class.
+        unpack: how to read a batch; see the base class.
+        prog_bar: scalars to show in the progress bar; see the base class.
 
     Raises:
-        ValueError: at setup, for unknown layer names, unlabelled probe data, or fewer than
+        ValueError: in ``__init__``, for ``layers`` that are neither ``"auto"`` nor layer names,
+            ``probe_size < 4`` or ``min_per_class < 2``; before the first training step, for unknown layer
+            names, unlabelled probe data, a model whose output is not ``[N, K >= 2]`` logits, or fewer than
             ``min_per_class`` probe examples of a class.
-        TypeError: at setup, for a layer whose output is not a float tensor or a model that rejects the
-            probe inputs.
+        TypeError: before the first training step, for a layer whose output is not a float tensor or a
+            model that rejects the probe inputs.
 
     Example:
         >>> cb = CorrelationOrderCallback(layers="auto", probe_size=1024, every_n_epochs=1)
@@ -90,6 +104,9 @@ class CorrelationOrderCallback(InterpretabilityCallback):
         log_images: bool = True,
         figure_dir: str | None = None,
         key_prefix: str | None = None,
+        probe: ProbeSource | None = None,
+        unpack: Unpack = None,
+        prog_bar: Sequence[str] = (),
     ) -> None:
         super().__init__(
             every_n_epochs=every_n_epochs,
@@ -101,13 +118,19 @@ class CorrelationOrderCallback(InterpretabilityCallback):
             log_images=log_images,
             figure_dir=figure_dir,
             key_prefix=key_prefix,
+            probe=probe,
+            unpack=unpack,
+            prog_bar=prog_bar,
         )
-        if probe_size < 4 or min_per_class < 2:
-            raise ValueError("probe_size >= 4 and min_per_class >= 2 are required")
+        names = [layers] if isinstance(layers, str) else layers
+        if not isinstance(names, Sequence) or not names or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"layers must be 'auto' or a list of named_modules() paths ('input' for the input), got {layers!r}")
+        check_int("probe_size", probe_size, 4)
+        check_int("min_per_class", min_per_class, 2)
         self.layer_spec = layers
         self.probe_size, self.min_per_class = probe_size, min_per_class
         self._replacements: dict[str, LayerReplacement] = {}
-        self._model_id: int | None = None
+        self._model_ref: Any = None  # weak reference: a new model (even at a reused address) gets new replacements
         self.layers: list[str] = []
         self._probe: tuple[Tensor, Tensor] | None = None
         self._num_classes = 0
@@ -145,8 +168,7 @@ class CorrelationOrderCallback(InterpretabilityCallback):
             raise TypeError(
                 f"{type(pl_module).__name__} failed on the probe inputs of shape {list(x.shape[1:])}: {type(err).__name__}: {err}"
             ) from err
-        if not isinstance(logits, Tensor) or logits.ndim != 2:
-            raise ValueError(f"{type(pl_module).__name__}.forward must return logits [N, K]")
+        check_logits(logits, "CorrelationOrderCallback", pl_module)
         self._num_classes = logits.shape[1]
         if y.min() < 0 or y.max() >= self._num_classes:
             raise ValueError(
@@ -172,8 +194,8 @@ class CorrelationOrderCallback(InterpretabilityCallback):
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
         scalars: dict[str, Tensor | float] = {}
         accs: dict[str, list[float]] = {}
-        if self._model_id != id(pl_module):
-            self._replacements, self._model_id = {}, id(pl_module)
+        if self._model_ref is None or self._model_ref() is not pl_module:
+            self._replacements, self._model_ref = {}, weakref.ref(pl_module)
         for layer in self.layers:
             moments = ClassMoments(self._num_classes, covariances=False)  # per-unit moments: kurtosis
             moments.update(outputs[layer], y)

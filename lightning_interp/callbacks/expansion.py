@@ -6,13 +6,14 @@ Reference: Zamuner & De Los Rios, arXiv:2102.03202 (2021). See :mod:`lightning_i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_interp.callbacks.base import InterpretabilityCallback, Measurement, RunOn
+from lightning_interp.callbacks.base import InterpretabilityCallback, Measurement, RunOn, check_choice, check_int
 from lightning_interp.expansion import PottsExpansion, Target, _Evaluator, expand, one_hot_flat, zero_sum_gauge
 
 __all__ = ["LogitExpansionCallback"]
@@ -22,6 +23,17 @@ def _corr(a: Tensor, b: Tensor) -> Tensor:
     a, b = a.flatten().double(), b.flatten().double().to(a.device)
     a, b = a - a.mean(), b - b.mean()
     return (a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-300)
+
+
+def _target_form(target: Any) -> bool:
+    """Whether ``target`` is ``None``, an index ``>= 0`` or a pair of distinct indices ``>= 0``."""
+
+    def index(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if target is None or index(target):
+        return True
+    return isinstance(target, (tuple, list)) and len(target) == 2 and all(index(v) for v in target) and target[0] != target[1]
 
 
 class LogitExpansionCallback(InterpretabilityCallback):
@@ -56,10 +68,13 @@ class LogitExpansionCallback(InterpretabilityCallback):
         log_images: see the base class.
         figure_dir: see the base class.
         key_prefix: see the base class.
+        prog_bar: scalars to show in the progress bar; see the base class.
 
     Raises:
-        ValueError: at setup, for ``num_states < 2``, a model that rejects the encoded input, or exact
-            enumeration over the limit.
+        ValueError: in ``__init__``, for ``seq_len < 2``, ``num_states < 2``, an unknown ``method``,
+            ``order`` not 1 or 2, ``num_samples < 2``, a malformed ``target``, or exact enumeration over
+            the limit; before the first training step, for a model that rejects the encoded input or a
+            ``target`` outside the model's outputs.
 
     Example:
         >>> cb = LogitExpansionCallback(seq_len=8, num_states=4, every_n_epochs=1)
@@ -86,6 +101,7 @@ class LogitExpansionCallback(InterpretabilityCallback):
         log_images: bool = True,
         figure_dir: str | None = None,
         key_prefix: str | None = None,
+        prog_bar: Sequence[str] = (),
     ) -> None:
         super().__init__(
             every_n_epochs=every_n_epochs,
@@ -97,9 +113,25 @@ class LogitExpansionCallback(InterpretabilityCallback):
             log_images=log_images,
             figure_dir=figure_dir,
             key_prefix=key_prefix,
+            prog_bar=prog_bar,
         )
-        if method not in ("sampled", "exact", "quadratic"):
-            raise ValueError(f"method must be 'sampled', 'exact' or 'quadratic', got {method!r}")
+        check_int("seq_len", seq_len, 2)
+        check_int("num_states", num_states, 2)
+        check_choice("method", method, ("sampled", "exact", "quadratic"))
+        check_choice("order", order, (1, 2))
+        check_int("num_samples", num_samples, 2)
+        check_int("max_evaluations", max_evaluations, 1)
+        check_int("top_pairs", top_pairs, 0)
+        if not _target_form(target):
+            raise ValueError(
+                "target must be None, an output index >= 0, or a pair (a, b) of distinct output indices "
+                f"for z_a - z_b; got {target!r}"
+            )
+        if method == "exact" and num_states**seq_len > max_evaluations:
+            raise ValueError(
+                f"method='exact' needs q^L = {num_states**seq_len} evaluations, over max_evaluations="
+                f"{max_evaluations}; use method='sampled'"
+            )
         self.seq_len, self.num_states, self.method, self.order = seq_len, num_states, method, order
         self.num_samples, self.target, self.max_evaluations, self.top_pairs = num_samples, target, max_evaluations, top_pairs
         self._target: Target = target
@@ -108,19 +140,21 @@ class LogitExpansionCallback(InterpretabilityCallback):
     def _state_key_fields(self) -> dict[str, Any]:
         return {"seq_len": self.seq_len, "num_states": self.num_states, "method": self.method}
 
+    #: The expansion averages over uniformly random sequences, not over the trainer's data.
+    needs_data = False
+
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.num_states < 2:
-            raise ValueError(f"num_states must be >= 2, got {self.num_states}")
-        if self.seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2 for couplings, got {self.seq_len}")
-        if self.method == "exact" and self.num_states**self.seq_len > self.max_evaluations:
-            raise ValueError(
-                f"method='exact' needs q^L = {self.num_states**self.seq_len} evaluations, over max_evaluations="
-                f"{self.max_evaluations}; use method='sampled'"
-            )
         out = _Evaluator(pl_module, self.num_states, one_hot_flat, None, 2)(torch.zeros(2, self.seq_len, dtype=torch.long))
         if self.target is None:
             self._target = (1, 0) if out.shape[1] == 2 else 0
+        else:
+            indices = self.target if isinstance(self.target, (tuple, list)) else (self.target,)
+            if max(indices) >= out.shape[1]:
+                raise ValueError(
+                    f"target={self.target!r} names output {max(indices)}, but {type(pl_module).__name__} has "
+                    f"{out.shape[1]} output(s) (0..{out.shape[1] - 1}); choose indices below {out.shape[1]}"
+                )
+            self._target = tuple(self.target) if isinstance(self.target, list) else self.target
         dm = trainer.datamodule
         if dm is not None and hasattr(dm, "planted_coupling_difference") and hasattr(dm, "planted_field_difference"):
             h = torch.as_tensor(dm.planted_field_difference(), dtype=torch.float64)

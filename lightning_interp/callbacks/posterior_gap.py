@@ -6,13 +6,15 @@ classification?", ICLR 2025 Blogposts Track. See :mod:`lightning_interp.posterio
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_interp.callbacks.base import InterpretabilityCallback, Measurement, RunOn, model_device_dtype
+from lightning_interp.callbacks.base import InterpretabilityCallback, Measurement, RunOn, check_int, model_device_dtype
+from lightning_interp.callbacks.probe import ProbeSource, Unpack, draw_probe
 from lightning_interp.posterior import GAP_MEASURES, GenerativeTask, PosteriorGap
 
 __all__ = ["PosteriorGapCallback"]
@@ -26,7 +28,9 @@ class PosteriorGapCallback(InterpretabilityCallback):
     :class:`~lightning_interp.datamodules.PatchImageDataModule` for a CNN on images), checks that the
     module maps inputs of shape ``[N, *task.input_shape]`` to ``[N, K]`` logits with
     ``K = task.num_classes``, and draws its own fixed
-    probe set of ``probe_size`` labelled samples with its own generator. At each measurement it logs
+    probe set of ``probe_size`` labelled samples with its own generator (or takes the inputs of
+    ``probe``, whose exact posterior the task gives; labels missing from ``probe`` are drawn from that
+    posterior). At each measurement it logs
     ``posterior_gap/<measure>`` for ``kl``, ``reverse_kl``, ``js``, ``tv``, ``l2``, ``max_abs``,
     ``excess_ce``, ``accuracy``, ``bayes_accuracy`` and ``accuracy_gap`` (all on the probe set), plus
     ``kl_low_density`` / ``tv_low_density``: the gap in the lowest of ``num_density_bins`` bins of
@@ -51,10 +55,15 @@ class PosteriorGapCallback(InterpretabilityCallback):
         log_images: see the base class.
         figure_dir: see the base class.
         key_prefix: see the base class.
+        probe: inputs to measure on instead of samples of the task (they should follow the task's input
+            distribution); see the base class.
+        unpack: how to read a batch of ``probe``; see the base class.
+        prog_bar: scalars to show in the progress bar; see the base class.
 
     Raises:
-        ValueError: at setup, when no task is available, the module's output is not ``[N, K]`` logits,
-            or ``K`` differs from ``task.num_classes``.
+        ValueError: in ``__init__``, for ``probe_size < 2``, ``batch_size < 1``, ``num_density_bins < 0``
+            or ``grid_size < 2``; before the first training step, when no task is available, the
+            module's output is not ``[N, K]`` logits, or ``K`` differs from ``task.num_classes``.
         TypeError: at setup, when ``task`` is not a ``GenerativeTask`` or the module rejects the task's
             inputs.
 
@@ -89,6 +98,9 @@ class PosteriorGapCallback(InterpretabilityCallback):
         log_images: bool = True,
         figure_dir: str | None = None,
         key_prefix: str | None = None,
+        probe: ProbeSource | None = None,
+        unpack: Unpack = None,
+        prog_bar: Sequence[str] = (),
     ) -> None:
         super().__init__(
             every_n_epochs=every_n_epochs,
@@ -100,11 +112,16 @@ class PosteriorGapCallback(InterpretabilityCallback):
             log_images=log_images,
             figure_dir=figure_dir,
             key_prefix=key_prefix,
+            probe=probe,
+            unpack=unpack,
+            prog_bar=prog_bar,
         )
         if task is not None and not isinstance(task, GenerativeTask):
             raise TypeError(f"task must be a lightning_interp.posterior.GenerativeTask, got {type(task).__name__}")
-        if probe_size < 2 or batch_size < 1 or num_density_bins < 0 or grid_size < 2:
-            raise ValueError("probe_size >= 2, batch_size >= 1, num_density_bins >= 0 and grid_size >= 2 are required")
+        check_int("probe_size", probe_size, 2)
+        check_int("batch_size", batch_size, 1)
+        check_int("num_density_bins", num_density_bins, 0)
+        check_int("grid_size", grid_size, 2)
         self.task = task
         self.probe_size = probe_size
         self.num_density_bins = num_density_bins
@@ -160,10 +177,20 @@ class PosteriorGapCallback(InterpretabilityCallback):
                 "set the model's number of classes to task.num_classes."
             )
 
+    #: The probe comes from the task (or from ``probe=``), never from the trainer's data.
+    needs_data = False
+
     def _draw_probe(self, task: GenerativeTask) -> None:
-        x, y = task.sample(self.probe_size, self.generator)
+        if self.probe is None:
+            x, y = task.sample(self.probe_size, self.generator)
+        else:
+            drawn = draw_probe(self.probe, self.probe_size, self.generator, self.unpack)
+            like = task.sample(1, torch.Generator().manual_seed(0))[0]
+            x, y = drawn.inputs.to(like.dtype).reshape(-1, *like.shape[1:]), drawn.labels
         log_joint = task.log_joint(x)  # once: the density and the posterior both follow from it
         log_density = torch.logsumexp(log_joint, dim=1)
+        if y is None:  # y ~ p(y|x): with x from the task's input distribution, (x, y) follows the task
+            y = torch.multinomial((log_joint - log_density[:, None]).exp(), 1, generator=self.generator)[:, 0]
         probe = {"x": x, "y": y, "log_posterior": log_joint - log_density[:, None], "log_density": log_density}
         if self.num_density_bins > 1:
             qs = torch.linspace(0, 1, self.num_density_bins + 1, dtype=torch.float64)[1:-1]

@@ -7,6 +7,7 @@ section 2; the paper's exact formulas are not reproduced here).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -14,7 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_interp.callbacks.base import InterpretabilityCallback, Measurement, RunOn, model_device_dtype
+from lightning_interp.callbacks.base import (
+    InterpretabilityCallback,
+    Measurement,
+    RunOn,
+    check_choice,
+    check_int,
+    check_logits,
+    model_device_dtype,
+)
+from lightning_interp.callbacks.probe import ProbeSource, Unpack
 from lightning_interp.saliency import FinalLayerSaliency
 
 __all__ = ["FinalLayerSaliencyCallback", "deletion_curve"]
@@ -50,8 +60,9 @@ def deletion_curve(model: nn.Module, inputs: Tensor, maps: Tensor, target: Tenso
 class FinalLayerSaliencyCallback(InterpretabilityCallback):
     """Log final-layer saliency maps of a fixed probe batch and how faithful they are.
 
-    At setup the callback draws ``probe_size`` images from the validation set (or the training set
-    when there is none) with its own generator, or takes ``probe`` images, and finds the final
+    Before the first training step the callback draws ``probe_size`` images with its own generator (from
+    ``probe``, else the trainer's data: see
+    :class:`~lightning_interp.callbacks.base.InterpretabilityCallback`) and finds the final
     ``nn.Linear`` and the feature map pooled into it (see
     :class:`~lightning_interp.saliency.FinalLayerSaliency`). At each measurement it logs
 
@@ -72,7 +83,6 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
 
     Args:
         probe_size: number of probe images (a bounded, fixed batch).
-        probe: explicit probe images ``[N, C, H, W]`` (then no dataset is needed).
         target: ``"predicted"`` (the model's class) or ``"label"`` (the probe labels).
         feature_layer: ``named_modules()`` path of the feature map (found when ``None``).
         classifier: ``named_modules()`` path of the final ``nn.Linear`` (found when ``None``).
@@ -87,11 +97,17 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
         log_images: see the base class.
         figure_dir: see the base class.
         key_prefix: see the base class.
+        probe: probe data instead of the trainer's (images ``[N, C, H, W]``, ``(images, labels)``, a
+            ``Dataset`` or a ``DataLoader``); see the base class.
+        unpack: how to read a batch; see the base class.
+        prog_bar: scalars to show in the progress bar; see the base class.
 
     Raises:
-        ValueError: at setup, for unknown layer names, a model without a final ``nn.Linear``, no
-            datamodule and no ``probe``, or ``target="label"`` without labels.
-        TypeError: at setup, for probe data that is not an image batch ``[N, C, H, W]``.
+        ValueError: in ``__init__``, for an unknown ``target``, ``probe_size < 1``, ``min_size < 1`` or
+            ``deletion_steps < 0``; before the first training step, for unknown layer names, a model
+            without a final ``nn.Linear``, a single-logit output, no probe data, or ``target="label"``
+            without labels.
+        TypeError: before the first training step, for probe data that is not an image batch ``[N, C, H, W]``.
 
     Example:
         >>> cb = FinalLayerSaliencyCallback(probe_size=8, every_n_epochs=1)
@@ -102,7 +118,6 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
     def __init__(
         self,
         probe_size: int = 8,
-        probe: Tensor | None = None,
         target: Literal["predicted", "label"] = "predicted",
         feature_layer: str | None = None,
         classifier: str | None = None,
@@ -117,6 +132,9 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
         log_images: bool = True,
         figure_dir: str | None = None,
         key_prefix: str | None = None,
+        probe: ProbeSource | None = None,
+        unpack: Unpack = None,
+        prog_bar: Sequence[str] = (),
     ) -> None:
         super().__init__(
             every_n_epochs=every_n_epochs,
@@ -128,18 +146,24 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
             log_images=log_images,
             figure_dir=figure_dir,
             key_prefix=key_prefix,
+            probe=probe,
+            unpack=unpack,
+            prog_bar=prog_bar,
         )
-        if target not in ("predicted", "label"):
-            raise ValueError(f"target must be 'predicted' or 'label', got {target!r}")
-        if probe_size < 1 or deletion_steps < 0:
-            raise ValueError("probe_size >= 1 and deletion_steps >= 0 are required")
+        check_choice("target", target, ("predicted", "label"))
+        check_int("probe_size", probe_size, 1)
+        check_int("min_size", min_size, 1)
+        check_int("deletion_steps", deletion_steps, 0)
+        for name, layer in (("feature_layer", feature_layer), ("classifier", classifier)):
+            if layer is not None and not isinstance(layer, str):
+                raise TypeError(f"{name} must be a named_modules() path (a string) or None, got {layer!r}")
         self.probe_size = probe_size
         self.target = target
         self.feature_layer = feature_layer
         self.classifier = classifier
         self.min_size = min_size
         self.deletion_steps = deletion_steps
-        self._probe: Tensor | None = probe
+        self._probe: Tensor | None = None
         self._labels: Tensor | None = None
         self._saliency: FinalLayerSaliency | None = None
         self._random_map: Tensor | None = None
@@ -165,7 +189,9 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
             self._random_map = torch.rand(probe.shape[0], *probe.shape[2:], generator=self.generator)
         self._saliency = FinalLayerSaliency(pl_module, self.feature_layer, self.classifier, self.min_size)
         device, dtype = model_device_dtype(pl_module)
-        self._saliency._resolve(probe[:2].to(device=device, dtype=dtype))
+        head = probe[:2].to(device=device, dtype=dtype)
+        check_logits(pl_module(head), "FinalLayerSaliencyCallback", pl_module)
+        self._saliency._resolve(head)
 
     # ------------------------------------------------------------------ measurement
     def measure(self, pl_module: nn.Module) -> Measurement:

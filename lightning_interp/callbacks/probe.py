@@ -1,0 +1,222 @@
+"""Probe data: a fixed, bounded batch drawn from whatever data a user has, read from any batch shape.
+
+The callbacks measure on a fixed *probe set*. It may come from a tensor, an ``(inputs, labels)`` pair, a
+map-style :class:`~torch.utils.data.Dataset`, an iterable dataset or a :class:`~torch.utils.data.DataLoader`;
+:func:`draw_probe` turns any of these into ``(inputs, labels)`` tensors, and :func:`unpack_batch` reads one
+batch (a tensor, a tuple or list, a dict) with the rule a callback's ``unpack=`` argument sets.
+
+This module does not import Lightning: it serves notebooks as well as the callbacks.
+
+Example:
+    >>> import torch
+    >>> from torch.utils.data import DataLoader, TensorDataset
+    >>> loader = DataLoader(TensorDataset(torch.randn(10, 3), torch.arange(10) % 2), batch_size=4)
+    >>> probe = draw_probe(loader, 6, torch.Generator().manual_seed(0))
+    >>> probe.inputs.shape, probe.labels.shape, probe.available
+    (torch.Size([6, 3]), torch.Size([6]), 10)
+    >>> unpack_batch({"image": torch.zeros(2, 1, 4, 4), "label": torch.tensor([0, 1])})[1]
+    tensor([0, 1])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
+
+__all__ = ["INPUT_KEYS", "LABEL_KEYS", "Probe", "ProbeSource", "Unpack", "draw_probe", "unpack_batch"]
+
+#: What ``probe=`` accepts.
+ProbeSource = Tensor | tuple | list | Dataset | DataLoader | Iterable
+#: How to read a batch: ``(input_key, label_key)`` (dict keys or tuple positions; ``label_key`` may be
+#: ``None`` for unlabelled data), or a callable ``batch -> (inputs, labels)`` (or ``batch -> inputs``).
+Unpack = Sequence[str | int | None] | Callable[[Any], Any] | None
+
+#: Dict keys tried, in order, for the inputs of a dict batch when ``unpack`` is not given.
+INPUT_KEYS = ("input", "inputs", "x", "image", "images", "img", "pixel_values", "data", "features")
+#: Dict keys tried, in order, for the labels of a dict batch when ``unpack`` is not given.
+LABEL_KEYS = ("label", "labels", "y", "target", "targets", "class", "cls")
+
+_HOW = (
+    "say which entry is the input and which the label with the callback's unpack= argument: "
+    "unpack=('image', 'label') for dict batches, unpack=(0, 1) for tuples, or unpack=lambda batch: (inputs, labels)"
+)
+
+
+@dataclass
+class Probe:
+    """A drawn probe set.
+
+    Attributes:
+        inputs: ``[N, ...]`` inputs.
+        labels: ``[N]`` integer class labels, or ``None`` when the data has none.
+        available: how many items the source had (``None`` for an iterable that was not exhausted).
+        deterministic: whether the same source and generator seed give the same probe set again (map-style
+            data: always; iterables: only when their order is).
+    """
+
+    inputs: Tensor
+    labels: Tensor | None
+    available: int | None
+    deterministic: bool
+
+
+def _as_labels(value: Any) -> Tensor | None:
+    """``value`` as ``[N]`` int64 class labels, or ``None`` when it is not label-like (metadata, masks)."""
+    if value is None:
+        return None
+    try:
+        t = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    if t.ndim != 1:
+        return None
+    if t.is_floating_point():
+        if not torch.equal(t, t.round()):
+            return None
+    elif t.dtype == torch.bool or t.is_complex():
+        return None
+    return t.long()
+
+
+def unpack_batch(batch: Any, unpack: Unpack = None) -> tuple[Tensor, Tensor | None]:
+    """Read ``(inputs, labels)`` from one batch.
+
+    Without ``unpack``: a tensor is unlabelled inputs; a tuple or list is ``(inputs, labels, ...)`` (extra
+    entries such as metadata are ignored); a dict uses the first of :data:`INPUT_KEYS` and of
+    :data:`LABEL_KEYS` it has. Labels that are not ``[N]`` class indices are treated as absent.
+
+    Args:
+        batch: a collated batch.
+        unpack: ``(input_key, label_key)`` or a callable returning ``(inputs, labels)`` or ``inputs``.
+
+    Raises:
+        TypeError: the batch cannot be read; the message names the ``unpack`` argument.
+    """
+    if callable(unpack):
+        out = unpack(batch)
+        inputs, labels = (out[0], out[1]) if isinstance(out, (tuple, list)) and len(out) == 2 else (out, None)
+    elif unpack is not None:
+        keys = list(unpack)
+        if not 1 <= len(keys) <= 2:
+            raise TypeError(f"unpack must be (input_key, label_key) or a callable, got {unpack!r}")
+        try:
+            inputs = batch[keys[0]]
+            labels = batch[keys[1]] if len(keys) == 2 and keys[1] is not None else None
+        except (KeyError, IndexError, TypeError) as err:
+            have = list(batch) if isinstance(batch, Mapping) else f"a {type(batch).__name__} of length {len(batch)}"
+            raise TypeError(f"unpack={unpack!r} does not fit the batch ({have}): {type(err).__name__}: {err}") from err
+    elif isinstance(batch, Tensor):
+        inputs, labels = batch, None
+    elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        inputs, labels = batch[0], batch[1] if len(batch) > 1 else None
+    elif isinstance(batch, Mapping):
+        in_key = next((k for k in INPUT_KEYS if k in batch), None)
+        if in_key is None:
+            raise TypeError(f"cannot find the inputs in a dict batch with keys {list(batch)}; {_HOW}")
+        inputs = batch[in_key]
+        labels = next((batch[k] for k in LABEL_KEYS if k in batch), None)
+    else:
+        raise TypeError(f"cannot read inputs and labels from a batch of type {type(batch).__name__}; {_HOW}")
+    if not isinstance(inputs, Tensor):
+        raise TypeError(f"the inputs read from the batch are a {type(inputs).__name__}, not a tensor; {_HOW}")
+    return inputs, _as_labels(labels)
+
+
+def _is_map_style(dataset: Any) -> bool:
+    return (
+        not isinstance(dataset, IterableDataset)
+        and hasattr(dataset, "__getitem__")
+        and hasattr(dataset, "__len__")
+        and not isinstance(dataset, (Tensor, Mapping))
+    )
+
+
+def _concat(parts: list[tuple[Tensor, Tensor | None]], size: int) -> tuple[Tensor, Tensor | None]:
+    inputs = torch.cat([p[0] for p in parts])[:size]
+    has_labels = all(p[1] is not None for p in parts)
+    labels = torch.cat([p[1] for p in parts])[:size] if has_labels else None  # type: ignore[misc]
+    return inputs, labels
+
+
+def draw_probe(source: ProbeSource, size: int, generator: torch.Generator, unpack: Unpack = None) -> Probe:
+    """Draw a probe set of at most ``size`` items from ``source``.
+
+    * a tensor (unlabelled inputs) or an ``(inputs, labels)`` tuple of tensors: ``size`` rows drawn
+      without replacement;
+    * a map-style dataset, or a ``DataLoader`` over one: ``size`` indices drawn without replacement and the
+      items collated with the loader's ``collate_fn`` (the loader's sampler and the global RNG are not used,
+      so every process of a distributed run draws the same set);
+    * an iterable dataset or loader: its first items, in its own order, until ``size`` (deterministic only
+      when its order is).
+
+    Args:
+        source: the data.
+        size: the most items to draw.
+        generator: the only source of randomness.
+        unpack: how to read a batch (see :func:`unpack_batch`).
+
+    Returns:
+        A :class:`Probe`; ``available`` tells when the source had fewer than ``size`` items.
+
+    Raises:
+        ValueError: an empty source or ``size < 1``.
+        TypeError: a source of an unsupported type, or batches that cannot be read.
+    """
+    if size < 1:
+        raise ValueError(f"the probe size must be >= 1, got {size}")
+    if isinstance(source, Tensor):
+        source = (source,)
+    if isinstance(source, tuple) and 1 <= len(source) <= 2 and isinstance(source[0], Tensor):
+        inputs, labels = unpack_batch(source, unpack)
+        n = len(inputs)
+        if n == 0:
+            raise ValueError("cannot draw a probe set from empty tensors")
+        if labels is not None and len(labels) != n:
+            raise ValueError(f"the probe has {n} inputs but {len(labels)} labels")
+        idx = torch.randperm(n, generator=generator)[:size]
+        return Probe(inputs[idx], labels[idx] if labels is not None else None, n, True)
+
+    if isinstance(source, DataLoader):
+        dataset, collate = source.dataset, source.collate_fn
+        if source.batch_size is None:  # auto-collation off: collate_fn converts single items
+            collate = default_collate
+    else:
+        dataset, collate = source, default_collate
+    if _is_map_style(dataset):
+        n = len(dataset)
+        if n == 0:
+            raise ValueError(f"cannot draw a probe set from an empty {type(dataset).__name__}")
+        idx = torch.randperm(n, generator=generator)[:size].tolist()
+        inputs, labels = unpack_batch(collate([dataset[i] for i in idx]), unpack)
+        return Probe(inputs, labels, n, True)
+    if not isinstance(source, Iterable):
+        raise TypeError(
+            f"probe data must be a tensor, an (inputs, labels) pair, a Dataset or a DataLoader, got {type(source).__name__}"
+        )
+    parts: list[tuple[Tensor, Tensor | None]] = []
+    count, items = 0, []
+    batched = isinstance(source, DataLoader) and source.batch_size is not None
+    for element in source:
+        if batched:
+            part = unpack_batch(element, unpack)
+            parts.append(part)
+            count += len(part[0])
+        else:  # single items: collate them in chunks
+            items.append(element)
+            count += 1
+            if len(items) == 256:
+                parts.append(unpack_batch(collate(items), unpack))
+                items = []
+        if count >= size:
+            break
+    if items:
+        parts.append(unpack_batch(collate(items), unpack))
+    if not parts:
+        raise ValueError(f"cannot draw a probe set from an empty {type(source).__name__}")
+    inputs, labels = _concat(parts, size)
+    return Probe(inputs, labels, count if count < size else None, False)
