@@ -84,6 +84,9 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
 def uncompiled(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block, every ``torch.compile``-d submodule of ``model`` is replaced by its original module.
 
+    A LightningModule compiled as a whole and handed to the Trainer (Lightning compiles its ``forward`` in
+    place) runs its original ``forward``.
+
     A measurement then runs the eager layers: forward hooks fire, ``torch.fx`` can trace, layer names are
     the user's, and no recompilation is triggered. The compiled wrappers are put back in ``finally``; the
     parameters are the same objects throughout.
@@ -92,8 +95,15 @@ def uncompiled(model: nn.Module) -> Iterator[nn.Module]:
         ``model``.
     """
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    forwards: list[tuple[nn.Module, object]] = []
 
     def unwrap(parent: nn.Module) -> None:
+        # Lightning's trainer.fit(torch.compile(model)) compiles the LightningModule's forward in place and
+        # keeps the original in _compiler_ctx
+        ctx = getattr(parent, "_compiler_ctx", None)
+        if isinstance(ctx, dict) and "forward" in parent.__dict__ and "original_forward" in ctx:
+            forwards.append((parent, parent.__dict__["forward"]))
+            parent.__dict__["forward"] = ctx["original_forward"]
         for key, child in list(parent._modules.items()):
             if isinstance(child, torch._dynamo.eval_frame.OptimizedModule):
                 swapped.append((parent, key, child))
@@ -107,6 +117,8 @@ def uncompiled(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for parent, key, child in reversed(swapped):
             parent._modules[key] = child
+        for module, forward in reversed(forwards):
+            module.__dict__["forward"] = forward
 
 
 def count_hooks(model: nn.Module) -> int:

@@ -336,8 +336,14 @@ class FinalLayerSaliency(Attribution):
                 "final-layer saliency maps need spatial inputs"
             )
 
-    def _resolve(self, inputs: Tensor) -> None:
-        """Find the classifier and the feature layer on this batch and check the GAP relation."""
+    def resolve(self, inputs: Tensor) -> None:
+        """Find the classifier and the feature layer on this batch and check the GAP relation.
+
+        Called by the first :meth:`attribute`; call it directly to check a model before attributing.
+
+        Raises:
+            ValueError: no ``nn.Linear`` producing the output, or no spatial feature layer.
+        """
         names = dict(self.model.named_modules())
         records: list[tuple[str, Tensor]] = []
         linear_io: dict[str, tuple[Tensor, Tensor]] = {}
@@ -478,7 +484,7 @@ class FinalLayerSaliency(Attribution):
         """
         self._check_inputs(inputs)
         if self.uses_closed_form is None:
-            self._resolve(inputs)
+            self.resolve(inputs)
         if self.uses_closed_form:
             feats, logits = self._forward_features(inputs)
             param = get_module(self.model, self.classifier).weight  # type: ignore[arg-type]

@@ -55,6 +55,8 @@ class ContractCase:
     raise_in: str
     num_train: int = 256
     bad_configs: list[BadConfig] = field(default_factory=list)
+    #: Extra callback arguments when the data comes as plain dataloaders (no datamodule to read from).
+    loader_kwargs: Callable[[pl.LightningDataModule], dict[str, Any]] = lambda dm: {}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -101,6 +103,7 @@ CASES: list[ContractCase] = [
         make_model=lambda: MLPClassifier(1, 2, hidden=(16, 16), dropout=0.1, lr=1e-2),
         make_datamodule=_gap_datamodule,
         raise_in="net.3",
+        loader_kwargs=lambda dm: {"task": dm.task},
         bad_configs=[
             BadConfig(
                 "output_not_logits",
@@ -217,6 +220,18 @@ CASES.append(
                 r"no nn\.Linear whose output is the model's output",
             ),
             BadConfig(
+                "min_size_zero",
+                lambda: (_saliency_callback(min_size=0), _cnn(), ImageDataModule()),
+                ValueError,
+                r"min_size must be an int >= 1, got 0",
+            ),
+            BadConfig(
+                "single_logit",
+                lambda: (_saliency_callback(), SmallCNN(in_channels=1, num_classes=1, channels=(8, 16)), ImageDataModule()),
+                ValueError,
+                r"single logit per example \(\[N, 1\]\)",
+            ),
+            BadConfig(
                 "non_image_inputs",
                 lambda: (_saliency_callback(), MLPClassifier(1, 2, hidden=(8,)), _gap_datamodule()),
                 TypeError,
@@ -263,6 +278,30 @@ CASES.append(
                 lambda: (_ablation_callback(method="exact"), MLPClassifier(2, 3, hidden=(20,)), _ablation_datamodule()),
                 ValueError,
                 r"needs d <= 16, but layer 'net\.1' has 20 units",
+            ),
+            BadConfig(
+                "task_outside_classes",
+                lambda: (_ablation_callback(tasks=[7]), MLPClassifier(2, 3, hidden=(6,)), _ablation_datamodule()),
+                ValueError,
+                r"tasks \[7\] are not classes of the model, which has 3",
+            ),
+            BadConfig(
+                "tasks_typo",
+                lambda: (_ablation_callback(tasks="clases"), MLPClassifier(2, 3, hidden=(6,)), _ablation_datamodule()),
+                ValueError,
+                r"tasks must be one of 'classes', 'all', got 'clases'",
+            ),
+            BadConfig(
+                "burn_in_not_below_steps",
+                lambda: (_ablation_callback(num_steps=50, burn_in=50), MLPClassifier(2, 3, hidden=(6,)), _ablation_datamodule()),
+                ValueError,
+                r"burn_in \(50\) must be smaller than num_steps \(50\)",
+            ),
+            BadConfig(
+                "single_logit",
+                lambda: (_ablation_callback(), MLPClassifier(2, 1, hidden=(6,)), _ablation_datamodule()),
+                ValueError,
+                r"single logit per example",
             ),
             BadConfig(
                 "labels_outside_classes",
@@ -334,6 +373,12 @@ CASES.append(
                 r"layer 'net\.1' outputs torch\.int64, not a float tensor",
             ),
             BadConfig(
+                "single_logit",
+                lambda: (_correlation_callback(layers=["net.1"]), MLPClassifier(2, 1, hidden=(6,)), _ablation_datamodule()),
+                ValueError,
+                r"single logit per example",
+            ),
+            BadConfig(
                 "too_few_per_class",
                 lambda: (_correlation_callback(probe_size=12), MLPClassifier(2, 3, hidden=(6,)), _ablation_datamodule()),
                 ValueError,
@@ -388,6 +433,30 @@ CASES.append(
                 lambda: (_expansion_callback(seq_len=5), MLPClassifier(12, 2, hidden=(8,)), CategoricalDataModule()),
                 ValueError,
                 r"rejected the encoded input of shape \[2, 15\]",
+            ),
+            BadConfig(
+                "order_3",
+                lambda: (_expansion_callback(order=3), MLPClassifier(12, 2, hidden=(8,)), CategoricalDataModule()),
+                ValueError,
+                r"order must be one of 1, 2, got 3",
+            ),
+            BadConfig(
+                "target_pair_outside_outputs",
+                lambda: (_expansion_callback(target=(5, 0)), MLPClassifier(12, 2, hidden=(8,)), CategoricalDataModule()),
+                ValueError,
+                r"target=\(5, 0\) names output 5, but MLPClassifier has 2 output\(s\)",
+            ),
+            BadConfig(
+                "target_outside_outputs",
+                lambda: (_expansion_callback(target=9), MLPClassifier(12, 2, hidden=(8,)), CategoricalDataModule()),
+                ValueError,
+                r"target=9 names output 9, but MLPClassifier has 2 output\(s\)",
+            ),
+            BadConfig(
+                "num_samples_zero",
+                lambda: (_expansion_callback(num_samples=0), MLPClassifier(12, 2, hidden=(8,)), CategoricalDataModule()),
+                ValueError,
+                r"num_samples must be an int >= 2, got 0",
             ),
             BadConfig(
                 "too_few_states",

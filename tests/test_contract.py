@@ -44,6 +44,27 @@ def _fit(case: ContractCase, callbacks: list[Callback], seed: int = 7, **kw: Any
     return model
 
 
+def compile_first_block(model: pl.LightningModule) -> pl.LightningModule:
+    """Replace the model's first child with parameters by ``torch.compile(child)`` (as ``self.x = torch.compile(...)``)."""
+    name, child = next((n, m) for n, m in model.named_children() if any(True for _ in m.parameters()))
+    setattr(model, name, torch.compile(child, backend="eager"))
+    return model
+
+
+def plain_loaders(dm: pl.LightningDataModule) -> tuple[Any, Any]:
+    """The datamodule's train and val dataloaders, as a script without a datamodule would pass them to fit()."""
+    dm.prepare_data()
+    dm.setup("fit")
+    try:
+        val = dm.val_dataloader()
+    except Exception:  # the datamodule has no validation split
+        val = None
+    return dm.train_dataloader(), val
+
+
+DATA_FORMS = ["datamodule", "plain_loaders", "compiled_submodule"]
+
+
 @contextmanager
 def one_thread() -> Iterator[None]:
     """Run with one intra-op thread, as each of two ddp processes on two cores does, for identical float sums."""
@@ -79,11 +100,25 @@ def _assert_history_close(a: list[dict[str, float]], b: list[dict[str, float]], 
 
 
 # ---------------------------------------------------------------- 1. observes, never perturbs
+@pytest.mark.parametrize("form", DATA_FORMS)
 @pytest.mark.parametrize("case", CASE_PARAMS)
-def test_weights_bit_identical_with_and_without_callback(case: ContractCase) -> None:
-    cb = case.make_callback(every_n_steps=3, every_n_epochs=1, measure_at_start=True, log_images=True)
-    with_cb = _fit(case, [cb], max_epochs=2)
-    without = _fit(case, [], max_epochs=2)
+def test_weights_bit_identical_with_and_without_callback(case: ContractCase, form: str) -> None:
+    def fit(callbacks: list[Callback]) -> pl.LightningModule:
+        pl.seed_everything(7, verbose=False)
+        model = case.make_model()
+        dm = case.make_datamodule()
+        if form == "compiled_submodule":
+            compile_first_block(model)
+        if form == "plain_loaders":
+            _trainer(callbacks, max_epochs=2).fit(model, *plain_loaders(dm))
+        else:
+            _trainer(callbacks, max_epochs=2).fit(model, dm)
+        return model
+
+    extra = case.loader_kwargs(case.make_datamodule()) if form == "plain_loaders" else {}
+    cb = case.make_callback(every_n_steps=3, every_n_epochs=1, measure_at_start=True, log_images=True, **extra)
+    with_cb = fit([cb])
+    without = fit([])
     assert len(cb.history) >= 4, "the callback must have measured several times"
     for (name, a), (_, b) in zip(with_cb.state_dict().items(), without.state_dict().items(), strict=True):
         assert torch.equal(a, b), f"{name} differs after a fit with the callback"

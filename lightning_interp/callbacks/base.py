@@ -54,6 +54,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
 from lightning_interp.callbacks.probe import ProbeSource, Unpack, draw_probe
@@ -307,6 +308,9 @@ class InterpretabilityCallback(Callback, ABC):
         self._warned: set[str] = set()
         self._last_step: int | None = None
         self._prepared_for: Any = None  # weak reference to the module validate() last ran on
+        #: The drawn probe inputs and labels (``None`` until drawn; labels ``None`` for unlabelled data).
+        self.probe_inputs: Tensor | None = None
+        self.probe_labels: Tensor | None = None
         self._active = True
         self.step = 0
 
@@ -373,7 +377,10 @@ class InterpretabilityCallback(Callback, ABC):
         if trainer.state.fn == "fit" and trainer.val_dataloaders is None:
             # the loaders given to fit() are attached when the loops start; setting up the validation
             # data early creates no iterator and draws no random numbers (the sanity check does the same)
-            trainer.fit_loop.epoch_loop.val_loop.setup_data()
+            try:
+                trainer.fit_loop.epoch_loop.val_loop.setup_data()
+            except MisconfigurationException:  # no validation data: Lightning skips the loop
+                pass
         for loaders, where in (
             (trainer.val_dataloaders, "the validation dataloader"),
             (trainer.train_dataloader, "the training dataloader"),
@@ -416,6 +423,7 @@ class InterpretabilityCallback(Callback, ABC):
                 f"{name}: probe_size={size} but {where} has only {len(probe.inputs)} items; the probe uses those "
                 f"{len(probe.inputs)} (lower probe_size to silence this warning).",
             )
+        self.probe_inputs, self.probe_labels = probe.inputs, probe.labels
         return probe.inputs, probe.labels
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -441,10 +449,14 @@ class InterpretabilityCallback(Callback, ABC):
         self._active = stage in ("fit", "validate")
         self._prepared_for = None
 
+    def prepared(self, pl_module: nn.Module) -> bool:
+        """Whether :meth:`validate` has run on ``pl_module`` in the current stage."""
+        ref = self._prepared_for
+        return ref is not None and ref() is pl_module
+
     def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Run :meth:`validate` on ``pl_module`` (isolated) unless it already ran on this module in this stage."""
-        ref = self._prepared_for
-        if ref is not None and ref() is pl_module:
+        if self.prepared(pl_module):
             return
         with isolate(pl_module):
             self.validate(trainer, pl_module)
@@ -499,6 +511,18 @@ class InterpretabilityCallback(Callback, ABC):
         if self.measure_at_end and trainer.global_step != self._last_step:
             self.run(trainer, pl_module)
 
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # trainer.validate(ckpt_path=...) restores the weights but not the loops: remember the weights' step
+        self._restored_step = checkpoint.get("global_step")
+
+    def measurement_step(self, trainer: pl.Trainer) -> int:
+        """The training step the model's weights are at: ``trainer.global_step``, or in ``validate`` with a
+        checkpoint, the checkpoint's step."""
+        restored = getattr(self, "_restored_step", None)
+        if trainer.state.fn == "validate" and trainer.ckpt_path is not None and restored is not None:
+            return int(restored)
+        return trainer.global_step
+
     def state_dict(self) -> dict[str, Any]:
         return {"history": [dict(h) for h in self.history], "seed": self.seed, "last_step": self._last_step}
 
@@ -509,7 +533,7 @@ class InterpretabilityCallback(Callback, ABC):
     # ------------------------------------------------------------------ running and logging
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Measurement:
         """Measure now (isolated), record the scalars in :attr:`history` and log everything."""
-        step = trainer.global_step
+        step = self.measurement_step(trainer)
         #: The global step of the measurement in progress (methods may seed per-step generators from it).
         self.step = step
         self.prepare(trainer, pl_module)

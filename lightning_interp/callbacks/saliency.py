@@ -171,6 +171,11 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
     def _state_key_fields(self) -> dict[str, Any]:
         return {"probe_size": self.probe_size, "feature_layer": self.feature_layer}
 
+    @property
+    def saliency(self) -> FinalLayerSaliency | None:
+        """The method object (its ``feature_layer`` and ``classifier`` are resolved), once the callback is prepared."""
+        return self._saliency
+
     # ------------------------------------------------------------------ setup
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._probe is None:
@@ -191,7 +196,7 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
         device, dtype = model_device_dtype(pl_module)
         head = probe[:2].to(device=device, dtype=dtype)
         check_logits(pl_module(head), "FinalLayerSaliencyCallback", pl_module)
-        self._saliency._resolve(head)
+        self._saliency.resolve(head)
 
     # ------------------------------------------------------------------ measurement
     def measure(self, pl_module: nn.Module) -> Measurement:
