@@ -424,3 +424,34 @@ def test_early_stopping_and_model_checkpoint_monitor_callback_metrics(tmp_path: 
     assert float(best.best_model_score) == pytest.approx(corr.history[0]["net.1/higher_order_gap"], rel=1e-6)
     bar = trainer.progress_bar_metrics
     assert "posterior_gap/kl" in bar and "posterior_gap/tv" not in bar and "correlation/net.1/acc_real" not in bar
+
+
+# ------------------------------------------------------------------------------------------ ddp
+class _RankStream(_Stream):
+    """A stream sharded by rank, as streaming datasets are: every rank sees other items."""
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        yield from zip(self.x[rank::2], self.y[rank::2], strict=True)
+
+
+class _DumpHistory(Callback):
+    def __init__(self, watched: Any, path: str) -> None:
+        self.watched, self.path = watched, path
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        torch.save(
+            {"history": self.watched.history, "probe": self.watched.probe_inputs}, f"{self.path}/rank{trainer.global_rank}.pt"
+        )
+
+
+def test_ddp_plain_loaders_and_a_sharded_stream_measure_the_same_probe_on_every_rank(tmp_path: Any) -> None:
+    train, _ = _loaders()
+    stream = _RankStream(96)
+    cb = AblationProbeCallback(layers=["body.1"], probe_size=32)
+    trainer = _trainer([cb, _DumpHistory(cb, str(tmp_path))], devices=2, strategy="ddp_spawn")
+    trainer.fit(UserCNN(), train, DataLoader(stream, batch_size=16))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert torch.equal(ranks[0]["probe"], ranks[1]["probe"]), "rank 0's stream items, broadcast"
+    assert torch.equal(ranks[0]["probe"], stream.x[0::2][:32])
+    assert ranks[0]["history"] == ranks[1]["history"] and ranks[0]["history"]
