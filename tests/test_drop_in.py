@@ -455,3 +455,33 @@ def test_ddp_plain_loaders_and_a_sharded_stream_measure_the_same_probe_on_every_
     assert torch.equal(ranks[0]["probe"], ranks[1]["probe"]), "rank 0's stream items, broadcast"
     assert torch.equal(ranks[0]["probe"], stream.x[0::2][:32])
     assert ranks[0]["history"] == ranks[1]["history"] and ranks[0]["history"]
+
+
+# ------------------------------------------------------------------------------------------ 5. arguments
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda: FinalLayerSaliencyCallback(probe_size=0), ValueError, r"probe_size must be an int >= 1, got 0"),
+        (lambda: FinalLayerSaliencyCallback(deletion_steps=-1), ValueError, r"deletion_steps must be an int >= 0"),
+        (lambda: FinalLayerSaliencyCallback(target="labels"), ValueError, r"target must be one of 'predicted', 'label'"),
+        (lambda: FinalLayerSaliencyCallback(feature_layer=3), TypeError, r"feature_layer must be a named_modules\(\) path"),
+        (lambda: AblationProbeCallback(layers=[]), ValueError, r"layers must name at least one layer"),
+        (lambda: AblationProbeCallback(layers="x", prior_keep=1.0), ValueError, r"prior_keep must be a number in \(0, 1\)"),
+        (lambda: AblationProbeCallback(layers="x", num_chains=0), ValueError, r"num_chains must be an int >= 1, got 0"),
+        (lambda: AblationProbeCallback(layers="x", method="gibbs"), ValueError, r"method must be one of 'auto', 'exact'"),
+        (lambda: AblationProbeCallback(layers="x", tasks=[1, 1]), ValueError, r"distinct class indices"),
+        (lambda: CorrelationOrderCallback(layers=[]), ValueError, r"layers must be 'auto' or a list"),
+        (lambda: CorrelationOrderCallback(min_per_class=1), ValueError, r"min_per_class must be an int >= 2, got 1"),
+        (lambda: PosteriorGapCallback(grid_size=1), ValueError, r"grid_size must be an int >= 2, got 1"),
+        (lambda: LogitExpansionCallback(seq_len=4, num_states=2, target=(1, 1)), ValueError, r"pair \(a, b\) of distinct"),
+        (lambda: LogitExpansionCallback(seq_len=4, num_states=2, method="exact", max_evaluations=8), ValueError, r"q\^L = 16"),
+        (lambda: CorrelationOrderCallback(seed=-1), ValueError, r"seed must be an int >= 0, got -1"),
+        (lambda: CorrelationOrderCallback(every_n_epochs=True), ValueError, r"every_n_epochs must be None or an int"),
+        (lambda: CorrelationOrderCallback(unpack="image"), TypeError, r"unpack must be \(input_key, label_key\)"),
+        (lambda: CorrelationOrderCallback(prog_bar="kl"), TypeError, r"prog_bar must be a list of scalar names"),
+        (lambda: CorrelationOrderCallback(log_images="yes"), TypeError, r"log_images must be True or False"),
+    ],
+)
+def test_arguments_are_checked_in_init(make: Any, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        make()

@@ -53,7 +53,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
@@ -414,6 +414,11 @@ class InterpretabilityCallback(Callback, ABC):
             probe = draw_probe(source, size, self.generator, self.unpack)
         except TypeError as err:
             raise TypeError(f"{name} could not read probe data from {where}: {err}") from err
+        if not probe.deterministic:
+            rank_zero_info(
+                f"{name}: the probe is the first {len(probe.inputs)} items of {where}, an iterable: the same items at "
+                "every run only if its order is fixed (pass probe=... for a fixed set)."
+            )
         if not probe.deterministic and trainer.world_size > 1:
             # an iterable may yield other items on every rank: all ranks measure rank 0's probe
             probe.inputs, probe.labels = trainer.strategy.broadcast((probe.inputs, probe.labels), src=0)
