@@ -367,8 +367,9 @@ def test_validate_with_ckpt_path_measures_once_on_the_restored_weights(tmp_path:
     results = _trainer(audit_cbs).validate(UserCNN(), val, ckpt_path=str(tmp_path / "last.ckpt"), verbose=False)
     assert "val_loss" in results[0]
     for fitted, audited in zip(fit_cbs, audit_cbs, strict=True):
-        # the checkpoint holds the fit's history (same configuration); validate() adds one measurement
-        assert len(audited.history) == len(fitted.history) + 1, "one measurement per validate()"
+        # the checkpoint holds the fit's history (same configuration); validate() measures the weights of its
+        # last step again, which replaces that entry (one entry per step)
+        assert [h["step"] for h in audited.history] == [h["step"] for h in fitted.history]
         # a fresh (random) model was restored from the checkpoint: the numbers are those of the trained
         # weights, labelled with the checkpoint's step
         assert audited.history[-1].keys() == fitted.history[-1].keys()
@@ -489,3 +490,108 @@ def test_ddp_plain_loaders_and_a_sharded_stream_measure_the_same_probe_on_every_
 def test_arguments_are_checked_in_init(make: Any, error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         make()
+
+
+# ------------------------------------------------------------------------------------------ review findings
+def test_a_callback_reused_for_another_fit_measures_that_fit() -> None:
+    train, val = _loaders()
+    cb = CorrelationOrderCallback(layers=["body.3"], probe_size=64, measure_at_start=True)
+    for _ in range(2):  # a sweep reusing its callbacks list
+        _trainer([cb]).fit(UserCNN(), train, val)
+        assert [h["step"] for h in cb.history] == [0.0, float(len(train))]
+
+
+class _NumpyJitter(Dataset):
+    """Augments with NumPy's and Python's global RNGs, as many user datasets do."""
+
+    def __init__(self) -> None:
+        self.x, self.y = _images()
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        import random
+
+        import numpy as np
+
+        shift = float(np.random.normal()) + random.random()
+        return self.x[i] + 0.1 * shift, self.y[i]
+
+
+def test_probe_draws_leave_numpy_and_python_random_states_alone() -> None:
+    def fit(callbacks: list[Callback]) -> dict[str, Tensor]:
+        pl.seed_everything(3, verbose=False)
+        model = UserCNN()
+        _trainer(callbacks, max_epochs=2).fit(model, DataLoader(_NumpyJitter(), batch_size=32, shuffle=True))
+        return model.state_dict()
+
+    cb = CorrelationOrderCallback(layers=["body.3"], probe_size=64, measure_at_start=True)
+    with_cb, without = fit([cb]), fit([])
+    assert len(cb.history) == 3
+    assert all(torch.equal(with_cb[k], without[k]) for k in without)
+
+
+def test_loader_collate_with_a_batch_sampler_and_sampler_splits_are_respected() -> None:
+    from torch.utils.data import BatchSampler, SequentialSampler, SubsetRandomSampler
+
+    x, y = _images()
+
+    def to_dict(items: list[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+        return {"image": torch.stack([a for a, _ in items]), "label": torch.stack([b for _, b in items])}
+
+    data = TensorDataset(x, y)
+    loader = DataLoader(data, batch_sampler=BatchSampler(SequentialSampler(data), 16, False), collate_fn=to_dict)
+    probe = draw_probe(loader, 20, torch.Generator())
+    assert probe.inputs.shape == (20, 1, SIDE, SIDE) and probe.labels is not None
+    # one dataset, two samplers: the validation probe stays inside the validation indices
+    val = DataLoader(data, sampler=SubsetRandomSampler(range(150, N)), batch_size=16)
+    probe = draw_probe(val, 100, torch.Generator())
+    rows = {next(i for i in range(N) if torch.equal(x[i], d)) for d in probe.inputs}
+    assert probe.available == N - 150 and rows == set(range(150, N))
+    # ready-made batches from a stream (DataLoader(batch_size=None)) are read batch by batch
+    batches = [(x[i : i + 50], y[i : i + 50]) for i in range(0, 150, 50)]
+    probe = draw_probe(DataLoader(batches, batch_size=None), 120, torch.Generator())
+    assert torch.equal(probe.inputs, x[:120]) and torch.equal(probe.labels, y[:120])
+    # a list [inputs, labels] of arrays is a pair
+    probe = draw_probe([x.numpy(), y.numpy()], 10, torch.Generator())
+    assert probe.inputs.shape == (10, 1, SIDE, SIDE) and probe.labels.shape == (10,)
+
+
+def test_monitors_on_a_sparser_cadence_are_refused_or_skip_without_stale_values(tmp_path: Any) -> None:
+    train, val = _loaders()
+    every2 = CorrelationOrderCallback(layers=["body.3"], probe_size=64, every_n_epochs=2)
+    stop = EarlyStopping(monitor="correlation/body.3/acc_real", mode="max")
+    first = _FirstStep([every2])
+    with pytest.raises(ValueError, match=r"EarlyStopping monitors 'correlation/body.3/acc_real' every epoch.*every_n_epochs=1"):
+        _trainer([every2, stop, first]).fit(UserCNN(), train, val)
+    assert first.ready is None
+
+    class Seen(Callback):
+        values: list[Any] = []
+
+        def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            Seen.values.append(trainer.callback_metrics.get("correlation/body.3/acc_real"))
+
+    lenient = EarlyStopping(monitor="correlation/body.3/acc_real", mode="max", strict=False, patience=10)
+    every2 = CorrelationOrderCallback(layers=["body.3"], probe_size=64, every_n_epochs=2, measure_at_end=False)
+    _trainer([every2, lenient, Seen()], max_epochs=4).fit(UserCNN(), train, val)
+    assert [v is None for v in Seen.values] == [True, False, True, False], "present only in epochs that measured"
+    every2_ckpt = ModelCheckpoint(dirpath=str(tmp_path), monitor="correlation/body.3/acc_real", mode="max", every_n_epochs=2)
+    cb = CorrelationOrderCallback(layers=["body.3"], probe_size=64, every_n_epochs=2)
+    _trainer([cb, every2_ckpt], max_epochs=2, enable_checkpointing=True).fit(UserCNN(), train, val)
+    assert every2_ckpt.best_model_score is not None
+
+
+def test_clear_errors_for_wrong_probe_shapes_and_unknown_label_keys() -> None:
+    train, val = _loaders()
+    rgb = FinalLayerSaliencyCallback(probe=torch.randn(8, 3, SIDE, SIDE))
+    with pytest.raises(TypeError, match=r"UserCNN failed on the probe inputs of shape \[3, 10, 10\]"):
+        _trainer([rgb]).fit(UserCNN(), train, val)
+    ragged = CorrelationOrderCallback(probe=[torch.randn(3, 4), torch.randn(5, 4), torch.randn(2), torch.randn(1)], probe_size=4)
+    with pytest.raises(TypeError, match=r"could not read probe data from the probe argument"):
+        _trainer([ragged]).fit(UserCNN(), train, val)
+    digits = DataLoader(_DictImages(keys=("image", "digit")), batch_size=32)
+    cb = AblationProbeCallback(layers=["body.3"])
+    with pytest.raises(ValueError, match=r"needs labelled probe data.*unpack=\('image', 'digit'\)"):
+        _trainer([cb]).fit(UserCNN(), digits)

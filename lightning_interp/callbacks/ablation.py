@@ -161,10 +161,7 @@ class AblationProbeCallback(InterpretabilityCallback):
         for layer in self.layers:
             get_module(pl_module, layer)
         if self._probe is None:
-            x, y = self.draw_probe(trainer, self.probe_size)
-            if y is None:
-                raise ValueError("AblationProbeCallback needs labelled probe data: the dataset must yield (input, label) items")
-            self._probe = (x, y)
+            self._probe = self.labelled_probe(trainer, self.probe_size)
         x, y = self._probe
         device, dtype = model_device_dtype(pl_module)
         try:

@@ -42,6 +42,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import random
 import re
 import weakref
 from abc import ABC, abstractmethod
@@ -51,10 +52,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 
 from lightning_interp.callbacks.probe import ProbeSource, Unpack, draw_probe
@@ -92,7 +95,7 @@ def isolate(module: nn.Module, grad: bool = False) -> Iterator[None]:
     """Run a measurement on ``module`` without perturbing training.
 
     Puts every submodule in eval mode, disables autograd (unless ``grad``), forks the global CPU
-    (and CUDA) RNG, and restores the train/eval mode of every submodule and the ``requires_grad``
+    (and CUDA) RNG and Python's and NumPy's global random states, and restores the train/eval mode of every submodule and the ``requires_grad``
     of every parameter in ``finally``. Gradients needed by a method must be taken with
     ``torch.autograd.grad`` (never ``.backward()``), so ``.grad`` stays untouched. Submodules compiled
     with ``torch.compile`` run their original, eager modules inside the block (see
@@ -101,11 +104,15 @@ def isolate(module: nn.Module, grad: bool = False) -> Iterator[None]:
     modes = [(m, m.training) for m in module.modules()]
     flags = [(p, p.requires_grad) for p in module.parameters()]
     cuda = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
+    # datasets read for a probe may augment with Python's or NumPy's global RNG
+    py_state, np_state = random.getstate(), np.random.get_state()
     try:
         with torch.random.fork_rng(devices=cuda), torch.set_grad_enabled(grad), uncompiled(module):
             module.eval()
             yield
     finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
         for m, training in modes:
             m.training = training
         for p, flag in flags:
@@ -364,16 +371,18 @@ class InterpretabilityCallback(Callback, ABC):
         """
         if self.probe is not None:
             return self.probe, "the probe argument"
+        found = self.__dict__.get("_found")  # found once per preparation: a datamodule's loaders are built once
+        if found is not None:
+            return found
         dm = trainer.datamodule
         if dm is not None:
             for method in ("val_dataloader", "train_dataloader"):
-                try:
-                    loader = getattr(dm, method)()
-                except Exception:  # a datamodule may not implement a split
+                if not is_overridden(method, dm):  # a datamodule may not implement a split
                     continue
-                loader = _first_loader(loader)
+                loader = _first_loader(getattr(dm, method)())
                 if loader is not None and _has_items(loader):
-                    return loader, f"{type(dm).__name__}.{method}()"
+                    self._found = (loader, f"{type(dm).__name__}.{method}()")
+                    return self._found
         if trainer.state.fn == "fit" and trainer.val_dataloaders is None:
             # the loaders given to fit() are attached when the loops start; setting up the validation
             # data early creates no iterator and draws no random numbers (the sanity check does the same)
@@ -387,7 +396,8 @@ class InterpretabilityCallback(Callback, ABC):
         ):
             loader = _first_loader(loaders)
             if loader is not None and _has_items(loader):
-                return loader, where
+                self._found = (loader, where)
+                return self._found
         return None
 
     def draw_probe(self, trainer: pl.Trainer, size: int) -> tuple[Tensor, Tensor | None]:
@@ -412,8 +422,13 @@ class InterpretabilityCallback(Callback, ABC):
         source, where = found
         try:
             probe = draw_probe(source, size, self.generator, self.unpack)
-        except TypeError as err:
-            raise TypeError(f"{name} could not read probe data from {where}: {err}") from err
+        except (TypeError, RuntimeError) as err:  # unreadable batches, items that do not stack
+            raise TypeError(
+                f"{name} could not read probe data from {where}: {type(err).__name__}: {err}. Probe data is a tensor of "
+                "inputs, an (inputs, labels) tuple, a Dataset or a DataLoader; unpack= says how to read its batches."
+            ) from err
+        except ValueError as err:
+            raise ValueError(f"{name}: {where}: {err}") from err
         if not probe.deterministic:
             rank_zero_info(
                 f"{name}: the probe is the first {len(probe.inputs)} items of {where}, an iterable: the same items at "
@@ -430,6 +445,20 @@ class InterpretabilityCallback(Callback, ABC):
             )
         self.probe_inputs, self.probe_labels = probe.inputs, probe.labels
         return probe.inputs, probe.labels
+
+    def labelled_probe(self, trainer: pl.Trainer, size: int) -> tuple[Tensor, Tensor]:
+        """:meth:`draw_probe` for methods that need labels.
+
+        Raises:
+            ValueError: the probe has no class labels; the message says how to give them.
+        """
+        x, y = self.draw_probe(trainer, size)
+        if y is None:
+            raise ValueError(
+                f"{type(self).__name__} needs labelled probe data, but the probe has no class labels [N]. For dict "
+                "batches name the label key, e.g. unpack=('image', 'digit'); or pass probe=(inputs, labels)."
+            )
+        return x, y
 
     # ------------------------------------------------------------------ Lightning hooks
     @property
@@ -453,6 +482,45 @@ class InterpretabilityCallback(Callback, ABC):
         self.__dict__.pop("_state_key", None)
         self._active = stage in ("fit", "validate")
         self._prepared_for = None
+        self._restored_step = None
+        if stage == "fit":
+            # a callback reused for another fit starts a new history (a resumed fit restores its own after this)
+            self.history, self.last, self._last_step = [], None, None
+            self._check_monitors(trainer)
+
+    def _check_monitors(self, trainer: pl.Trainer) -> None:
+        """Refuse an EarlyStopping / ModelCheckpoint on our metrics that would check at epochs we do not measure."""
+        from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+        if self.every_n_epochs == 1 or self.every_n_steps:
+            return
+        name = type(self).__name__
+        for cb in trainer.callbacks:
+            monitor = getattr(cb, "monitor", None)
+            if not isinstance(cb, (EarlyStopping, ModelCheckpoint)) or not isinstance(monitor, str):
+                continue
+            if not monitor.startswith(self.prefix + "/"):
+                continue
+            if isinstance(cb, EarlyStopping) and not cb.strict:
+                continue  # it skips the epochs without a measurement
+            every = getattr(cb, "_every_n_epochs", 1) if isinstance(cb, ModelCheckpoint) else 1
+            if self.every_n_epochs and every % self.every_n_epochs == 0:
+                continue
+            fix = (
+                "EarlyStopping(..., strict=False) to skip the epochs without one"
+                if isinstance(cb, EarlyStopping)
+                else f"ModelCheckpoint(..., every_n_epochs={self.every_n_epochs or 'N'})"
+            )
+            raise ValueError(
+                f"{type(cb).__name__} monitors {monitor!r} every epoch, but {name} measures "
+                f"{f'every {self.every_n_epochs} epochs' if self.every_n_epochs else 'only at the start and end'}: "
+                f"set {name}(every_n_epochs=1), or {fix}."
+            )
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # a metric is in callback_metrics only in an epoch that measured it: monitors never see stale values
+        for key in [k for k in trainer.callback_metrics if k.startswith(self.prefix + "/")]:
+            del trainer.callback_metrics[key]
 
     def prepared(self, pl_module: nn.Module) -> bool:
         """Whether :meth:`validate` has run on ``pl_module`` in the current stage."""
@@ -463,8 +531,11 @@ class InterpretabilityCallback(Callback, ABC):
         """Run :meth:`validate` on ``pl_module`` (isolated) unless it already ran on this module in this stage."""
         if self.prepared(pl_module):
             return
-        with isolate(pl_module):
-            self.validate(trainer, pl_module)
+        try:
+            with isolate(pl_module):
+                self.validate(trainer, pl_module)
+        finally:
+            self.__dict__.pop("_found", None)
         self._prepared_for = weakref.ref(pl_module)
 
     def _data_ready(self, trainer: pl.Trainer) -> bool:
@@ -479,9 +550,26 @@ class InterpretabilityCallback(Callback, ABC):
         if not self._active:
             return
         self.prepare(trainer, pl_module)
+        if self.run_on == "validation_epoch_end" and self.every_n_epochs and not self._validation_runs(trainer):
+            self._warn_once(
+                "no-validation",
+                f"{type(self).__name__}(run_on='validation_epoch_end') but this fit runs no validation (no validation "
+                "data, or limit_val_batches=0): it measures only at the start and end. Use run_on='train_epoch_end'.",
+            )
         # a resumed run restores trained weights: a "step 0" measurement of them would be a fake start
         if self.measure_at_start and trainer.global_step == 0 and trainer.ckpt_path is None and not self.history:
             self.run(trainer, pl_module)
+
+    @staticmethod
+    def _validation_runs(trainer: pl.Trainer) -> bool:
+        if trainer.limit_val_batches == 0:
+            return False
+        if trainer.val_dataloaders is None:
+            try:  # as in probe_source: no iterator, no random numbers
+                trainer.fit_loop.epoch_loop.val_loop.setup_data()
+            except MisconfigurationException:
+                return False
+        return trainer.val_dataloaders is not None
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._active and trainer.state.fn == "validate":
@@ -547,7 +635,11 @@ class InterpretabilityCallback(Callback, ABC):
         self.last = measurement
         self._last_step = step
         scalars = {k: _to_float(v) for k, v in measurement.scalars.items()}
-        self.history.append({"step": float(step), "epoch": float(trainer.current_epoch), **scalars})
+        entry = {"step": float(step), "epoch": float(trainer.current_epoch), **scalars}
+        if self.history and self.history[-1]["step"] == float(step):
+            self.history[-1] = entry  # the same weights measured again (validate() after fit): one entry per step
+        else:
+            self.history.append(entry)
         self._log_scalars(trainer, scalars, step)
         if trainer.is_global_zero:
             if self.log_images or self.figure_dir:

@@ -152,12 +152,7 @@ class CorrelationOrderCallback(InterpretabilityCallback):
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.layers = self._resolve_layers(pl_module)
         if self._probe is None:
-            x, y = self.draw_probe(trainer, self.probe_size)
-            if y is None:
-                raise ValueError(
-                    "CorrelationOrderCallback needs labelled probe data: the dataset must yield (input, label) items"
-                )
-            self._probe = (x, y)
+            self._probe = self.labelled_probe(trainer, self.probe_size)
         x, y = self._probe
         device, dtype = model_device_dtype(pl_module)
         try:

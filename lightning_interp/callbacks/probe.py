@@ -136,6 +136,32 @@ def _is_map_style(dataset: Any) -> bool:
     )
 
 
+def _is_array(value: Any) -> bool:
+    return type(value).__module__ == "numpy" and hasattr(value, "ndim")
+
+
+def _is_pair(source: Any) -> bool:
+    """``(inputs,)`` or ``(inputs, labels)`` as tensors or arrays (a tuple, or a list of two with matching lengths)."""
+    if not isinstance(source, (tuple, list)) or not 1 <= len(source) <= 2:
+        return False
+    if not all(isinstance(part, Tensor) or _is_array(part) for part in source):
+        return False
+    if isinstance(source, tuple):
+        return True
+    # a list of two arrays is a pair only when it reads as one: labels [N] beside inputs [N, ...]
+    return len(source) == 2 and source[1].ndim == 1 and source[0].ndim > 1 and len(source[0]) == len(source[1])
+
+
+def _peek_labels(element: Any, unpack: Unpack) -> Tensor | None:
+    """The labels of one element of an iterable read as a batch (``None`` when it has none or cannot be read)."""
+    if unpack is None and not isinstance(element, (Mapping, tuple, list)):
+        return None
+    try:
+        return unpack_batch(element, unpack)[1]
+    except (TypeError, KeyError, IndexError):
+        return None
+
+
 def _concat(parts: list[tuple[Tensor, Tensor | None]], size: int) -> tuple[Tensor, Tensor | None]:
     inputs = torch.cat([p[0] for p in parts])[:size]
     has_labels = all(p[1] is not None for p in parts)
@@ -150,9 +176,11 @@ def draw_probe(source: ProbeSource, size: int, generator: torch.Generator, unpac
       without replacement;
     * a map-style dataset, or a ``DataLoader`` over one: ``size`` indices drawn without replacement and the
       items collated with the loader's ``collate_fn`` (the loader's sampler and the global RNG are not used,
-      so every process of a distributed run draws the same set);
+      so every process of a distributed run draws the same set; a sampler with ``indices``, such as
+      ``SubsetRandomSampler``, restricts the draw to its indices);
     * an iterable dataset or loader: its first items, in its own order, until ``size`` (deterministic only
-      when its order is).
+      when its order is); an iterable that yields ready-made batches (labels ``[B]``) is read batch by
+      batch.
 
     Args:
         source: the data.
@@ -169,9 +197,10 @@ def draw_probe(source: ProbeSource, size: int, generator: torch.Generator, unpac
     """
     if size < 1:
         raise ValueError(f"the probe size must be >= 1, got {size}")
-    if isinstance(source, Tensor):
+    if isinstance(source, Tensor) or _is_array(source):
         source = (source,)
-    if isinstance(source, tuple) and 1 <= len(source) <= 2 and isinstance(source[0], Tensor):
+    if _is_pair(source):
+        source = tuple(torch.as_tensor(part) for part in source)
         inputs, labels = unpack_batch(source, unpack)
         n = len(inputs)
         if n == 0:
@@ -181,18 +210,29 @@ def draw_probe(source: ProbeSource, size: int, generator: torch.Generator, unpac
         idx = torch.randperm(n, generator=generator)[:size]
         return Probe(inputs[idx], labels[idx] if labels is not None else None, n, True)
 
+    # a loader collates with its collate_fn only when it batches (it has a batch sampler)
+    batched = isinstance(source, DataLoader) and source.batch_sampler is not None
     if isinstance(source, DataLoader):
-        dataset, collate = source.dataset, source.collate_fn
-        if source.batch_size is None:  # auto-collation off: collate_fn converts single items
-            collate = default_collate
+        dataset, collate = source.dataset, source.collate_fn if batched else default_collate
     else:
         dataset, collate = source, default_collate
+    if isinstance(source, DataLoader) and not batched and _is_map_style(dataset) and len(dataset):
+        # DataLoader(batch_size=None) over a dataset of ready-made batches: read it batch by batch below
+        labels = _peek_labels(dataset[0], unpack)
+        batched = labels is not None and labels.ndim == 1
+        if batched:
+            dataset = None
     if _is_map_style(dataset):
-        n = len(dataset)
+        # a sampler over a subset (SubsetRandomSampler: a split of one dataset) restricts the indices
+        subset = getattr(getattr(source, "sampler", None), "indices", None)
+        pool = torch.as_tensor(list(subset), dtype=torch.long) if subset is not None else None
+        n = len(pool) if pool is not None else len(dataset)
         if n == 0:
             raise ValueError(f"cannot draw a probe set from an empty {type(dataset).__name__}")
-        idx = torch.randperm(n, generator=generator)[:size].tolist()
-        inputs, labels = unpack_batch(collate([dataset[i] for i in idx]), unpack)
+        idx = torch.randperm(n, generator=generator)[:size]
+        if pool is not None:
+            idx = pool[idx]
+        inputs, labels = unpack_batch(collate([dataset[i] for i in idx.tolist()]), unpack)
         return Probe(inputs, labels, n, True)
     if not isinstance(source, Iterable):
         raise TypeError(
@@ -200,8 +240,12 @@ def draw_probe(source: ProbeSource, size: int, generator: torch.Generator, unpac
         )
     parts: list[tuple[Tensor, Tensor | None]] = []
     count, items = 0, []
-    batched = isinstance(source, DataLoader) and source.batch_size is not None
     for element in source:
+        if not batched and not parts and not items:
+            # an iterable may yield ready-made batches (e.g. DataLoader(stream, batch_size=None)): a
+            # batch's labels are a vector, an item's a scalar
+            labels = _peek_labels(element, unpack)
+            batched = labels is not None and labels.ndim == 1
         if batched:
             part = unpack_batch(element, unpack)
             parts.append(part)

@@ -188,14 +188,24 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
                 "final-layer saliency maps are spatial, so use it with image models."
             )
         if self.target == "label" and self._labels is None:
-            raise ValueError("target='label' needs labelled probe data ((image, label) items); use target='predicted'")
+            raise ValueError(
+                "target='label' needs labelled probe data, but the probe has no class labels [N]; use target='predicted', "
+                "name the label key of dict batches with unpack=('image', 'label'), or pass probe=(images, labels)"
+            )
         # one fixed random map per probe image: the baseline of the deletion curve, the same at every measurement
         if self._random_map is None:
             self._random_map = torch.rand(probe.shape[0], *probe.shape[2:], generator=self.generator)
         self._saliency = FinalLayerSaliency(pl_module, self.feature_layer, self.classifier, self.min_size)
         device, dtype = model_device_dtype(pl_module)
         head = probe[:2].to(device=device, dtype=dtype)
-        check_logits(pl_module(head), "FinalLayerSaliencyCallback", pl_module)
+        try:
+            out = pl_module(head)
+        except Exception as err:
+            raise TypeError(
+                f"{type(pl_module).__name__} failed on the probe inputs of shape {list(probe.shape[1:])}: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+        check_logits(out, "FinalLayerSaliencyCallback", pl_module)
         self._saliency.resolve(head)
 
     # ------------------------------------------------------------------ measurement
