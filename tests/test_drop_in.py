@@ -568,15 +568,17 @@ def test_monitors_on_a_sparser_cadence_are_refused_or_skip_without_stale_values(
     assert first.ready is None
 
     class Seen(Callback):
-        values: list[Any] = []
+        def __init__(self) -> None:
+            self.values: list[Any] = []
 
         def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-            Seen.values.append(trainer.callback_metrics.get("correlation/body.3/acc_real"))
+            self.values.append(trainer.callback_metrics.get("correlation/body.3/acc_real"))
 
     lenient = EarlyStopping(monitor="correlation/body.3/acc_real", mode="max", strict=False, patience=10)
     every2 = CorrelationOrderCallback(layers=["body.3"], probe_size=64, every_n_epochs=2, measure_at_end=False)
-    _trainer([every2, lenient, Seen()], max_epochs=4).fit(UserCNN(), train, val)
-    assert [v is None for v in Seen.values] == [True, False, True, False], "present only in epochs that measured"
+    seen = Seen()
+    _trainer([every2, lenient, seen], max_epochs=4).fit(UserCNN(), train, val)
+    assert [v is None for v in seen.values] == [True, False, True, False], "present only in epochs that measured"
     every2_ckpt = ModelCheckpoint(dirpath=str(tmp_path), monitor="correlation/body.3/acc_real", mode="max", every_n_epochs=2)
     cb = CorrelationOrderCallback(layers=["body.3"], probe_size=64, every_n_epochs=2)
     _trainer([cb, every2_ckpt], max_epochs=2, enable_checkpointing=True).fit(UserCNN(), train, val)

@@ -95,8 +95,8 @@ def isolate(module: nn.Module, grad: bool = False) -> Iterator[None]:
     """Run a measurement on ``module`` without perturbing training.
 
     Puts every submodule in eval mode, disables autograd (unless ``grad``), forks the global CPU
-    (and CUDA) RNG and Python's and NumPy's global random states, and restores the train/eval mode of every submodule and the ``requires_grad``
-    of every parameter in ``finally``. Gradients needed by a method must be taken with
+    (and CUDA) RNG and Python's and NumPy's global random states, and restores the train/eval mode of
+    every submodule and the ``requires_grad`` of every parameter in ``finally``. Gradients needed by a method must be taken with
     ``torch.autograd.grad`` (never ``.backward()``), so ``.grad`` stays untouched. Submodules compiled
     with ``torch.compile`` run their original, eager modules inside the block (see
     :func:`~lightning_interp.hooks.uncompiled`).
