@@ -29,6 +29,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_interp.stats import mean_standard_error
+
 __all__ = [
     "GAP_MEASURES",
     "Estimate",
@@ -561,9 +563,13 @@ class PosteriorGap(Metric):
         self.log_target = log_target
         num = len(GAP_MEASURES)
         self.add_state("gap_sum", torch.zeros(num, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("gap_sq_sum", torch.zeros(num, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("gap_worst", torch.zeros(num, dtype=torch.float64), dist_reduce_fx="max")
         self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         # ce, entropy, correct (network), correct (posterior), labelled count
         self.add_state("label_sum", torch.zeros(5, dtype=torch.float64), dist_reduce_fx="sum")
+        # squares of the per-example excess cross-entropy and of the per-example accuracy difference
+        self.add_state("label_sq_sum", torch.zeros(2, dtype=torch.float64), dist_reduce_fx="sum")
         if density_edges is not None:
             edges = torch.as_tensor(density_edges, dtype=torch.float64).flatten()
             if edges.numel() and (edges[1:] <= edges[:-1]).any():
@@ -571,6 +577,7 @@ class PosteriorGap(Metric):
             self.register_buffer("density_edges", edges, persistent=False)
             bins = edges.numel() + 1
             self.add_state("bin_sum", torch.zeros(num, bins, dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state("bin_sq_sum", torch.zeros(num, bins, dtype=torch.float64), dist_reduce_fx="sum")
             self.add_state("bin_count", torch.zeros(bins, dtype=torch.float64), dist_reduce_fx="sum")
         else:
             self.density_edges = None
@@ -586,6 +593,9 @@ class PosteriorGap(Metric):
         per = _per_sample_gap(logits, true_posterior, self.log_target)
         stacked = torch.stack([per[k] for k in GAP_MEASURES])  # [M, N]
         self.gap_sum += stacked.sum(dim=1)
+        self.gap_sq_sum += stacked.pow(2).sum(dim=1)
+        if stacked.shape[1]:
+            self.gap_worst = torch.maximum(self.gap_worst, stacked.max(dim=1).values)
         self.count += logits.shape[0]
         if target is not None:
             if target.shape != logits.shape[:1]:
@@ -594,10 +604,12 @@ class PosteriorGap(Metric):
             lq = torch.log_softmax(logits.double(), dim=1)
             t = true_posterior.to(device=logits.device, dtype=torch.float64)
             lp = t if self.log_target else t.log()
-            ce = -lq.gather(1, target[:, None]).sum()
-            ent = -torch.where(lp > -math.inf, lp.exp() * lp, torch.zeros_like(lp)).sum()
-            correct_q = (lq.argmax(dim=1) == target).sum()
-            correct_p = (lp.argmax(dim=1) == target).sum()
+            ce_i = -lq.gather(1, target[:, None])[:, 0]
+            ent_i = -torch.where(lp > -math.inf, lp.exp() * lp, torch.zeros_like(lp)).sum(dim=1)
+            hit_q = (lq.argmax(dim=1) == target).double()
+            hit_p = (lp.argmax(dim=1) == target).double()
+            ce, ent, correct_q, correct_p = ce_i.sum(), ent_i.sum(), hit_q.sum(), hit_p.sum()
+            self.label_sq_sum += torch.stack([(ce_i - ent_i).pow(2).sum(), (hit_p - hit_q).pow(2).sum()])
             self.label_sum += torch.stack(
                 [
                     ce,
@@ -612,18 +624,25 @@ class PosteriorGap(Metric):
                 raise ValueError("this PosteriorGap has density_edges: pass log_density=task.log_density(x) to update()")
             idx = torch.bucketize(log_density.to(device=logits.device, dtype=torch.float64), self.density_edges.to(logits.device))
             self.bin_sum.index_add_(1, idx, stacked)
+            self.bin_sq_sum.index_add_(1, idx, stacked.pow(2))
             self.bin_count += torch.bincount(idx, minlength=self.bin_count.numel()).double()
 
     def compute(self) -> dict[str, Tensor]:
         """The mean of every gap measure, plus the labelled and per-density-bin summaries when available.
 
         Returns:
-            ``{measure: mean}`` for :data:`GAP_MEASURES`; with labels also ``cross_entropy``,
-            ``conditional_entropy``, ``excess_ce``, ``accuracy``, ``bayes_accuracy`` and
-            ``accuracy_gap``; with density bins ``<measure>_by_density`` (``[B]``, NaN for an
-            empty bin) and ``count_by_density``.
+            ``{measure: mean}`` for :data:`GAP_MEASURES`, with ``<measure>_se`` (the standard error of
+            that mean over the examples, :func:`~lightning_interp.stats.mean_standard_error`) and ``<measure>_worst`` (the
+            largest per-example value: ``max_abs_worst`` is the worst ``|p - q|`` over the examples);
+            with labels also ``cross_entropy``, ``conditional_entropy``, ``excess_ce``, ``accuracy``,
+            ``bayes_accuracy`` and ``accuracy_gap`` (the last four with ``_se``); with density bins
+            ``<measure>_by_density`` and ``<measure>_se_by_density`` (``[B]``, NaN for an empty bin)
+            and ``count_by_density``.
         """
         out = {k: self.gap_sum[i] / self.count for i, k in enumerate(GAP_MEASURES)}
+        for i, k in enumerate(GAP_MEASURES):
+            out[f"{k}_se"] = mean_standard_error(self.gap_sum[i], self.gap_sq_sum[i], self.count)
+            out[f"{k}_worst"] = self.gap_worst[i].clone()
         n = self.label_sum[4]
         if n > 0:
             ce, ent, cq, cp = (self.label_sum[i] / n for i in range(4))
@@ -631,14 +650,21 @@ class PosteriorGap(Metric):
                 cross_entropy=ce,
                 conditional_entropy=ent,
                 excess_ce=ce - ent,
+                excess_ce_se=mean_standard_error(self.label_sum[0] - self.label_sum[1], self.label_sq_sum[0], n),
                 accuracy=cq,
+                accuracy_se=mean_standard_error(self.label_sum[2], self.label_sum[2], n),  # 0/1 values: x^2 = x
                 bayes_accuracy=cp,
+                bayes_accuracy_se=mean_standard_error(self.label_sum[3], self.label_sum[3], n),
                 accuracy_gap=cp - cq,
+                accuracy_gap_se=mean_standard_error(self.label_sum[3] - self.label_sum[2], self.label_sq_sum[1], n),
             )
         if self.density_edges is not None:
-            per_bin = self.bin_sum / self.bin_count.clamp_min(1)[None, :]
-            per_bin = torch.where(self.bin_count[None, :] > 0, per_bin, torch.full_like(per_bin, math.nan))
+            count = self.bin_count[None, :]
+            per_bin = self.bin_sum / count.clamp_min(1)
+            per_bin = torch.where(count > 0, per_bin, torch.full_like(per_bin, math.nan))
+            se_bin = mean_standard_error(self.bin_sum, self.bin_sq_sum, count)
             for i, k in enumerate(GAP_MEASURES):
                 out[f"{k}_by_density"] = per_bin[i]
+                out[f"{k}_se_by_density"] = se_bin[i]
             out["count_by_density"] = self.bin_count.clone()
         return out

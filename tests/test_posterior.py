@@ -616,7 +616,46 @@ def test_metric_without_labels_has_no_label_keys():
     metric = PosteriorGap()
     metric.update(logits, p)
     out = metric.compute()
-    assert set(out) == set(GAP_MEASURES)
+    assert set(out) == {*GAP_MEASURES, *(f"{k}_se" for k in GAP_MEASURES), *(f"{k}_worst" for k in GAP_MEASURES)}
+
+
+def test_metric_standard_errors_and_worst_cases_match_the_per_example_values():
+    edges = [-4.0, -3.0, -2.0]
+    batches = random_batches(4, sizes=(30, 45, 25))
+    metric = PosteriorGap(density_edges=edges)
+    for logits, p, y, logd in batches:
+        metric.update(logits, p, target=y, log_density=logd)
+    out = metric.compute()
+    logits, p, y, logd = (torch.cat([b[i] for b in batches]) for i in range(4))
+    per = posterior_gap(logits, p, reduction="none")
+    for k in GAP_MEASURES:  # scipy's standard error of the mean (ddof=1)
+        assert out[f"{k}_se"].item() == pytest.approx(stats.sem(per[k].numpy()), rel=1e-9), k
+        assert out[f"{k}_worst"].item() == pytest.approx(per[k].max().item(), rel=1e-12), k
+    lq = torch.log_softmax(logits.double(), dim=1)
+    excess = -lq[torch.arange(len(y)), y] + (p.double() * p.double().log()).sum(dim=1)
+    hit_q = (lq.argmax(dim=1) == y).double()
+    hit_p = (p.argmax(dim=1) == y).double()
+    assert out["excess_ce_se"].item() == pytest.approx(stats.sem(excess.numpy()), rel=1e-9)
+    assert out["accuracy_se"].item() == pytest.approx(stats.sem(hit_q.numpy()), rel=1e-9)
+    assert out["accuracy_gap_se"].item() == pytest.approx(stats.sem((hit_p - hit_q).numpy()), rel=1e-9)
+    idx = np.digitize(logd.numpy(), edges, right=True)
+    for b in range(len(edges) + 1):
+        values = per["kl"].numpy()[idx == b]
+        expected = stats.sem(values) if len(values) > 1 else math.nan
+        assert out["kl_se_by_density"][b].item() == pytest.approx(expected, rel=1e-9, nan_ok=True), b
+
+
+def test_metric_standard_errors_shrink_like_one_over_sqrt_n():
+    task = xie_task(1)
+    ses = []
+    for n in (1000, 16000):
+        x, y = task.sample(n, torch.Generator().manual_seed(n))
+        metric = PosteriorGap(log_target=True)
+        metric.update(torch.cat([x, -x], dim=1), task.log_posterior(x), target=y)  # a fixed, imperfect model
+        ses.append(metric.compute())
+    for k in ("kl", "tv", "excess_ce", "accuracy"):
+        ratio = (ses[0][f"{k}_se"] / ses[1][f"{k}_se"]).item()
+        assert ratio == pytest.approx(4.0, rel=0.15), k  # sqrt(16000 / 1000) = 4
 
 
 def test_metric_density_bins():

@@ -7,6 +7,7 @@ are not reproduced here).
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -26,6 +27,7 @@ from lightning_interp.callbacks.base import (
 from lightning_interp.callbacks.probe import ProbeSource, Unpack
 from lightning_interp.correlation import INPUT, ClassMoments, LayerReplacement, Quadratic, gaussian_surrogates, layer_outputs
 from lightning_interp.hooks import get_module
+from lightning_interp.stats import mean_and_se
 
 __all__ = ["CorrelationOrderCallback"]
 
@@ -54,8 +56,10 @@ class CorrelationOrderCallback(InterpretabilityCallback):
     pass continues from the layer (:class:`~lightning_interp.correlation.LayerReplacement`: the part
     before the layer runs once where ``torch.fx`` can split the model). Logged per layer ``L``:
     ``correlation/<L>/acc_real``, ``acc_order2``, ``acc_order1``, ``acc_order0``,
-    ``higher_order_gap = acc_real - acc_order2`` and ``non_gaussianity`` (mean absolute excess
-    kurtosis of the units). Figures: the accuracies per layer now, and the higher-order gap per layer
+    ``higher_order_gap = acc_real - acc_order2`` (each with ``_se``: the standard error over the probe
+    examples, which also carries the noise of the surrogate draw, one per example; the gap's is paired)
+    and ``non_gaussianity`` (mean absolute excess kurtosis of the units).
+    Figures: the accuracies per layer now, and the higher-order gap per layer
     over training (the tracking).
 
     Args:
@@ -185,7 +189,8 @@ class CorrelationOrderCallback(InterpretabilityCallback):
         x, y = self._probe
         x, y = x.to(device=device, dtype=dtype), y.to(device)
         outputs, logits = layer_outputs(pl_module, self.layers, x)
-        acc_real = (logits.argmax(dim=-1) == y).to(torch.float64).mean()
+        hit_real = logits.argmax(dim=-1) == y
+        acc_real, acc_real_se = mean_and_se(hit_real)
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
         scalars: dict[str, Tensor | float] = {}
         accs: dict[str, list[float]] = {}
@@ -198,16 +203,19 @@ class CorrelationOrderCallback(InterpretabilityCallback):
                 self._replacements[layer] = LayerReplacement(pl_module, layer)
             run = self._replacements[layer]
             run.prepare(x)
-            orders = [
-                (run(draws).argmax(dim=-1) == y).to(torch.float64).mean()
-                for draws in gaussian_surrogates(outputs[layer], y, (2, 1, 0), gen)
-            ]
-            scalars[f"{layer}/acc_real"] = acc_real
-            for order, acc in zip((2, 1, 0), orders, strict=True):
-                scalars[f"{layer}/acc_order{order}"] = acc
-            scalars[f"{layer}/higher_order_gap"] = acc_real - orders[0]
+            # one surrogate draw per example: the spread over examples holds the probe's and the draw's noise
+            hits = [run(draws).argmax(dim=-1) == y for draws in gaussian_surrogates(outputs[layer], y, (2, 1, 0), gen)]
+            scalars[f"{layer}/acc_real"], scalars[f"{layer}/acc_real_se"] = acc_real, acc_real_se
+            orders = []
+            for order, hit in zip((2, 1, 0), hits, strict=True):
+                acc, se = mean_and_se(hit)
+                scalars[f"{layer}/acc_order{order}"], scalars[f"{layer}/acc_order{order}_se"] = acc, se
+                orders.append(float(acc))
+            # paired over the same examples: the SE of the per-example difference
+            gap, gap_se = mean_and_se(hit_real.double() - hits[0].double())
+            scalars[f"{layer}/higher_order_gap"], scalars[f"{layer}/higher_order_gap_se"] = gap, gap_se
             scalars[f"{layer}/non_gaussianity"] = moments.non_gaussianity()
-            accs[layer] = [float(acc_real), *(float(a) for a in orders)]
+            accs[layer] = [float(acc_real), *orders]
         return Measurement(scalars=scalars, data={"accs": accs})
 
     # ------------------------------------------------------------------ figures
@@ -229,11 +237,13 @@ class CorrelationOrderCallback(InterpretabilityCallback):
         ax1.set_title("Gaussian surrogates per layer")
         for layer in accs:
             key = f"{layer}/higher_order_gap"
-            pts = [(h["step"], h[key]) for h in self.history if key in h]
+            pts = [(h["step"], h[key], h.get(f"{key}_se", math.nan)) for h in self.history if key in h]
             if pts:
-                ax2.plot(*zip(*pts, strict=True), marker="o", label=layer)
+                steps, gaps, ses = (torch.tensor(v, dtype=torch.float64) for v in zip(*pts, strict=True))
+                (line,) = ax2.plot(steps, gaps, marker="o", label=layer)
+                ax2.fill_between(steps, gaps - ses, gaps + ses, color=line.get_color(), alpha=0.2)
         ax2.set_xlabel("step")
-        ax2.set_ylabel("acc_real - acc_order2")
+        ax2.set_ylabel("acc_real - acc_order2 (± 1 SE)")
         ax2.set_title("higher-order gap over training")
         ax2.legend(fontsize=7)
         fig.tight_layout()

@@ -31,11 +31,14 @@ class PosteriorGapCallback(InterpretabilityCallback):
     probe set of ``probe_size`` labelled samples with its own generator (or takes the inputs of
     ``probe``, whose exact posterior the task gives; labels missing from ``probe`` are drawn from that
     posterior). At each measurement it logs
-    ``posterior_gap/<measure>`` for ``kl``, ``reverse_kl``, ``js``, ``tv``, ``l2``, ``max_abs``,
-    ``excess_ce``, ``accuracy``, ``bayes_accuracy`` and ``accuracy_gap`` (all on the probe set), plus
-    ``kl_low_density`` / ``tv_low_density``: the gap in the lowest of ``num_density_bins`` bins of
-    input density (equal-count bins of the probe set), which is where a network misses the posterior
-    when data is scarce (preset 3 of the post). Figures: for 1-D tasks the model's softmax against
+    ``posterior_gap/<measure>`` for the means over the probe set of ``kl``, ``reverse_kl``, ``js``,
+    ``tv``, ``l2``, ``mean_max_abs`` (the per-example ``max_c |p - q|``), ``excess_ce``, ``accuracy``,
+    ``bayes_accuracy`` and ``accuracy_gap``, each with ``<measure>_se``, its standard error over the
+    probe examples; ``max_abs``, the worst ``|p(c|x) - q(c|x)|`` over the probe set (no error bar: a
+    maximum, not a mean); plus ``kl_low_density`` / ``tv_low_density`` (with ``_se``): the gap in the
+    lowest of ``num_density_bins`` bins of input density (equal-count bins of the probe set), which is
+    where a network misses the posterior when data is scarce (preset 3 of the post). Figures: for 1-D
+    tasks the model's softmax against
     the true posterior over ``x`` with the data density (the post's figures), for ``D > 1`` a
     reliability-style scatter of ``q`` against ``p``; and the gap per density bin. A table lists the
     per-bin gaps.
@@ -218,16 +221,21 @@ class PosteriorGapCallback(InterpretabilityCallback):
         p = self._probe
         logits = self._logits(pl_module, p["x"])
         device = logits.device
-        metric = PosteriorGap(log_target=True, density_edges=p.get("density_edges")).to(device)
+        # every rank holds the whole probe set: no sync across processes (it would count each example twice)
+        metric = PosteriorGap(log_target=True, density_edges=p.get("density_edges"), sync_on_compute=False).to(device)
         metric.update(logits, p["log_posterior"].to(device), target=p["y"].to(device), log_density=p["log_density"].to(device))
         out = metric.compute()
-        scalars: dict[str, Tensor | float] = {k: out[k] for k in GAP_MEASURES}
-        for k in ("excess_ce", "accuracy", "bayes_accuracy", "accuracy_gap"):
-            scalars[k] = out[k]
+        scalars: dict[str, Tensor | float] = {}
+        for k in (*GAP_MEASURES, "excess_ce", "accuracy", "bayes_accuracy", "accuracy_gap"):
+            # the mean of the per-example max_c |p - q| is mean_max_abs; max_abs is the worst example
+            name = "mean_max_abs" if k == "max_abs" else k
+            scalars[name], scalars[f"{name}_se"] = out[k], out[f"{k}_se"]
+        scalars["max_abs"] = out["max_abs_worst"]
         data: dict[str, Any] = {"logits": logits, "gap": out}
         if "density_edges" in p:
-            scalars["kl_low_density"] = out["kl_by_density"][0]
-            scalars["tv_low_density"] = out["tv_by_density"][0]
+            for k in ("kl", "tv"):
+                scalars[f"{k}_low_density"] = out[f"{k}_by_density"][0]
+                scalars[f"{k}_low_density_se"] = out[f"{k}_se_by_density"][0]
         if "grid" in p:
             data["grid_logits"] = self._logits(pl_module, p["grid"])
         return Measurement(scalars=scalars, data=data)
@@ -257,10 +265,17 @@ class PosteriorGapCallback(InterpretabilityCallback):
         if "kl_by_density" in gap:
             fig, ax = plt.subplots(figsize=(6, 3.2))
             bins = torch.arange(len(gap["kl_by_density"]))
-            ax.bar(bins - 0.2, gap["kl_by_density"].cpu(), width=0.4, label="KL(p||q)")
-            ax.bar(bins + 0.2, gap["tv_by_density"].cpu(), width=0.4, label="TV")
+            for shift, k, label in ((-0.2, "kl", "KL(p||q)"), (0.2, "tv", "TV")):
+                ax.bar(
+                    bins + shift,
+                    gap[f"{k}_by_density"].cpu(),
+                    width=0.4,
+                    label=label,
+                    yerr=gap[f"{k}_se_by_density"].cpu(),
+                    capsize=2,
+                )
             ax.set_xlabel("input-density bin (0 = lowest density)")
-            ax.set_ylabel("mean gap")
+            ax.set_ylabel("mean gap (± 1 SE)")
             ax.set_title("Posterior gap by input density")
             ax.legend()
             figs["gap_by_density"] = fig
@@ -274,10 +289,18 @@ class PosteriorGapCallback(InterpretabilityCallback):
         lows = [float("-inf"), *edges]
         highs = [*edges, float("inf")]
         rows = [
-            [i, lows[i], highs[i], int(gap["count_by_density"][i]), *(float(gap[f"{k}_by_density"][i]) for k in GAP_MEASURES)]
+            [
+                i,
+                lows[i],
+                highs[i],
+                int(gap["count_by_density"][i]),
+                *(float(gap[f"{k}_by_density"][i]) for k in GAP_MEASURES),
+                *(float(gap[f"{k}_se_by_density"][i]) for k in ("kl", "tv")),
+            ]
             for i in range(len(lows))
         ]
-        return {"by_density": (["bin", "log_density_low", "log_density_high", "count", *GAP_MEASURES], rows)}
+        means = ["mean_max_abs" if k == "max_abs" else k for k in GAP_MEASURES]
+        return {"by_density": (["bin", "log_density_low", "log_density_high", "count", *means, "kl_se", "tv_se"], rows)}
 
 
 def _posterior_figure(x: Tensor, p: Tensor, q: Tensor, density: Tensor, plt: Any) -> Any:

@@ -26,6 +26,7 @@ from lightning_interp.callbacks.base import (
 )
 from lightning_interp.callbacks.probe import ProbeSource, Unpack
 from lightning_interp.saliency import FinalLayerSaliency
+from lightning_interp.stats import mean_and_se
 
 __all__ = ["FinalLayerSaliencyCallback", "deletion_curve"]
 
@@ -73,8 +74,10 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
       (discriminative) saliency first (replaced by the image mean); ``saliency/deletion_auc_random``
       the same for a fixed random map (drawn once from the callback's own generator); and
       ``saliency/faithfulness_pg`` / ``faithfulness_disc``, random minus ours (positive when the map
-      finds the evidence better than chance). Policy-gradient maps vanish as ``q(c|x) -> 1``
-      (``g = W[c] - E_q W``), so on confidently classified probes their deletion score is weak;
+      finds the evidence better than chance). Each of these, ``neg_pg_share`` and ``target_prob`` is a
+      mean over the probe images and comes with ``<name>_se``, its standard error over the images.
+      Policy-gradient maps vanish as ``q(c|x) -> 1`` (``g = W[c] - E_q W``), so on confidently
+      classified probes their deletion score is weak;
     * ``saliency/target_prob``, ``saliency/disc_channels`` and ``saliency/conf_channels`` (the mean
       size of the most discriminative / most confusing channel sets of the targets);
 
@@ -218,22 +221,26 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
         out = self._saliency.attribute_all(x, target=target)
         pg, tgt = out["policy_gradient"], out["target"]
         abs_mass = pg.abs().flatten(1).sum(dim=1).clamp_min(torch.finfo(pg.dtype).tiny)
-        neg_share = (F.relu(-pg).flatten(1).sum(dim=1) / abs_mass).mean()
         weight = self._saliency_weight(pl_module)
         scalars: dict[str, Tensor | float] = {
-            "neg_pg_share": neg_share,
-            "target_prob": out["logits"].softmax(dim=1).gather(1, tgt[:, None]).mean(),
             "disc_channels": self._chain_size(weight, tgt, "+"),
             "conf_channels": self._chain_size(weight, tgt, "-"),
         }
+        # per-image values, then their mean and its standard error over the probe images
+        per_image = {
+            "neg_pg_share": F.relu(-pg).flatten(1).sum(dim=1) / abs_mass,
+            "target_prob": out["logits"].softmax(dim=1).gather(1, tgt[:, None])[:, 0],
+        }
         if self.deletion_steps:
-            rand = deletion_curve(pl_module, x, self._random_map.to(x.device), tgt, self.deletion_steps).mean()  # type: ignore[union-attr]
-            scalars["deletion_auc_random"] = rand
+            rand = deletion_curve(pl_module, x, self._random_map.to(x.device), tgt, self.deletion_steps).mean(dim=1)  # type: ignore[union-attr]
+            per_image["deletion_auc_random"] = rand
             for method, short in (("policy_gradient", "pg"), ("discriminative", "disc")):
                 up = F.interpolate(out[method][:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-                auc = deletion_curve(pl_module, x, up, tgt, self.deletion_steps).mean()
-                scalars[f"deletion_auc_{short}"] = auc
-                scalars[f"faithfulness_{short}"] = rand - auc
+                auc = deletion_curve(pl_module, x, up, tgt, self.deletion_steps).mean(dim=1)
+                per_image[f"deletion_auc_{short}"] = auc
+                per_image[f"faithfulness_{short}"] = rand - auc  # paired on the same image
+        for name, values in per_image.items():
+            scalars[name], scalars[f"{name}_se"] = mean_and_se(values)
         return Measurement(scalars=scalars, data={"maps": out, "inputs": x})
 
     def _saliency_weight(self, module: nn.Module) -> Tensor | None:
