@@ -286,6 +286,7 @@ class AblationResult:
         top_probs: their posterior probabilities ``[k]``.
         acceptance_rate: per task (MCMC).
         ess: effective sample size per task, the minimum over units (MCMC).
+        ess_per_unit: effective sample size of every unit's keep indicator per task ``[T, d]`` (MCMC).
         split: whether the part before the layer was computed once (``torch.fx`` split).
     """
 
@@ -304,6 +305,7 @@ class AblationResult:
     top_probs: list[Tensor] = field(default_factory=list)
     acceptance_rate: Tensor | None = None
     ess: Tensor | None = None
+    ess_per_unit: Tensor | None = None
     split: bool = False
 
 
@@ -613,7 +615,7 @@ class BayesianAblation:
         )
         pairwise = torch.triu(mi / _LOG2, diagonal=1).sum(dim=(1, 2))  # type: ignore[union-attr]
         info = information_bits(importance, self.prior_keep)
-        ess = torch.stack([_ess(samples[t].cpu()).min() for t in range(num_tasks)]).to(device)
+        ess_per_unit = torch.stack([_ess(samples[t]) for t in range(num_tasks)])  # [T, d]
         return AblationResult(
             tasks=[],
             importance=importance,
@@ -627,5 +629,6 @@ class BayesianAblation:
             method="mcmc",
             num_evaluations=num_tasks * c * (self.num_steps + 1),
             acceptance_rate=accepted / (c * kept),
-            ess=ess,
+            ess=ess_per_unit.min(dim=1).values,
+            ess_per_unit=ess_per_unit,
         )

@@ -255,7 +255,7 @@ def _ablation_callback(**kw: Any) -> AblationProbeCallback:
     return AblationProbeCallback(**kw)
 
 
-def _ablation_datamodule(batch_size: int = 32, shuffle: bool = True) -> SyntheticDataModule:
+def gaussian3_datamodule(batch_size: int = 32, shuffle: bool = True) -> SyntheticDataModule:
     return SyntheticDataModule(_THREE_CLASS, n_train=256, n_val=96, n_test=0, batch_size=batch_size, seed=2, shuffle=shuffle)
 
 
@@ -264,54 +264,54 @@ CASES.append(
         id="ablation",
         make_callback=_ablation_callback,
         make_model=lambda: MLPClassifier(2, 3, hidden=(6, 5), dropout=0.1, lr=1e-2),
-        make_datamodule=_ablation_datamodule,
+        make_datamodule=gaussian3_datamodule,
         raise_in="net.4",
         bad_configs=[
             BadConfig(
                 "unknown_layer",
-                lambda: (_ablation_callback(layers=["net.42"]), MLPClassifier(2, 3, hidden=(6,)), _ablation_datamodule()),
+                lambda: (_ablation_callback(layers=["net.42"]), MLPClassifier(2, 3, hidden=(6,)), gaussian3_datamodule()),
                 ValueError,
                 r"unknown layer 'net\.42'",
             ),
             BadConfig(
                 "exact_too_many_units",
-                lambda: (_ablation_callback(method="exact"), MLPClassifier(2, 3, hidden=(20,)), _ablation_datamodule()),
+                lambda: (_ablation_callback(method="exact"), MLPClassifier(2, 3, hidden=(20,)), gaussian3_datamodule()),
                 ValueError,
                 r"needs d <= 16, but layer 'net\.1' has 20 units",
             ),
             BadConfig(
                 "task_outside_classes",
-                lambda: (_ablation_callback(tasks=[7]), MLPClassifier(2, 3, hidden=(6,)), _ablation_datamodule()),
+                lambda: (_ablation_callback(tasks=[7]), MLPClassifier(2, 3, hidden=(6,)), gaussian3_datamodule()),
                 ValueError,
                 r"tasks \[7\] are not classes of the model, which has 3",
             ),
             BadConfig(
                 "tasks_typo",
-                lambda: (_ablation_callback(tasks="clases"), MLPClassifier(2, 3, hidden=(6,)), _ablation_datamodule()),
+                lambda: (_ablation_callback(tasks="clases"), MLPClassifier(2, 3, hidden=(6,)), gaussian3_datamodule()),
                 ValueError,
                 r"tasks must be one of 'classes', 'all', got 'clases'",
             ),
             BadConfig(
                 "burn_in_not_below_steps",
-                lambda: (_ablation_callback(num_steps=50, burn_in=50), MLPClassifier(2, 3, hidden=(6,)), _ablation_datamodule()),
+                lambda: (_ablation_callback(num_steps=50, burn_in=50), MLPClassifier(2, 3, hidden=(6,)), gaussian3_datamodule()),
                 ValueError,
                 r"burn_in \(50\) must be smaller than num_steps \(50\)",
             ),
             BadConfig(
                 "single_logit",
-                lambda: (_ablation_callback(), MLPClassifier(2, 1, hidden=(6,)), _ablation_datamodule()),
+                lambda: (_ablation_callback(), MLPClassifier(2, 1, hidden=(6,)), gaussian3_datamodule()),
                 ValueError,
                 r"single logit per example",
             ),
             BadConfig(
                 "labels_outside_classes",
-                lambda: (_ablation_callback(), MLPClassifier(2, 2, hidden=(6,)), _ablation_datamodule()),
+                lambda: (_ablation_callback(), MLPClassifier(2, 2, hidden=(6,)), gaussian3_datamodule()),
                 ValueError,
                 r"outside the model's 2 classes",
             ),
             BadConfig(
                 "wrong_input",
-                lambda: (_ablation_callback(), MLPClassifier(5, 3, hidden=(6,)), _ablation_datamodule()),
+                lambda: (_ablation_callback(), MLPClassifier(5, 3, hidden=(6,)), gaussian3_datamodule()),
                 TypeError,
                 r"failed on the probe inputs of shape \[2\]",
             ),
@@ -353,7 +353,7 @@ CASES.append(
         id="correlation",
         make_callback=_correlation_callback,
         make_model=lambda: MLPClassifier(2, 3, hidden=(6, 5), dropout=0.1, lr=1e-2),
-        make_datamodule=_ablation_datamodule,
+        make_datamodule=gaussian3_datamodule,
         raise_in="net.4",
         bad_configs=[
             BadConfig(
@@ -361,26 +361,26 @@ CASES.append(
                 lambda: (
                     _correlation_callback(layers=["input", "net.9"]),
                     MLPClassifier(2, 3, hidden=(6,)),
-                    _ablation_datamodule(),
+                    gaussian3_datamodule(),
                 ),
                 ValueError,
                 r"unknown layer 'net\.9'",
             ),
             BadConfig(
                 "non_float_layer",
-                lambda: (_correlation_callback(layers=["net.1"]), _IntFirstModel(), _ablation_datamodule()),
+                lambda: (_correlation_callback(layers=["net.1"]), _IntFirstModel(), gaussian3_datamodule()),
                 TypeError,
                 r"layer 'net\.1' outputs torch\.int64, not a float tensor",
             ),
             BadConfig(
                 "single_logit",
-                lambda: (_correlation_callback(layers=["net.1"]), MLPClassifier(2, 1, hidden=(6,)), _ablation_datamodule()),
+                lambda: (_correlation_callback(layers=["net.1"]), MLPClassifier(2, 1, hidden=(6,)), gaussian3_datamodule()),
                 ValueError,
                 r"single logit per example",
             ),
             BadConfig(
                 "too_few_per_class",
-                lambda: (_correlation_callback(probe_size=12), MLPClassifier(2, 3, hidden=(6,)), _ablation_datamodule()),
+                lambda: (_correlation_callback(probe_size=12), MLPClassifier(2, 3, hidden=(6,)), gaussian3_datamodule()),
                 ValueError,
                 r"fewer than min_per_class=10 probe examples",
             ),

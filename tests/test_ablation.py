@@ -380,3 +380,21 @@ def test_push_on_torchvision_resnet_last_stage() -> None:
     mid = MaskedForward(model, "layer3.1")  # followed by a conv block: nothing to push past
     mid.prepare(x)
     assert mid.is_split and mid.mask_after is None
+
+
+def test_callback_logs_ess_and_warns_on_a_short_chain() -> None:
+    import lightning.pytorch as pl
+
+    from lightning_interp.callbacks import AblationProbeCallback
+    from lightning_interp.models import MLPClassifier
+    from tests.contract import gaussian3_datamodule
+
+    pl.seed_everything(0, verbose=False)
+    model = MLPClassifier(2, 3, hidden=(24,), lr=1e-2)
+    kw: dict = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    short = AblationProbeCallback(layers=["net.1"], probe_size=96, method="mcmc", num_chains=2, num_steps=20, burn_in=5)
+    with pytest.warns(UserWarning, match=r"effective sample size is \d+ \(median over units \d+\), below min_ess=100"):
+        pl.Trainer(max_epochs=1, callbacks=[short], **kw).fit(model, gaussian3_datamodule())
+    h = short.history[-1]
+    assert 0 < h["net.1/ess"] <= h["net.1/ess_median"] <= 2 * 15  # at most chains x kept steps
+    assert h["net.1/ess"] == pytest.approx(float(short.last.data["results"]["net.1"].ess.min()))

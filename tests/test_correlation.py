@@ -337,7 +337,7 @@ def test_order_accuracies_carry_standard_errors_that_cover_the_seed_to_seed_spre
     from lightning_interp.callbacks import CorrelationOrderCallback
     from lightning_interp.models import MLPClassifier
     from lightning_interp.stats import mean_and_se
-    from tests.contract import _ablation_datamodule
+    from tests.contract import gaussian3_datamodule
 
     values = torch.tensor([0.0, 1.0, 1.0, 3.0, 7.0], dtype=torch.float64)
     mean, se = mean_and_se(values)
@@ -346,7 +346,7 @@ def test_order_accuracies_carry_standard_errors_that_cover_the_seed_to_seed_spre
 
     pl.seed_everything(0, verbose=False)
     model = MLPClassifier(2, 3, hidden=(16,), lr=1e-2)
-    dm = _ablation_datamodule()
+    dm = gaussian3_datamodule()
     kw: dict = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     pl.Trainer(max_epochs=3, **kw).fit(model, dm)
     runs = []

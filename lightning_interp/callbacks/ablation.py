@@ -40,7 +40,8 @@ class AblationProbeCallback(InterpretabilityCallback):
     (means over the tasks), ``ablation/<L>/polysemanticity`` (mean over informative units),
     ``ablation/<L>/max_importance``, ``ablation/<L>/informative_units`` (units with more than
     ``informative_bits`` of information for some task), ``ablation/<L>/full_accuracy`` and, for MCMC
-    runs, ``acceptance_rate`` and ``ess``; an image of unit importance (units x tasks) per layer and a
+    runs, ``acceptance_rate``, ``ess`` (the smallest effective sample size over tasks and units) and
+    ``ess_median`` (a warning fires when ``ess`` is below ``min_ess``); an image of unit importance (units x tasks) per layer and a
     table of the most informative units. The MCMC generator is seeded from ``seed`` and the step, so
     every rank (and a resumed run) draws the same chains.
 
@@ -56,6 +57,8 @@ class AblationProbeCallback(InterpretabilityCallback):
         max_batch: bound on ``masks * examples`` rows per forward pass.
         informative_bits: threshold for ``informative_units``.
         top_units: rows of the table of most informative units.
+        min_ess: warn (once per layer) when the smallest MCMC effective sample size of a unit's keep
+            indicator falls below this.
         every_n_epochs: see :class:`~lightning_interp.callbacks.base.InterpretabilityCallback` (default 5).
         every_n_steps: see the base class.
         run_on: see the base class.
@@ -96,6 +99,7 @@ class AblationProbeCallback(InterpretabilityCallback):
         max_batch: int = 65536,
         informative_bits: float = 0.05,
         top_units: int = 20,
+        min_ess: float = 100.0,
         every_n_epochs: int | None = 5,
         every_n_steps: int | None = None,
         run_on: RunOn = "train_epoch_end",
@@ -146,6 +150,8 @@ class AblationProbeCallback(InterpretabilityCallback):
         check_int("max_batch", max_batch, 1)
         check_number("informative_bits", informative_bits, 0)
         check_int("top_units", top_units, 0)
+        check_number("min_ess", min_ess, 0)
+        self.min_ess = min_ess
         self.probe_size, self.tasks, self.method = probe_size, tasks, method
         self.prior_keep, self.num_chains, self.num_steps, self.burn_in = prior_keep, num_chains, num_steps, burn_in
         self.max_batch, self.informative_bits, self.top_units = max_batch, informative_bits, top_units
@@ -231,8 +237,19 @@ class AblationProbeCallback(InterpretabilityCallback):
             scalars[f"{layer}/informative_units"] = informative.sum().double()
             scalars[f"{layer}/full_accuracy"] = r.full_accuracy.mean()
             if r.method == "mcmc":
+                ess = r.ess_per_unit  # [T, d]
                 scalars[f"{layer}/acceptance_rate"] = r.acceptance_rate.mean()  # type: ignore[union-attr]
-                scalars[f"{layer}/ess"] = r.ess.min()  # type: ignore[union-attr]
+                scalars[f"{layer}/ess"] = ess.min()  # type: ignore[union-attr]
+                scalars[f"{layer}/ess_median"] = ess.median()  # type: ignore[union-attr]
+                if float(ess.min()) < self.min_ess:  # type: ignore[union-attr]
+                    self._warn_once(
+                        f"ess-{layer}",
+                        f"AblationProbeCallback: layer {layer!r}: the MCMC effective sample size is {float(ess.min()):.0f} "
+                        f"(median over units {float(ess.median()):.0f}), below min_ess={self.min_ess:g}, with "
+                        f"{self.num_chains} chains x {self.num_steps} steps: the read-outs are noisy and the pairwise "
+                        "manifold complexity is biased upwards. Raise num_steps / num_chains (e.g. num_steps="
+                        f"{self.num_steps * 10}), or probe a layer of at most {MAX_EXACT_UNITS} units (exact enumeration).",
+                    )
         return Measurement(scalars=scalars, data={"results": results})
 
     # ------------------------------------------------------------------ figures and tables
