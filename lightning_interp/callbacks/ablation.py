@@ -41,7 +41,8 @@ class AblationProbeCallback(InterpretabilityCallback):
     ``ablation/<L>/max_importance``, ``ablation/<L>/informative_units`` (units with more than
     ``informative_bits`` of information for some task), ``ablation/<L>/full_accuracy`` and, for MCMC
     runs, ``acceptance_rate``, ``ess`` (the smallest effective sample size over tasks and units) and
-    ``ess_median`` (a warning fires when ``ess`` is below ``min_ess``); an image of unit importance (units x tasks) per layer and a
+    ``ess_median`` (a warning fires when ``ess`` is below ``min_ess``); an image of unit importance
+    (units x tasks) per layer and a
     table of the most informative units. The MCMC generator is seeded from ``seed`` and the step, so
     every rank (and a resumed run) draws the same chains.
 
