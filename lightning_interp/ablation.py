@@ -41,7 +41,7 @@ from torch.nn import functional as F
 
 from lightning_interp.hooks import as_list, get_module, same_logits, split_graph, trace_at
 
-__all__ = ["AblationResult", "BayesianAblation", "MaskedForward"]
+__all__ = ["AblationResult", "BayesianAblation", "MaskedForward", "information_bits", "informative_units"]
 
 MAX_EXACT_UNITS = 16
 #: ``method="auto"`` enumerates at least this many masks (d <= 12) exactly rather than sampling.
@@ -320,6 +320,31 @@ def information_bits(importance: Tensor, prior_keep: float = 0.5) -> Tensor:
     q = prior_keep
     kl = (torch.special.xlogy(p, p) - p * math.log(q) + torch.special.xlogy(1 - p, 1 - p) - (1 - p) * math.log(1 - q)) / _LOG2
     return kl.clamp_min(0)  # rounding can give -1e-17 for an unused unit
+
+
+def informative_units(result: AblationResult, threshold_bits: float, prior_keep: float = 0.5, z: float = 2.0) -> Tensor:
+    """Which units carry more than ``threshold_bits`` of information for some task, beyond sampling noise.
+
+    Exact runs use the information as it is. MCMC runs first move each importance ``p`` towards
+    ``prior_keep`` by ``z`` standard errors, ``sqrt(p (1 - p) / ESS)`` with that unit's effective sample
+    size, without crossing it: a unit counts only when even that lower bound is informative, so a noisy
+    estimate of an unused unit (whose information is biased upwards) does not.
+
+    Args:
+        result: an :class:`AblationResult`.
+        threshold_bits: the information a unit must exceed for some task.
+        prior_keep: the prior keep probability the information is measured against.
+        z: the number of standard errors.
+
+    Returns:
+        ``[d]`` booleans.
+    """
+    p = result.importance.to(torch.float64)
+    if result.method == "mcmc" and result.ess_per_unit is not None:
+        ess = result.ess_per_unit.to(device=p.device, dtype=torch.float64).clamp_min(1)
+        shift = z * (p * (1 - p) / ess).sqrt()
+        p = torch.where(p > prior_keep, (p - shift).clamp_min(prior_keep), (p + shift).clamp_max(prior_keep))
+    return information_bits(p, prior_keep).max(dim=0).values > threshold_bits
 
 
 def distributedness(info: Tensor) -> Tensor:

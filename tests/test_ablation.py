@@ -398,3 +398,32 @@ def test_callback_logs_ess_and_warns_on_a_short_chain() -> None:
     h = short.history[-1]
     assert 0 < h["net.1/ess"] <= h["net.1/ess_median"] <= 2 * 15  # at most chains x kept steps
     assert h["net.1/ess"] == pytest.approx(float(short.last.data["results"]["net.1"].ess.min()))
+
+
+def test_informative_units_ignore_information_within_mcmc_noise() -> None:
+    from lightning_interp.ablation import AblationResult, information_bits, informative_units
+
+    importance = torch.tensor([[0.5, 0.62, 0.95, 0.20]], dtype=torch.float64)  # [T=1, d=4]
+    info = information_bits(importance)
+    base = dict(
+        tasks=["class 0"],
+        importance=importance,
+        information_bits=info,
+        distributedness=torch.zeros(1),
+        manifold_complexity=torch.zeros(1),
+        complexity_kind="pairwise_mutual_information",
+        polysemanticity=torch.zeros(4),
+        mask_entropy_bits=torch.zeros(1),
+        full_accuracy=torch.ones(1),
+        num_evaluations=1,
+    )
+    threshold = 0.02  # KL(Bern(0.62) || Bern(0.5)) = 0.042 bits, KL(Bern(0.2) || Bern(0.5)) = 0.278 bits
+    exact = AblationResult(method="exact", **base)
+    assert informative_units(exact, threshold).tolist() == [False, True, True, True]
+    # 20 effective samples: 0.62 - 2 * 0.109 reaches 0.5, 0.20 + 2 * 0.089 = 0.38 does not; 0.95 stays informative
+    noisy = AblationResult(method="mcmc", ess_per_unit=torch.full((1, 4), 20.0), **base)
+    assert informative_units(noisy, threshold).tolist() == [False, False, True, True]
+    lower = 0.20 + 2 * (0.20 * 0.80 / 20) ** 0.5
+    assert float(information_bits(torch.tensor(lower))) > threshold
+    precise = AblationResult(method="mcmc", ess_per_unit=torch.full((1, 4), 5000.0), **base)
+    assert informative_units(precise, threshold).tolist() == [False, True, True, True]

@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_interp.ablation import MAX_EXACT_UNITS, AblationResult, BayesianAblation
+from lightning_interp.ablation import MAX_EXACT_UNITS, AblationResult, BayesianAblation, informative_units
 from lightning_interp.callbacks.base import (
     InterpretabilityCallback,
     Measurement,
@@ -39,7 +39,8 @@ class AblationProbeCallback(InterpretabilityCallback):
     Per layer ``L`` it logs ``ablation/<L>/distributedness`` and ``ablation/<L>/manifold_complexity``
     (means over the tasks), ``ablation/<L>/polysemanticity`` (mean over informative units),
     ``ablation/<L>/max_importance``, ``ablation/<L>/informative_units`` (units with more than
-    ``informative_bits`` of information for some task), ``ablation/<L>/full_accuracy`` and, for MCMC
+    ``informative_bits`` of information for some task, beyond MCMC noise:
+    :func:`~lightning_interp.ablation.informative_units`), ``ablation/<L>/full_accuracy`` and, for MCMC
     runs, ``acceptance_rate``, ``ess`` (the smallest effective sample size over tasks and units) and
     ``ess_median`` (a warning fires when ``ess`` is below ``min_ess``); an image of unit importance
     (units x tasks) per layer and a
@@ -229,7 +230,7 @@ class AblationProbeCallback(InterpretabilityCallback):
             ablation.generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
             r = ablation.fit(x, y, tasks=self.tasks)
             results[layer] = r
-            informative = r.information_bits.max(dim=0).values > self.informative_bits
+            informative = informative_units(r, self.informative_bits, self.prior_keep)
             poly = r.polysemanticity[informative & ~r.polysemanticity.isnan()]
             scalars[f"{layer}/distributedness"] = _nanmean(r.distributedness)
             scalars[f"{layer}/manifold_complexity"] = r.manifold_complexity.mean()
