@@ -550,8 +550,8 @@ class PosteriorGap(Metric):
         >>> metric = PosteriorGap()
         >>> metric.update(torch.zeros(2, 2), torch.tensor([[0.5, 0.5], [0.9, 0.1]]), target=torch.tensor([0, 0]))
         >>> out = metric.compute()
-        >>> sorted(out)[:3]
-        ['accuracy', 'accuracy_gap', 'bayes_accuracy']
+        >>> sorted(out)[:4]
+        ['accuracy', 'accuracy_gap', 'accuracy_gap_se', 'accuracy_se']
     """
 
     is_differentiable = False

@@ -79,8 +79,8 @@ class PosteriorGapCallback(InterpretabilityCallback):
         >>> trainer = pl.Trainer(max_steps=5, callbacks=[cb], logger=False, enable_checkpointing=False,
         ...                      enable_progress_bar=False, enable_model_summary=False)
         >>> trainer.fit(MLPClassifier(1, 2), SyntheticDataModule(xie_task(1), 320, 64, 64, batch_size=64))
-        >>> sorted(cb.history[-1])[:3]
-        ['accuracy', 'accuracy_gap', 'bayes_accuracy']
+        >>> sorted(cb.history[-1])[:4]
+        ['accuracy', 'accuracy_gap', 'accuracy_gap_se', 'accuracy_se']
     """
 
     prefix = "posterior_gap"
