@@ -224,7 +224,7 @@ def test_ddp_two_processes_match_single_process(case: ContractCase, tmp_path: An
     with one_thread():
         _trainer([single_cb], max_epochs=1).fit(single, case.make_datamodule(batch_size=32, shuffle=False))
 
-    ddp_cb = case.make_callback(**kw)
+    ddp_cb = case.make_callback(**kw, figure_dir=str(tmp_path / "figures"))  # something takes the figures
     pl.seed_everything(3, verbose=False)
     model = _without_dropout(case.make_model())
     trainer = _trainer(

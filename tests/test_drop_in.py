@@ -597,3 +597,20 @@ def test_clear_errors_for_wrong_probe_shapes_and_unknown_label_keys() -> None:
     cb = AblationProbeCallback(layers=["body.3"])
     with pytest.raises(ValueError, match=r"needs labelled probe data.*unpack=\('image', 'digit'\)"):
         _trainer([cb]).fit(UserCNN(), digits)
+
+
+def test_figures_are_rendered_only_when_something_takes_them(tmp_path: Any) -> None:
+    train, val = _loaders()
+
+    class Counting(CorrelationOrderCallback):
+        calls = 0
+
+        def figures(self, measurement: Any) -> dict[str, Any]:
+            type(self).calls += 1
+            return super().figures(measurement)
+
+    _trainer([Counting(layers=["body.3"], probe_size=64)], max_epochs=2).fit(UserCNN(), train, val)  # logger=False
+    assert Counting.calls == 0
+    cb = Counting(layers=["body.3"], probe_size=64, figure_dir=str(tmp_path))
+    _trainer([cb], max_epochs=2).fit(UserCNN(), train, val)
+    assert Counting.calls == len(cb.history) == 2 and len(list(tmp_path.glob("*.png"))) == 2

@@ -26,6 +26,7 @@ from lightning_interp.callbacks.base import (
     check_logits,
     check_number,
     model_device_dtype,
+    subplots,
 )
 from lightning_interp.callbacks.probe import ProbeSource, Unpack
 from lightning_interp.hooks import get_module
@@ -256,15 +257,10 @@ class AblationProbeCallback(InterpretabilityCallback):
 
     # ------------------------------------------------------------------ figures and tables
     def figures(self, measurement: Measurement) -> dict[str, Any]:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         figs = {}
         for layer, r in measurement.data["results"].items():
             imp = r.importance.double().cpu()
-            fig, ax = plt.subplots(figsize=(max(4, 0.25 * imp.shape[1] + 2), max(2.5, 0.3 * imp.shape[0] + 1.5)))
+            fig, ax = subplots(figsize=(max(4, 0.25 * imp.shape[1] + 2), max(2.5, 0.3 * imp.shape[0] + 1.5)))
             im = ax.imshow(imp, cmap="RdBu_r", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
             ax.set_yticks(range(len(r.tasks)), r.tasks, fontsize=7)
             ax.set_xlabel("unit")

@@ -72,6 +72,7 @@ __all__ = [
     "check_number",
     "isolate",
     "model_device_dtype",
+    "subplots",
 ]
 
 RunOn = Literal["train_epoch_end", "validation_epoch_end"]
@@ -177,6 +178,17 @@ def check_logits(out: Any, who: str, model: nn.Module) -> Tensor:
     return out
 
 
+def subplots(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] | None = None, **kwargs: Any) -> tuple[Any, Any]:
+    """A matplotlib ``Figure`` and its axes, made without pyplot: no backend is chosen or changed.
+
+    Arguments as :meth:`matplotlib.figure.Figure.subplots` (``squeeze``, ``sharex``, ``gridspec_kw``, ...).
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
+
+
 def _to_float(value: Tensor | float) -> float:
     return float(value.detach().cpu().item()) if isinstance(value, Tensor) else float(value)
 
@@ -196,6 +208,12 @@ def _png_to_array(png: bytes) -> Any:
     from PIL import Image
 
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def _takes_images(logger: Any) -> bool:
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    return isinstance(logger, (WandbLogger, TensorBoardLogger))
 
 
 def _first_loader(loaders: Any) -> Any:
@@ -234,7 +252,8 @@ class InterpretabilityCallback(Callback, ABC):
             never on a run resumed from a checkpoint).
         measure_at_end: also measure once at the end of training unless the last step was measured.
         seed: seed of the callback's own ``torch.Generator`` (probe sets and any sampling).
-        log_images: render figures and send them to the loggers (global rank 0 only).
+        log_images: render figures and send them to the loggers that take images (wandb, TensorBoard;
+            global rank 0 only). Nothing is rendered when no logger takes images and ``figure_dir`` is unset.
         figure_dir: also write each figure as a PNG into this folder (global rank 0 only).
         key_prefix: prefix of the logged keys instead of the class's :attr:`prefix` (to tell two
             instances apart in one run, e.g. ``"posterior_gap/preset3"``).
@@ -642,12 +661,25 @@ class InterpretabilityCallback(Callback, ABC):
             self.history.append(entry)
         self._log_scalars(trainer, scalars, step)
         if trainer.is_global_zero:
-            if self.log_images or self.figure_dir:
+            # figures cost far more than most measurements: render them only when something takes them
+            takes_images = self.log_images and any(_takes_images(logger) for logger in trainer.loggers)
+            if self.figure_dir or takes_images:
                 for key, fig in self.figures(measurement).items():
                     self._log_figure(trainer, key, fig, step)
-            for key, (columns, rows) in self.tables(measurement).items():
-                self._log_table(trainer, key, columns, rows, step)
+            elif self.log_images:
+                for logger in trainer.loggers:
+                    self._warn_no_images(logger)
+            if trainer.loggers:
+                for key, (columns, rows) in self.tables(measurement).items():
+                    self._log_table(trainer, key, columns, rows, step)
         return measurement
+
+    def _warn_no_images(self, logger: Any) -> None:
+        self._warn_once(
+            f"img-{type(logger).__name__}",
+            f"{type(self).__name__}: {type(logger).__name__} cannot take images, so figures are not logged to it"
+            " (use WandbLogger or TensorBoardLogger, or set figure_dir=... to write PNG files).",
+        )
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}/{name}"
@@ -687,11 +719,7 @@ class InterpretabilityCallback(Callback, ABC):
             elif isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image(full, _png_to_array(png), global_step=step, dataformats="HWC")
             else:
-                self._warn_once(
-                    f"img-{type(logger).__name__}",
-                    f"{type(self).__name__}: {type(logger).__name__} cannot take images, so figures are not logged to it"
-                    " (use WandbLogger or TensorBoardLogger, or set figure_dir=... to write PNG files).",
-                )
+                self._warn_no_images(logger)
 
     def _log_table(self, trainer: pl.Trainer, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
         from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger

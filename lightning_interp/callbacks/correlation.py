@@ -23,6 +23,7 @@ from lightning_interp.callbacks.base import (
     check_int,
     check_logits,
     model_device_dtype,
+    subplots,
 )
 from lightning_interp.callbacks.probe import ProbeSource, Unpack
 from lightning_interp.correlation import INPUT, ClassMoments, LayerReplacement, Quadratic, gaussian_surrogates, layer_outputs
@@ -220,13 +221,8 @@ class CorrelationOrderCallback(InterpretabilityCallback):
 
     # ------------------------------------------------------------------ figures
     def figures(self, measurement: Measurement) -> dict[str, Any]:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         accs = measurement.data["accs"]
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+        fig, (ax1, ax2) = subplots(1, 2, figsize=(10, 3.8))
         pos = torch.arange(len(accs)).float()
         for i, label in enumerate(("real", "order 2", "order 1", "order 0")):
             ax1.bar(pos + (i - 1.5) * 0.2, [v[i] for v in accs.values()], width=0.2, label=label)

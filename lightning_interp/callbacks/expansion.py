@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_interp.callbacks.base import InterpretabilityCallback, Measurement, RunOn, check_choice, check_int
+from lightning_interp.callbacks.base import InterpretabilityCallback, Measurement, RunOn, check_choice, check_int, subplots
 from lightning_interp.expansion import PottsExpansion, Target, _Evaluator, expand, one_hot_flat, zero_sum_gauge
 
 __all__ = ["LogitExpansionCallback"]
@@ -189,13 +189,8 @@ class LogitExpansionCallback(InterpretabilityCallback):
         return Measurement(scalars=scalars, data={"expansion": e, "strength": strength})
 
     def figures(self, measurement: Measurement) -> dict[str, Any]:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         s = measurement.data["strength"].double().cpu()
-        fig, ax = plt.subplots(figsize=(4.5, 4))
+        fig, ax = subplots(figsize=(4.5, 4))
         im = ax.imshow(s, cmap="viridis")
         ax.set_xlabel("site j")
         ax.set_ylabel("site i")

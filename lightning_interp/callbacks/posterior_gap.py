@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_interp.callbacks.base import InterpretabilityCallback, Measurement, RunOn, check_int, model_device_dtype
+from lightning_interp.callbacks.base import InterpretabilityCallback, Measurement, RunOn, check_int, model_device_dtype, subplots
 from lightning_interp.callbacks.probe import ProbeSource, Unpack, draw_probe
 from lightning_interp.posterior import GAP_MEASURES, GenerativeTask, PosteriorGap
 
@@ -242,11 +242,6 @@ class PosteriorGapCallback(InterpretabilityCallback):
 
     # ------------------------------------------------------------------ figures and tables
     def figures(self, measurement: Measurement) -> dict[str, Any]:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         p = self._probe
         figs: dict[str, Any] = {}
         if "grid" in p:
@@ -255,15 +250,14 @@ class PosteriorGapCallback(InterpretabilityCallback):
                 p["grid_log_posterior"].exp(),
                 measurement.data["grid_logits"].softmax(dim=1).double().cpu(),
                 p["grid_log_density"].exp(),
-                plt,
             )
         else:
             figs["reliability"] = _reliability_figure(
-                p["log_posterior"].exp(), measurement.data["logits"].softmax(dim=1).double().cpu(), plt
+                p["log_posterior"].exp(), measurement.data["logits"].softmax(dim=1).double().cpu()
             )
         gap = measurement.data["gap"]
         if "kl_by_density" in gap:
-            fig, ax = plt.subplots(figsize=(6, 3.2))
+            fig, ax = subplots(figsize=(6, 3.2))
             bins = torch.arange(len(gap["kl_by_density"]))
             for shift, k, label in ((-0.2, "kl", "KL(p||q)"), (0.2, "tv", "TV")):
                 ax.bar(
@@ -303,9 +297,11 @@ class PosteriorGapCallback(InterpretabilityCallback):
         return {"by_density": (["bin", "log_density_low", "log_density_high", "count", *means, "kl_se", "tv_se"], rows)}
 
 
-def _posterior_figure(x: Tensor, p: Tensor, q: Tensor, density: Tensor, plt: Any) -> Any:
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(6, 5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+def _posterior_figure(x: Tensor, p: Tensor, q: Tensor, density: Tensor) -> Any:
+    import matplotlib
+
+    fig, (ax, ax2) = subplots(2, 1, figsize=(6, 5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for c in range(p.shape[1]):
         color = colors[c % len(colors)]
         ax.plot(x, p[:, c], color=color, lw=2, label=f"true p(c={c}|x)")
@@ -320,8 +316,8 @@ def _posterior_figure(x: Tensor, p: Tensor, q: Tensor, density: Tensor, plt: Any
     return fig
 
 
-def _reliability_figure(p: Tensor, q: Tensor, plt: Any, max_points: int = 3000) -> Any:
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+def _reliability_figure(p: Tensor, q: Tensor, max_points: int = 3000) -> Any:
+    fig, ax = subplots(figsize=(4.5, 4.5))
     n = min(len(p), max_points)
     for c in range(p.shape[1]):
         ax.scatter(p[:n, c], q[:n, c], s=4, alpha=0.4, label=f"class {c}")

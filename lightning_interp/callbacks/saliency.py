@@ -23,6 +23,7 @@ from lightning_interp.callbacks.base import (
     check_int,
     check_logits,
     model_device_dtype,
+    subplots,
 )
 from lightning_interp.callbacks.probe import ProbeSource, Unpack
 from lightning_interp.saliency import FinalLayerSaliency
@@ -257,11 +258,6 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
 
     # ------------------------------------------------------------------ figures
     def figures(self, measurement: Measurement) -> dict[str, Any]:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         maps = measurement.data["maps"]
         x = measurement.data["inputs"].detach().float().cpu()
         n = min(len(x), 8)
@@ -271,7 +267,7 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
             return F.interpolate(m[:n, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0].cpu()
 
         disc, conf, pg = up(maps["discriminative"]), up(maps["confusing"]), up(maps["policy_gradient"])
-        fig, axes = plt.subplots(n, 4, figsize=(8, 2 * n), squeeze=False)
+        fig, axes = subplots(n, 4, figsize=(8, 2 * n), squeeze=False)
         for i in range(n):
             img = x[i]
             img = (img - img.min()) / (img.max() - img.min()).clamp_min(1e-12)
