@@ -145,6 +145,7 @@ def run_demo(
                 seed=seed,
                 figure_dir=figs(f"posterior_preset{preset}"),
                 key_prefix=f"posterior_gap/preset{preset}",
+                budget=None,  # the demo shows every measurement of its short runs
             )
             dm = dms.SyntheticDataModule(xie_task(preset), n_train, 0, 0, batch_size=64, seed=seed)
             _trainer(run_logger, out, [cb], max_steps=max_steps, limit_val_batches=0).fit(
@@ -161,7 +162,9 @@ def run_demo(
     if "saliency" in parts:
         t0 = time.perf_counter()
         pl.seed_everything(seed, verbose=False)
-        cb = cbs.FinalLayerSaliencyCallback(probe_size=8, min_size=4, every_n_epochs=1, seed=seed, figure_dir=figs("saliency"))
+        cb = cbs.FinalLayerSaliencyCallback(
+            probe_size=8, min_size=4, every_n_epochs=1, seed=seed, figure_dir=figs("saliency"), budget=None
+        )
         dm = dms.PatchImageDataModule(n_train=2048, n_val=256, seed=seed)
         _trainer(run_logger, out, [cb], max_epochs=epochs).fit(
             SmallCNN(in_channels=1, num_classes=4, channels=(8, 16), lr=1e-2), dm
@@ -175,12 +178,19 @@ def run_demo(
         if "ablation" in parts:
             xor_cbs.append(
                 cbs.AblationProbeCallback(
-                    layers=["net.1", "net.3"], probe_size=256, every_n_epochs=1, seed=seed, figure_dir=figs("ablation")
+                    layers=["net.1", "net.3"],
+                    probe_size=256,
+                    every_n_epochs=1,
+                    seed=seed,
+                    figure_dir=figs("ablation"),
+                    budget=None,
                 )
             )
         if "correlation" in parts:
             xor_cbs.append(
-                cbs.CorrelationOrderCallback(probe_size=1024, every_n_epochs=1, seed=seed, figure_dir=figs("correlation"))
+                cbs.CorrelationOrderCallback(
+                    probe_size=1024, every_n_epochs=1, seed=seed, figure_dir=figs("correlation"), budget=None
+                )
             )
         dm = dms.XORDataModule(noise=0.3, n_train=4096, n_val=1024, seed=seed)
         _trainer(run_logger, out, xor_cbs, max_epochs=epochs).fit(MLPClassifier(2, 2, hidden=(12, 12), lr=1e-2), dm)
@@ -191,7 +201,7 @@ def run_demo(
         t0 = time.perf_counter()
         pl.seed_everything(seed, verbose=False)
         cb = cbs.LogitExpansionCallback(
-            8, 4, method="sampled", num_samples=256, every_n_epochs=1, seed=seed, figure_dir=figs("expansion")
+            8, 4, method="sampled", num_samples=256, every_n_epochs=1, seed=seed, figure_dir=figs("expansion"), budget=None
         )
         dm = dms.PottsDataModule(seq_len=8, num_states=4, n_train=20000, seed=seed)
         _trainer(run_logger, out, [cb], max_epochs=epochs).fit(MLPClassifier(32, 2, hidden=(64,), lr=3e-3), dm)

@@ -10,6 +10,9 @@ import torch
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# The suite's fits last a few steps, where a 5% overhead budget would skip nearly every measurement; the
+# budget has its own tests, with explicit budgets (tests/test_budget.py).
+os.environ.setdefault("LIGHTNING_INTERP_BUDGET", "off")
 
 
 @pytest.fixture(autouse=True)

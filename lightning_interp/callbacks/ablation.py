@@ -8,6 +8,7 @@ not reproduced here).
 from __future__ import annotations
 
 import math
+import time
 import weakref
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -16,7 +17,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_interp.ablation import MAX_EXACT_UNITS, AblationResult, BayesianAblation, informative_units
+from lightning_interp.ablation import AUTO_EXACT_MASKS, MAX_EXACT_UNITS, AblationResult, BayesianAblation, informative_units
 from lightning_interp.callbacks.base import (
     InterpretabilityCallback,
     Measurement,
@@ -74,6 +75,7 @@ class AblationProbeCallback(InterpretabilityCallback):
         probe: labelled probe data instead of the trainer's; see the base class.
         unpack: how to read a batch; see the base class.
         prog_bar: scalars to show in the progress bar; see the base class.
+        budget: the share of training time its scheduled measurements may use; see the base class.
 
     Raises:
         ValueError: in ``__init__``, for an empty or non-string ``layers``, a ``tasks`` that is not
@@ -115,6 +117,7 @@ class AblationProbeCallback(InterpretabilityCallback):
         probe: ProbeSource | None = None,
         unpack: Unpack = None,
         prog_bar: Sequence[str] = (),
+        budget: float | Literal["auto"] | None = "auto",
     ) -> None:
         super().__init__(
             every_n_epochs=every_n_epochs,
@@ -129,6 +132,7 @@ class AblationProbeCallback(InterpretabilityCallback):
             probe=probe,
             unpack=unpack,
             prog_bar=prog_bar,
+            budget=budget,
         )
         self.layers = [layers] if isinstance(layers, str) else list(layers)
         if not self.layers or not all(isinstance(layer, str) and layer for layer in self.layers):
@@ -200,6 +204,43 @@ class AblationProbeCallback(InterpretabilityCallback):
                     f"method='exact' enumerates 2^d masks and needs d <= {MAX_EXACT_UNITS}, but layer {layer!r} has {d} units; "
                     "use method='mcmc' or 'auto'"
                 )
+
+    def estimate_cost(self, pl_module: nn.Module) -> float | None:
+        """Seconds of one measurement, from two short MCMC pilots per layer (1 and 3 steps: fixed + per-step cost).
+
+        ``None`` when a layer is enumerated exactly (``d <= 12`` under ``"auto"``: at most 4096 masks).
+        """
+        if self._probe is None:
+            return None
+        device, dtype = model_device_dtype(pl_module)
+        x, y = self._probe
+        x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
+        total = 0.0
+        for layer in self.layers:
+            ablation = self._ablation(pl_module, layer)
+            d = ablation.forward.num_units(ablation.forward.prepare(x[:2]))
+            masks = max(AUTO_EXACT_MASKS, self.num_chains * (self.num_steps + 1))
+            if self.method == "exact" or (self.method == "auto" and d <= MAX_EXACT_UNITS and 2**d <= masks):
+                return None
+            seconds = []
+            for steps in (1, 3):
+                pilot = BayesianAblation(
+                    pl_module,
+                    layer,
+                    method="mcmc",
+                    prior_keep=self.prior_keep,
+                    num_chains=self.num_chains,
+                    num_steps=steps,
+                    burn_in=0,
+                    max_batch=self.max_batch,
+                )
+                pilot.generator = torch.Generator().manual_seed(self.seed)
+                start = time.perf_counter()
+                pilot.fit(x, y, tasks=self.tasks)
+                seconds.append(time.perf_counter() - start)
+            per_step = max(0.0, (seconds[1] - seconds[0]) / 2)
+            total += max(0.0, seconds[0] - 2 * per_step) + per_step * (self.num_steps + 1)
+        return total
 
     def _ablation(self, module: nn.Module, layer: str) -> BayesianAblation:
         if self._model_ref is None or self._model_ref() is not module:

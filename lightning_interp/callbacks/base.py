@@ -44,6 +44,7 @@ import math
 import os
 import random
 import re
+import time
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -64,18 +65,46 @@ from lightning_interp.callbacks.probe import ProbeSource, Unpack, draw_probe
 from lightning_interp.hooks import uncompiled
 
 __all__ = [
+    "BUDGET_ENV",
+    "DEFAULT_BUDGET",
     "InterpretabilityCallback",
     "Measurement",
     "check_choice",
     "check_int",
     "check_logits",
     "check_number",
+    "default_budget",
     "isolate",
     "model_device_dtype",
     "subplots",
 ]
 
 RunOn = Literal["train_epoch_end", "validation_epoch_end"]
+
+#: The share of training wall time that all lightning-interp callbacks on a trainer may use together.
+DEFAULT_BUDGET = 0.05
+#: Environment variable overriding :data:`DEFAULT_BUDGET` for ``budget="auto"`` callbacks (a share, or ``off``).
+BUDGET_ENV = "LIGHTNING_INTERP_BUDGET"
+
+
+def default_budget() -> float | None:
+    """The total share for ``budget="auto"`` callbacks: ``LIGHTNING_INTERP_BUDGET`` if set, else 0.05.
+
+    Raises:
+        ValueError: the variable is neither ``off`` nor a number in (0, 1].
+    """
+    value = os.environ.get(BUDGET_ENV, "").strip().lower()
+    if not value:
+        return DEFAULT_BUDGET
+    if value in ("off", "none"):
+        return None
+    try:
+        share = float(value)
+    except ValueError:
+        share = math.nan
+    if not 0 < share <= 1:
+        raise ValueError(f"{BUDGET_ENV} must be 'off' or a share of training time in (0, 1], got {value!r}")
+    return share
 
 
 @dataclass
@@ -265,6 +294,13 @@ class InterpretabilityCallback(Callback, ABC):
             ``input``/``inputs``/``x``/``image``/``images``/... and ``label``/``labels``/``y``/``target``/...
             (:data:`~lightning_interp.callbacks.probe.INPUT_KEYS`, :data:`~lightning_interp.callbacks.probe.LABEL_KEYS`).
         prog_bar: names (without the prefix) of scalars to show in the progress bar.
+        budget: the share of training wall time this callback's scheduled measurements may use (figures
+            and tables included). ``"auto"``: an equal part of :data:`DEFAULT_BUDGET` (0.05, or
+            ``LIGHTNING_INTERP_BUDGET``) shared by all ``"auto"`` callbacks on the trainer; a number: this
+            callback's own share; ``None``: no limit. A cadence point whose measurement would take the
+            callback over its share is skipped (counted in ``skipped``, one warning with the numbers); the
+            cost is the last measurement's, or for the first a small pilot where the callback has one
+            (:meth:`estimate_cost`). ``trainer.validate`` and explicit :meth:`run` calls are not limited.
 
     Raises:
         ValueError: a malformed shared argument (negative cadence, unknown ``run_on``, ...).
@@ -287,8 +323,11 @@ class InterpretabilityCallback(Callback, ABC):
         probe: ProbeSource | None = None,
         unpack: Unpack = None,
         prog_bar: Sequence[str] = (),
+        budget: float | Literal["auto"] | None = "auto",
     ) -> None:
         super().__init__()
+        if budget is not None and budget != "auto":
+            check_number("budget", budget, 0, 1, open_low=True)
         for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"{name} must be None or an int >= 0, got {value!r}")
@@ -326,6 +365,10 @@ class InterpretabilityCallback(Callback, ABC):
         self.probe = probe
         self.unpack = unpack
         self.prog_bar = list(prog_bar)
+        self.budget = budget
+        self._share: float | None = None
+        self._clock = time.perf_counter()
+        self._spent, self._cost, self._skipped = 0.0, None, 0
         self.generator = torch.Generator().manual_seed(seed)
         #: One dict per measurement: ``step``, ``epoch`` and the scalars (without prefix).
         self.history: list[dict[str, float]] = []
@@ -380,6 +423,13 @@ class InterpretabilityCallback(Callback, ABC):
 
     #: Whether :meth:`validate` draws probe data from the trainer's data (else from a task or a sampler).
     needs_data: bool = True
+
+    def estimate_cost(self, pl_module: nn.Module) -> float | None:
+        """Seconds one measurement would take, from a small pilot (``None``: unknown until measured).
+
+        Called (isolated) before the first scheduled measurement when a budget is set.
+        """
+        return None
 
     # ------------------------------------------------------------------ probe data
     def probe_source(self, trainer: pl.Trainer) -> tuple[Any, str] | None:
@@ -569,6 +619,7 @@ class InterpretabilityCallback(Callback, ABC):
         if not self._active:
             return
         self.prepare(trainer, pl_module)
+        self._start_budget(trainer)
         if self.run_on == "validation_epoch_end" and self.every_n_epochs and not self._validation_runs(trainer):
             self._warn_once(
                 "no-validation",
@@ -577,7 +628,7 @@ class InterpretabilityCallback(Callback, ABC):
             )
         # a resumed run restores trained weights: a "step 0" measurement of them would be a fake start
         if self.measure_at_start and trainer.global_step == 0 and trainer.ckpt_path is None and not self.history:
-            self.run(trainer, pl_module)
+            self.scheduled_run(trainer, pl_module)
 
     @staticmethod
     def _validation_runs(trainer: pl.Trainer) -> bool:
@@ -597,14 +648,14 @@ class InterpretabilityCallback(Callback, ABC):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
         step = trainer.global_step
         if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
-            self.run(trainer, pl_module)
+            self.scheduled_run(trainer, pl_module)
 
     def _epoch_due(self, trainer: pl.Trainer) -> bool:
         return bool(self.every_n_epochs) and (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.run_on == "train_epoch_end" and self._epoch_due(trainer) and trainer.global_step != self._last_step:
-            self.run(trainer, pl_module)
+            self.scheduled_run(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._active or trainer.sanity_checking:
@@ -617,11 +668,68 @@ class InterpretabilityCallback(Callback, ABC):
             and self._epoch_due(trainer)
             and trainer.global_step != self._last_step
         ):
-            self.run(trainer, pl_module)
+            self.scheduled_run(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the budget holds at the end of training too: a final measurement it cannot afford is skipped
         if self.measure_at_end and trainer.global_step != self._last_step:
-            self.run(trainer, pl_module)
+            self.scheduled_run(trainer, pl_module)
+
+    # ------------------------------------------------------------------ the overhead budget
+    def _start_budget(self, trainer: pl.Trainer) -> None:
+        self._clock, self._spent, self._cost, self._skipped = time.perf_counter(), 0.0, None, 0
+        if self.budget is None:
+            self._share = None
+        elif self.budget == "auto":
+            total = default_budget()
+            shared = [cb for cb in trainer.callbacks if isinstance(cb, InterpretabilityCallback) and cb.budget == "auto"]
+            self._share = None if total is None else total / max(1, len(shared))
+        else:
+            self._share = float(self.budget)
+
+    @property
+    def skipped(self) -> int:
+        """Cadence points skipped by the overhead budget in the current fit."""
+        return self._skipped
+
+    @property
+    def overhead(self) -> float:
+        """Share of the training wall time (since ``on_train_start``) this callback's measurements used."""
+        elapsed = time.perf_counter() - self._clock
+        return self._spent / elapsed if elapsed > 0 else 0.0
+
+    def scheduled_run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Measurement | None:
+        """Measure at a cadence point if the budget allows it (see ``budget``); ``None`` when skipped."""
+        if self._share is None or trainer.state.fn != "fit":
+            return self.run(trainer, pl_module)
+        started = time.perf_counter()
+        estimate = self._cost
+        if estimate is None:
+            self.prepare(trainer, pl_module)
+            with isolate(pl_module):
+                estimate = self.estimate_cost(pl_module)
+            self._spent += time.perf_counter() - started  # the pilot is part of the overhead
+        elapsed = time.perf_counter() - self._clock
+        affordable = estimate is None or self._spent + estimate <= self._share * (elapsed + estimate)
+        overhead = self._spent / elapsed if elapsed > 0 else 0.0
+        if trainer.world_size > 1:  # rank 0's clock decides, so every rank measures at the same steps
+            affordable, overhead = trainer.strategy.broadcast((affordable, overhead), src=0)
+        if not affordable:
+            self._skipped += 1
+            self._warn_once(
+                "budget",
+                f"{type(self).__name__}: skipped the measurement at step {trainer.global_step}: it would take about "
+                f"{estimate:.2f} s, and this callback's share of the training time is {self._share:.1%} ({self._spent:.2f} s "
+                f"used of {elapsed:.1f} s so far). It measures again once training has run long enough. To measure "
+                "more: a larger budget (budget=0.2, or LIGHTNING_INTERP_BUDGET for all), a cheaper setting (a later "
+                "layer, a smaller probe_size, fewer MCMC steps), or budget=None for no limit.",
+            )
+            return None
+        begin = time.perf_counter()
+        measurement = self.run(trainer, pl_module, extra={"overhead": overhead, "skipped": float(self._skipped)})
+        self._cost = time.perf_counter() - begin
+        self._spent += self._cost
+        return measurement
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         # trainer.validate(ckpt_path=...) restores the weights but not the loops: remember the weights' step
@@ -643,8 +751,8 @@ class InterpretabilityCallback(Callback, ABC):
         self._last_step = state_dict.get("last_step")
 
     # ------------------------------------------------------------------ running and logging
-    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Measurement:
-        """Measure now (isolated), record the scalars in :attr:`history` and log everything."""
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, extra: dict[str, float] | None = None) -> Measurement:
+        """Measure now (isolated), record the scalars (and ``extra`` ones) in :attr:`history` and log everything."""
         step = self.measurement_step(trainer)
         #: The global step of the measurement in progress (methods may seed per-step generators from it).
         self.step = step
@@ -654,6 +762,7 @@ class InterpretabilityCallback(Callback, ABC):
         self.last = measurement
         self._last_step = step
         scalars = {k: _to_float(v) for k, v in measurement.scalars.items()}
+        scalars.update(extra or {})
         entry = {"step": float(step), "epoch": float(trainer.current_epoch), **scalars}
         if self.history and self.history[-1]["step"] == float(step):
             self.history[-1] = entry  # the same weights measured again (validate() after fit): one entry per step

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -80,6 +80,7 @@ class CorrelationOrderCallback(InterpretabilityCallback):
         probe: labelled probe data instead of the trainer's; see the base class.
         unpack: how to read a batch; see the base class.
         prog_bar: scalars to show in the progress bar; see the base class.
+        budget: the share of training time its scheduled measurements may use; see the base class.
 
     Raises:
         ValueError: in ``__init__``, for ``layers`` that are neither ``"auto"`` nor layer names,
@@ -112,6 +113,7 @@ class CorrelationOrderCallback(InterpretabilityCallback):
         probe: ProbeSource | None = None,
         unpack: Unpack = None,
         prog_bar: Sequence[str] = (),
+        budget: float | Literal["auto"] | None = "auto",
     ) -> None:
         super().__init__(
             every_n_epochs=every_n_epochs,
@@ -126,6 +128,7 @@ class CorrelationOrderCallback(InterpretabilityCallback):
             probe=probe,
             unpack=unpack,
             prog_bar=prog_bar,
+            budget=budget,
         )
         names = [layers] if isinstance(layers, str) else layers
         if not isinstance(names, Sequence) or not names or not all(isinstance(n, str) and n for n in names):

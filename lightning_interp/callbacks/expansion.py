@@ -69,6 +69,7 @@ class LogitExpansionCallback(InterpretabilityCallback):
         figure_dir: see the base class.
         key_prefix: see the base class.
         prog_bar: scalars to show in the progress bar; see the base class.
+        budget: the share of training time its scheduled measurements may use; see the base class.
 
     Raises:
         ValueError: in ``__init__``, for ``seq_len < 2``, ``num_states < 2``, an unknown ``method``,
@@ -102,6 +103,7 @@ class LogitExpansionCallback(InterpretabilityCallback):
         figure_dir: str | None = None,
         key_prefix: str | None = None,
         prog_bar: Sequence[str] = (),
+        budget: float | Literal["auto"] | None = "auto",
     ) -> None:
         super().__init__(
             every_n_epochs=every_n_epochs,
@@ -114,6 +116,7 @@ class LogitExpansionCallback(InterpretabilityCallback):
             figure_dir=figure_dir,
             key_prefix=key_prefix,
             prog_bar=prog_bar,
+            budget=budget,
         )
         check_int("seq_len", seq_len, 2)
         check_int("num_states", num_states, 2)

@@ -7,7 +7,7 @@ classification?", ICLR 2025 Blogposts Track. See :mod:`lightning_interp.posterio
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -62,6 +62,7 @@ class PosteriorGapCallback(InterpretabilityCallback):
             distribution); see the base class.
         unpack: how to read a batch of ``probe``; see the base class.
         prog_bar: scalars to show in the progress bar; see the base class.
+        budget: the share of training time its scheduled measurements may use; see the base class.
 
     Raises:
         ValueError: in ``__init__``, for ``probe_size < 2``, ``batch_size < 1``, ``num_density_bins < 0``
@@ -104,6 +105,7 @@ class PosteriorGapCallback(InterpretabilityCallback):
         probe: ProbeSource | None = None,
         unpack: Unpack = None,
         prog_bar: Sequence[str] = (),
+        budget: float | Literal["auto"] | None = "auto",
     ) -> None:
         super().__init__(
             every_n_epochs=every_n_epochs,
@@ -118,6 +120,7 @@ class PosteriorGapCallback(InterpretabilityCallback):
             probe=probe,
             unpack=unpack,
             prog_bar=prog_bar,
+            budget=budget,
         )
         if task is not None and not isinstance(task, GenerativeTask):
             raise TypeError(f"task must be a lightning_interp.posterior.GenerativeTask, got {type(task).__name__}")

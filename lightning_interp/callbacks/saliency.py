@@ -105,6 +105,7 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
             ``Dataset`` or a ``DataLoader``); see the base class.
         unpack: how to read a batch; see the base class.
         prog_bar: scalars to show in the progress bar; see the base class.
+        budget: the share of training time its scheduled measurements may use; see the base class.
 
     Raises:
         ValueError: in ``__init__``, for an unknown ``target``, ``probe_size < 1``, ``min_size < 1`` or
@@ -139,6 +140,7 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
         probe: ProbeSource | None = None,
         unpack: Unpack = None,
         prog_bar: Sequence[str] = (),
+        budget: float | Literal["auto"] | None = "auto",
     ) -> None:
         super().__init__(
             every_n_epochs=every_n_epochs,
@@ -153,6 +155,7 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
             probe=probe,
             unpack=unpack,
             prog_bar=prog_bar,
+            budget=budget,
         )
         check_choice("target", target, ("predicted", "label"))
         check_int("probe_size", probe_size, 1)
