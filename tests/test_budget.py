@@ -127,3 +127,31 @@ def test_the_default_budget_skips_what_a_short_fit_cannot_afford(monkeypatch: py
     with pytest.warns(UserWarning, match="skipped the measurement"):
         _fit([cb], steps=40)
     assert cb.history == [] and cb.skipped == 6  # steps 10, 20, 30, 40, the epoch's end and the end of training
+
+
+class _DumpSteps(pl.Callback):
+    def __init__(self, watched: Any, path: str) -> None:
+        self.watched, self.path = watched, path
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        steps = [(h["step"], h["overhead"], h["skipped"]) for h in self.watched.history]
+        torch.save(steps, f"{self.path}/rank{trainer.global_rank}.pt")
+
+
+def test_ddp_ranks_measure_at_the_same_steps(tmp_path: Any) -> None:
+    cb = SlowProbe(0.03, every_n_steps=1, budget=0.1)
+    data = TensorDataset(torch.randn(240, 4), torch.randint(0, 2, (240,)))
+    trainer = pl.Trainer(
+        max_epochs=1,
+        callbacks=[cb, _DumpSteps(cb, str(tmp_path))],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+    )
+    trainer.fit(Slow(), DataLoader(data, batch_size=4))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert ranks[0] == ranks[1] and 1 <= len(ranks[0]) < 30, "rank 0's clock decides for both ranks"
