@@ -24,6 +24,11 @@ Run (from the repository root)::
     .venv/bin/python scripts/bench_overhead.py            # two epochs per fit, about 7 minutes on 2 CPU cores
     .venv/bin/python scripts/bench_overhead.py --steps 1000
     .venv/bin/python scripts/bench_overhead.py --quick    # a smoke run
+    .venv/bin/python scripts/bench_overhead.py --only user --steps 1500   # the user-style case: 5 epochs of 300 steps
+
+The user-style setups are a CNN written here (not from ``lightning_interp.models``) on scikit-learn's real
+digits through a plain dataloader, with saliency, ablation and correlation orders at their defaults
+(overhead budget included) on the layer before the last conv block and on the last block.
 """
 
 from __future__ import annotations
@@ -41,7 +46,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.profilers import SimpleProfiler
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from lightning_interp import callbacks as cbs
@@ -56,8 +64,43 @@ CALLBACK_NAMES = set(cbs.__all__)
 IDLE: dict[str, Any] = dict(every_n_epochs=None, every_n_steps=None, measure_at_start=False, measure_at_end=False)
 
 
+class UserCNN(pl.LightningModule):
+    """A user's own CNN, written here rather than taken from lightning_interp.models: three conv blocks, GAP, fc."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+        )  # fmt: skip
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean((2, 3)))
+
+    def training_step(self, batch: Any, _: int) -> torch.Tensor:
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), 1e-3)
+
+
+def digits_loader(quick: bool) -> DataLoader:
+    """scikit-learn's real handwritten digits (8 x 8), 1500 training images in batches of 5: 300 steps an epoch."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16
+    y = torch.tensor(digits.target)
+    n = 300 if quick else 1500
+    return DataLoader(TensorDataset(x[:n], y[:n]), batch_size=5, shuffle=True)
+
+
 def setups(quick: bool) -> dict[str, tuple[Callable[[], Any], Callable[[], Any], Callable[..., list]]]:
-    """name -> (model factory, datamodule factory, callbacks factory taking extra callback keyword arguments)."""
+    """name -> (model factory, data factory, callbacks factory taking extra callback keyword arguments).
+
+    The data factory returns a datamodule, or (the user-style setups) a plain training dataloader.
+    """
     n_img = 4096 if quick else 60_000
     image_dm = PatchImageDataModule(image_size=28, grid=2, patch=5, n_train=n_img, n_val=1000, batch_size=64)
     image_dm.setup()
@@ -65,7 +108,20 @@ def setups(quick: bool) -> dict[str, tuple[Callable[[], Any], Callable[[], Any],
     gauss_dm.setup()
     potts_dm = PottsDataModule(n_train=60_000 if not quick else 8192, n_val=1000, n_test=0, batch_size=64)
     potts_dm.setup()
+    user = {
+        f"user CNN on digits, plain loader: saliency + ablation + correlation at {layer} ({where})": (
+            UserCNN,
+            lambda: digits_loader(quick),
+            lambda layer=layer, **kw: [
+                cbs.FinalLayerSaliencyCallback(**kw),
+                cbs.AblationProbeCallback(layers=[layer], **kw),
+                cbs.CorrelationOrderCallback(layers=[layer], **kw),
+            ],
+        )
+        for layer, where in (("features.3", "before the last conv block"), ("features.5", "the last conv block"))
+    }
     return {
+        **user,
         "cnn on patch images: saliency + ablation + correlation + posterior gap": (
             lambda: SmallCNN(in_channels=1, num_classes=4, channels=(8, 12)),
             lambda: image_dm,
@@ -121,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="bare / instrumented / idle rounds per setup")
     parser.add_argument("--quick", action="store_true", help="a smoke run (small data, 100 steps, 1 repeat)")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_overhead"))
+    parser.add_argument("--only", default="", help="run only the setups whose name contains this (e.g. 'user')")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.repeats = 100, 1
@@ -129,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     load_start = os.getloadavg()
     results = []
     for name, (make_model, make_dm, make_cbs) in setups(args.quick).items():
+        if args.only not in name:
+            continue
         runs: dict[str, list[tuple[float, float]]] = {"bare": [], "instrumented": [], "idle": []}
         factories = {"bare": lambda: [], "instrumented": make_cbs, "idle": lambda make_cbs=make_cbs: make_cbs(**IDLE)}
         order = list(runs)

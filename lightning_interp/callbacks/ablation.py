@@ -206,7 +206,10 @@ class AblationProbeCallback(InterpretabilityCallback):
                 )
 
     def estimate_cost(self, pl_module: nn.Module) -> float | None:
-        """Seconds of one measurement, from two short MCMC pilots per layer (1 and 3 steps: fixed + per-step cost).
+        """Seconds of one measurement, from two short one-chain MCMC pilots per layer.
+
+        The pilots run 1 and 3 steps: their difference is the cost of a step of one chain (scaled by
+        ``num_chains``), the rest the fixed cost.
 
         ``None`` when a layer is enumerated exactly (``d <= 12`` under ``"auto"``: at most 4096 masks).
         """
@@ -229,7 +232,7 @@ class AblationProbeCallback(InterpretabilityCallback):
                     layer,
                     method="mcmc",
                     prior_keep=self.prior_keep,
-                    num_chains=self.num_chains,
+                    num_chains=1,
                     num_steps=steps,
                     burn_in=0,
                     max_batch=self.max_batch,
@@ -238,8 +241,8 @@ class AblationProbeCallback(InterpretabilityCallback):
                 start = time.perf_counter()
                 pilot.fit(x, y, tasks=self.tasks)
                 seconds.append(time.perf_counter() - start)
-            per_step = max(0.0, (seconds[1] - seconds[0]) / 2)
-            total += max(0.0, seconds[0] - 2 * per_step) + per_step * (self.num_steps + 1)
+            per_step = max(0.0, (seconds[1] - seconds[0]) / 2)  # one chain
+            total += max(0.0, seconds[0] - 2 * per_step) + per_step * self.num_chains * (self.num_steps + 1)
         return total
 
     def _ablation(self, module: nn.Module, layer: str) -> BayesianAblation:
