@@ -552,6 +552,7 @@ class InterpretabilityCallback(Callback, ABC):
         self._active = stage in ("fit", "validate")
         self._prepared_for = None
         self._restored_step = None
+        self._prep_seconds = 0.0
         if stage == "fit":
             # a callback reused for another fit starts a new history (a resumed fit restores its own after this)
             self.history, self.last, self._last_step = [], None, None
@@ -600,11 +601,14 @@ class InterpretabilityCallback(Callback, ABC):
         """Run :meth:`validate` on ``pl_module`` (isolated) unless it already ran on this module in this stage."""
         if self.prepared(pl_module):
             return
+        start = time.perf_counter()
         try:
             with isolate(pl_module):
                 self.validate(trainer, pl_module)
         finally:
             self.__dict__.pop("_found", None)
+            # checks and probe draws are overhead too: the budget counts them
+            self._prep_seconds = self.__dict__.get("_prep_seconds", 0.0) + time.perf_counter() - start
         self._prepared_for = weakref.ref(pl_module)
 
     def _data_ready(self, trainer: pl.Trainer) -> bool:
@@ -677,7 +681,9 @@ class InterpretabilityCallback(Callback, ABC):
 
     # ------------------------------------------------------------------ the overhead budget
     def _start_budget(self, trainer: pl.Trainer) -> None:
-        self._clock, self._spent, self._cost, self._skipped = time.perf_counter(), 0.0, None, 0
+        # the checks and probe draw of this fit (at on_fit_start / on_train_start) count as spent
+        spent, self._prep_seconds = self.__dict__.get("_prep_seconds", 0.0), 0.0
+        self._clock, self._spent, self._cost, self._skipped = time.perf_counter() - spent, spent, None, 0
         if self.budget is None:
             self._share = None
         elif self.budget == "auto":
