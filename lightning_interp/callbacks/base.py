@@ -245,6 +245,19 @@ def _takes_images(logger: Any) -> bool:
     return isinstance(logger, (WandbLogger, TensorBoardLogger))
 
 
+def _setup_validation_data(trainer: pl.Trainer) -> None:
+    """Attach the validation loaders given to ``fit()`` now rather than when the loop starts.
+
+    Setting up validation data creates no iterator and draws no random numbers (the sanity check does the
+    same); without validation data Lightning skips the loop, and so does this.
+    """
+    if trainer.val_dataloaders is None:
+        try:
+            trainer.fit_loop.epoch_loop.val_loop.setup_data()
+        except MisconfigurationException:
+            pass
+
+
 def _first_loader(loaders: Any) -> Any:
     """The first dataloader of what ``trainer.val_dataloaders`` / ``train_dataloader`` hold (one, a list, a dict)."""
     if isinstance(loaders, dict):
@@ -452,13 +465,8 @@ class InterpretabilityCallback(Callback, ABC):
                 if loader is not None and _has_items(loader):
                     self._found = (loader, f"{type(dm).__name__}.{method}()")
                     return self._found
-        if trainer.state.fn == "fit" and trainer.val_dataloaders is None:
-            # the loaders given to fit() are attached when the loops start; setting up the validation
-            # data early creates no iterator and draws no random numbers (the sanity check does the same)
-            try:
-                trainer.fit_loop.epoch_loop.val_loop.setup_data()
-            except MisconfigurationException:  # no validation data: Lightning skips the loop
-                pass
+        if trainer.state.fn == "fit":
+            _setup_validation_data(trainer)
         for loaders, where in (
             (trainer.val_dataloaders, "the validation dataloader"),
             (trainer.train_dataloader, "the training dataloader"),
@@ -638,11 +646,7 @@ class InterpretabilityCallback(Callback, ABC):
     def _validation_runs(trainer: pl.Trainer) -> bool:
         if trainer.limit_val_batches == 0:
             return False
-        if trainer.val_dataloaders is None:
-            try:  # as in probe_source: no iterator, no random numbers
-                trainer.fit_loop.epoch_loop.val_loop.setup_data()
-            except MisconfigurationException:
-                return False
+        _setup_validation_data(trainer)
         return trainer.val_dataloaders is not None
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

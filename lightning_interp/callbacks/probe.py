@@ -152,14 +152,18 @@ def _is_pair(source: Any) -> bool:
     return len(source) == 2 and source[1].ndim == 1 and source[0].ndim > 1 and len(source[0]) == len(source[1])
 
 
-def _peek_labels(element: Any, unpack: Unpack) -> Tensor | None:
-    """The labels of one element of an iterable read as a batch (``None`` when it has none or cannot be read)."""
+def _is_batch(element: Any, unpack: Unpack) -> bool:
+    """Whether one element of a dataset or iterable is a ready-made batch: its labels read as a vector ``[B]``.
+
+    A single item's label is a scalar, which reads as no label.
+    """
     if unpack is None and not isinstance(element, (Mapping, tuple, list)):
-        return None
+        return False
     try:
-        return unpack_batch(element, unpack)[1]
+        labels = unpack_batch(element, unpack)[1]
     except (TypeError, KeyError, IndexError):
-        return None
+        return False
+    return labels is not None and labels.ndim == 1
 
 
 def _concat(parts: list[tuple[Tensor, Tensor | None]], size: int) -> tuple[Tensor, Tensor | None]:
@@ -218,8 +222,7 @@ def draw_probe(source: ProbeSource, size: int, generator: torch.Generator, unpac
         dataset, collate = source, default_collate
     if isinstance(source, DataLoader) and not batched and _is_map_style(dataset) and len(dataset):
         # DataLoader(batch_size=None) over a dataset of ready-made batches: read it batch by batch below
-        labels = _peek_labels(dataset[0], unpack)
-        batched = labels is not None and labels.ndim == 1
+        batched = _is_batch(dataset[0], unpack)
         if batched:
             dataset = None
     if _is_map_style(dataset):
@@ -242,10 +245,8 @@ def draw_probe(source: ProbeSource, size: int, generator: torch.Generator, unpac
     count, items = 0, []
     for element in source:
         if not batched and not parts and not items:
-            # an iterable may yield ready-made batches (e.g. DataLoader(stream, batch_size=None)): a
-            # batch's labels are a vector, an item's a scalar
-            labels = _peek_labels(element, unpack)
-            batched = labels is not None and labels.ndim == 1
+            # an iterable may yield ready-made batches (e.g. DataLoader(stream, batch_size=None))
+            batched = _is_batch(element, unpack)
         if batched:
             part = unpack_batch(element, unpack)
             parts.append(part)
