@@ -21,7 +21,12 @@ MCMC the sum of pairwise mutual informations, and named so); ``polysemanticity_i
 sum_t info_i^t))`` over the class tasks (1 = monosemantic).
 
 Inference is exact enumeration of all ``2^d`` masks (``d <= 16``) or parallel Metropolis chains of
-single-unit flips. Many masks are evaluated in one forward pass (the mask index folded into the batch),
+single-unit flips. MCMC read-outs are Rao-Blackwellised: each step that proposes flipping unit ``j``
+knows ``P(m_j = 1 | m_-j)`` exactly, and importances and pairwise joints average those conditionals
+instead of 0/1 samples; the pairwise information is jackknife bias-corrected over the chains (the
+plug-in information of every pair is biased upwards by ``O(1/samples)``, and ``d(d-1)/2`` pairs add up).
+Error bars: jackknife over chains (MCMC), bootstrap over probe examples (exact).
+Many masks are evaluated in one forward pass (the mask index folded into the batch),
 and where the model can be split at the layer with ``torch.fx`` the part before it runs once per probe
 batch. The module is pure torch: it never imports Lightning.
 """
@@ -40,13 +45,24 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_interp.hooks import as_list, get_module, same_logits, split_graph, trace_at
+from lightning_interp.stats import replicate_standard_error as replicate_se
 
-__all__ = ["AblationResult", "BayesianAblation", "MaskedForward", "information_bits", "informative_units"]
+__all__ = [
+    "AblationResult",
+    "BayesianAblation",
+    "MaskedForward",
+    "information_bits",
+    "informative_units",
+    "pairwise_information_bits",
+    "summarize",
+]
 
 MAX_EXACT_UNITS = 16
 #: ``method="auto"`` enumerates at least this many masks (d <= 12) exactly rather than sampling.
 AUTO_EXACT_MASKS = 4096
 _MAX_ELEMENTS = 4_000_000
+#: bound on the elements of the MCMC pairwise joint accumulators (per chain when they fit, else pooled)
+_MAX_JOINT_ELEMENTS = 16_000_000
 _LOG2 = math.log(2.0)
 
 
@@ -288,6 +304,16 @@ class AblationResult:
         ess: effective sample size per task, the minimum over units (MCMC).
         ess_per_unit: effective sample size of every unit's keep indicator per task ``[T, d]`` (MCMC).
         split: whether the part before the layer was computed once (``torch.fx`` split).
+        replicate_kind: how the error bars were made: ``"jackknife"`` (MCMC: leave one chain out; the
+            Monte-Carlo error for this probe set), ``"bootstrap"`` (exact: probe examples resampled; the
+            error from the finite probe set), or ``""`` (none: one chain, or ``num_bootstrap=0``).
+        replicate_importance: the importance of every jackknife / bootstrap replicate ``[R, T, d]``.
+        replicate_complexity: the manifold complexity of every replicate ``[R, T]``.
+        importance_se: standard error of ``importance`` ``[T, d]`` (``None`` without replicates).
+        information_se: standard error of ``information_bits`` ``[T, d]``.
+        distributedness_se: standard error of ``distributedness`` ``[T]``.
+        manifold_complexity_se: standard error of ``manifold_complexity`` ``[T]``.
+        polysemanticity_se: standard error of ``polysemanticity`` ``[d]``.
     """
 
     tasks: list[str]
@@ -307,6 +333,14 @@ class AblationResult:
     ess: Tensor | None = None
     ess_per_unit: Tensor | None = None
     split: bool = False
+    replicate_kind: str = ""
+    replicate_importance: Tensor | None = None
+    replicate_complexity: Tensor | None = None
+    importance_se: Tensor | None = None
+    information_se: Tensor | None = None
+    distributedness_se: Tensor | None = None
+    manifold_complexity_se: Tensor | None = None
+    polysemanticity_se: Tensor | None = None
 
 
 def _binary_entropy_bits(p: Tensor) -> Tensor:
@@ -326,9 +360,10 @@ def informative_units(result: AblationResult, threshold_bits: float, prior_keep:
     """Which units carry more than ``threshold_bits`` of information for some task, beyond sampling noise.
 
     Exact runs use the information as it is. MCMC runs first move each importance ``p`` towards
-    ``prior_keep`` by ``z`` standard errors, ``sqrt(p (1 - p) / ESS)`` with that unit's effective sample
-    size, without crossing it: a unit counts only when even that lower bound is informative, so a noisy
-    estimate of an unused unit (whose information is biased upwards) does not.
+    ``prior_keep`` by ``z`` standard errors without crossing it: a unit counts only when even that bound is
+    informative, so a noisy estimate of an unused unit (whose information is biased upwards) does not. The
+    standard error is ``result.importance_se`` (jackknife over chains), or ``sqrt(p (1 - p) / ESS)`` with
+    the unit's effective sample size when there is none.
 
     Args:
         result: an :class:`AblationResult`.
@@ -340,9 +375,14 @@ def informative_units(result: AblationResult, threshold_bits: float, prior_keep:
         ``[d]`` booleans.
     """
     p = result.importance.to(torch.float64)
-    if result.method == "mcmc" and result.ess_per_unit is not None:
-        ess = result.ess_per_unit.to(device=p.device, dtype=torch.float64).clamp_min(1)
-        shift = z * (p * (1 - p) / ess).sqrt()
+    if result.method == "mcmc":
+        if result.importance_se is not None and not result.importance_se.isnan().any():
+            se = result.importance_se.to(device=p.device, dtype=torch.float64)
+        elif result.ess_per_unit is not None:
+            se = (p * (1 - p) / result.ess_per_unit.to(device=p.device, dtype=torch.float64).clamp_min(1)).sqrt()
+        else:
+            se = torch.zeros_like(p)
+        shift = z * se
         p = torch.where(p > prior_keep, (p - shift).clamp_min(prior_keep), (p + shift).clamp_max(prior_keep))
     return information_bits(p, prior_keep).max(dim=0).values > threshold_bits
 
@@ -362,6 +402,38 @@ def polysemanticity(info: Tensor) -> Tensor:
     w = info / total
     h = -torch.special.xlogy(w, w).sum(dim=0)
     return torch.where(total[0] > 0, h.exp(), torch.full_like(h, math.nan))
+
+
+def pairwise_information_bits(importance: Tensor, joint: Tensor, cap: Tensor | None = None, reduce: bool = True) -> Tensor:
+    """``sum_{i<j} I(m_i; m_j)`` in bits from marginals ``P(m_i = 1)`` ``[..., d]`` and joints ``[..., d, d]``.
+
+    ``joint[..., i, j] = P(m_i = 1, m_j = 1)``.
+
+    The joint is first clipped to the range the marginals allow (estimated separately, they may disagree);
+    each pair's information is then capped by ``cap`` ``[..., d, d]`` where given (an upper bound known
+    with less noise, e.g. ``min(I(m_i; m_-i), I(m_j; m_-j))``). ``reduce=False`` returns the matrix
+    ``I(m_i; m_j)`` ``[..., d, d]`` (diagonal included) instead of the sum.
+
+    Example:
+        >>> p = torch.tensor([0.5, 0.5], dtype=torch.float64)
+        >>> float(pairwise_information_bits(p, torch.tensor([[0.5, 0.5], [0.5, 0.5]], dtype=torch.float64)))  # m_1 = m_2
+        1.0
+    """
+    pi, pj = importance[..., :, None], importance[..., None, :]
+    j11 = torch.maximum(torch.minimum(joint, torch.minimum(pi, pj)), (pi + pj - 1).clamp_min(0))
+    cells = [
+        (j11, pi * pj),
+        (pi - j11, pi * (1 - pj)),
+        (pj - j11, (1 - pi) * pj),
+        (1 - pi - pj + j11, (1 - pi) * (1 - pj)),
+    ]
+    mi = sum(
+        torch.where(j > 0, j * (j.clamp_min(1e-300).log() - m.clamp_min(1e-300).log()), torch.zeros_like(j)) for j, m in cells
+    )
+    mi = mi / _LOG2  # type: ignore[operator]
+    if cap is not None:
+        mi = torch.minimum(mi, cap)
+    return torch.triu(mi, diagonal=1).sum(dim=(-2, -1)) if reduce else mi
 
 
 def _all_masks(d: int, device: torch.device) -> Tensor:
@@ -386,6 +458,58 @@ def _ess(traces: Tensor) -> Tensor:
     return ess
 
 
+def summarize(result: AblationResult, informative_bits: float, prior_keep: float = 0.5) -> dict[str, tuple[Tensor, Tensor]]:
+    """One-number read-outs of a run, each with its standard error (NaN without replicates).
+
+    ``distributedness`` (mean over tasks with information), ``manifold_complexity`` (mean over tasks),
+    ``polysemanticity`` (mean over the :func:`informative_units`), ``max_importance``,
+    ``informative_units`` (their count; its SE from the replicates' counts of units above
+    ``informative_bits``) and ``full_accuracy`` (no SE: it is not estimated by the inference). The SE of
+    each is the spread of the same read-out over the jackknife / bootstrap replicates.
+
+    Args:
+        result: an :class:`AblationResult`.
+        informative_bits: the threshold of :func:`informative_units`.
+        prior_keep: the prior keep probability of the run.
+
+    Returns:
+        ``{name: (value, se)}`` of 0-d float64 tensors.
+    """
+    informative = informative_units(result, informative_bits, prior_keep)
+
+    def nanmean(t: Tensor) -> Tensor:
+        keep = t[~t.isnan()]
+        return keep.mean() if keep.numel() else torch.tensor(math.nan, dtype=torch.float64, device=t.device)
+
+    def reads(importance: Tensor, complexity: Tensor) -> dict[str, Tensor]:
+        info = information_bits(importance, prior_keep)
+        class_rows = [i for i, n in enumerate(result.tasks) if n != "all"]
+        poly = polysemanticity(info[class_rows]) if class_rows else torch.full_like(info[0], math.nan)
+        return {
+            "distributedness": nanmean(distributedness(info)),
+            "manifold_complexity": complexity.mean(),
+            "polysemanticity": nanmean(poly[informative]),
+            "max_importance": importance.max(),
+            "informative_units": (info.max(dim=0).values > informative_bits).sum().double(),
+        }
+
+    point = reads(result.importance.double(), result.manifold_complexity.double())
+    point["informative_units"] = informative.sum().double()
+    out = {}
+    reps = result.replicate_importance
+    for name, value in point.items():
+        se = torch.tensor(math.nan, dtype=torch.float64, device=value.device)
+        if reps is not None:
+            complexity = result.replicate_complexity
+            rep_complexity = complexity.double() if complexity is not None else result.manifold_complexity.expand(len(reps), -1)
+            values = torch.stack([reads(reps[r].double(), rep_complexity[r])[name] for r in range(reps.shape[0])])
+            se = replicate_se(values, result.replicate_kind)
+        out[name] = (value.double(), se)
+    acc = result.full_accuracy.double().mean()
+    out["full_accuracy"] = (acc, torch.tensor(math.nan, dtype=torch.float64, device=acc.device))
+    return out
+
+
 class BayesianAblation:
     """Infer the distribution over ablation masks of a layer given that a task is still done correctly.
 
@@ -403,6 +527,10 @@ class BayesianAblation:
         max_batch: bound on ``masks * examples`` rows per forward pass (memory).
         top_k: masks kept per task in exact runs.
         split: split the model at the layer with ``torch.fx`` where possible.
+        num_bootstrap: exact runs: probe resamples for the error bars (0: none).
+
+    Error bars: MCMC read-outs come with jackknife standard errors over the chains (the Monte-Carlo error
+    for this probe set); exact ones with bootstrap standard errors over the probe examples.
 
     Raises:
         ValueError: an unknown layer, an unknown method, ``prior_keep`` outside ``(0, 1)``.
@@ -429,6 +557,7 @@ class BayesianAblation:
         max_batch: int = 65536,
         top_k: int = 10,
         split: bool = True,
+        num_bootstrap: int = 20,
     ) -> None:
         if method not in ("auto", "exact", "mcmc"):
             raise ValueError(f"method must be 'auto', 'exact' or 'mcmc', got {method!r}")
@@ -440,7 +569,9 @@ class BayesianAblation:
         self.model, self.layer, self.method = model, layer, method
         self.prior_keep, self.num_chains, self.num_steps, self.burn_in = prior_keep, num_chains, num_steps, burn_in
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
-        self.max_batch, self.top_k = max_batch, top_k
+        if num_bootstrap < 0:
+            raise ValueError(f"num_bootstrap must be >= 0, got {num_bootstrap}")
+        self.max_batch, self.top_k, self.num_bootstrap = max_batch, top_k, num_bootstrap
         self.forward = MaskedForward(model, layer, max_batch=max_batch, split=split)
 
     # ------------------------------------------------------------------ data
@@ -527,13 +658,6 @@ class BayesianAblation:
         member_f = member.to(torch.float64)
         n_t = member_f.sum(dim=0)
 
-        def log_odds(masks: Tensor) -> Tensor:
-            """``log O_t(m)`` ``[M, T]`` of every mask for every task."""
-            correct = (self.forward.predictions(prepared, masks) == y[None, :]).to(torch.float64)
-            k = correct @ member_f
-            p = (k + 1) / (n_t + 2)
-            return torch.log(p) - torch.log1p(-p)
-
         # MCMC scores a chain's mask on its own task only, so each task's chains see only its examples
         rows = [torch.nonzero(member[:, t]).flatten() for t in range(member.shape[1])]
         task_prepared = [[v[r] for v in prepared] for r in rows]
@@ -551,17 +675,30 @@ class BayesianAblation:
 
         full_acc = ((full[0] == y).to(torch.float64) @ member_f + 1) / (n_t + 2)
         if method == "exact":
-            result = self._exact(log_odds, d, device)
+            correct = (self.forward.predictions(prepared, _all_masks(d, device)) == y[None, :]).to(torch.float64)
+            result = self._exact(correct, member_f, d, device)
         else:
             result = self._mcmc(own_log_odds, d, len(names), device)
         result.tasks = names
         result.full_accuracy = full_acc
         result.split = self.forward.is_split
         class_rows = [i for i, n in enumerate(names) if n != "all"]
-        info = result.information_bits
-        result.polysemanticity = (
-            polysemanticity(info[class_rows]) if class_rows else torch.full((d,), math.nan, dtype=info.dtype, device=info.device)
-        )
+
+        def poly(info: Tensor) -> Tensor:
+            if class_rows:
+                return polysemanticity(info[class_rows])
+            return torch.full((d,), math.nan, dtype=info.dtype, device=info.device)
+
+        result.polysemanticity = poly(result.information_bits)
+        if result.replicate_importance is not None:
+            reps = result.replicate_importance
+            rep_info = information_bits(reps, self.prior_keep)
+            result.importance_se = replicate_se(reps, result.replicate_kind)
+            result.information_se = replicate_se(rep_info, result.replicate_kind)
+            result.distributedness_se = replicate_se(distributedness(rep_info), result.replicate_kind)
+            result.polysemanticity_se = replicate_se(torch.stack([poly(i) for i in rep_info]), result.replicate_kind)
+            if result.replicate_complexity is not None:
+                result.manifold_complexity_se = replicate_se(result.replicate_complexity, result.replicate_kind)
         return result
 
     def _num_classes(self, prepared: list[Tensor]) -> int:
@@ -573,17 +710,39 @@ class BayesianAblation:
         k = masks.to(torch.float64).sum(dim=-1)
         return k * math.log(self.prior_keep) + (masks.shape[-1] - k) * math.log(1 - self.prior_keep)
 
-    def _exact(self, log_odds, d: int, device: torch.device) -> AblationResult:  # type: ignore[no-untyped-def]
+    def _posterior(self, k: Tensor, n_t: Tensor, masks: Tensor) -> Tensor:
+        """Log posterior ``[M, ...]`` of every mask from correct counts ``k`` ``[M, ...]`` out of ``n_t``."""
+        p = (k + 1) / (n_t + 2)
+        logp = torch.log(p) - torch.log1p(-p) + self._log_prior(masks).reshape(-1, *([1] * (k.ndim - 1)))
+        return logp - torch.logsumexp(logp, dim=0, keepdim=True)
+
+    def _exact(self, correct: Tensor, member: Tensor, d: int, device: torch.device) -> AblationResult:
+        """Enumerate all masks; error bars from a bootstrap over the probe examples.
+
+        Args:
+            correct: ``[M, N]`` whether each mask classifies each probe example correctly (float64).
+            member: ``[N, T]`` task membership (float64).
+        """
         masks = _all_masks(d, device)
-        lo = log_odds(masks)  # [M, T]
-        logp = lo + self._log_prior(masks)[:, None]
-        logp = logp - torch.logsumexp(logp, dim=0, keepdim=True)
-        p = logp.exp()  # [M, T]
-        importance = (p.T @ masks.to(torch.float64)).clamp(0, 1)  # [T, d]
+        masks_f = masks.to(torch.float64)
+        logp = self._posterior(correct @ member, member.sum(dim=0), masks)  # [M, T]
+        p = logp.exp()
+        importance = (p.T @ masks_f).clamp(0, 1)  # [T, d]
         h_m = -(p * logp).sum(dim=0) / _LOG2
         tc = _binary_entropy_bits(importance).sum(dim=1) - h_m
         info = information_bits(importance, self.prior_keep)
         top = p.topk(min(self.top_k, p.shape[0]), dim=0)
+        rep_importance, rep_tc = [], []
+        n = correct.shape[1]
+        for _ in range(self.num_bootstrap):
+            draw = torch.randint(0, n, (n,), generator=self.generator).to(device)
+            weights = torch.bincount(draw, minlength=n).to(torch.float64)
+            w_member = member * weights[:, None]
+            lp = self._posterior(correct @ w_member, w_member.sum(dim=0), masks)
+            pb = lp.exp()
+            imp_b = (pb.T @ masks_f).clamp(0, 1)
+            rep_importance.append(imp_b)
+            rep_tc.append(_binary_entropy_bits(imp_b).sum(dim=1) + (pb * lp).sum(dim=0) / _LOG2)
         return AblationResult(
             tasks=[],
             importance=importance,
@@ -598,6 +757,9 @@ class BayesianAblation:
             num_evaluations=masks.shape[0],
             top_masks=[masks[top.indices[:, t]] for t in range(p.shape[1])],
             top_probs=[top.values[:, t] for t in range(p.shape[1])],
+            replicate_kind="bootstrap" if rep_importance else "",
+            replicate_importance=torch.stack(rep_importance) if rep_importance else None,
+            replicate_complexity=torch.stack(rep_tc).clamp_min(0) if rep_tc else None,
         )
 
     def _mcmc(self, own_log_odds, d: int, num_tasks: int, device: torch.device) -> AblationResult:  # type: ignore[no-untyped-def]
@@ -612,12 +774,38 @@ class BayesianAblation:
         kept = self.num_steps - self.burn_in
         traces = torch.zeros(num_tasks, c, kept, d, dtype=torch.bool, device=device)
         accepted = torch.zeros(num_tasks, dtype=torch.float64, device=device)
+        # Rao-Blackwellisation: a step that proposes flipping unit j has the scores of both values of m_j given
+        # the rest, hence P(m_j = 1 | m_-j) exactly. The proposed unit is drawn independently of the state, so
+        # its average over the steps proposing j estimates P(m_j = 1), and that of m_i P(m_j = 1 | m_-j) the
+        # joint P(m_i = 1, m_j = 1), with far less noise than the 0/1 samples (an unused unit gets exactly
+        # prior_keep). Sums are kept per chain for the jackknife.
+        cond_sum = torch.zeros(num_tasks, c, d, dtype=torch.float64, device=device)
+        cond_cnt = torch.zeros(num_tasks, c, d, dtype=torch.float64, device=device)
+        cond_entropy = torch.zeros(num_tasks, c, d, dtype=torch.float64, device=device)
+        per_chain_joint = num_tasks * c * d * d <= _MAX_JOINT_ELEMENTS
+        joint = None
+        if num_tasks * d * d <= _MAX_JOINT_ELEMENTS:
+            joint = torch.zeros(num_tasks, c if per_chain_joint else 1, d, d, dtype=torch.float64, device=device)
         for step in range(self.num_steps):
             flip = torch.randint(0, d, (num_tasks, c), generator=g).to(device)
+            was = state.gather(2, flip[..., None])
             proposal = state.clone()
-            proposal.scatter_(2, flip[..., None], ~state.gather(2, flip[..., None]))
+            proposal.scatter_(2, flip[..., None], ~was)
             new = score(proposal)
             u = torch.rand(num_tasks, c, generator=g, dtype=torch.float64).to(device)
+            if step >= self.burn_in:
+                sign = was[..., 0].to(torch.float64) * 2 - 1  # +1 where the current state keeps unit j
+                cond = torch.sigmoid((current - new) * sign)  # P(m_j = 1 | m_-j)   [T, C]
+                cond_sum.scatter_add_(2, flip[..., None], cond[..., None])
+                cond_cnt.scatter_add_(2, flip[..., None], torch.ones_like(cond)[..., None])
+                cond_entropy.scatter_add_(2, flip[..., None], _binary_entropy_bits(cond)[..., None])
+                if joint is not None:
+                    rows = (state.to(torch.float64) * cond[..., None])[:, :, None, :]  # [T, C, 1, d]
+                    if per_chain_joint:
+                        joint.scatter_add_(2, flip[:, :, None, None].expand(num_tasks, c, 1, d), rows)
+                    else:
+                        for chain in range(c):
+                            joint[:, 0].scatter_add_(1, flip[:, chain, None, None].expand(num_tasks, 1, d), rows[:, chain])
             accept = u.log() < (new - current)
             state = torch.where(accept[..., None], proposal, state)
             current = torch.where(accept, new, current)
@@ -625,20 +813,52 @@ class BayesianAblation:
                 traces[:, :, step - self.burn_in] = state
                 accepted += accept.to(torch.float64).sum(dim=1)
         samples = traces.to(torch.float64)  # [T, C, S, d]
-        importance = samples.mean(dim=(1, 2))
-        flat = samples.reshape(num_tasks, -1, d)
-        joint11 = torch.einsum("tsi,tsj->tij", flat, flat) / flat.shape[1]
-        pi, pj = importance[:, :, None], importance[:, None, :]
-        cells = [
-            (joint11, pi * pj),
-            (pi - joint11, pi * (1 - pj)),
-            (pj - joint11, (1 - pi) * pj),
-            (1 - pi - pj + joint11, (1 - pi) * (1 - pj)),
-        ]
-        mi = sum(
-            torch.where(j > 0, j * (j.clamp_min(1e-300).log() - m.clamp_min(1e-300).log()), torch.zeros_like(j)) for j, m in cells
-        )
-        pairwise = torch.triu(mi / _LOG2, diagonal=1).sum(dim=(1, 2))  # type: ignore[union-attr]
+        raw_sum = samples.sum(dim=2)  # [T, C, d]
+
+        def readouts(
+            cs: Tensor, cc: Tensor, ch: Tensor, raw: Tensor, count: float, jt: Tensor | None
+        ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+            """Importance ``[T, d]``, pairwise information ``[T, d, d]`` and its cap from sums over some chains."""
+            imp = torch.where(cc > 0, cs / cc.clamp_min(1), raw / count).clamp(0, 1)
+            if jt is None:
+                return imp, None, None
+            rows = jt / cc.clamp_min(1)[..., None]  # row j: E[m_i P(m_j = 1 | m_-j)]
+            mi = pairwise_information_bits(imp, (rows + rows.transpose(1, 2)) / 2, reduce=False)
+            # I(m_i; m_j) <= I(m_j; m_-j) = H(m_j) - E[H(m_j | m_-j)], which the conditionals give with little
+            # noise (exactly 0 for a unit no task uses)
+            h = _binary_entropy_bits(imp)
+            dependence = (h - torch.where(cc > 0, ch / cc.clamp_min(1), h)).clamp_min(0)
+            return imp, mi, torch.minimum(dependence[:, :, None], dependence[:, None, :])
+
+        def total(mi: Tensor | None, cap: Tensor) -> Tensor:
+            if mi is None:
+                return torch.full((num_tasks,), math.nan, dtype=torch.float64, device=device)
+            return torch.triu(torch.where(cap > 0, mi, torch.zeros_like(mi)), diagonal=1).sum(dim=(-2, -1))
+
+        pooled = joint.sum(dim=1) if joint is not None else None
+        all_sums = [t.sum(1) for t in (cond_sum, cond_cnt, cond_entropy, raw_sum)]
+        importance, mi_all, cap = readouts(*all_sums, c * kept, pooled)
+        rep_importance, rep_pairwise = [], []
+        mi_loo_sum = torch.zeros_like(mi_all) if mi_all is not None and per_chain_joint else None
+        if c >= 2:
+            for chain in range(c):  # leave one chain out
+                rest = [i for i in range(c) if i != chain]
+                jt = joint[:, rest].sum(dim=1) if joint is not None and per_chain_joint else None
+                sums = [t[:, rest].sum(1) for t in (cond_sum, cond_cnt, cond_entropy, raw_sum)]
+                imp_c, mi_c, _ = readouts(*sums, (c - 1) * kept, jt)
+                rep_importance.append(imp_c)
+                if mi_c is not None and mi_loo_sum is not None and cap is not None:
+                    mi_loo_sum += mi_c
+                    rep_pairwise.append(total(mi_c, cap))
+        if mi_all is not None and cap is not None:
+            # Jackknife bias correction (the plug-in information of a noisy pair is biased upwards by
+            # O(1 / samples), and d (d - 1) / 2 pairs add up). A pair with a unit whose conditional never
+            # moved (it depends on no other unit: I(m_j; m_-j) = 0) contributes exactly 0, without noise.
+            mi_est = c * mi_all - (c - 1) * mi_loo_sum / c if mi_loo_sum is not None else mi_all
+            pairwise = total(mi_est, cap)
+        else:
+            pairwise = total(None, importance)
+        rep_pw = torch.stack(rep_pairwise) if rep_pairwise else None
         info = information_bits(importance, self.prior_keep)
         ess_per_unit = torch.stack([_ess(samples[t]) for t in range(num_tasks)])  # [T, d]
         return AblationResult(
@@ -646,7 +866,7 @@ class BayesianAblation:
             importance=importance,
             information_bits=info,
             distributedness=distributedness(info),
-            manifold_complexity=pairwise.clamp_min(0),
+            manifold_complexity=pairwise,
             complexity_kind="pairwise_mutual_information",
             polysemanticity=torch.empty(0),
             mask_entropy_bits=torch.full((num_tasks,), math.nan, dtype=torch.float64, device=device),
@@ -656,4 +876,7 @@ class BayesianAblation:
             acceptance_rate=accepted / (c * kept),
             ess=ess_per_unit.min(dim=1).values,
             ess_per_unit=ess_per_unit,
+            replicate_kind="jackknife" if rep_importance else "",
+            replicate_importance=torch.stack(rep_importance) if rep_importance else None,
+            replicate_complexity=rep_pw,
         )

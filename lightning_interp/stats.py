@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["mean_and_se", "mean_standard_error"]
+__all__ = ["mean_and_se", "mean_standard_error", "replicate_standard_error"]
 
 
 def mean_standard_error(total: Tensor, total_sq: Tensor, count: Tensor | float) -> Tensor:
@@ -43,3 +43,31 @@ def mean_and_se(values: Tensor, dim: int = 0) -> tuple[Tensor, Tensor]:
     v = values.to(torch.float64)
     n = v.shape[dim]
     return v.mean(dim=dim), mean_standard_error(v.sum(dim=dim), v.pow(2).sum(dim=dim), n)
+
+
+def replicate_standard_error(replicates: Tensor, kind: str) -> Tensor:
+    """Standard error of an estimate from its jackknife or bootstrap replicates (along dim 0).
+
+    Args:
+        replicates: ``[R, ...]`` the estimate recomputed on each replicate.
+        kind: ``"jackknife"`` (leave-one-out replicates: ``sqrt((R - 1) / R * sum (x_r - mean)^2)``) or
+            ``"bootstrap"`` (resampled replicates: their standard deviation).
+
+    Returns:
+        ``[...]`` float64; NaN where a replicate is NaN or ``R < 2``.
+
+    Example:
+        >>> x = torch.tensor([1.0, 2.0, 4.0, 7.0], dtype=torch.float64)
+        >>> loo = (x.sum() - x) / 3  # leave-one-out means: the jackknife SE of a mean is the usual one
+        >>> bool(torch.isclose(replicate_standard_error(loo, "jackknife"), x.std() / 2))
+        True
+    """
+    if kind not in ("jackknife", "bootstrap"):
+        raise ValueError(f"kind must be 'jackknife' or 'bootstrap', got {kind!r}")
+    r = replicates.to(torch.float64)
+    n = r.shape[0]
+    if n < 2:
+        return torch.full(r.shape[1:], math.nan, dtype=torch.float64, device=r.device)
+    dev = r - r.mean(dim=0, keepdim=True)
+    ss = (dev * dev).sum(dim=0)
+    return (ss * (n - 1) / n).sqrt() if kind == "jackknife" else (ss / (n - 1)).sqrt()

@@ -427,3 +427,114 @@ def test_informative_units_ignore_information_within_mcmc_noise() -> None:
     assert float(information_bits(torch.tensor(lower))) > threshold
     precise = AblationResult(method="mcmc", ess_per_unit=torch.full((1, 4), 5000.0), **base)
     assert informative_units(precise, threshold).tolist() == [False, True, True, True]
+
+
+# ------------------------------------------------------------------ Rao-Blackwellised read-outs and error bars
+def _exact_pairwise_bits(result_model: nn.Module, x: torch.Tensor, y: torch.Tensor, layer: str) -> tuple[torch.Tensor, float]:
+    """Importance and sum of pairwise informations of the exact posterior, by independent enumeration."""
+    from lightning_interp.ablation import pairwise_information_bits
+
+    d = BayesianAblation(result_model, layer, method="exact").fit(x, y, tasks="all").importance.shape[1]
+    masks = torch.tensor(list(itertools.product([0, 1], repeat=d)), dtype=torch.float64)
+    with torch.no_grad():
+        correct = []
+        for m in masks:
+            handle = result_model.get_submodule(layer).register_forward_hook(lambda _m, _i, h, m=m: h * m.to(h.dtype))
+            correct.append((result_model(x).argmax(1) == y).sum().item())
+            handle.remove()
+    p = (torch.tensor(correct, dtype=torch.float64) + 1) / (len(y) + 2)
+    w = p / (1 - p) * 0.5**d
+    w = w / w.sum()
+    imp = w @ masks
+    joint = torch.einsum("m,mi,mj->ij", w, masks, masks)
+    return imp, float(pairwise_information_bits(imp, joint))
+
+
+def test_unused_units_get_exactly_the_prior_and_no_pairwise_information() -> None:
+    d = 6
+    x, y = planted_data(d)
+    r = BayesianAblation(Planted(d, "one"), "units", method="mcmc", num_chains=4, num_steps=60, burn_in=10).fit(x, y, tasks="all")
+    # units 1..5 never change a prediction: every conditional is the prior, so the estimate is exact, SE 0
+    assert torch.equal(r.importance[0, 1:], torch.full((d - 1,), 0.5, dtype=torch.float64))
+    assert torch.equal(r.importance_se[0, 1:], torch.zeros(d - 1, dtype=torch.float64))
+    assert r.manifold_complexity.item() == 0.0 and r.manifold_complexity_se.item() == 0.0
+    # unit 0: P(m_0 = 1) = O_hi / (O_hi + O_lo) = 0.9 (METHODS.md closed form); every conditional says so
+    assert r.importance[0, 0].item() == pytest.approx(0.9, abs=1e-12)
+
+
+def test_mcmc_pairwise_information_is_unbiased_against_enumeration() -> None:
+    """The jackknife-corrected pairwise sum matches the exact one within its error bars (the plug-in does not)."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(5, 10), nn.ReLU(), nn.Linear(10, 3)).eval()
+    x = torch.randn(200, 5)
+    y = model(x).argmax(1)
+    imp, exact_pairwise = _exact_pairwise_bits(model, x, y, "1")
+    values, errors = [], []
+    for seed in range(8):
+        r = BayesianAblation(
+            model, "1", method="mcmc", num_chains=8, num_steps=400, burn_in=50, generator=torch.Generator().manual_seed(seed)
+        ).fit(x, y, tasks="all")
+        values.append(r.manifold_complexity.item())
+        errors.append(r.manifold_complexity_se.item())
+        assert (r.importance[0] - imp).abs().max().item() < 5 * r.importance_se.max().item() + 1e-9
+    assert exact_pairwise > 0.1, "the test needs dependent units"
+    v = torch.tensor(values, dtype=torch.float64)
+    # unbiased: the mean over seeds is within 3 of its standard errors of the exact value (the plug-in sum
+    # without the jackknife is biased upwards by several times that)
+    assert abs(v.mean().item() - exact_pairwise) < 3 * v.std().item() / len(v) ** 0.5, (values, exact_pairwise)
+    # calibrated: the reported SE is, on average, the seed-to-seed spread
+    assert 0.5 < (sum(errors) / len(errors)) / v.std().item() < 2.0, (errors, v.std().item())
+
+
+def test_jackknife_errors_are_calibrated_and_shrink_like_one_over_sqrt_n() -> None:
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(5, 10), nn.ReLU(), nn.Linear(10, 3)).eval()
+    x = torch.randn(200, 5)
+    y = model(x).argmax(1)
+
+    def run(steps: int, seed: int):  # type: ignore[no-untyped-def]
+        return BayesianAblation(
+            model, "1", method="mcmc", num_chains=8, num_steps=steps + 50, burn_in=50, generator=torch.Generator().manual_seed(seed)
+        ).fit(x, y, tasks="all")
+
+    short = [run(100, s) for s in range(12)]
+    spread = torch.stack([r.importance[0] for r in short]).std(dim=0)  # seed-to-seed SD, per unit
+    reported = torch.stack([r.importance_se[0] for r in short]).mean(dim=0)
+    moving = spread > 1e-6
+    ratio = (reported[moving] / spread[moving]).median().item()
+    assert 0.6 < ratio < 1.6, ratio
+    long = [run(400, s) for s in range(3)]
+    shrink = (torch.stack([r.importance_se[0] for r in long]).mean(0)[moving] / reported[moving]).median().item()
+    assert 0.35 < shrink < 0.7, shrink  # 4x the samples: half the error (1 / sqrt(4))
+
+
+def test_exact_bootstrap_errors_shrink_with_the_probe() -> None:
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    x = torch.randn(1600, 5)
+    y = (model(x) + 1.0 * torch.randn(1600, 3)).argmax(1)  # noisy labels: importance depends on the probe
+    small = BayesianAblation(model, "1", method="exact", num_bootstrap=40).fit(x[:400], y[:400], tasks="all")
+    large = BayesianAblation(model, "1", method="exact", num_bootstrap=40).fit(x, y, tasks="all")
+    assert small.replicate_kind == "bootstrap" and small.replicate_importance.shape == (40, 1, 8)
+    moving = small.importance_se[0] > 1e-4
+    assert moving.sum() >= 2
+    ratio = (large.importance_se[0][moving] / small.importance_se[0][moving]).median().item()
+    assert 0.3 < ratio < 0.75, ratio  # 4x the probe: about half the error
+    assert BayesianAblation(model, "1", method="exact", num_bootstrap=0).fit(x, y, tasks="all").importance_se is None
+
+
+def test_summarize_gives_every_readout_an_error() -> None:
+    from lightning_interp.ablation import summarize
+
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(5, 10), nn.ReLU(), nn.Linear(10, 3)).eval()
+    x = torch.randn(200, 5)
+    y = model(x).argmax(1)
+    r = BayesianAblation(model, "1", method="mcmc", num_chains=6, num_steps=150, burn_in=30).fit(x, y)
+    out = summarize(r, 0.05)
+    assert set(out) == {"distributedness", "manifold_complexity", "polysemanticity", "max_importance", "informative_units", "full_accuracy"}
+    for name, (value, se) in out.items():
+        assert value.dtype == torch.float64 and se.dtype == torch.float64
+        if name != "full_accuracy":
+            assert torch.isfinite(se) and se >= 0, name
+    assert out["max_importance"][0] == r.importance.max()

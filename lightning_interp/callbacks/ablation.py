@@ -7,7 +7,6 @@ not reproduced here).
 
 from __future__ import annotations
 
-import math
 import time
 import weakref
 from collections.abc import Sequence
@@ -17,7 +16,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_interp.ablation import AUTO_EXACT_MASKS, MAX_EXACT_UNITS, AblationResult, BayesianAblation, informative_units
+from lightning_interp.ablation import AUTO_EXACT_MASKS, MAX_EXACT_UNITS, AblationResult, BayesianAblation, summarize
 from lightning_interp.callbacks.base import (
     InterpretabilityCallback,
     Measurement,
@@ -42,11 +41,14 @@ class AblationProbeCallback(InterpretabilityCallback):
     (means over the tasks), ``ablation/<L>/polysemanticity`` (mean over informative units),
     ``ablation/<L>/max_importance``, ``ablation/<L>/informative_units`` (units with more than
     ``informative_bits`` of information for some task, beyond MCMC noise:
-    :func:`~lightning_interp.ablation.informative_units`), ``ablation/<L>/full_accuracy`` and, for MCMC
-    runs, ``acceptance_rate``, ``ess`` (the smallest effective sample size over tasks and units) and
-    ``ess_median`` (a warning fires when ``ess`` is below ``min_ess``); an image of unit importance
-    (units x tasks) per layer and a
-    table of the most informative units. The MCMC generator is seeded from ``seed`` and the step, so
+    :func:`~lightning_interp.ablation.informative_units`), each with ``<name>_se`` (jackknife over chains
+    for MCMC, bootstrap over probe examples for exact runs: :func:`~lightning_interp.ablation.summarize`),
+    ``ablation/<L>/full_accuracy`` and, for MCMC runs, ``acceptance_rate``, ``ess`` (the smallest
+    effective sample size of a unit's 0/1 keep indicator over tasks and units) and ``ess_median`` (a
+    warning fires when ``ess`` is below ``min_ess``; the importances, averaged over exact conditionals,
+    are more precise than that: their ``_se`` says how much); an image of unit importance (units x tasks)
+    per layer, a plot of the importances with error bars, and a table of the most informative units.
+    The MCMC generator is seeded from ``seed`` and the step, so
     every rank (and a resumed run) draws the same chains.
 
     Args:
@@ -275,14 +277,10 @@ class AblationProbeCallback(InterpretabilityCallback):
             ablation.generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
             r = ablation.fit(x, y, tasks=self.tasks)
             results[layer] = r
-            informative = informative_units(r, self.informative_bits, self.prior_keep)
-            poly = r.polysemanticity[informative & ~r.polysemanticity.isnan()]
-            scalars[f"{layer}/distributedness"] = _nanmean(r.distributedness)
-            scalars[f"{layer}/manifold_complexity"] = r.manifold_complexity.mean()
-            scalars[f"{layer}/polysemanticity"] = poly.mean() if poly.numel() else math.nan
-            scalars[f"{layer}/max_importance"] = r.importance.max()
-            scalars[f"{layer}/informative_units"] = informative.sum().double()
-            scalars[f"{layer}/full_accuracy"] = r.full_accuracy.mean()
+            for name, (value, se) in summarize(r, self.informative_bits, self.prior_keep).items():
+                scalars[f"{layer}/{name}"] = value
+                if name != "full_accuracy":
+                    scalars[f"{layer}/{name}_se"] = se
             if r.method == "mcmc":
                 ess = r.ess_per_unit  # [T, d]
                 scalars[f"{layer}/acceptance_rate"] = r.acceptance_rate.mean()  # type: ignore[union-attr]
@@ -309,8 +307,10 @@ class AblationProbeCallback(InterpretabilityCallback):
             ax.set_yticks(range(len(r.tasks)), r.tasks, fontsize=7)
             ax.set_xlabel("unit")
             ax.set_title(f"{layer}: P(unit kept | task correct) ({r.method})", fontsize=9)
-            fig.colorbar(im, ax=ax, fraction=0.05)
+            fig.colorbar(im, ax=ax, fraction=0.05, label="importance")
             figs[f"{layer}/importance"] = fig
+            if r.importance_se is not None:
+                figs[f"{layer}/importance_errors"] = _importance_errorbars(layer, r)
         return figs
 
     def tables(self, measurement: Measurement) -> dict[str, tuple[list[str], list[list[Any]]]]:
@@ -324,6 +324,19 @@ class AblationProbeCallback(InterpretabilityCallback):
         return {"top_units": (["layer", "unit", "task", "importance", "information_bits"], rows)}
 
 
-def _nanmean(t: Tensor) -> Tensor | float:
-    keep = t[~t.isnan()]
-    return keep.mean() if keep.numel() else math.nan
+def _importance_errorbars(layer: str, r: AblationResult) -> Any:
+    """Importance of every unit with +-2 SE bars, one line per task (at most 10 tasks)."""
+    imp, se = r.importance.double().cpu(), r.importance_se.double().cpu()  # type: ignore[union-attr]
+    fig, ax = subplots(figsize=(max(5, 0.12 * imp.shape[1] + 3), 3.2))
+    units = torch.arange(imp.shape[1])
+    for t in range(min(10, imp.shape[0])):
+        offset = 0.6 * (t / max(1, imp.shape[0]) - 0.3)
+        ax.errorbar(units + offset, imp[t], yerr=2 * se[t], fmt=".", ms=3, lw=0.8, label=r.tasks[t])
+    ax.axhline(0.5, color="grey", lw=0.6, ls="--")
+    ax.set_xlabel("unit")
+    ax.set_ylabel("P(unit kept | task correct)")
+    kind = {"jackknife": "jackknife over chains", "bootstrap": "bootstrap over probe"}.get(r.replicate_kind, r.replicate_kind)
+    ax.set_title(f"{layer}: importance +- 2 SE ({kind})", fontsize=9)
+    ax.legend(fontsize=6, ncol=5, loc="lower right")
+    fig.tight_layout()
+    return fig
