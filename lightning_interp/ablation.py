@@ -51,6 +51,7 @@ __all__ = [
     "AblationResult",
     "BayesianAblation",
     "MaskedForward",
+    "effective_sample_size",
     "information_bits",
     "informative_units",
     "pairwise_information_bits",
@@ -301,7 +302,8 @@ class AblationResult:
         top_masks: per task, the most probable masks ``[k, d]`` (exact runs).
         top_probs: their posterior probabilities ``[k]``.
         acceptance_rate: per task (MCMC).
-        ess: effective sample size per task, the minimum over units (MCMC).
+        ess: effective sample size per task, the minimum over units (MCMC; of the 0/1 keep indicators, a
+            mixing diagnostic: :func:`effective_sample_size` gives that of the Rao-Blackwellised estimates).
         ess_per_unit: effective sample size of every unit's keep indicator per task ``[T, d]`` (MCMC).
         split: whether the part before the layer was computed once (``torch.fx`` split).
         replicate_kind: how the error bars were made: ``"jackknife"`` (MCMC: leave one chain out; the
@@ -356,14 +358,37 @@ def information_bits(importance: Tensor, prior_keep: float = 0.5) -> Tensor:
     return kl.clamp_min(0)  # rounding can give -1e-17 for an unused unit
 
 
+def effective_sample_size(result: AblationResult) -> Tensor:
+    """Effective sample size of every importance estimate ``[T, d]`` (MCMC runs).
+
+    ``p (1 - p) / SE^2``: the number of independent 0/1 draws of the keep indicator that would estimate
+    ``p`` as precisely as the (Rao-Blackwellised) MCMC estimate did, with its jackknife ``importance_se``.
+    It can exceed the number of samples, and is NaN where the estimate has no error (a unit no task uses);
+    without jackknife errors (one chain) it is the chains' own ESS of the indicator, ``ess_per_unit``.
+
+    Raises:
+        ValueError: for an exact run (no sampling).
+    """
+    if result.method != "mcmc":
+        raise ValueError("the effective sample size is defined for MCMC runs only")
+    if result.importance_se is None or result.importance_se.isnan().all():
+        if result.ess_per_unit is None:
+            raise ValueError("the result carries neither importance errors nor a per-unit ESS")
+        return result.ess_per_unit
+    p = result.importance.to(torch.float64)
+    var = result.importance_se.to(torch.float64) ** 2
+    return torch.where(var > 0, p * (1 - p) / var.clamp_min(1e-300), torch.full_like(p, math.nan))
+
+
 def informative_units(result: AblationResult, threshold_bits: float, prior_keep: float = 0.5, z: float = 2.0) -> Tensor:
     """Which units carry more than ``threshold_bits`` of information for some task, beyond sampling noise.
 
-    Exact runs use the information as it is. MCMC runs first move each importance ``p`` towards
-    ``prior_keep`` by ``z`` standard errors without crossing it: a unit counts only when even that bound is
-    informative, so a noisy estimate of an unused unit (whose information is biased upwards) does not. The
-    standard error is ``result.importance_se`` (jackknife over chains), or ``sqrt(p (1 - p) / ESS)`` with
-    the unit's effective sample size when there is none.
+    Exact runs use the information as it is. MCMC runs also require the importance to be more than ``z``
+    standard errors away from ``prior_keep``: a unit whose information is within noise of zero does not
+    count (an unused unit's noisy estimate has information biased upwards). The standard error is
+    ``result.importance_se`` (jackknife over chains), or ``sqrt(p (1 - p) / ESS)`` with the unit's
+    effective sample size when there is none. The point estimate decides the threshold itself, so the
+    count is not biased downwards at a short run.
 
     Args:
         result: an :class:`AblationResult`.
@@ -375,6 +400,7 @@ def informative_units(result: AblationResult, threshold_bits: float, prior_keep:
         ``[d]`` booleans.
     """
     p = result.importance.to(torch.float64)
+    above = information_bits(p, prior_keep) > threshold_bits
     if result.method == "mcmc":
         if result.importance_se is not None and not result.importance_se.isnan().any():
             se = result.importance_se.to(device=p.device, dtype=torch.float64)
@@ -382,9 +408,8 @@ def informative_units(result: AblationResult, threshold_bits: float, prior_keep:
             se = (p * (1 - p) / result.ess_per_unit.to(device=p.device, dtype=torch.float64).clamp_min(1)).sqrt()
         else:
             se = torch.zeros_like(p)
-        shift = z * se
-        p = torch.where(p > prior_keep, (p - shift).clamp_min(prior_keep), (p + shift).clamp_max(prior_keep))
-    return information_bits(p, prior_keep).max(dim=0).values > threshold_bits
+        above = above & ((p - prior_keep).abs() > z * se)
+    return above.any(dim=0)
 
 
 def distributedness(info: Tensor) -> Tensor:
@@ -462,7 +487,8 @@ def summarize(result: AblationResult, informative_bits: float, prior_keep: float
     """One-number read-outs of a run, each with its standard error (NaN without replicates).
 
     ``distributedness`` (mean over tasks with information), ``manifold_complexity`` (mean over tasks),
-    ``polysemanticity`` (mean over the :func:`informative_units`), ``max_importance``,
+    ``polysemanticity`` (mean over units weighted by each unit's information summed over the class tasks:
+    a unit carrying little information, hard to place at a short run, weighs little), ``max_importance``,
     ``informative_units`` (their count; its SE from the replicates' counts of units above
     ``informative_bits``) and ``full_accuracy`` (no SE: it is not estimated by the inference). The SE of
     each is the spread of the same read-out over the jackknife / bootstrap replicates.
@@ -481,6 +507,12 @@ def summarize(result: AblationResult, informative_bits: float, prior_keep: float
         keep = t[~t.isnan()]
         return keep.mean() if keep.numel() else torch.tensor(math.nan, dtype=torch.float64, device=t.device)
 
+    def weighted(values: Tensor, weights: Tensor) -> Tensor:
+        keep = ~values.isnan() & (weights > 0)
+        if not keep.any():
+            return torch.tensor(math.nan, dtype=torch.float64, device=values.device)
+        return (values[keep] * weights[keep]).sum() / weights[keep].sum()
+
     def reads(importance: Tensor, complexity: Tensor) -> dict[str, Tensor]:
         info = information_bits(importance, prior_keep)
         class_rows = [i for i, n in enumerate(result.tasks) if n != "all"]
@@ -488,7 +520,7 @@ def summarize(result: AblationResult, informative_bits: float, prior_keep: float
         return {
             "distributedness": nanmean(distributedness(info)),
             "manifold_complexity": complexity.mean(),
-            "polysemanticity": nanmean(poly[informative]),
+            "polysemanticity": weighted(poly, info[class_rows].sum(dim=0) if class_rows else torch.zeros_like(poly)),
             "max_importance": importance.max(),
             "informative_units": (info.max(dim=0).values > informative_bits).sum().double(),
         }

@@ -395,9 +395,18 @@ def test_callback_logs_ess_and_warns_on_a_short_chain() -> None:
     short = AblationProbeCallback(layers=["net.1"], probe_size=96, method="mcmc", num_chains=2, num_steps=20, burn_in=5)
     with pytest.warns(UserWarning, match=r"effective sample size is \d+ \(median over units \d+\), below min_ess=100"):
         pl.Trainer(max_epochs=1, callbacks=[short], **kw).fit(model, gaussian3_datamodule())
+    from lightning_interp.ablation import effective_sample_size
+
     h = short.history[-1]
-    assert 0 < h["net.1/ess"] <= h["net.1/ess_median"] <= 2 * 15  # at most chains x kept steps
-    assert h["net.1/ess"] == pytest.approx(float(short.last.data["results"]["net.1"].ess.min()))
+    r = short.last.data["results"]["net.1"]
+    assert 0 < h["net.1/ess"] <= h["net.1/ess_median"] and h["net.1/ess"] < 100
+    ess = effective_sample_size(r)
+    assert h["net.1/ess"] == pytest.approx(float(ess[~ess.isnan()].min()))
+    assert 0 < h["net.1/ess_indicator"] <= 2 * 15  # the 0/1 indicators: at most chains x kept steps
+    # the definition: p (1 - p) / SE^2
+    t, unit = divmod(int(r.importance_se.argmax()), r.importance.shape[1])
+    p, se = r.importance[t, unit], r.importance_se[t, unit]
+    assert float(ess[t, unit]) == pytest.approx(float(p * (1 - p) / se**2))
 
 
 def test_informative_units_ignore_information_within_mcmc_noise() -> None:
@@ -427,6 +436,9 @@ def test_informative_units_ignore_information_within_mcmc_noise() -> None:
     assert float(information_bits(torch.tensor(lower))) > threshold
     precise = AblationResult(method="mcmc", ess_per_unit=torch.full((1, 4), 5000.0), **base)
     assert informative_units(precise, threshold).tolist() == [False, True, True, True]
+    # a reported SE takes precedence; 0.62 is 1.5 SE from 0.5 (noise), 0.20 is 3.75 SE from it
+    se = AblationResult(method="mcmc", importance_se=torch.full((1, 4), 0.08, dtype=torch.float64), **base)
+    assert informative_units(se, threshold).tolist() == [False, False, True, True]
 
 
 # ------------------------------------------------------------------ Rao-Blackwellised read-outs and error bars
@@ -493,9 +505,9 @@ def test_jackknife_errors_are_calibrated_and_shrink_like_one_over_sqrt_n() -> No
     y = model(x).argmax(1)
 
     def run(steps: int, seed: int):  # type: ignore[no-untyped-def]
-        return BayesianAblation(
-            model, "1", method="mcmc", num_chains=8, num_steps=steps + 50, burn_in=50, generator=torch.Generator().manual_seed(seed)
-        ).fit(x, y, tasks="all")
+        g = torch.Generator().manual_seed(seed)
+        ablation = BayesianAblation(model, "1", method="mcmc", num_chains=8, num_steps=steps + 50, burn_in=50, generator=g)
+        return ablation.fit(x, y, tasks="all")
 
     short = [run(100, s) for s in range(12)]
     spread = torch.stack([r.importance[0] for r in short]).std(dim=0)  # seed-to-seed SD, per unit
@@ -532,7 +544,8 @@ def test_summarize_gives_every_readout_an_error() -> None:
     y = model(x).argmax(1)
     r = BayesianAblation(model, "1", method="mcmc", num_chains=6, num_steps=150, burn_in=30).fit(x, y)
     out = summarize(r, 0.05)
-    assert set(out) == {"distributedness", "manifold_complexity", "polysemanticity", "max_importance", "informative_units", "full_accuracy"}
+    names = {"distributedness", "manifold_complexity", "polysemanticity", "max_importance", "informative_units", "full_accuracy"}
+    assert set(out) == names
     for name, (value, se) in out.items():
         assert value.dtype == torch.float64 and se.dtype == torch.float64
         if name != "full_accuracy":

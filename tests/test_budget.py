@@ -97,6 +97,53 @@ def test_a_measurement_that_can_never_fit_is_skipped_with_the_numbers() -> None:
     assert cb.history == [] and cb.overhead < 0.05
 
 
+class ReducibleProbe(SlowProbe):
+    """A measurement whose work can be lowered to ``floor`` of the full one (its sleep scales with it)."""
+
+    def __init__(self, seconds: float, floor: float, **kw: Any) -> None:
+        super().__init__(seconds, **kw)
+        self.floor, self.work, self.works = floor, 1.0, []
+
+    def reduce_work(self, fraction: float) -> float | None:
+        if fraction < self.floor:
+            return None
+        self.work = fraction
+        return fraction
+
+    def restore_work(self) -> None:
+        self.works.append(self.work)
+        self.work = 1.0
+
+    def measure(self, pl_module: nn.Module) -> Measurement:
+        time.sleep(self.seconds * self.work)
+        return Measurement(scalars={"value": self.work})
+
+
+def test_the_budget_lowers_the_work_before_it_skips() -> None:
+    fixed = SlowProbe(0.05, every_n_steps=5, budget=0.1, key_prefix="fixed")
+    _fit([fixed])
+    reducible = ReducibleProbe(0.05, floor=0.25, every_n_steps=5, budget=0.1)
+    _fit([reducible])
+    assert reducible.overhead <= 0.1
+    assert reducible.works and all(0.25 <= w < 1 for w in reducible.works), "reduced, never below the floor"
+    assert len(reducible.history) > len(fixed.history), "cheaper measurements: more of them fit"
+    assert [h["work"] for h in reducible.history] == [h["value"] for h in reducible.history]
+    assert all(h["work"] == 1.0 for h in fixed.history)
+
+
+def test_ablation_lowers_its_mcmc_steps_to_a_floor() -> None:
+    from lightning_interp.callbacks import AblationProbeCallback
+
+    cb = AblationProbeCallback(layers=["0"], num_steps=1100, burn_in=100)
+    cb._units = {"0": 40}  # an MCMC layer
+    assert cb.reduce_work(0.5) == pytest.approx(600 / 1100) and cb._steps_now == 600
+    cb.restore_work()
+    assert cb._steps_now is None
+    assert cb.reduce_work(0.2) is None, "a quarter of the kept steps (250) is the floor"
+    cb._units = {"0": 10}  # enumerated exactly: a fixed cost
+    assert cb.reduce_work(0.9) is None
+
+
 def test_without_a_pilot_the_first_measurement_teaches_the_cost() -> None:
     cb = SlowProbe(0.1, pilot=False, every_n_steps=1, budget=0.2)
     _fit([cb], steps=60)

@@ -311,9 +311,12 @@ class InterpretabilityCallback(Callback, ABC):
             and tables included). ``"auto"``: an equal part of :data:`DEFAULT_BUDGET` (0.05, or
             ``LIGHTNING_INTERP_BUDGET``) shared by all ``"auto"`` callbacks on the trainer; a number: this
             callback's own share; ``None``: no limit. A cadence point whose measurement would take the
-            callback over its share is skipped (counted in ``skipped``, one warning with the numbers); the
-            cost is the last measurement's, or for the first a small pilot where the callback has one
-            (:meth:`estimate_cost`). ``trainer.validate`` and explicit :meth:`run` calls are not limited.
+            callback over its share is first made cheaper where the callback can do so without losing its
+            stated precision (:meth:`reduce_work`: fewer MCMC steps for the ablation, logged as ``work``,
+            the fraction of the full measurement), and otherwise skipped (counted in ``skipped``, one
+            warning with the numbers). The cost is the last measurement's (scaled to the full work), or for
+            the first a small pilot where the callback has one (:meth:`estimate_cost`).
+            ``trainer.validate`` and explicit :meth:`run` calls are not limited.
 
     Raises:
         ValueError: a malformed shared argument (negative cadence, unknown ``run_on``, ...).
@@ -445,6 +448,20 @@ class InterpretabilityCallback(Callback, ABC):
         return None
 
     # ------------------------------------------------------------------ probe data
+    def reduce_work(self, fraction: float) -> float | None:
+        """Make the next measurement cost about ``fraction`` (< 1) of a full one, if the precision allows.
+
+        Called by the overhead budget when a full measurement does not fit. Returns the fraction of the
+        full work the next measurement will do (at most ``fraction``; the budget scales its cost estimate
+        by it), or ``None`` when the callback cannot go that low without losing its stated precision (the
+        measurement is then skipped). :meth:`restore_work` undoes it after the measurement. The base class
+        never reduces.
+        """
+        return None
+
+    def restore_work(self) -> None:
+        """Undo :meth:`reduce_work` (called after the reduced measurement)."""
+
     def probe_source(self, trainer: pl.Trainer) -> tuple[Any, str] | None:
         """Where the probe comes from, ``(source, description)``, in the order of the module docstring.
 
@@ -721,10 +738,15 @@ class InterpretabilityCallback(Callback, ABC):
             self._spent += time.perf_counter() - started  # the pilot is part of the overhead
         elapsed = time.perf_counter() - self._clock
         affordable = estimate is None or self._spent + estimate <= self._share * (elapsed + estimate)
+        # the largest cost x with spent + x <= share * (elapsed + x)
+        fraction = 1.0
+        if not affordable and estimate:
+            fraction = max(0.0, (self._share * elapsed - self._spent) / (1 - self._share)) / estimate
         overhead = self._spent / elapsed if elapsed > 0 else 0.0
         if trainer.world_size > 1:  # rank 0's clock decides, so every rank measures at the same steps
-            affordable, overhead = trainer.strategy.broadcast((affordable, overhead), src=0)
-        if not affordable:
+            affordable, overhead, fraction = trainer.strategy.broadcast((affordable, overhead, fraction), src=0)
+        work = 1.0 if affordable else (self.reduce_work(fraction) if fraction > 0 else None)
+        if work is None:
             self._skipped += 1
             self._warn_once(
                 "budget",
@@ -736,9 +758,16 @@ class InterpretabilityCallback(Callback, ABC):
             )
             return None
         begin = time.perf_counter()
-        measurement = self.run(trainer, pl_module, extra={"overhead": overhead, "skipped": float(self._skipped)})
-        self._cost = time.perf_counter() - begin
-        self._spent += self._cost
+        try:
+            measurement = self.run(
+                trainer, pl_module, extra={"overhead": overhead, "skipped": float(self._skipped), "work": float(work)}
+            )
+        finally:
+            if work < 1.0:
+                self.restore_work()
+        cost = time.perf_counter() - begin
+        self._cost = cost / work  # the estimate is of a full measurement
+        self._spent += cost
         return measurement
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
