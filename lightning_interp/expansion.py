@@ -29,6 +29,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_interp.stats import replicate_standard_error
+
 __all__ = [
     "PottsExpansion",
     "Square",
@@ -172,6 +174,8 @@ class PottsExpansion:
         gauge: ``"zero_sum"`` or ``"reference"``.
         fields_se: standard errors of ``fields`` (sampled method).
         couplings_se: standard errors of ``couplings`` (sampled method).
+        variance_explained_se: standard errors of ``variance_explained`` (sampled method: a grouped
+            jackknife over the background sequences, 20 groups); ``None`` for the exact methods.
     """
 
     constant: Tensor
@@ -184,6 +188,7 @@ class PottsExpansion:
     gauge: str = "zero_sum"
     fields_se: Tensor | None = None
     couplings_se: Tensor | None = None
+    variance_explained_se: dict[int | str, Tensor] | None = None
 
     @property
     def seq_len(self) -> int:
@@ -231,7 +236,9 @@ class PottsExpansion:
             c, h, j = reference_gauge(self.fields, self.couplings, reference, self.constant)
         else:
             raise ValueError(f"gauge must be 'zero_sum' or 'reference', got {gauge!r}")
-        return replace(self, constant=c, fields=h, couplings=j, gauge=gauge, fields_se=None, couplings_se=None)
+        return replace(
+            self, constant=c, fields=h, couplings=j, gauge=gauge, fields_se=None, couplings_se=None, variance_explained_se=None
+        )
 
     def coupling_strength(self, apc: bool = True) -> Tensor:
         """Frobenius norm of each zero-sum-gauge coupling block ``[(K,) L, L]``.
@@ -319,6 +326,10 @@ def _anova_exact(f: Tensor, length: int, q: int, order: int) -> tuple[Tensor, Te
             couplings[:, i, j] = jij
             couplings[:, j, i] = jij.transpose(-2, -1)
     return e0, fields, couplings, grid
+
+
+#: groups of background samples in the jackknife of the sampled method's variance fractions
+_JACKKNIFE_GROUPS = 20
 
 
 def _variance_split(fields: Tensor, couplings: Tensor, total: Tensor) -> dict[int | str, Tensor]:
@@ -432,6 +443,7 @@ def _squeeze(e: PottsExpansion) -> PottsExpansion:
         residual_variance=e.residual_variance[0],
         fields_se=None if e.fields_se is None else e.fields_se[0],
         couplings_se=None if e.couplings_se is None else e.couplings_se[0],
+        variance_explained_se=None if e.variance_explained_se is None else {k: v[0] for k, v in e.variance_explained_se.items()},
     )
 
 
@@ -501,6 +513,16 @@ def _sampled(
     f1 = evaluate(states.reshape(-1, length).to(device)).reshape(s, length, q, k)
     centred1 = f1 - f1.mean(dim=2, keepdim=True)  # per sample: f(i<-a) - mean_b f(i<-b)
     fields = centred1.mean(0).permute(2, 0, 1)  # [K, L, q]
+    # grouped jackknife over the background samples: sums per group, read-outs recomputed without each group
+    groups = min(_JACKKNIFE_GROUPS, s)
+    group = torch.arange(s, device=device) % groups
+    size = torch.bincount(group, minlength=groups).to(torch.float64)
+
+    def group_sums(values: Tensor) -> Tensor:
+        return torch.zeros(groups, *values.shape[1:], dtype=values.dtype, device=device).index_add_(0, group, values)
+
+    fields_groups = group_sums(centred1)  # [G, L, q, K]
+    couplings_groups = torch.zeros(groups, k, length, length, q, q, dtype=torch.float64, device=device) if order >= 2 else None
     fields_se = (centred1.std(0, unbiased=True) / math.sqrt(s)).permute(2, 0, 1)
     couplings = torch.zeros(k, length, length, q, q, dtype=torch.float64, device=device)
     couplings_se = torch.zeros_like(couplings)
@@ -515,6 +537,9 @@ def _sampled(
             se = (dc.std(0, unbiased=True) / math.sqrt(s)).permute(2, 0, 1)
             couplings[:, i, j], couplings[:, j, i] = jij, jij.transpose(-2, -1)
             couplings_se[:, i, j], couplings_se[:, j, i] = se, se.transpose(-2, -1)
+            assert couplings_groups is not None
+            dg = group_sums(dc).permute(0, 3, 1, 2)  # [G, K, q, q]
+            couplings_groups[:, :, i, j], couplings_groups[:, :, j, i] = dg, dg.transpose(-2, -1)
     e0 = f0.mean(0)
     total = f0.var(0, unbiased=True)
     e = PottsExpansion(
@@ -537,4 +562,18 @@ def _sampled(
     v2 = 0.5 * couplings.pow(2).mean(dim=(-2, -1)).sum(dim=(-2, -1))
     e.total_variance = v1 + v2 + e.residual_variance
     e.variance_explained = _variance_split(fields, couplings, e.total_variance)
+    if groups >= 2:
+        replicates: dict[int | str, list[Tensor]] = {1: [], 2: [], "residual": []}
+        for g_out in range(groups):
+            keep = group != g_out
+            n = s - size[g_out]
+            h_g = ((fields_groups.sum(0) - fields_groups[g_out]) / n).permute(2, 0, 1)
+            j_g = couplings if couplings_groups is None else (couplings_groups.sum(0) - couplings_groups[g_out]) / n
+            e_g = replace(e, constant=f0[keep].mean(0), fields=h_g, couplings=j_g)
+            r = f0[keep].T - e_g.energy(base[keep.cpu()].to(device))
+            resid = (r - r.mean(-1, keepdim=True)).pow(2).mean(-1)
+            total_g = h_g.pow(2).mean(-1).sum(-1) + 0.5 * j_g.pow(2).mean(dim=(-2, -1)).sum(dim=(-2, -1)) + resid
+            for key, value in _variance_split(h_g, j_g, total_g).items():
+                replicates[key].append(value)
+        e.variance_explained_se = {key: replicate_standard_error(torch.stack(v), "jackknife") for key, v in replicates.items()}
     return e

@@ -210,3 +210,22 @@ def test_trained_network_recovers_planted_coupling_differences() -> None:
     planted = {tuple(sorted(p)) for p in torch.as_tensor(dm.pairs).tolist()}
     top = {(i, j) for i, j, _ in e.strongest_pairs(len(planted), apc=False)}
     assert top == planted
+
+
+def test_sampled_variance_fractions_have_calibrated_errors() -> None:
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(L * Q, 12), nn.ReLU(), nn.Linear(12, 1)).double()
+    exact = expand(model, L, Q)
+    runs = [expand(model, L, Q, method="sampled", num_samples=300, generator=torch.Generator().manual_seed(s)) for s in range(8)]
+    assert exact.variance_explained_se is None
+    for key in (1, 2, "residual"):
+        values = torch.stack([r.variance_explained[key] for r in runs])
+        errors = torch.stack([r.variance_explained_se[key] for r in runs])
+        assert (errors > 0).all()
+        # the reported SE is about the seed-to-seed spread (the estimates are not unbiased for the fractions
+        # of a finite sample, so only the spread is checked here) and the runs lie near the exact fraction
+        assert 0.4 < (errors.mean() / values.std()).item() < 2.5, key
+        assert (values.mean() - exact.variance_explained[key]).abs() < 4 * errors.mean() + 1e-3, key
+    quadruple = expand(model, L, Q, method="sampled", num_samples=1200, generator=torch.Generator().manual_seed(0))
+    ratio = (quadruple.variance_explained_se[1] / runs[0].variance_explained_se[1]).item()
+    assert 0.3 < ratio < 0.8, ratio  # 4x the samples: about half the error

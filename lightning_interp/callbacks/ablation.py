@@ -240,22 +240,17 @@ class AblationProbeCallback(InterpretabilityCallback):
             d = ablation.forward.num_units(ablation.forward.prepare(x[:2]))
             if self.method == "exact" or (self.method == "auto" and d <= MAX_EXACT_UNITS and 2**d <= self._exact_masks()):
                 return None
-            seconds = []
-            for steps in (1, 3):
-                pilot = BayesianAblation(
-                    pl_module,
-                    layer,
-                    method="mcmc",
-                    prior_keep=self.prior_keep,
-                    num_chains=1,
-                    num_steps=steps,
-                    burn_in=0,
-                    max_batch=self.max_batch,
-                )
-                pilot.generator = torch.Generator().manual_seed(self.seed)
-                start = time.perf_counter()
-                pilot.fit(x, y, tasks=self.tasks)
-                seconds.append(time.perf_counter() - start)
+            seconds = []  # the ablation is traced and split already: the pilots time the chains only
+            saved = ablation.method, ablation.num_chains, ablation.num_steps, ablation.burn_in, ablation.generator
+            try:
+                for steps in (1, 3):
+                    ablation.method, ablation.num_chains, ablation.num_steps, ablation.burn_in = "mcmc", 1, steps, 0
+                    ablation.generator = torch.Generator().manual_seed(self.seed)
+                    start = time.perf_counter()
+                    ablation.fit(x, y, tasks=self.tasks)
+                    seconds.append(time.perf_counter() - start)
+            finally:
+                ablation.method, ablation.num_chains, ablation.num_steps, ablation.burn_in, ablation.generator = saved
             per_step = max(0.0, (seconds[1] - seconds[0]) / 2)  # one chain
             total += max(0.0, seconds[0] - 2 * per_step) + per_step * self.num_chains * (self.num_steps + 1)
         return total

@@ -42,7 +42,8 @@ class LogitExpansionCallback(InterpretabilityCallback):
     The model must take one-hot inputs of ``seq_len`` sites with ``num_states`` states (site-major
     ``[N, L * q]`` by default; pass ``encode`` otherwise). Logged: ``expansion/var_order1``,
     ``expansion/var_order2``, ``expansion/var_residual`` (fractions of the logit's variance under the
-    uniform measure), ``expansion/max_coupling`` (largest APC-corrected coupling strength); when the
+    uniform measure; with ``_se``, a grouped jackknife over the background sequences, for the sampled
+    method), ``expansion/max_coupling`` (largest APC-corrected coupling strength); when the
     datamodule exposes planted parameters (``planted_field_difference()`` /
     ``planted_coupling_difference()``, as :class:`~lightning_interp.datamodules.PottsDataModule`),
     also ``expansion/field_corr`` and ``expansion/coupling_corr``: correlations of the recovered
@@ -185,6 +186,9 @@ class LogitExpansionCallback(InterpretabilityCallback):
             "var_residual": e.variance_explained["residual"],
             "max_coupling": strength.max(),
         }
+        if e.variance_explained_se is not None:
+            for key, name in ((1, "var_order1"), (2, "var_order2"), ("residual", "var_residual")):
+                scalars[f"{name}_se"] = e.variance_explained_se[key]
         if self._planted is not None:
             h0, j0 = self._planted
             scalars["field_corr"] = _corr(e.fields, h0)
