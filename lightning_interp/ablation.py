@@ -34,6 +34,7 @@ batch. The module is pure torch: it never imports Lightning.
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -316,6 +317,7 @@ class AblationResult:
         distributedness_se: standard error of ``distributedness`` ``[T]``.
         manifold_complexity_se: standard error of ``manifold_complexity`` ``[T]``.
         polysemanticity_se: standard error of ``polysemanticity`` ``[d]``.
+        seconds_per_step: wall time of one MCMC step of all chains (MCMC; for cost estimates).
     """
 
     tasks: list[str]
@@ -343,6 +345,7 @@ class AblationResult:
     distributedness_se: Tensor | None = None
     manifold_complexity_se: Tensor | None = None
     polysemanticity_se: Tensor | None = None
+    seconds_per_step: float | None = None
 
 
 def _binary_entropy_bits(p: Tensor) -> Tensor:
@@ -818,6 +821,7 @@ class BayesianAblation:
         joint = None
         if num_tasks * d * d <= _MAX_JOINT_ELEMENTS:
             joint = torch.zeros(num_tasks, c if per_chain_joint else 1, d, d, dtype=torch.float64, device=device)
+        loop_start = time.perf_counter()
         for step in range(self.num_steps):
             flip = torch.randint(0, d, (num_tasks, c), generator=g).to(device)
             was = state.gather(2, flip[..., None])
@@ -844,6 +848,9 @@ class BayesianAblation:
             if step >= self.burn_in:
                 traces[:, :, step - self.burn_in] = state
                 accepted += accept.to(torch.float64).sum(dim=1)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds_per_step = (time.perf_counter() - loop_start) / self.num_steps
         samples = traces.to(torch.float64)  # [T, C, S, d]
         raw_sum = samples.sum(dim=2)  # [T, C, d]
 
@@ -911,4 +918,5 @@ class BayesianAblation:
             replicate_kind="jackknife" if rep_importance else "",
             replicate_importance=torch.stack(rep_importance) if rep_importance else None,
             replicate_complexity=rep_pw,
+            seconds_per_step=seconds_per_step,
         )

@@ -222,10 +222,10 @@ class AblationProbeCallback(InterpretabilityCallback):
                 )
 
     def estimate_cost(self, pl_module: nn.Module) -> float | None:
-        """Seconds of one measurement, from two short one-chain MCMC pilots per layer.
+        """Seconds of one measurement, from a two-step, one-chain MCMC pilot per layer.
 
-        The pilots run 1 and 3 steps: their difference is the cost of a step of one chain (scaled by
-        ``num_chains``), the rest the fixed cost.
+        The pilot's own timing of a step, times ``num_chains * num_steps`` (a step's masks x examples grow
+        with the chains), plus the rest of the pilot (preparing the probe, read-outs): the fixed cost.
 
         ``None`` when a layer is enumerated exactly (``d <= 12`` under ``"auto"``: at most 4096 masks).
         """
@@ -236,23 +236,21 @@ class AblationProbeCallback(InterpretabilityCallback):
         x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
         total = 0.0
         for layer in self.layers:
-            ablation = self._ablation(pl_module, layer)
+            ablation = self._ablation(pl_module, layer)  # traced and split already: the pilot times the chains
             d = ablation.forward.num_units(ablation.forward.prepare(x[:2]))
             if self.method == "exact" or (self.method == "auto" and d <= MAX_EXACT_UNITS and 2**d <= self._exact_masks()):
                 return None
-            seconds = []  # the ablation is traced and split already: the pilots time the chains only
             saved = ablation.method, ablation.num_chains, ablation.num_steps, ablation.burn_in, ablation.generator
             try:
-                for steps in (1, 3):
-                    ablation.method, ablation.num_chains, ablation.num_steps, ablation.burn_in = "mcmc", 1, steps, 0
-                    ablation.generator = torch.Generator().manual_seed(self.seed)
-                    start = time.perf_counter()
-                    ablation.fit(x, y, tasks=self.tasks)
-                    seconds.append(time.perf_counter() - start)
+                ablation.method, ablation.num_chains, ablation.num_steps, ablation.burn_in = "mcmc", 1, 2, 0
+                ablation.generator = torch.Generator().manual_seed(self.seed)
+                start = time.perf_counter()
+                pilot = ablation.fit(x, y, tasks=self.tasks)
+                seconds = time.perf_counter() - start
             finally:
                 ablation.method, ablation.num_chains, ablation.num_steps, ablation.burn_in, ablation.generator = saved
-            per_step = max(0.0, (seconds[1] - seconds[0]) / 2)  # one chain
-            total += max(0.0, seconds[0] - 2 * per_step) + per_step * self.num_chains * (self.num_steps + 1)
+            per_step = pilot.seconds_per_step or 0.0
+            total += max(0.0, seconds - 3 * per_step) + per_step * self.num_chains * (self.num_steps + 1)
         return total
 
     def reduce_work(self, fraction: float) -> float | None:

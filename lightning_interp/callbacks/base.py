@@ -735,6 +735,7 @@ class InterpretabilityCallback(Callback, ABC):
             self.prepare(trainer, pl_module)
             with isolate(pl_module):
                 estimate = self.estimate_cost(pl_module)
+            self._cost = estimate  # one pilot per fit: a skipped point keeps its estimate
             self._spent += time.perf_counter() - started  # the pilot is part of the overhead
         elapsed = time.perf_counter() - self._clock
         affordable = estimate is None or self._spent + estimate <= self._share * (elapsed + estimate)
