@@ -83,6 +83,9 @@ RunOn = Literal["train_epoch_end", "validation_epoch_end"]
 
 #: The share of training wall time that all lightning-interp callbacks on a trainer may use together.
 DEFAULT_BUDGET = 0.05
+#: The part of a callback's share its timed measurements may use (the rest covers the per-step hook calls).
+BUDGET_TIMED = 0.9
+
 #: Environment variable overriding :data:`DEFAULT_BUDGET` for ``budget="auto"`` callbacks (a share, or ``off``).
 BUDGET_ENV = "LIGHTNING_INTERP_BUDGET"
 
@@ -738,11 +741,13 @@ class InterpretabilityCallback(Callback, ABC):
             self._cost = estimate  # one pilot per fit: a skipped point keeps its estimate
             self._spent += time.perf_counter() - started  # the pilot is part of the overhead
         elapsed = time.perf_counter() - self._clock
-        affordable = estimate is None or self._spent + estimate <= self._share * (elapsed + estimate)
+        # a tenth of the share stays free for what is not timed here: Lightning calling the hooks every step
+        share = BUDGET_TIMED * self._share
+        affordable = estimate is None or self._spent + estimate <= share * (elapsed + estimate)
         # the largest cost x with spent + x <= share * (elapsed + x)
         fraction = 1.0
         if not affordable and estimate:
-            fraction = max(0.0, (self._share * elapsed - self._spent) / (1 - self._share)) / estimate
+            fraction = max(0.0, (share * elapsed - self._spent) / (1 - share)) / estimate
         overhead = self._spent / elapsed if elapsed > 0 else 0.0
         if trainer.world_size > 1:  # rank 0's clock decides, so every rank measures at the same steps
             affordable, overhead, fraction = trainer.strategy.broadcast((affordable, overhead, fraction), src=0)

@@ -261,6 +261,13 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
 
     # ------------------------------------------------------------------ figures
     def figures(self, measurement: Measurement) -> dict[str, Any]:
+        """One figure of four panels (input, discriminative, confusing, policy gradient), the probe images stacked.
+
+        Each panel is a single image (the maps blended over the inputs here rather than by matplotlib), so
+        rendering costs four ``imshow`` calls whatever the number of images.
+        """
+        from matplotlib import colormaps
+
         maps = measurement.data["maps"]
         x = measurement.data["inputs"].detach().float().cpu()
         n = min(len(x), 8)
@@ -270,27 +277,38 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
             return F.interpolate(m[:n, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0].cpu()
 
         disc, conf, pg = up(maps["discriminative"]), up(maps["confusing"]), up(maps["policy_gradient"])
-        fig, axes = subplots(n, 4, figsize=(8, 2 * n), squeeze=False)
-        for i in range(n):
-            img = x[i]
-            img = (img - img.min()) / (img.max() - img.min()).clamp_min(1e-12)
-            shown = img[0] if img.shape[0] == 1 else img[:3].permute(1, 2, 0)
-            cmap = "gray" if img.shape[0] == 1 else None
-            lim = float(pg[i].abs().max()) or 1.0
-            panels = [
-                (shown, cmap, None, f"class {int(maps['target'][i])}"),
-                (disc[i], "inferno", (0, 1), "discriminative"),
-                (conf[i], "inferno", (0, 1), "confusing"),
-                (pg[i], "RdBu_r", (-lim, lim), "policy gradient"),
-            ]
-            for ax, (data, cm, lims, title) in zip(axes[i], panels, strict=True):
-                if lims is None:
-                    ax.imshow(data, cmap=cm)
-                else:
-                    ax.imshow(shown, cmap=cmap)
-                    ax.imshow(data, cmap=cm, vmin=lims[0], vmax=lims[1], alpha=0.6)
-                ax.set_axis_off()
-                if i == 0 or title.startswith("class"):
-                    ax.set_title(title, fontsize=8)
-        fig.tight_layout()
+        img = x[:n]
+        lo = img.flatten(1).min(1).values.view(n, 1, 1, 1)
+        hi = img.flatten(1).max(1).values.view(n, 1, 1, 1)
+        img = (img - lo) / (hi - lo).clamp_min(1e-12)
+        rgb = img.expand(n, 3, *size) if img.shape[1] == 1 else img[:, :3]
+        rgb = rgb.permute(0, 2, 3, 1)  # [n, H, W, 3]
+        pg = pg / pg.flatten(1).abs().max(1).values.clamp_min(1e-12).view(n, 1, 1)  # per image, in [-1, 1]
+
+        def overlay(values: Tensor, cmap: str, vmin: float, vmax: float) -> Tensor:
+            colours = torch.as_tensor(colormaps[cmap](((values - vmin) / (vmax - vmin)).clamp(0, 1).numpy())[..., :3])
+            return 0.4 * rgb + 0.6 * colours.float()
+
+        panels = [
+            ("input", rgb, None),
+            ("discriminative", overlay(disc, "inferno", 0, 1), ("inferno", 0, 1)),
+            ("confusing", overlay(conf, "inferno", 0, 1), ("inferno", 0, 1)),
+            ("policy gradient / max |.|", overlay(pg, "RdBu_r", -1, 1), ("RdBu_r", -1, 1)),
+        ]
+        fig, axes = subplots(1, 4, figsize=(7, 0.9 * n + 1.0), squeeze=False)
+        height = size[0] + 1  # a white row between images
+        ticks = [height * (i + 0.5) for i in range(n)]
+        for ax, (title, stack, bar) in zip(axes[0], panels, strict=True):
+            stack = torch.cat([stack, torch.ones(n, 1, size[1], 3)], dim=1)
+            ax.imshow(stack.reshape(n * height, size[1], 3).numpy(), interpolation="nearest")
+            ax.set_title(title, fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if bar is not None:
+                from matplotlib.cm import ScalarMappable
+                from matplotlib.colors import Normalize
+
+                fig.colorbar(ScalarMappable(Normalize(bar[1], bar[2]), bar[0]), ax=ax, fraction=0.08, pad=0.02)
+        axes[0][0].set_yticks(ticks, [f"class {int(t)}" for t in maps["target"][:n]], fontsize=7)
+        axes[0][0].set_ylabel("probe image (explained class)", fontsize=8)
         return {"maps": fig}
