@@ -45,7 +45,7 @@ import torch.fx
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lightning_interp.hooks import as_list, get_module, same_logits, split_graph, trace_at
+from lightning_interp.hooks import LayerSplit, as_list, forward_hooks, get_module, replace, same_logits, split_graph
 from lightning_interp.stats import replicate_standard_error as replicate_se
 
 __all__ = [
@@ -130,34 +130,29 @@ class MaskedForward:
         self.max_batch = max_batch
         self.suffix: torch.fx.GraphModule | None = None
         self.prefix: torch.fx.GraphModule | None = None
-        self._plain: tuple[torch.fx.GraphModule, torch.fx.GraphModule] | None = None
+        self._split: LayerSplit | None = None
         self._pushed: list[tuple[str, torch.fx.GraphModule, torch.fx.GraphModule]] = []
         #: the op after the layer that the mask is applied after (``None``: at the layer itself)
         self.mask_after: str | None = None
         if split:
-            try:
-                self._split()
-            except Exception as err:  # tracing arbitrary user models can fail in many ways
-                self._no_split(f"could not split {type(model).__name__} at {layer!r} with torch.fx ({type(err).__name__}: {err})")
+            self._split = LayerSplit(model, layer)
+            self._after_split()
 
-    def _no_split(self, why: str) -> None:
-        warnings.warn(f"{why}; the whole forward pass is batched instead", stacklevel=3)
-        self.prefix = self.suffix = self._plain = None
-        self._pushed, self.mask_after = [], None
-
-    @property
-    def is_split(self) -> bool:
-        return self.suffix is not None
-
-    def _split(self) -> None:
-        graph, layer_node = trace_at(self.model, self.layer)
-        self._plain = split_graph(self.model, graph, layer_node)
-        self.prefix, self.suffix = self._plain
+    def _after_split(self) -> None:
+        """Take the split's parts and the pushes past the ops after the layer, or warn that there is none."""
+        assert self._split is not None
+        if not self._split.is_split:
+            warnings.warn(f"{self._split.reason}; the whole forward pass is batched instead", stacklevel=3)
+            self.prefix = self.suffix = self._split = None
+            self._pushed, self.mask_after = [], None
+            return
+        self.prefix, self.suffix = self._split.parts  # type: ignore[misc]
         # push the mask past the ops after the layer that commute with zeroing a channel (ReLU, pooling,
         # flatten of a pooled map, ...): they then run once per probe batch instead of once per mask.
         # Candidates furthest first; prepare() keeps the first one that checks out on its inputs.
         self._pushed, self.mask_after = [], None
-        node = layer_node
+        graph, node = self._split.graph, self._split.node
+        assert graph is not None and node is not None
         while len(node.users) == 1:
             user = next(iter(node.users))
             if user.all_input_nodes != [node] or not _commutes_with_mask(self.model, user):
@@ -165,27 +160,27 @@ class MaskedForward:
             node = user
             self._pushed.insert(0, (getattr(node.target, "__name__", str(node.target)), *split_graph(self.model, graph, node)))
 
+    @property
+    def is_split(self) -> bool:
+        return self.suffix is not None
+
     def _check_split(self, x: Tensor) -> None:
         """Re-trace (or give up the split) when the traced graph no longer computes the model's logits.
 
         ``torch.fx`` freezes Python control flow at trace time; a model whose branches depend on attributes
         changed since then would otherwise be evaluated with the old graph.
         """
-        if self._plain is None:
+        if self._split is None:
             return
-        for attempt in range(2):
-            prefix, suffix = self._plain
-            got, want = suffix(*as_list(prefix(x))), self.model(x)
-            if isinstance(got, Tensor) and isinstance(want, Tensor) and same_logits(got, want):
-                return
-            if attempt == 0:
-                self._split()
-        self._no_split(f"the torch.fx split of {type(self.model).__name__} at {self.layer!r} no longer computes its logits")
+        graph = self._split.graph
+        self._split.check(x)
+        if not self._split.is_split or self._split.graph is not graph:  # given up, or traced again
+            self._after_split()
 
     def _choose_push(self, x: Tensor) -> None:
         """Use the furthest push that keeps the layer's unit count and gives the same logits on random masks."""
-        assert self._plain is not None
-        self.prefix, self.suffix = self._plain
+        assert self._split is not None and self._split.parts is not None
+        self.prefix, self.suffix = self._split.parts
         self.mask_after = None
         plain = as_list(self.prefix(x))
         h = plain[0]
@@ -216,9 +211,8 @@ class MaskedForward:
         Each call first checks on (up to) 16 of the inputs that the split still computes the model's logits
         and which mask push (if any) gives the same logits as masking at the layer.
         """
-        if self._plain is not None:
-            self._check_split(inputs[:16])
-        if self._pushed and self._plain is not None:
+        self._check_split(inputs[:16])
+        if self._pushed and self._split is not None:
             self._choose_push(inputs[:16])
         if self.prefix is not None:
             values = self.prefix(inputs)
@@ -246,13 +240,12 @@ class MaskedForward:
             else:
                 x = prepared[0]
                 big = x.unsqueeze(0).expand(k, *x.shape).reshape(k * n, *x.shape[1:])
-                handle = self.module.register_forward_hook(
-                    lambda _m, _i, h, chunk=chunk, k=k: (h.reshape(k, n, *h.shape[1:]) * _mask_view(h, chunk)).reshape(h.shape)
-                )
-                try:
+                with replace(
+                    self.model,
+                    self.layer,
+                    lambda h, chunk=chunk, k=k: (h.reshape(k, n, *h.shape[1:]) * _mask_view(h, chunk)).reshape(h.shape),
+                ):
                     logits = self.model(big)
-                finally:
-                    handle.remove()
             out.append(logits.argmax(dim=-1).reshape(k, n))
         return torch.cat(out)
 
@@ -262,12 +255,8 @@ class MaskedForward:
             h = prepared[0]
             return h.shape[_unit_dim(h)]
         store: list[int] = []
-        handle = self.module.register_forward_hook(lambda _m, _i, h: store.append(h.shape[_unit_dim(h)]))
-        try:
-            with torch.no_grad():
-                self.model(prepared[0][:1])
-        finally:
-            handle.remove()
+        with forward_hooks(self.model, {self.layer: lambda _m, _i, h: store.append(h.shape[_unit_dim(h)])}), torch.no_grad():
+            self.model(prepared[0][:1])
         return store[0]
 
 

@@ -22,13 +22,13 @@ samples, no covariance matrix), :class:`LayerReplacement`, :func:`surrogate_accu
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from lightning_interp.hooks import as_list, get_module, same_logits, split_at
+from lightning_interp.hooks import LayerSplit, forward_hooks, replace
 
 __all__ = [
     "ClassMoments",
@@ -358,22 +358,17 @@ INPUT = "input"
 def layer_outputs(model: nn.Module, layers: Sequence[str], inputs: Tensor) -> tuple[dict[str, Tensor], Tensor]:
     """Outputs of ``layers`` (``"input"`` is the model input) and the logits, in one forward pass."""
     store: dict[str, Tensor] = {}
-    handles = []
-    try:
-        for name in layers:
-            if name == INPUT:
-                continue
 
-            def hook(_m: nn.Module, _i: tuple, out: object, name: str = name) -> None:
-                if not isinstance(out, Tensor) or not out.is_floating_point():
-                    raise TypeError(f"layer {name!r} outputs {getattr(out, 'dtype', type(out).__name__)}, not a float tensor")
-                store[name] = out.detach().clone()
+    def make(name: str) -> Callable[[nn.Module, tuple, object], None]:
+        def hook(_m: nn.Module, _i: tuple, out: object) -> None:
+            if not isinstance(out, Tensor) or not out.is_floating_point():
+                raise TypeError(f"layer {name!r} outputs {getattr(out, 'dtype', type(out).__name__)}, not a float tensor")
+            store[name] = out.detach().clone()
 
-            handles.append(get_module(model, name).register_forward_hook(hook))
+        return hook
+
+    with forward_hooks(model, {name: make(name) for name in layers if name != INPUT}):
         logits = model(inputs)
-    finally:
-        for h in handles:
-            h.remove()
     if INPUT in layers:
         store[INPUT] = inputs.detach().clone()
     return store, logits
@@ -470,40 +465,23 @@ class LayerReplacement:
 
     def __init__(self, model: nn.Module, layer: str) -> None:
         self.model, self.layer = model, layer
-        self.split: tuple[torch.fx.GraphModule, torch.fx.GraphModule] | None = None
-        if layer != INPUT:
-            get_module(model, layer)
-            try:
-                self.split = split_at(model, layer)
-            except Exception:  # tracing arbitrary user models can fail in many ways: hooks work everywhere
-                self.split = None
+        self.split = LayerSplit(model, layer) if layer != INPUT else None
         self._inputs: Tensor | None = None
         self._rest: list[Tensor] = []
 
     def prepare(self, inputs: Tensor) -> None:
         """Fix the probe inputs (and compute what the rest of the model needs besides the layer).
 
-        Also checks on (up to) 16 inputs that the split still computes the model's output (``torch.fx``
-        freezes Python control flow at trace time): if not, the model is traced again, and if that does not
-        help, replacements go through a forward hook.
+        Also checks on (up to) 16 inputs that the split still computes the model's output
+        (:meth:`~lightning_interp.hooks.LayerSplit.check`); if not, replacements go through a forward hook.
         """
         if self.split is not None:
-            x = inputs[:16]
-            for attempt in range(2):
-                if same_logits(self.split[1](*as_list(self.split[0](x))), self.model(x)):
-                    break
-                try:
-                    self.split = split_at(self.model, self.layer) if attempt == 0 else None
-                except Exception:
-                    self.split = None
-                if self.split is None:
-                    break
+            self.split.check(inputs[:16])
         self._inputs = inputs
         # only values other than the layer's output crossing the split (skip connections) need the part
         # before the layer to run on all the inputs
-        out_node = next(n for n in self.split[0].graph.nodes if n.op == "output") if self.split is not None else None
-        crossing = out_node is not None and len(out_node.args[0]) > 1
-        self._rest = as_list(self.split[0](inputs))[1:] if self.split is not None and crossing else []
+        split = self.split
+        self._rest = split.prefix(inputs)[1:] if split is not None and split.is_split and split.crossing else []
 
     def __call__(self, replacement: Tensor) -> Tensor:
         """Logits with the layer's output replaced by ``replacement`` (the layer's output shape)."""
@@ -511,17 +489,10 @@ class LayerReplacement:
             raise RuntimeError("call prepare(inputs) first")
         if self.layer == INPUT:
             return self.model(replacement.to(self._inputs.dtype).reshape(self._inputs.shape))
-        if self.split is not None:
-            return self.split[1](replacement, *self._rest)
-
-        def hook(_m: nn.Module, _i: tuple, out: Tensor) -> Tensor:
-            return replacement.to(device=out.device, dtype=out.dtype).reshape(out.shape)
-
-        handle = get_module(self.model, self.layer).register_forward_hook(hook)
-        try:
+        if self.split is not None and self.split.is_split:
+            return self.split.suffix(replacement, *self._rest)  # type: ignore[return-value]
+        with replace(self.model, self.layer, lambda out: replacement.to(device=out.device, dtype=out.dtype).reshape(out.shape)):
             return self.model(self._inputs)
-        finally:
-            handle.remove()
 
 
 @torch.no_grad()
@@ -553,15 +524,8 @@ def surrogate_accuracy(
     if layer == INPUT:
         logits = model(draws.to(inputs.dtype).reshape(inputs.shape))
     else:
-
-        def hook(_m: nn.Module, _i: tuple, out: Tensor) -> Tensor:
-            return draws.to(device=out.device, dtype=out.dtype).reshape(out.shape)
-
-        handle = get_module(model, layer).register_forward_hook(hook)
-        try:
+        with replace(model, layer, lambda out: draws.to(device=out.device, dtype=out.dtype).reshape(out.shape)):
             logits = model(inputs)
-        finally:
-            handle.remove()
     return (logits.argmax(dim=-1) == labels).to(torch.float64).mean()
 
 

@@ -23,10 +23,13 @@ import torch.fx
 from torch import Tensor, nn
 
 __all__ = [
+    "LayerSplit",
     "capture",
     "count_hooks",
+    "forward_hooks",
     "get_module",
     "layer_names",
+    "leaves",
     "replace",
     "same_logits",
     "split_at",
@@ -130,6 +133,65 @@ def count_hooks(model: nn.Module) -> int:
     return total
 
 
+#: A forward hook: ``hook(module, inputs, output)``, returning ``None`` or a replacement output.
+ForwardHook = Callable[[nn.Module, tuple, object], object]
+
+
+@contextmanager
+def forward_hooks(model: nn.Module, hooks: dict[str, ForwardHook]) -> Iterator[None]:
+    """Register forward hooks on the layers named by the keys of ``hooks`` for the duration of the block.
+
+    The one place of the library that registers forward hooks: every hook is removed in ``finally``, also
+    when the block raises.
+
+    Args:
+        model: the model.
+        hooks: ``named_modules()`` path (``""``: the model itself) -> hook.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU())
+        >>> shapes = []
+        >>> with forward_hooks(model, {"0": lambda _m, _i, out: shapes.append(out.shape)}):
+        ...     _ = model(torch.randn(2, 3))
+        >>> shapes, count_hooks(model)
+        ([torch.Size([2, 4])], 0)
+    """
+    handles = []
+    try:
+        for name, hook in hooks.items():
+            handles.append(get_module(model, name).register_forward_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def leaves(model: nn.Module, layers: Sequence[str], store: dict[str, Tensor]) -> Iterator[dict[str, Tensor]]:
+    """Make the outputs of ``layers`` autograd leaves during forward passes inside the block.
+
+    Each output is replaced by ``leaf + 0``, where ``leaf`` (a detached clone with ``requires_grad``) is
+    put in ``store``: gradients with respect to ``store[name]`` are those with respect to the layer's
+    output, and in-place operations downstream (DenseNet's ``relu``) stay legal on the non-leaf.
+
+    Yields:
+        ``store``.
+    """
+
+    def make(name: str) -> ForwardHook:
+        def hook(_m: nn.Module, _i: tuple, out: object) -> Tensor:
+            if not isinstance(out, Tensor):
+                raise TypeError(f"layer {name!r} returns {type(out).__name__}, not a Tensor; choose another layer")
+            leaf = out.detach().clone().requires_grad_(True)
+            store[name] = leaf
+            return leaf + 0
+
+        return hook
+
+    with forward_hooks(model, {name: make(name) for name in layers}):
+        yield store
+
+
 @contextmanager
 def capture(model: nn.Module, layers: Sequence[str], detach: bool = True) -> Iterator[dict[str, Tensor]]:
     """Record the outputs of ``layers`` during forward passes inside the block.
@@ -143,32 +205,24 @@ def capture(model: nn.Module, layers: Sequence[str], detach: bool = True) -> Ite
         A dict filled with the (cloned) output of each layer at the most recent forward pass.
     """
     store: dict[str, Tensor] = {}
-    handles = []
-    try:
-        for name in layers:
-            module = get_module(model, name)
 
-            def hook(_m: nn.Module, _inp: tuple, out: Tensor, name: str = name) -> None:
-                if not isinstance(out, Tensor):
-                    raise TypeError(f"layer {name!r} returns {type(out).__name__}, not a Tensor; choose another layer")
-                store[name] = out.detach().clone() if detach else out.clone()
+    def make(name: str) -> ForwardHook:
+        def hook(_m: nn.Module, _inp: tuple, out: object) -> None:
+            if not isinstance(out, Tensor):
+                raise TypeError(f"layer {name!r} returns {type(out).__name__}, not a Tensor; choose another layer")
+            store[name] = out.detach().clone() if detach else out.clone()
 
-            handles.append(module.register_forward_hook(hook))
+        return hook
+
+    with forward_hooks(model, {name: make(name) for name in layers}):
         yield store
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextmanager
 def replace(model: nn.Module, layer: str, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
     """Replace the output of ``layer`` by ``fn(output)`` during forward passes inside the block."""
-    module = get_module(model, layer)
-    handle = module.register_forward_hook(lambda _m, _i, out: fn(out))
-    try:
+    with forward_hooks(model, {layer: lambda _m, _i, out: fn(out)}):  # type: ignore[arg-type]
         yield
-    finally:
-        handle.remove()
 
 
 @contextmanager
@@ -278,3 +332,92 @@ def split_at(model: nn.Module, layer: str) -> tuple[torch.fx.GraphModule, torch.
         True
     """
     return split_graph(model, *trace_at(model, layer))
+
+
+class LayerSplit:
+    """A model split at a layer with ``torch.fx``, checked against the model's own forward pass.
+
+    ``prefix(x)`` returns the values the rest of the network needs (the layer's output first, then any
+    earlier value used after it, such as a skip connection); ``suffix(h, *rest)`` returns the logits. The
+    split is the fast path of every "run the model from layer L" in the library (ablation masks,
+    correlation surrogates). Where tracing fails, or the traced graph stops reproducing the model's
+    output (``torch.fx`` freezes Python control flow), :attr:`is_split` is ``False`` and callers fall back
+    to forward hooks (:func:`replace`).
+
+    Args:
+        model: the model.
+        layer: ``named_modules()`` path of the layer.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> split = LayerSplit(model, "1")
+        >>> x = torch.randn(5, 3)
+        >>> split.check(x)
+        True
+        >>> h, *rest = split.prefix(x)
+        >>> torch.equal(split.suffix(h, *rest), model(x))
+        True
+    """
+
+    def __init__(self, model: nn.Module, layer: str) -> None:
+        get_module(model, layer)
+        self.model, self.layer = model, layer
+        self.graph: torch.fx.Graph | None = None
+        self.node: torch.fx.Node | None = None
+        self.parts: tuple[torch.fx.GraphModule, torch.fx.GraphModule] | None = None
+        #: why the model is not split (``None`` when it is)
+        self.reason: str | None = None
+        self.trace()
+
+    def trace(self) -> None:
+        """(Re-)trace the model and split it at the layer; on failure :attr:`is_split` is ``False``."""
+        try:
+            self.graph, self.node = trace_at(self.model, self.layer)
+            self.parts = split_graph(self.model, self.graph, self.node)
+            self.reason = None
+        except Exception as err:  # tracing arbitrary user models can fail in many ways
+            self.graph = self.node = self.parts = None
+            name = type(self.model).__name__
+            self.reason = f"could not split {name} at {self.layer!r} with torch.fx ({type(err).__name__}: {err})"
+
+    @property
+    def is_split(self) -> bool:
+        return self.parts is not None
+
+    def check(self, x: Tensor) -> bool:
+        """Whether the split computes the model's logits on ``x``; re-traces once, then gives the split up.
+
+        Returns:
+            :attr:`is_split` after the check.
+        """
+        for attempt in range(2):
+            if self.parts is None:
+                return False
+            prefix, suffix = self.parts
+            if same_logits(suffix(*as_list(prefix(x))), self.model(x)):
+                return True
+            if attempt == 0:
+                self.trace()
+        self.graph = self.node = self.parts = None
+        self.reason = f"the torch.fx split of {type(self.model).__name__} at {self.layer!r} no longer computes its logits"
+        return False
+
+    def prefix(self, x: Tensor) -> list[Tensor]:
+        """The values crossing the split for inputs ``x`` (the layer's output first)."""
+        if self.parts is None:
+            raise RuntimeError(self.reason or "not split")
+        return as_list(self.parts[0](x))
+
+    def suffix(self, *values: Tensor) -> object:
+        """The model's output from the values crossing the split."""
+        if self.parts is None:
+            raise RuntimeError(self.reason or "not split")
+        return self.parts[1](*values)
+
+    @property
+    def crossing(self) -> int:
+        """How many values cross the split besides the layer's output (skip connections)."""
+        if self.parts is None:
+            return 0
+        out_node = next(n for n in self.parts[0].graph.nodes if n.op == "output")
+        return len(out_node.args[0]) - 1

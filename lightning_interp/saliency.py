@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from captum.attr import Attribution
 from torch import Tensor, nn
 
-from lightning_interp.hooks import get_module
+from lightning_interp.hooks import capture, forward_hooks, get_module, leaves
 
 __all__ = ["METHODS", "ALDFit", "ALDSide", "FinalLayerSaliency", "channel_set_map", "fit_ald", "split_chain"]
 
@@ -347,7 +347,6 @@ class FinalLayerSaliency(Attribution):
         names = dict(self.model.named_modules())
         records: list[tuple[str, Tensor]] = []
         linear_io: dict[str, tuple[Tensor, Tensor]] = {}
-        handles = []
 
         def make_hook(name: str, module: nn.Module):
             def hook(_m: nn.Module, inp: tuple, out: object) -> None:
@@ -359,15 +358,11 @@ class FinalLayerSaliency(Attribution):
 
             return hook
 
-        try:
-            for name, module in names.items():
-                if name:
-                    handles.append(module.register_forward_hook(make_hook(name, module)))
-            with torch.no_grad():
-                output = self.model(inputs)
-        finally:
-            for h in handles:
-                h.remove()
+        with (
+            forward_hooks(self.model, {name: make_hook(name, module) for name, module in names.items() if name}),
+            torch.no_grad(),
+        ):
+            output = self.model(inputs)
         if not isinstance(output, Tensor) or output.ndim != 2:
             got = list(output.shape) if isinstance(output, Tensor) else type(output).__name__
             raise ValueError(f"the model must return logits [N, K], got {got}")
@@ -428,19 +423,11 @@ class FinalLayerSaliency(Attribution):
                 "the final nn.Linear; final-layer saliency maps need one (pass feature_layer=...)"
             )
         seen: dict[str, Tensor] = {}
-        handles = []
-        try:
-            for name in candidates:
-                handles.append(
-                    get_module(self.model, name).register_forward_hook(lambda _m, _i, out, n=name: seen.setdefault(n, out))
-                )
-            with torch.inference_mode(False), torch.enable_grad():
-                logits = self.model(inputs.clone().requires_grad_(True))
-                names = [n for n in candidates if n in seen and seen[n].requires_grad]
-                grads = torch.autograd.grad(logits.max(dim=1).values.sum(), [seen[n] for n in names], allow_unused=True)
-        finally:
-            for h in handles:
-                h.remove()
+        keep = {name: (lambda _m, _i, out, n=name: seen.setdefault(n, out)) for name in candidates}
+        with forward_hooks(self.model, keep), torch.inference_mode(False), torch.enable_grad():  # type: ignore[arg-type]
+            logits = self.model(inputs.clone().requires_grad_(True))
+            names = [n for n in candidates if n in seen and seen[n].requires_grad]
+            grads = torch.autograd.grad(logits.max(dim=1).values.sum(), [seen[n] for n in names], allow_unused=True)
         for name, g in zip(reversed(names), reversed(grads), strict=True):
             if g is not None and _as_spatial(g).abs().sum() > 0:
                 return name
@@ -567,14 +554,10 @@ class FinalLayerSaliency(Attribution):
         return t
 
     def _forward_features(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
-        store: dict[str, Tensor] = {}
-        module = get_module(self.model, self.feature_layer)  # type: ignore[arg-type]
-        handle = module.register_forward_hook(lambda _m, _i, out: store.__setitem__("a", out.detach().clone()))
-        try:
+        layer: str = self.feature_layer  # type: ignore[assignment]
+        with capture(self.model, [layer]) as store:
             logits = self.model(inputs)
-        finally:
-            handle.remove()
-        feats = store["a"]
+        feats = store[layer]
         if self.feature_transform == "relu":
             feats = F.relu(feats)
         return feats, logits
@@ -582,7 +565,7 @@ class FinalLayerSaliency(Attribution):
     def _fallback(self, inputs: Tensor, target: int | Sequence | Tensor | None) -> tuple[Tensor, ...]:
         seen: dict[str, Tensor] = {}
         name = self.feature_layer
-        with torch.inference_mode(False), torch.enable_grad(), _leaf_hooks(self.model, [name], seen):  # type: ignore[list-item]
+        with torch.inference_mode(False), torch.enable_grad(), leaves(self.model, [name], seen):  # type: ignore[list-item]
             logits = self.model(inputs.clone())
             leaf = seen[name]  # type: ignore[index]
             tgt = self._targets(target, logits.detach())
@@ -599,25 +582,3 @@ class FinalLayerSaliency(Attribution):
 
     def has_convergence_delta(self) -> bool:
         return False
-
-
-class _leaf_hooks:
-    """Context manager: make the outputs of ``names`` autograd leaves (stored in ``seen``) for one forward."""
-
-    def __init__(self, model: nn.Module, names: Sequence[str], seen: dict[str, Tensor]) -> None:
-        self.model, self.names, self.seen, self.handles = model, names, seen, []
-
-    def __enter__(self) -> _leaf_hooks:
-        for name in self.names:
-
-            def hook(_m: nn.Module, _i: tuple, out: Tensor, name: str = name) -> Tensor:
-                leaf = out.detach().clone().requires_grad_(True)
-                self.seen[name] = leaf
-                return leaf + 0  # a non-leaf, so in-place ops downstream (DenseNet's relu) stay legal
-
-            self.handles.append(get_module(self.model, name).register_forward_hook(hook))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for h in self.handles:
-            h.remove()

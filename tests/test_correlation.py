@@ -305,7 +305,7 @@ def test_layer_replacement_split_and_hook_paths_agree() -> None:
         hooked.split = None
         for run in (split, hooked):
             run.prepare(x)
-        assert (split.split is not None) == (layer != "input")
+        assert (split.split is not None and split.split.is_split) == (layer != "input")
         got, ref = split(replacement), hooked(replacement)
         assert torch.allclose(got, ref, atol=1e-6)
         if layer == "b":
@@ -327,7 +327,7 @@ def test_layer_replacement_follows_model_changes() -> None:
     assert torch.equal(run(h), model(x))
     model.use_c = True
     run.prepare(x)
-    assert run.split is not None and torch.equal(run(h), model(x))
+    assert run.split is not None and run.split.is_split and torch.equal(run(h), model(x))
 
 
 def test_order_accuracies_carry_standard_errors_that_cover_the_seed_to_seed_spread() -> None:
