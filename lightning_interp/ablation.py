@@ -52,6 +52,7 @@ __all__ = [
     "AblationResult",
     "BayesianAblation",
     "MaskedForward",
+    "all_masks",
     "effective_sample_size",
     "information_bits",
     "informative_units",
@@ -453,7 +454,8 @@ def pairwise_information_bits(importance: Tensor, joint: Tensor, cap: Tensor | N
     return torch.triu(mi, diagonal=1).sum(dim=(-2, -1)) if reduce else mi
 
 
-def _all_masks(d: int, device: torch.device) -> Tensor:
+def all_masks(d: int, device: torch.device) -> Tensor:
+    """All ``2^d`` masks ``[2^d, d]`` (bool), mask ``k`` keeping the units whose bit is set in ``k``."""
     idx = torch.arange(2**d, device=device)
     return ((idx[:, None] >> torch.arange(d, device=device)) & 1).bool()
 
@@ -699,7 +701,7 @@ class BayesianAblation:
 
         full_acc = ((full[0] == y).to(torch.float64) @ member_f + 1) / (n_t + 2)
         if method == "exact":
-            correct = (self.forward.predictions(prepared, _all_masks(d, device)) == y[None, :]).to(torch.float64)
+            correct = (self.forward.predictions(prepared, all_masks(d, device)) == y[None, :]).to(torch.float64)
             result = self._exact(correct, member_f, d, device)
         else:
             result = self._mcmc(own_log_odds, d, len(names), device)
@@ -747,7 +749,7 @@ class BayesianAblation:
             correct: ``[M, N]`` whether each mask classifies each probe example correctly (float64).
             member: ``[N, T]`` task membership (float64).
         """
-        masks = _all_masks(d, device)
+        masks = all_masks(d, device)
         masks_f = masks.to(torch.float64)
         logp = self._posterior(correct @ member, member.sum(dim=0), masks)  # [M, T]
         p = logp.exp()

@@ -28,7 +28,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["build_model", "load_weights", "run_audit"]
@@ -121,35 +120,6 @@ def _class_names(num_classes: int) -> list[str]:
     return [f"class {i}" for i in range(num_classes)]
 
 
-def _ald_figure(weight: Tensor, fit: Any) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    w = weight.detach().double().cpu().flatten()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
-    ax1.hist(w.numpy(), bins=200, color="gray")
-    ax1.set_yscale("log")
-    ax1.set_xlabel("final-layer weight")
-    ax1.set_title("weight histogram (all classes)")
-    for side, values, joint in (("+", w[w > 0], fit.joint_positive), ("-", -w[w < 0], fit.joint_negative)):
-        if values.numel() < 2:
-            continue
-        y = values.sort().values
-        r = torch.arange(y.numel(), dtype=torch.float64) / y.numel()
-        step = max(1, y.numel() // 2000)
-        ax2.plot(r[::step], y.log()[::step], lw=1, label=f"{side} side (R^2 = {float(joint.r2):.3f})")
-        ax2.plot(r, float(joint.slope) * r + float(joint.intercept), ls="--", lw=1, color="black")
-    ax2.set_xlabel("normalised rank r")
-    ax2.set_ylabel("log |w|")
-    ax2.set_title("log-rank fit (joint)")
-    if ax2.get_legend_handles_labels()[0]:
-        ax2.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
 def _side_dict(side: Any) -> dict[str, float]:
     from dataclasses import fields
 
@@ -169,17 +139,12 @@ def run_audit(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the audit and write its files into ``out``; returns the report (also ``out/report.json``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import torchvision.transforms as T
     from tqdm import tqdm
 
-    from lightning_interp.callbacks.base import Measurement, _figure_to_png, _png_to_array
-    from lightning_interp.callbacks.saliency import FinalLayerSaliencyCallback
     from lightning_interp.datamodules.imagenet import IMAGENET_MEAN, IMAGENET_STD, load_images
-    from lightning_interp.saliency import FinalLayerSaliency, fit_ald
+    from lightning_interp.plotting import ald_figure, figure_to_png, png_to_array, saliency_grid
+    from lightning_interp.saliency import FinalLayerSaliency, fit_ald, negative_share
 
     os.makedirs(out, exist_ok=True)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -204,7 +169,6 @@ def run_audit(
         )
 
     rows: list[dict[str, Any]] = []
-    figure_cb = FinalLayerSaliencyCallback(log_images=False)
     pngs = []
     with torch.no_grad():
         for start in tqdm(range(0, n, batch_size), desc=f"audit {arch}", disable=not progress, unit="batch"):
@@ -214,7 +178,7 @@ def run_audit(
             maps = saliency.attribute_all(x)
             probs = maps["logits"].softmax(dim=1)
             pg = maps["policy_gradient"]
-            neg = F.relu(-pg).flatten(1).sum(1) / pg.abs().flatten(1).sum(1).clamp_min(1e-30)
+            neg = negative_share(pg)
             classifier_w = dict(model.named_modules())[saliency.classifier].weight if saliency.uses_closed_form else None
             for j, i in enumerate(idx):
                 c = int(maps["target"][j])
@@ -228,11 +192,10 @@ def run_audit(
                     "neg_pg_share": float(neg[j]),
                 }
                 if classifier_w is not None:
-                    row["disc_channels"] = int(saliency._class_chain_mask(maps["target"][j : j + 1], "+", classifier_w).sum())
-                    row["conf_channels"] = int(saliency._class_chain_mask(maps["target"][j : j + 1], "-", classifier_w).sum())
+                    row["disc_channels"] = int(saliency.class_chain_mask(maps["target"][j : j + 1], "+", classifier_w).sum())
+                    row["conf_channels"] = int(saliency.class_chain_mask(maps["target"][j : j + 1], "-", classifier_w).sum())
                 rows.append(row)
-            fig = figure_cb.figures(Measurement(scalars={}, data={"maps": maps, "inputs": x}))["maps"]
-            png = _figure_to_png(fig)
+            png = figure_to_png(saliency_grid(maps, x))
             path = os.path.join(out, f"maps_{start // batch_size:03d}.png")
             with open(path, "wb") as f:
                 f.write(png)
@@ -240,7 +203,7 @@ def run_audit(
             if run is not None:
                 import wandb
 
-                run.log({"audit/maps": wandb.Image(_png_to_array(png))})
+                run.log({"audit/maps": wandb.Image(png_to_array(png))})
 
     weight = dict(model.named_modules())[saliency.classifier].weight.detach().cpu()  # type: ignore[index]
     fit = fit_ald(weight)
@@ -249,11 +212,9 @@ def run_audit(
         r["class_name"] = names[int(r["class"])]
     _write_csv(os.path.join(out, "ald_per_class.csv"), class_rows)
     _write_csv(os.path.join(out, "maps.csv"), rows)
-    fig = _ald_figure(weight, fit)
-    png = _figure_to_png(fig)
+    png = figure_to_png(ald_figure(weight, fit))
     with open(os.path.join(out, "ald_histogram.png"), "wb") as f:
         f.write(png)
-    plt.close("all")
 
     pos_r2 = fit.positive.r2[~fit.positive.r2.isnan()]
     neg_r2 = fit.negative.r2[~fit.negative.r2.isnan()]
@@ -291,7 +252,7 @@ def run_audit(
 
         run.log(
             {
-                "audit/ald_histogram": wandb.Image(_png_to_array(png)),
+                "audit/ald_histogram": wandb.Image(png_to_array(png)),
                 "audit/ald_per_class": wandb.Table(columns=list(class_rows[0]), data=[list(r.values()) for r in class_rows]),
                 "audit/maps_table": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows]),
                 "audit/mean_neg_pg_share": report["mean_neg_pg_share"],

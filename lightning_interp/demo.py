@@ -103,14 +103,11 @@ def run_demo(
         probe_size: posterior-gap probe size.
     """
     import lightning.pytorch as pl
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     from lightning_interp import callbacks as cbs
     from lightning_interp import datamodules as dms
     from lightning_interp.models import MLPClassifier, SmallCNN
+    from lightning_interp.plotting import figure_to_png, subplots
     from lightning_interp.posterior import xie_task
 
     unknown = set(parts) - set(PARTS)
@@ -133,7 +130,7 @@ def run_demo(
         }
 
     if "posterior" in parts:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = subplots(figsize=(6, 4))
         for preset in presets:
             t0 = time.perf_counter()
             pl.seed_everything(seed, verbose=False)
@@ -156,8 +153,8 @@ def run_demo(
         ax.set(xscale="log", yscale="log", xlabel="training step", ylabel="mean KL(p || q) on the probe set")
         ax.set_title("Posterior gap during training")
         ax.legend()
-        fig.savefig(os.path.join(out, "gap_vs_step.png"), dpi=100, bbox_inches="tight")
-        plt.close(fig)
+        with open(os.path.join(out, "gap_vs_step.png"), "wb") as f:
+            f.write(figure_to_png(fig))
 
     if "saliency" in parts:
         t0 = time.perf_counter()

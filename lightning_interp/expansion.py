@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from lightning_interp.stats import replicate_standard_error
 
 __all__ = [
+    "Evaluator",
     "PottsExpansion",
     "Square",
     "expand",
@@ -282,8 +283,13 @@ def _outputs(model: nn.Module, x: Tensor, target: Target) -> Tensor:
     return out[:, target : target + 1]
 
 
-class _Evaluator:
-    """Batched evaluation of the model on sequences of states, in the model's dtype and device."""
+class Evaluator:
+    """Batched evaluation of a model on sequences of states ``[N, L]`` -> outputs ``[N, K]`` (float64).
+
+    States are encoded with ``encode(states, num_states)`` and run in the model's dtype and device, in
+    batches of ``batch``; ``target`` selects an output or a difference of two (``None``: all outputs). A
+    model that rejects the encoded shape gets a ``ValueError`` that says to pass ``encode``.
+    """
 
     def __init__(
         self, model: nn.Module, num_states: int, encode: Callable[[Tensor, int], Tensor], target: Target, batch: int
@@ -395,7 +401,7 @@ def expand(
         raise ValueError(f"order must be 1 or 2, got {order}")
     if method not in ("exact", "sampled", "quadratic"):
         raise ValueError(f"method must be 'exact', 'sampled' or 'quadratic', got {method!r}")
-    evaluate = _Evaluator(model, num_states, encode, target, batch_size)
+    evaluate = Evaluator(model, num_states, encode, target, batch_size)
     device = evaluate.device
     length, q = seq_len, num_states
     single = target is not None
@@ -426,7 +432,7 @@ def expand(
     return expansion
 
 
-def _single_output(model: nn.Module, evaluate: _Evaluator, length: int) -> bool:
+def _single_output(model: nn.Module, evaluate: Evaluator, length: int) -> bool:
     with torch.no_grad():
         out = model(evaluate.encode(torch.zeros(1, length, dtype=torch.long), evaluate.q).to(evaluate.device, evaluate.dtype))
     return out.ndim == 1 or out.shape[1] == 1
@@ -487,7 +493,7 @@ def _quadratic(model: nn.Module, length: int, q: int, target: Target, device: to
 
 
 def _sampled(
-    evaluate: _Evaluator,
+    evaluate: Evaluator,
     length: int,
     q: int,
     order: int,

@@ -47,7 +47,17 @@ from torch import Tensor, nn
 
 from lightning_interp.hooks import capture, forward_hooks, get_module, leaves
 
-__all__ = ["METHODS", "ALDFit", "ALDSide", "FinalLayerSaliency", "channel_set_map", "fit_ald", "split_chain"]
+__all__ = [
+    "METHODS",
+    "ALDFit",
+    "ALDSide",
+    "FinalLayerSaliency",
+    "channel_set_map",
+    "deletion_curve",
+    "fit_ald",
+    "negative_share",
+    "split_chain",
+]
 
 Method = Literal["policy_gradient", "cam", "discriminative", "confusing"]
 #: The map kinds of :meth:`FinalLayerSaliency.attribute`.
@@ -441,7 +451,7 @@ class FinalLayerSaliency(Attribution):
             mask[i, split_chain(row, side, self.min_size)[-1]] = True  # type: ignore[arg-type]
         return mask
 
-    def _class_chain_mask(self, classes: Tensor, side: str, weight: Tensor) -> Tensor:
+    def class_chain_mask(self, classes: Tensor, side: str, weight: Tensor) -> Tensor:
         version = (weight.data_ptr(), weight._version)  # the cache follows in-place weight updates
         if getattr(self, "_chain_version", None) != version:
             self._chains, self._chain_version = {}, version
@@ -483,8 +493,8 @@ class FinalLayerSaliency(Attribution):
             w_c = weight[flat_t].reshape(len(inputs), k, -1)  # [N, k, D]
             expected = (q @ weight)[:, None, :]  # [N, 1, D]
             g = w_c - expected
-            disc_mask = self._class_chain_mask(flat_t, "+", param).reshape(len(inputs), k, -1)
-            conf_mask = self._class_chain_mask(flat_t, "-", param).reshape(len(inputs), k, -1)
+            disc_mask = self.class_chain_mask(flat_t, "+", param).reshape(len(inputs), k, -1)
+            conf_mask = self.class_chain_mask(flat_t, "-", param).reshape(len(inputs), k, -1)
         else:
             feats, logits, w_c, g, tgt = self._fallback(inputs, target)
             k = tgt.shape[1]
@@ -582,3 +592,39 @@ class FinalLayerSaliency(Attribution):
 
     def has_convergence_delta(self) -> bool:
         return False
+
+
+def deletion_curve(model: nn.Module, inputs: Tensor, maps: Tensor, target: Tensor, steps: int = 10) -> Tensor:
+    """Probability of ``target`` as the most salient pixels are deleted (set to the image's mean).
+
+    Args:
+        model: the classifier.
+        inputs: images ``[N, C, H, W]``.
+        maps: saliency ``[N, H, W]`` at the input resolution (higher = deleted first).
+        target: classes ``[N]``.
+        steps: number of deletion fractions ``1/steps, ..., 1`` (plus the intact image).
+
+    Returns:
+        ``[N, steps + 1]`` target probabilities; the mean over fractions is the deletion AUC (lower is
+        more faithful).
+    """
+    n, _, h, w = inputs.shape
+    order = maps.reshape(n, -1).argsort(dim=1, descending=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(h * w, device=order.device).expand(n, -1))
+    baseline = inputs.mean(dim=(2, 3), keepdim=True)
+    probs = []
+    for i in range(steps + 1):
+        keep = (rank >= round(i * h * w / steps)).reshape(n, 1, h, w)
+        x = torch.where(keep, inputs, baseline)
+        probs.append(model(x).softmax(dim=1).gather(1, target[:, None])[:, 0])
+    return torch.stack(probs, dim=1)
+
+
+def negative_share(policy_gradient: Tensor) -> Tensor:
+    """Share of each map's policy-gradient mass that is negative (evidence against the class) ``[N]``.
+
+    ``sum relu(-pg) / sum |pg|`` over the map; 0 for an all-zero map.
+    """
+    pg = policy_gradient.flatten(1)
+    return F.relu(-pg).sum(dim=1) / pg.abs().sum(dim=1).clamp_min(torch.finfo(pg.dtype).tiny)

@@ -80,7 +80,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from lightning_interp.ablation import AblationResult, BayesianAblation, MaskedForward, _all_masks
+from lightning_interp.ablation import AblationResult, BayesianAblation, MaskedForward, all_masks
 from lightning_interp.hooks import get_module
 from lightning_interp.models import MLPClassifier, SmallCNN
 
@@ -273,7 +273,7 @@ def bench_exact(args: argparse.Namespace, n: int, loop_repeats: int) -> dict[str
     load_start = os.getloadavg()
     model, layer, x, y = build(args, args.exact_hidden, n, seed_offset=0)
     d = args.exact_hidden[-1]
-    masks = _all_masks(d, torch.device("cpu"))
+    masks = all_masks(d, torch.device("cpu"))
     split = MaskedForward(model, layer, max_batch=args.max_batch)
     whole = MaskedForward(model, layer, max_batch=args.max_batch, split=False)
     fixed = drop_unused_boundary(MaskedForward(model, layer, max_batch=args.max_batch))

@@ -76,7 +76,7 @@ from tqdm import tqdm
 from lightning_interp.callbacks import CorrelationOrderCallback
 from lightning_interp.correlation import INPUT, ClassMoments, Quadratic, layer_outputs, propagate_moments, theory_accuracy
 from lightning_interp.datamodules import HigherOrderDataModule, XORDataModule
-from lightning_interp.datamodules.mnist import MNISTDataModule, _missing_files
+from lightning_interp.datamodules.mnist import MNISTDataModule, missing_files
 from lightning_interp.models import ClassifierModule
 
 TASKS = ("xor", "higher_order", "mnist")
@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
     t_start = time.perf_counter()
     tasks = list(args.tasks)
     skipped: dict[str, str] = {}
-    if "mnist" in tasks and _missing_files(args.mnist_dir):
+    if "mnist" in tasks and missing_files(args.mnist_dir):
         skipped["mnist"] = f"MNIST IDX files not found under {os.path.join(args.mnist_dir, 'MNIST', 'raw')}"
         print(f"mnist: skipped ({skipped['mnist']})")
         tasks.remove("mnist")

@@ -320,7 +320,7 @@ def test_ess_matches_a_loop_over_geyers_initial_positive_sequence() -> None:
     assert got[d] == c * s
 
 
-class _Flagged(nn.Module):
+class Flagged(nn.Module):
     """A Python branch after the layer (frozen by torch.fx at trace time) and a parameter used after it."""
 
     def __init__(self) -> None:
@@ -336,7 +336,7 @@ class _Flagged(nn.Module):
 
 def test_split_follows_model_changes_and_keeps_constants_inside() -> None:
     torch.manual_seed(5)
-    model = _Flagged().eval()
+    model = Flagged().eval()
     x = torch.randn(40, 4)
     masks = torch.rand(12, 8) > 0.5
     mf = MaskedForward(model, "act")

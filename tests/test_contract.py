@@ -21,7 +21,7 @@ CASE_PARAMS = [pytest.param(c, id=c.id) for c in CASES]
 BAD_PARAMS = [pytest.param(c, b, id=f"{c.id}-{b.id}") for c in CASES for b in c.bad_configs]
 
 
-def _trainer(callbacks: list[Callback], tmp_path: Any = None, **kw: Any) -> pl.Trainer:
+def quiet_trainer(callbacks: list[Callback], tmp_path: Any = None, **kw: Any) -> pl.Trainer:
     defaults: dict[str, Any] = dict(
         accelerator="cpu",
         devices=1,
@@ -40,7 +40,7 @@ def _trainer(callbacks: list[Callback], tmp_path: Any = None, **kw: Any) -> pl.T
 def _fit(case: ContractCase, callbacks: list[Callback], seed: int = 7, **kw: Any) -> pl.LightningModule:
     pl.seed_everything(seed, verbose=False)
     model = case.make_model()
-    _trainer(callbacks, **kw).fit(model, case.make_datamodule())
+    quiet_trainer(callbacks, **kw).fit(model, case.make_datamodule())
     return model
 
 
@@ -88,7 +88,7 @@ def _scalars(history: list[dict[str, float]]) -> list[dict[str, float]]:
     return [{k: v for k, v in h.items()} for h in history]
 
 
-def _assert_history_close(a: list[dict[str, float]], b: list[dict[str, float]], rtol: float, atol: float) -> None:
+def assert_history_close(a: list[dict[str, float]], b: list[dict[str, float]], rtol: float, atol: float) -> None:
     assert len(a) == len(b) and len(a) > 0
     for ha, hb in zip(a, b, strict=True):
         assert ha.keys() == hb.keys()
@@ -110,9 +110,9 @@ def test_weights_bit_identical_with_and_without_callback(case: ContractCase, for
         if form == "compiled_submodule":
             compile_first_block(model)
         if form == "plain_loaders":
-            _trainer(callbacks, max_epochs=2).fit(model, *plain_loaders(dm))
+            quiet_trainer(callbacks, max_epochs=2).fit(model, *plain_loaders(dm))
         else:
-            _trainer(callbacks, max_epochs=2).fit(model, dm)
+            quiet_trainer(callbacks, max_epochs=2).fit(model, dm)
         return model
 
     extra = case.loader_kwargs(case.make_datamodule()) if form == "plain_loaders" else {}
@@ -128,7 +128,7 @@ def test_weights_bit_identical_with_and_without_callback(case: ContractCase, for
 def test_restores_modes_requires_grad_grads_and_rng(case: ContractCase) -> None:
     cb = case.make_callback(every_n_epochs=1)
     model = case.make_model()
-    trainer = _trainer([cb], max_steps=2)
+    trainer = quiet_trainer([cb], max_steps=2)
     trainer.fit(model, case.make_datamodule())
     # A mixed state: one submodule in eval mode, one frozen parameter, gradients set.
     model.train()
@@ -154,7 +154,7 @@ def test_restores_modes_requires_grad_grads_and_rng(case: ContractCase) -> None:
 def test_no_hooks_left_also_after_an_exception(case: ContractCase, monkeypatch: pytest.MonkeyPatch) -> None:
     cb = case.make_callback(every_n_steps=2)
     model = case.make_model()
-    trainer = _trainer([cb], max_steps=4)
+    trainer = quiet_trainer([cb], max_steps=4)
     before = count_hooks(model)
     trainer.fit(model, case.make_datamodule())
     assert count_hooks(model) == before
@@ -181,7 +181,7 @@ def test_works_inside_inference_mode(case: ContractCase) -> None:
     cb = case.make_callback(every_n_epochs=1, run_on="validation_epoch_end", measure_at_end=False)
     model = _fit(case, [cb], max_epochs=2, limit_val_batches=1)
     assert [h["epoch"] for h in cb.history] == [0.0, 1.0], "one measurement per validation epoch"
-    trainer = _trainer([cb], max_steps=1)
+    trainer = quiet_trainer([cb], max_steps=1)
     trainer.fit(model, case.make_datamodule())
     plain = {k: float(v) for k, v in cb.run(trainer, model).scalars.items()}
     with torch.inference_mode():
@@ -191,7 +191,7 @@ def test_works_inside_inference_mode(case: ContractCase) -> None:
         assert inside[k] == pytest.approx(plain[k], nan_ok=True, rel=1e-6, abs=1e-9), k
 
 
-class _Dump(Callback):
+class Dump(Callback):
     """Writes, per rank, the watched callback's history and how often it rendered figures."""
 
     def __init__(self, watched: Any, path: str) -> None:
@@ -222,20 +222,20 @@ def test_ddp_two_processes_match_single_process(case: ContractCase, tmp_path: An
     pl.seed_everything(3, verbose=False)
     single = _without_dropout(case.make_model())
     with one_thread():
-        _trainer([single_cb], max_epochs=1).fit(single, case.make_datamodule(batch_size=32, shuffle=False))
+        quiet_trainer([single_cb], max_epochs=1).fit(single, case.make_datamodule(batch_size=32, shuffle=False))
 
     ddp_cb = case.make_callback(**kw, figure_dir=str(tmp_path / "figures"))  # something takes the figures
     pl.seed_everything(3, verbose=False)
     model = _without_dropout(case.make_model())
-    trainer = _trainer(
-        [ddp_cb, _Dump(ddp_cb, str(tmp_path))], max_epochs=1, devices=2, strategy="ddp_spawn", use_distributed_sampler=False
+    trainer = quiet_trainer(
+        [ddp_cb, Dump(ddp_cb, str(tmp_path))], max_epochs=1, devices=2, strategy="ddp_spawn", use_distributed_sampler=False
     )
     trainer.fit(model, case.make_datamodule(batch_size=32, shuffle=False))
     ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
-    _assert_history_close(ranks[0]["history"], ranks[1]["history"], rtol=0, atol=0)  # every rank logs the same numbers
+    assert_history_close(ranks[0]["history"], ranks[1]["history"], rtol=0, atol=0)  # every rank logs the same numbers
     assert ranks[0]["figure_calls"] == len(ranks[0]["history"]) > 0
     assert ranks[1]["figure_calls"] == 0, "figures are rendered on rank 0 only"
-    _assert_history_close(single_cb.history, ranks[0]["history"], rtol=1e-5, atol=1e-6)
+    assert_history_close(single_cb.history, ranks[0]["history"], rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- 4. state survives a checkpoint
@@ -249,9 +249,9 @@ def test_state_survives_checkpoint(case: ContractCase, tmp_path: Any) -> None:
 
     resumed = case.make_callback(every_n_epochs=1)
     pl.seed_everything(7, verbose=False)
-    trainer = _trainer([resumed, ModelCheckpoint(dirpath=str(tmp_path))], max_epochs=3, enable_checkpointing=True)
+    trainer = quiet_trainer([resumed, ModelCheckpoint(dirpath=str(tmp_path))], max_epochs=3, enable_checkpointing=True)
     trainer.fit(case.make_model(), case.make_datamodule(), ckpt_path=str(tmp_path / "last.ckpt"))
-    _assert_history_close(first, resumed.history[:2], rtol=0, atol=0)  # the history continues rather than restarts
+    assert_history_close(first, resumed.history[:2], rtol=0, atol=0)  # the history continues rather than restarts
     assert len(resumed.history) == 3 and resumed.history[2]["epoch"] == 2.0
 
     other = case.make_callback(every_n_epochs=1, seed=123)
@@ -273,7 +273,7 @@ def test_configuration_errors_raise_at_setup(case: ContractCase, bad: Any) -> No
     _StepCounter.steps = 0
     with pytest.raises(bad.error, match=bad.match):
         callback, model, dm = bad.build()
-        _trainer([callback, _StepCounter()], max_steps=2).fit(model, dm)
+        quiet_trainer([callback, _StepCounter()], max_steps=2).fit(model, dm)
     assert _StepCounter.steps == 0, "the error must come before the first training step"
 
 

@@ -317,9 +317,9 @@ def test_layer_replacement_split_and_hook_paths_agree() -> None:
 
 def test_layer_replacement_follows_model_changes() -> None:
     torch.manual_seed(1)
-    from tests.test_ablation import _Flagged
+    from tests.test_ablation import Flagged
 
-    model = _Flagged().eval()
+    model = Flagged().eval()
     x = torch.randn(20, 4)
     run = LayerReplacement(model, "act")
     run.prepare(x)

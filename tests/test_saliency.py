@@ -278,7 +278,7 @@ def test_errors_are_clear(resnet: nn.Module) -> None:
 
 # ------------------------------------------------------------------------------------ callback helpers
 def test_deletion_curve_end_points_and_order() -> None:
-    from lightning_interp.callbacks.saliency import deletion_curve
+    from lightning_interp.saliency import deletion_curve
 
     torch.manual_seed(9)
     model = SmallCNN(in_channels=1, num_classes=3, channels=(4, 8)).eval()

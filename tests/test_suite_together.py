@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_interp import callbacks as cbs
 from lightning_interp.datamodules import PatchImageDataModule, PottsDataModule
 from lightning_interp.models import MLPClassifier, SmallCNN
-from tests.test_contract import _assert_history_close, _Dump, _trainer, one_thread
+from tests.test_contract import Dump, assert_history_close, one_thread, quiet_trainer
 
 KW: dict[str, Any] = dict(every_n_epochs=1, measure_at_start=True)
 
@@ -68,21 +68,21 @@ def test_all_callbacks_in_ddp_log_what_one_process_logs(tmp_path: Path, run: str
     single = suite()
     pl.seed_everything(5, verbose=False)
     with one_thread():
-        _trainer(single, max_epochs=2).fit(model(), dm())
+        quiet_trainer(single, max_epochs=2).fit(model(), dm())
     ddp = suite()
     for cb in ddp:
         cb.figure_dir = str(tmp_path / "figures")  # something takes the figures (rank 0 renders them)
-    dumps = [_Dump(cb, str(tmp_path / type(cb).__name__)) for cb in ddp]
+    dumps = [Dump(cb, str(tmp_path / type(cb).__name__)) for cb in ddp]
     for cb in ddp:
         (tmp_path / type(cb).__name__).mkdir()
     pl.seed_everything(5, verbose=False)
-    _trainer([*ddp, *dumps], max_epochs=2, devices=2, strategy="ddp_spawn", use_distributed_sampler=False).fit(model(), dm())
+    quiet_trainer([*ddp, *dumps], max_epochs=2, devices=2, strategy="ddp_spawn", use_distributed_sampler=False).fit(model(), dm())
     for cb_single, cb in zip(single, ddp, strict=True):
         folder = tmp_path / type(cb).__name__
         ranks = [json.loads((folder / f"rank{r}.json").read_text()) for r in (0, 1)]
-        _assert_history_close(ranks[0]["history"], ranks[1]["history"], rtol=0, atol=0)
+        assert_history_close(ranks[0]["history"], ranks[1]["history"], rtol=0, atol=0)
         assert ranks[1]["figure_calls"] == 0 < ranks[0]["figure_calls"]
-        _assert_history_close(cb_single.history, ranks[0]["history"], rtol=1e-5, atol=1e-6)
+        assert_history_close(cb_single.history, ranks[0]["history"], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("run", list(RUNS))
@@ -90,17 +90,17 @@ def test_all_callbacks_resume_their_histories_and_probe_sets(tmp_path: Path, run
     suite, model, dm = RUNS[run]
     first = suite()
     pl.seed_everything(6, verbose=False)
-    _trainer([*first, ModelCheckpoint(dirpath=str(tmp_path), save_last=True)], max_epochs=1, enable_checkpointing=True).fit(
+    quiet_trainer([*first, ModelCheckpoint(dirpath=str(tmp_path), save_last=True)], max_epochs=1, enable_checkpointing=True).fit(
         model(), dm(shuffle=True)
     )
     resumed = suite()
     pl.seed_everything(6, verbose=False)
-    _trainer([*resumed, ModelCheckpoint(dirpath=str(tmp_path))], max_epochs=2, enable_checkpointing=True).fit(
+    quiet_trainer([*resumed, ModelCheckpoint(dirpath=str(tmp_path))], max_epochs=2, enable_checkpointing=True).fit(
         model(), dm(shuffle=True), ckpt_path=str(tmp_path / "last.ckpt")
     )
     for a, b in zip(first, resumed, strict=True):
         assert len(b.history) == len(a.history) + 1, type(a).__name__
-        _assert_history_close(a.history, b.history[: len(a.history)], rtol=0, atol=0)
+        assert_history_close(a.history, b.history[: len(a.history)], rtol=0, atol=0)
         assert b.history[-1]["epoch"] == 1.0
     # the probe sets continue: drawn from the callbacks' own seeds, identical after the resume (the expansion
     # has no probe set: its random sequences are seeded by the step, covered by the equal histories)

@@ -34,10 +34,10 @@ from lightning_interp.callbacks.base import (
     check_logits,
     check_number,
     model_device_dtype,
-    subplots,
 )
 from lightning_interp.callbacks.probe import ProbeSource, Unpack
 from lightning_interp.hooks import get_module
+from lightning_interp.plotting import subplots
 
 __all__ = ["AblationProbeCallback"]
 

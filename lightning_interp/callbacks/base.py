@@ -39,7 +39,6 @@ chooses its data (:meth:`~InterpretabilityCallback.validate`), calls a method
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import random
@@ -63,6 +62,7 @@ from torch import Tensor, nn
 
 from lightning_interp.callbacks.probe import ProbeSource, Unpack, draw_probe
 from lightning_interp.hooks import uncompiled
+from lightning_interp.plotting import figure_to_png, png_to_array
 
 __all__ = [
     "BUDGET_ENV",
@@ -76,7 +76,6 @@ __all__ = [
     "default_budget",
     "isolate",
     "model_device_dtype",
-    "subplots",
 ]
 
 RunOn = Literal["train_epoch_end", "validation_epoch_end"]
@@ -210,36 +209,8 @@ def check_logits(out: Any, who: str, model: nn.Module) -> Tensor:
     return out
 
 
-def subplots(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] | None = None, **kwargs: Any) -> tuple[Any, Any]:
-    """A matplotlib ``Figure`` and its axes, made without pyplot: no backend is chosen or changed.
-
-    Arguments as :meth:`matplotlib.figure.Figure.subplots` (``squeeze``, ``sharex``, ``gridspec_kw``, ...).
-    """
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize)
-    return fig, fig.subplots(nrows, ncols, **kwargs)
-
-
 def _to_float(value: Tensor | float) -> float:
     return float(value.detach().cpu().item()) if isinstance(value, Tensor) else float(value)
-
-
-def _figure_to_png(fig: Any) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    if hasattr(fig, "number"):  # a pyplot figure: release it from pyplot's registry
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
-    return buf.getvalue()
-
-
-def _png_to_array(png: bytes) -> Any:
-    import numpy as np
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
 
 
 def _takes_images(logger: Any) -> bool:
@@ -858,7 +829,7 @@ class InterpretabilityCallback(Callback, ABC):
     def _log_figure(self, trainer: pl.Trainer, key: str, fig: Any, step: int) -> None:
         from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
-        png = _figure_to_png(fig)
+        png = figure_to_png(fig)
         full = self._key(key)
         if self.figure_dir:
             os.makedirs(self.figure_dir, exist_ok=True)
@@ -869,9 +840,9 @@ class InterpretabilityCallback(Callback, ABC):
             return
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image(key=full, images=[_png_to_array(png)], step=step)
+                logger.log_image(key=full, images=[png_to_array(png)], step=step)
             elif isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image(full, _png_to_array(png), global_step=step, dataformats="HWC")
+                logger.experiment.add_image(full, png_to_array(png), global_step=step, dataformats="HWC")
             else:
                 self._warn_no_images(logger)
 

@@ -23,11 +23,11 @@ from lightning_interp.callbacks.base import (
     check_int,
     check_logits,
     model_device_dtype,
-    subplots,
 )
 from lightning_interp.callbacks.probe import ProbeSource, Unpack
 from lightning_interp.correlation import INPUT, ClassMoments, LayerReplacement, Quadratic, gaussian_surrogates, layer_outputs
 from lightning_interp.hooks import get_module
+from lightning_interp.plotting import subplots
 from lightning_interp.stats import mean_and_se
 
 __all__ = ["CorrelationOrderCallback"]

@@ -13,8 +13,9 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_interp.callbacks.base import InterpretabilityCallback, Measurement, RunOn, check_choice, check_int, subplots
-from lightning_interp.expansion import PottsExpansion, Target, _Evaluator, expand, one_hot_flat, zero_sum_gauge
+from lightning_interp.callbacks.base import InterpretabilityCallback, Measurement, RunOn, check_choice, check_int
+from lightning_interp.expansion import Evaluator, PottsExpansion, Target, expand, one_hot_flat, zero_sum_gauge
+from lightning_interp.plotting import subplots
 
 __all__ = ["LogitExpansionCallback"]
 
@@ -148,7 +149,7 @@ class LogitExpansionCallback(InterpretabilityCallback):
     needs_data = False
 
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        out = _Evaluator(pl_module, self.num_states, one_hot_flat, None, 2)(torch.zeros(2, self.seq_len, dtype=torch.long))
+        out = Evaluator(pl_module, self.num_states, one_hot_flat, None, 2)(torch.zeros(2, self.seq_len, dtype=torch.long))
         if self.target is None:
             self._target = (1, 0) if out.shape[1] == 2 else 0
         else:

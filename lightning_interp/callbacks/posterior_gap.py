@@ -13,8 +13,9 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_interp.callbacks.base import InterpretabilityCallback, Measurement, RunOn, check_int, model_device_dtype, subplots
+from lightning_interp.callbacks.base import InterpretabilityCallback, Measurement, RunOn, check_int, model_device_dtype
 from lightning_interp.callbacks.probe import ProbeSource, Unpack, draw_probe
+from lightning_interp.plotting import subplots
 from lightning_interp.posterior import GAP_MEASURES, GenerativeTask, PosteriorGap
 
 __all__ = ["PosteriorGapCallback"]

@@ -23,40 +23,13 @@ from lightning_interp.callbacks.base import (
     check_int,
     check_logits,
     model_device_dtype,
-    subplots,
 )
 from lightning_interp.callbacks.probe import ProbeSource, Unpack
-from lightning_interp.saliency import FinalLayerSaliency
+from lightning_interp.plotting import saliency_grid
+from lightning_interp.saliency import FinalLayerSaliency, deletion_curve, negative_share
 from lightning_interp.stats import mean_and_se
 
-__all__ = ["FinalLayerSaliencyCallback", "deletion_curve"]
-
-
-def deletion_curve(model: nn.Module, inputs: Tensor, maps: Tensor, target: Tensor, steps: int = 10) -> Tensor:
-    """Probability of ``target`` as the most salient pixels are deleted (set to the image's mean).
-
-    Args:
-        model: the classifier.
-        inputs: images ``[N, C, H, W]``.
-        maps: saliency ``[N, H, W]`` at the input resolution (higher = deleted first).
-        target: classes ``[N]``.
-        steps: number of deletion fractions ``1/steps, ..., 1`` (plus the intact image).
-
-    Returns:
-        ``[N, steps + 1]`` target probabilities; the mean over fractions is the deletion AUC (lower is
-        more faithful).
-    """
-    n, _, h, w = inputs.shape
-    order = maps.reshape(n, -1).argsort(dim=1, descending=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(h * w, device=order.device).expand(n, -1))
-    baseline = inputs.mean(dim=(2, 3), keepdim=True)
-    probs = []
-    for i in range(steps + 1):
-        keep = (rank >= round(i * h * w / steps)).reshape(n, 1, h, w)
-        x = torch.where(keep, inputs, baseline)
-        probs.append(model(x).softmax(dim=1).gather(1, target[:, None])[:, 0])
-    return torch.stack(probs, dim=1)
+__all__ = ["FinalLayerSaliencyCallback"]
 
 
 class FinalLayerSaliencyCallback(InterpretabilityCallback):
@@ -224,7 +197,6 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
         target = self._labels.to(device) if self.target == "label" else None  # type: ignore[union-attr]
         out = self._saliency.attribute_all(x, target=target)
         pg, tgt = out["policy_gradient"], out["target"]
-        abs_mass = pg.abs().flatten(1).sum(dim=1).clamp_min(torch.finfo(pg.dtype).tiny)
         weight = self._saliency_weight(pl_module)
         scalars: dict[str, Tensor | float] = {
             "disc_channels": self._chain_size(weight, tgt, "+"),
@@ -232,7 +204,7 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
         }
         # per-image values, then their mean and its standard error over the probe images
         per_image = {
-            "neg_pg_share": F.relu(-pg).flatten(1).sum(dim=1) / abs_mass,
+            "neg_pg_share": negative_share(pg),
             "target_prob": out["logits"].softmax(dim=1).gather(1, tgt[:, None])[:, 0],
         }
         if self.deletion_steps:
@@ -256,59 +228,9 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
     def _chain_size(self, weight: Tensor | None, target: Tensor, side: str) -> float:
         if weight is None:
             return float("nan")
-        masks = self._saliency._class_chain_mask(target, side, weight)  # type: ignore[union-attr]
+        masks = self._saliency.class_chain_mask(target, side, weight)  # type: ignore[union-attr]
         return float(masks.sum(dim=1).double().mean())
 
     # ------------------------------------------------------------------ figures
     def figures(self, measurement: Measurement) -> dict[str, Any]:
-        """One figure of four panels (input, discriminative, confusing, policy gradient), the probe images stacked.
-
-        Each panel is a single image (the maps blended over the inputs here rather than by matplotlib), so
-        rendering costs four ``imshow`` calls whatever the number of images.
-        """
-        from matplotlib import colormaps
-
-        maps = measurement.data["maps"]
-        x = measurement.data["inputs"].detach().float().cpu()
-        n = min(len(x), 8)
-        size = x.shape[-2:]
-
-        def up(m: Tensor) -> Tensor:
-            return F.interpolate(m[:n, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0].cpu()
-
-        disc, conf, pg = up(maps["discriminative"]), up(maps["confusing"]), up(maps["policy_gradient"])
-        img = x[:n]
-        lo = img.flatten(1).min(1).values.view(n, 1, 1, 1)
-        hi = img.flatten(1).max(1).values.view(n, 1, 1, 1)
-        img = (img - lo) / (hi - lo).clamp_min(1e-12)
-        rgb = img.expand(n, 3, *size) if img.shape[1] == 1 else img[:, :3]
-        rgb = rgb.permute(0, 2, 3, 1)  # [n, H, W, 3]
-        pg = pg / pg.flatten(1).abs().max(1).values.clamp_min(1e-12).view(n, 1, 1)  # per image, in [-1, 1]
-
-        def overlay(values: Tensor, cmap: str, vmin: float, vmax: float) -> Tensor:
-            colours = torch.as_tensor(colormaps[cmap](((values - vmin) / (vmax - vmin)).clamp(0, 1).numpy())[..., :3])
-            return 0.4 * rgb + 0.6 * colours.float()
-
-        panels = [
-            ("input", rgb, None),
-            ("discriminative", overlay(disc, "inferno", 0, 1), ("inferno", 0, 1)),
-            ("confusing", overlay(conf, "inferno", 0, 1), ("inferno", 0, 1)),
-            ("policy gradient / max |.|", overlay(pg, "RdBu_r", -1, 1), ("RdBu_r", -1, 1)),
-        ]
-        fig, axes = subplots(1, 4, figsize=(7, 0.9 * n + 1.0), squeeze=False)
-        height = size[0] + 1  # a white row between images
-        ticks = [height * (i + 0.5) for i in range(n)]
-        for ax, (title, stack, bar) in zip(axes[0], panels, strict=True):
-            stack = torch.cat([stack, torch.ones(n, 1, size[1], 3)], dim=1)
-            ax.imshow(stack.reshape(n * height, size[1], 3).numpy(), interpolation="nearest")
-            ax.set_title(title, fontsize=8)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if bar is not None:
-                from matplotlib.cm import ScalarMappable
-                from matplotlib.colors import Normalize
-
-                fig.colorbar(ScalarMappable(Normalize(bar[1], bar[2]), bar[0]), ax=ax, fraction=0.08, pad=0.02)
-        axes[0][0].set_yticks(ticks, [f"class {int(t)}" for t in maps["target"][:n]], fontsize=7)
-        axes[0][0].set_ylabel("probe image (explained class)", fontsize=8)
-        return {"maps": fig}
+        return {"maps": saliency_grid(measurement.data["maps"], measurement.data["inputs"])}

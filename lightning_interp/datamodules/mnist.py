@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
 from torchvision.datasets import MNIST
 
-__all__ = ["MNIST_FILES", "MNIST_MEAN", "MNIST_STD", "MNISTDataModule"]
+__all__ = ["MNIST_FILES", "MNIST_MEAN", "MNIST_STD", "MNISTDataModule", "missing_files"]
 
 MNIST_MEAN = 0.1307
 """Mean pixel intensity of the MNIST training images (after ``ToTensor``, i.e. in ``[0, 1]``)."""
@@ -35,7 +35,7 @@ def _legacy_present(data_dir: str) -> bool:
     return all(os.path.isfile(os.path.join(processed, f)) for f in (MNIST.training_file, MNIST.test_file))
 
 
-def _missing_files(data_dir: str) -> list[str]:
+def missing_files(data_dir: str) -> list[str]:
     """The files of :data:`MNIST_FILES` missing from ``<data_dir>/MNIST/raw`` (empty when torchvision can load)."""
     if _legacy_present(data_dir):
         return []
@@ -154,19 +154,19 @@ class MNISTDataModule(pl.LightningDataModule):
 
     def check_files(self) -> None:
         """Raise ``FileNotFoundError`` naming the expected files when torchvision cannot load MNIST from ``data_dir``."""
-        missing = _missing_files(self.data_dir)
+        missing = missing_files(self.data_dir)
         if missing:
             raise FileNotFoundError(_not_found_message(self.data_dir, missing))
 
     def prepare_data(self) -> None:
         """Download the files when ``download`` (torchvision skips files already present); else check for them."""
-        if self.download and _missing_files(self.data_dir):
+        if self.download and missing_files(self.data_dir):
             MNIST(self.data_dir, train=True, download=True)
             MNIST(self.data_dir, train=False, download=True)
         self.check_files()
 
     def setup(self, stage: str | None = None) -> None:
-        if _missing_files(self.data_dir):
+        if missing_files(self.data_dir):
             if self.download:
                 self.prepare_data()
             self.check_files()

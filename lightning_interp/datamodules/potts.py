@@ -31,29 +31,6 @@ _MAX_CATEGORIES = 2**24
 _CHUNK = 2**16
 
 
-def _zero_sum_gauge(fields: Tensor, couplings: Tensor) -> tuple[Tensor, Tensor]:
-    """Zero-sum gauge of a pairwise energy ``sum_i h_i + sum_{i<j} J_ij`` (METHODS.md section 5); the constant is dropped.
-
-    ``J'_ij(a,b) = J_ij(a,b) - J_ij(.,b) - J_ij(a,.) + J_ij(.,.)`` and
-    ``h'_i(a) = h_i(a) - h_i(.) + sum_{j != i} (J_ij(a,.) - J_ij(.,.))``, dot = mean over states.
-
-    Args:
-        fields: ``[L, q]``.
-        couplings: ``[L, L, q, q]``, symmetric (``J[i, j, a, b] = J[j, i, b, a]``) with zero diagonal blocks.
-
-    Returns:
-        ``(h', J')`` of the same shapes.
-    """
-    row = couplings.mean(dim=3, keepdim=True)  # J_ij(a, .)
-    col = couplings.mean(dim=2, keepdim=True)  # J_ij(., b)
-    both = couplings.mean(dim=(2, 3), keepdim=True)  # J_ij(., .)
-    j_new = couplings - row - col + both
-    length = fields.shape[0]
-    off = ~torch.eye(length, dtype=torch.bool, device=fields.device)
-    h_new = fields - fields.mean(dim=1, keepdim=True) + ((row - both).squeeze(3) * off[:, :, None]).sum(dim=1)
-    return h_new, j_new
-
-
 class PottsTask(GenerativeTask):
     """The two planted Potts models of a :class:`PottsDataModule` as a :class:`GenerativeTask` (exact posterior).
 

@@ -1,0 +1,150 @@
+"""Figures without pyplot: matplotlib ``Figure`` objects, PNG bytes and image arrays.
+
+Library code never chooses or changes the user's matplotlib backend: a ``matplotlib.figure.Figure``
+made directly needs none, and PNG bytes are what loggers and reports take.
+
+Example:
+    >>> fig, ax = subplots(figsize=(2, 2))
+    >>> _ = ax.plot([0, 1], [0, 1])
+    >>> png = figure_to_png(fig)
+    >>> png[:4], png_to_array(png).shape[-1]
+    (b'\\x89PNG', 3)
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+__all__ = ["ald_figure", "figure_to_png", "png_to_array", "saliency_grid", "subplots"]
+
+
+def subplots(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] | None = None, **kwargs: Any) -> tuple[Any, Any]:
+    """A matplotlib ``Figure`` and its axes, made without pyplot: no backend is chosen or changed.
+
+    Arguments as :meth:`matplotlib.figure.Figure.subplots` (``squeeze``, ``sharex``, ``gridspec_kw``, ...).
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
+
+
+def figure_to_png(fig: Any, dpi: int = 100) -> bytes:
+    """PNG bytes of a ``Figure`` (a pyplot figure is also released from pyplot's registry)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    if hasattr(fig, "number"):  # a pyplot figure
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    return buf.getvalue()
+
+
+def png_to_array(png: bytes) -> Any:
+    """An RGB ``numpy`` array ``[H, W, 3]`` of PNG bytes (what wandb and TensorBoard loggers take)."""
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def saliency_grid(maps: dict[str, Tensor], inputs: Tensor, rows: int = 8) -> Any:
+    """Input, discriminative, confusing and policy-gradient panels of the first ``rows`` images, stacked.
+
+    Each panel is a single image (the maps blended over the inputs in torch rather than by matplotlib), so
+    rendering costs four ``imshow`` calls whatever the number of images. Discriminative and confusing maps
+    are in ``[0, 1]``; the policy-gradient map is divided by its largest magnitude per image.
+
+    Args:
+        maps: :meth:`~lightning_interp.saliency.FinalLayerSaliency.attribute_all` output (``discriminative``,
+            ``confusing``, ``policy_gradient`` ``[N, h, w]`` and ``target`` ``[N]``).
+        inputs: the images ``[N, C, H, W]``.
+        rows: images shown.
+
+    Returns:
+        A matplotlib ``Figure``.
+    """
+    from matplotlib import colormaps
+
+    x = inputs.detach().float().cpu()
+    n = min(len(x), rows)
+    size = x.shape[-2:]
+
+    def up(m: Tensor) -> Tensor:
+        return F.interpolate(m[:n, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0].cpu()
+
+    disc, conf, pg = up(maps["discriminative"]), up(maps["confusing"]), up(maps["policy_gradient"])
+    img = x[:n]
+    lo = img.flatten(1).min(1).values.view(n, 1, 1, 1)
+    hi = img.flatten(1).max(1).values.view(n, 1, 1, 1)
+    img = (img - lo) / (hi - lo).clamp_min(1e-12)
+    rgb = img.expand(n, 3, *size) if img.shape[1] == 1 else img[:, :3]
+    rgb = rgb.permute(0, 2, 3, 1)  # [n, H, W, 3]
+    pg = pg / pg.flatten(1).abs().max(1).values.clamp_min(1e-12).view(n, 1, 1)  # per image, in [-1, 1]
+
+    def overlay(values: Tensor, cmap: str, vmin: float, vmax: float) -> Tensor:
+        colours = torch.as_tensor(colormaps[cmap](((values - vmin) / (vmax - vmin)).clamp(0, 1).numpy())[..., :3])
+        return 0.4 * rgb + 0.6 * colours.float()
+
+    panels = [
+        ("input", rgb, None),
+        ("discriminative", overlay(disc, "inferno", 0, 1), ("inferno", 0, 1)),
+        ("confusing", overlay(conf, "inferno", 0, 1), ("inferno", 0, 1)),
+        ("policy gradient / max |.|", overlay(pg, "RdBu_r", -1, 1), ("RdBu_r", -1, 1)),
+    ]
+    fig, axes = subplots(1, 4, figsize=(7, 0.9 * n + 1.0), squeeze=False)
+    height = size[0] + 1  # a white row between images
+    ticks = [height * (i + 0.5) for i in range(n)]
+    for ax, (title, stack, bar) in zip(axes[0], panels, strict=True):
+        stack = torch.cat([stack, torch.ones(n, 1, size[1], 3)], dim=1)
+        ax.imshow(stack.reshape(n * height, size[1], 3).numpy(), interpolation="nearest")
+        ax.set_title(title, fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if bar is not None:
+            from matplotlib.cm import ScalarMappable
+            from matplotlib.colors import Normalize
+
+            fig.colorbar(ScalarMappable(Normalize(bar[1], bar[2]), bar[0]), ax=ax, fraction=0.08, pad=0.02)
+    axes[0][0].set_yticks(ticks, [f"class {int(t)}" for t in maps["target"][:n]], fontsize=7)
+    axes[0][0].set_ylabel("probe image (explained class)", fontsize=8)
+    return fig
+
+
+def ald_figure(weight: Tensor, fit: Any) -> Any:
+    """Histogram of final-layer weights and the joint log-rank fits of both signs (Siddhartha 2022).
+
+    Args:
+        weight: the final ``nn.Linear`` weight ``[K, C]``.
+        fit: its :func:`~lightning_interp.saliency.fit_ald` result.
+
+    Returns:
+        A matplotlib ``Figure``.
+    """
+    w = weight.detach().double().cpu().flatten()
+    fig, (ax1, ax2) = subplots(1, 2, figsize=(10, 3.5))
+    ax1.hist(w.numpy(), bins=200, color="gray")
+    ax1.set_yscale("log")
+    ax1.set_xlabel("final-layer weight")
+    ax1.set_ylabel("count")
+    ax1.set_title("weight histogram (all classes)")
+    for side, values, joint in (("+", w[w > 0], fit.joint_positive), ("-", -w[w < 0], fit.joint_negative)):
+        if values.numel() < 2:
+            continue
+        y = values.sort().values
+        r = torch.arange(y.numel(), dtype=torch.float64) / y.numel()
+        step = max(1, y.numel() // 2000)
+        ax2.plot(r[::step], y.log()[::step], lw=1, label=f"{side} side (R^2 = {float(joint.r2):.3f})")
+        ax2.plot(r, float(joint.slope) * r + float(joint.intercept), ls="--", lw=1, color="black")
+    ax2.set_xlabel("normalised rank r")
+    ax2.set_ylabel("log |w|")
+    ax2.set_title("log-rank fit (joint)")
+    if ax2.get_legend_handles_labels()[0]:
+        ax2.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
