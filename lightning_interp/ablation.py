@@ -1,8 +1,8 @@
 """Bayesian ablation probing: which units of a layer a task needs, how distributed and how polysemantic.
 
 Reference:
-    Nam, Campbell, Griffiths, Cohen, Leslie, "Discovering the structure of neural network computation by
-    Bayesian ablation" (arXiv:2505.13742, 2025). Definitions follow METHODS.md section 3: the paper names
+    Nam, Campbell, Griffiths, Cohen, Leslie, "Understanding Task Representations in Neural Networks via
+    Bayesian Ablation" (arXiv:2505.13742, CogSci 2025). Definitions follow docs/ablation.md: the paper names
     distributedness, manifold complexity and polysemanticity, but its exact formulas are not reproduced
     here; the ones below are this project's, chosen to be faithful to the paper's framework.
 

@@ -1,8 +1,8 @@
 """Correlation orders: how much of a layer's computation lives in class means, covariances and higher orders.
 
 Reference:
-    Fischer, Rene, Keup, Layer, Dahmen, Helias, "Decomposing neural networks as mappings of correlation
-    functions", Physical Review Research 4, 043143 (2022). Definitions follow METHODS.md section 4; the
+    Fischer, René, Keup, Layer, Dahmen, Helias, "Decomposing neural networks as mappings of correlation
+    functions", Physical Review Research 4, 043143 (2022). Definitions follow docs/correlation.md; the
     paper's exact formulas are not reproduced here.
 
 A network maps the class-conditional input distributions layer by layer. Per layer and class ``c``,

@@ -1,8 +1,8 @@
 """Energy expansion of categorical-input classifiers: fields, couplings and gauges.
 
 Reference:
-    Zamuner & De Los Rios, "Interpretable Neural Networks based classifiers for categorical inputs",
-    arXiv:2102.03202 (2021). Definitions follow METHODS.md section 5; the paper's exact formulas are not
+    Stefano Zamuner and Paolo De Los Rios, "Interpretability of neural networks classifiers with
+    categorical inputs", arXiv:2102.03202 (2021). Definitions follow docs/expansion.md; the paper's exact formulas are not
     reproduced here.
 
 For inputs of ``L`` sites with ``q`` states (one-hot encoded), any logit ``f(sigma)`` is exactly a

@@ -306,7 +306,7 @@ XIE_PRESETS: dict[int, tuple[tuple[float, float], tuple[float, float]]] = {
 
 
 class XieTask(GaussianTask):
-    """One of the three 1-D two-class presets of Xie (2025) (METHODS.md section 1).
+    """One of the three 1-D two-class presets of Xie (2025) (docs/posterior.md).
 
     ======  =========  =========  ===========================  ================
     preset  mu1, s1    mu2, s2    log p(c1|x) / p(c2|x)         Bayes accuracy

@@ -1,9 +1,8 @@
 """Final-layer saliency: discriminative and confusing regions from the last fully connected layer.
 
 Reference:
-    Siddhartha, "A Policy Gradient View of Cross-Entropy Training: Saliency from the Final Layer",
-    arXiv:2205.11908 (2022). Definitions follow METHODS.md section 2: (a) is the paper's own analysis as
-    reconstructed from the author's public summary and notebooks (the paper's exact formulas are not
+    Siddhartha, "An interpretation of the final fully connected layer", arXiv:2205.11908 (2022).
+    Definitions follow docs/saliency.md: (a) is the paper's own analysis as reconstructed from the author's public summary and notebooks (the paper's exact formulas are not
     reproduced here); (b), the policy-gradient map, is this project's named extension.
 
 Cross-entropy training is a one-step policy gradient with policy ``pi(c|x) = softmax(W a + b)_c`` over
@@ -142,7 +141,7 @@ def _stack_sides(results: Sequence[tuple[float, ...]]) -> ALDSide:
 
 
 def fit_ald(weight: Tensor) -> ALDFit:
-    """Asymmetric-Laplace audit of a final layer's weight matrix (METHODS.md 2(a)).
+    """Asymmetric-Laplace audit of a final layer's weight matrix (docs/saliency.md (a)).
 
     Per class row ``w = weight[c]`` and side (positive ``w[w > 0]``, negative ``-w[w < 0]``; zeros are
     excluded) the sorted magnitudes are fitted as ``log y ~ slope * (i / L) + intercept`` by least
@@ -180,7 +179,7 @@ def fit_ald(weight: Tensor) -> ALDFit:
 
 
 def split_chain(w: Tensor, side: Literal["+", "-"] = "+", min_size: int = 20) -> list[Tensor]:
-    """The recursive mean split of one class row (METHODS.md 2(a)), every level.
+    """The recursive mean split of one class row (docs/saliency.md (a)), every level.
 
     Level 0 is every channel. Each next level keeps, of the current subset ``S``, the channels with
     ``w_k >= mean(w_S)`` (``"+"``) or ``w_k < mean(w_S)`` (``"-"``), and is split again while it has at

@@ -1,7 +1,7 @@
 """Benchmark batched Bayesian ablation (exact enumeration and MCMC) against plain forward passes and a per-mask loop.
 
-Method: Nam, Campbell, Griffiths, Cohen, Leslie, "Discovering the structure of neural network computation
-by Bayesian ablation", arXiv:2505.13742 (2025); implementation :mod:`lightning_interp.ablation`
+Method: Nam, Campbell, Griffiths, Cohen, Leslie, "Understanding Task Representations in Neural Networks
+via Bayesian Ablation", arXiv:2505.13742 (CogSci 2025); implementation :mod:`lightning_interp.ablation`
 (METHODS.md section 3).
 
 Run (from the repository root)::

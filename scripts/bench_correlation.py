@@ -1,7 +1,7 @@
 """Benchmark: analytic Gaussian-closure propagation of moments against Monte-Carlo propagation.
 
 Reference:
-    Fischer, Rene, Keup, Layer, Dahmen, Helias, "Decomposing neural networks as mappings of correlation
+    Fischer, René, Keup, Layer, Dahmen, Helias, "Decomposing neural networks as mappings of correlation
     functions", Physical Review Research 4, 043143 (2022); propagation as in METHODS.md section 4 and
     :func:`lightning_interp.correlation.propagate_moments`.
 

@@ -1,8 +1,8 @@
 """Per-layer distributedness and polysemanticity over training, by Bayesian ablation, on small trained networks.
 
 Reference:
-    Nam, Campbell, Griffiths, Cohen, Leslie, "Discovering the structure of neural network computation by
-    Bayesian ablation", arXiv:2505.13742 (2025). Definitions follow METHODS.md section 3 (the paper names
+    Nam, Campbell, Griffiths, Cohen, Leslie, "Understanding Task Representations in Neural Networks via
+    Bayesian Ablation", arXiv:2505.13742 (CogSci 2025). Definitions follow METHODS.md section 3 (the paper names
     distributedness, manifold complexity and polysemanticity but its formulas were not available; these are
     the project's, see :mod:`lightning_interp.ablation`).
 

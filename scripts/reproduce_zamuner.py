@@ -1,7 +1,7 @@
 """Reproduce the energy-expansion experiment of Zamuner & De Los Rios on a planted Potts task.
 
 Reference:
-    Lorenzo Zamuner and Paolo De Los Rios, "Interpretable Neural Networks based classifiers for categorical
+    Stefano Zamuner and Paolo De Los Rios, "Interpretability of neural networks classifiers with categorical
     inputs", arXiv:2102.03202 (2021). Definitions follow METHODS.md section 5 (the paper's exact formulas are
     not reproduced).
 

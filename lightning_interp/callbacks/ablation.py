@@ -1,7 +1,7 @@
 """Bayesian ablation probing callback: per layer, which units the tasks need, how distributed, how polysemantic.
 
 Reference: Nam, Campbell, Griffiths, Cohen, Leslie, arXiv:2505.13742 (2025). See
-:mod:`lightning_interp.ablation` (definitions follow METHODS.md section 3; the paper's exact formulas are
+:mod:`lightning_interp.ablation` (definitions follow docs/ablation.md; the paper's exact formulas are
 not reproduced here).
 """
 

@@ -1,7 +1,7 @@
 """Correlation-order tracking callback: per layer, accuracy carried by means, covariances and higher orders.
 
-Reference: Fischer, Rene, Keup, Layer, Dahmen, Helias, Physical Review Research 4, 043143 (2022). See
-:mod:`lightning_interp.correlation` (definitions follow METHODS.md section 4; the paper's exact formulas
+Reference: Fischer, René, Keup, Layer, Dahmen, Helias, Physical Review Research 4, 043143 (2022). See
+:mod:`lightning_interp.correlation` (definitions follow docs/correlation.md; the paper's exact formulas
 are not reproduced here).
 """
 

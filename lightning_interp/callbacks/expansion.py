@@ -1,7 +1,7 @@
 """Logit (energy) expansion callback: fields, couplings and variance by order for categorical-input models.
 
 Reference: Zamuner & De Los Rios, arXiv:2102.03202 (2021). See :mod:`lightning_interp.expansion`
-(definitions follow METHODS.md section 5; the paper's exact formulas are not reproduced here).
+(definitions follow docs/expansion.md; the paper's exact formulas are not reproduced here).
 """
 
 from __future__ import annotations

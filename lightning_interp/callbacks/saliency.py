@@ -1,8 +1,8 @@
 """Final-layer saliency callback: discriminative / confusing / policy-gradient maps during training.
 
-Reference: Siddhartha, "A Policy Gradient View of Cross-Entropy Training: Saliency from the Final
-Layer", arXiv:2205.11908 (2022). See :mod:`lightning_interp.saliency` (definitions follow METHODS.md
-section 2; the paper's exact formulas are not reproduced here).
+Reference: Siddhartha, "An interpretation of the final fully connected layer", arXiv:2205.11908 (2022).
+See :mod:`lightning_interp.saliency` (definitions in docs/saliency.md; the paper's exact formulas are not
+reproduced here).
 """
 
 from __future__ import annotations

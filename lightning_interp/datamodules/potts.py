@@ -10,7 +10,7 @@ so ``log P_c(sigma) = sum_i h^c_i(sigma_i) + sum_{i<j} J^c_ij(sigma_i, sigma_j) 
 ``log P(y=1 | sigma) / P(y=0 | sigma) = E_0(sigma) - E_1(sigma) + log Z_0 - log Z_1``
 
 is a pairwise energy with fields ``h^1 - h^0`` and couplings ``J^1 - J^0``: the logit expansion of a well-trained
-classifier (METHODS.md section 5) must recover these differences, in the zero-sum gauge, up to noise.
+classifier (docs/expansion.md) must recover these differences, in the zero-sum gauge, up to noise.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class PottsTask(GenerativeTask):
 
 
 class PottsDataModule(pl.LightningDataModule):
-    """Two classes of categorical sequences drawn from two planted Potts models (METHODS.md section 5).
+    """Two classes of categorical sequences drawn from two planted Potts models (docs/expansion.md).
 
     **Convention.** ``E_c(sigma) = -(sum_i h^c_i(sigma_i) + sum_{i<j} J^c_ij(sigma_i, sigma_j))`` and
     ``P_c(sigma) = exp(-E_c(sigma)) / Z_c``. ``.fields`` is float64 ``[2, L, q]`` (``fields[c, i, a] = h^c_i(a)``)

@@ -255,7 +255,7 @@ class _SampledDataModule(_SplitLoaders):
 
 
 class XORDataModule(_SampledDataModule):
-    """XOR (METHODS.md section 4): the class is the sign product of the first two coordinates' corner.
+    """XOR (docs/correlation.md): the class is the sign product of the first two coordinates' corner.
 
     Each example picks a corner ``(s1, s2)`` with ``s1, s2`` independent and uniform in ``{-1, +1}`` and is
     ``x = (s1, s2, 0, ..., 0) + noise * N(0, I_dim)``; the label is ``y = 1`` when ``s1 * s2 > 0`` (corners
@@ -341,7 +341,7 @@ class XORDataModule(_SampledDataModule):
 
 
 class HigherOrderDataModule(_SampledDataModule):
-    """Two classes with equal mean and covariance that differ only in higher cumulants (METHODS.md section 4).
+    """Two classes with equal mean and covariance that differ only in higher cumulants (docs/correlation.md).
 
     Class 0 is ``N(0, I_dim)``. Class 1 has iid coordinates of zero mean and unit variance from ``distribution``:
 
