@@ -2,8 +2,9 @@
 
 Reference:
     Siddhartha, "An interpretation of the final fully connected layer", arXiv:2205.11908 (2022).
-    Definitions follow docs/saliency.md: (a) is the paper's own analysis as reconstructed from the author's public summary and notebooks (the paper's exact formulas are not
-    reproduced here); (b), the policy-gradient map, is this project's named extension.
+    Definitions follow docs/saliency.md: (a) is the paper's own analysis as reconstructed from the
+    author's public summary and notebooks (the paper's exact formulas are not reproduced here); (b), the
+    policy-gradient map, is this project's named extension.
 
 Cross-entropy training is a one-step policy gradient with policy ``pi(c|x) = softmax(W a + b)_c`` over
 the pooled feature ``a = mean_ij A[:, i, j]``. From the final ``nn.Linear`` alone:
