@@ -1,14 +1,7 @@
 """lightning-interp: interpretability callbacks and tools for PyTorch Lightning classifiers."""
 
-from lightning_interp.posterior import (
-    GaussianMixtureTask,
-    GaussianTask,
-    GenerativeTask,
-    PosteriorGap,
-    XieTask,
-    posterior_gap,
-    xie_task,
-)
+from lightning_interp.posterior import PosteriorGap, posterior_gap
+from lightning_interp.tasks import GaussianMixtureTask, GaussianTask, GenerativeTask, XieTask, xie_task
 
 __version__ = "0.1.0"
 

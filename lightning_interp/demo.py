@@ -108,7 +108,7 @@ def run_demo(
     from lightning_interp import datamodules as dms
     from lightning_interp.models import MLPClassifier, SmallCNN
     from lightning_interp.plotting import figure_to_png, subplots
-    from lightning_interp.posterior import xie_task
+    from lightning_interp.tasks import xie_task
 
     unknown = set(parts) - set(PARTS)
     if unknown:

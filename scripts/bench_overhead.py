@@ -55,7 +55,7 @@ from tqdm import tqdm
 from lightning_interp import callbacks as cbs
 from lightning_interp.datamodules import PatchImageDataModule, PottsDataModule, SyntheticDataModule
 from lightning_interp.models import MLPClassifier, SmallCNN
-from lightning_interp.posterior import xie_task
+from lightning_interp.tasks import xie_task
 
 CALLBACK_NAMES = set(cbs.__all__)
 

@@ -71,7 +71,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from lightning_interp.models import MLPClassifier
-from lightning_interp.posterior import GAP_MEASURES, PosteriorGap, XieTask, posterior_gap, xie_task
+from lightning_interp.posterior import GAP_MEASURES, PosteriorGap, posterior_gap
+from lightning_interp.tasks import XieTask, xie_task
 
 #: Inner edges of the log p(x) bins for the per-density gap (JSON only).
 DENSITY_EDGES: tuple[float, ...] = (-10.0, -8.0, -6.0, -4.0, -3.0, -2.0)

@@ -26,7 +26,7 @@ from lightning_interp.callbacks import (
 )
 from lightning_interp.datamodules import PatchImageDataModule, PottsDataModule, SyntheticDataModule
 from lightning_interp.models import MLPClassifier, SmallCNN
-from lightning_interp.posterior import GaussianTask, xie_task
+from lightning_interp.tasks import GaussianTask, xie_task
 
 
 @dataclass

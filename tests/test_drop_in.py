@@ -27,7 +27,7 @@ from lightning_interp.callbacks import (
 )
 from lightning_interp.callbacks.probe import draw_probe, unpack_batch
 from lightning_interp.hooks import count_hooks
-from lightning_interp.posterior import xie_task
+from lightning_interp.tasks import xie_task
 
 N, SIDE, CLASSES = 192, 10, 3
 

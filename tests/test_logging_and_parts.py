@@ -18,7 +18,7 @@ from lightning_interp.callbacks.probe import draw_probe
 from lightning_interp.datamodules import SyntheticDataModule
 from lightning_interp.hooks import capture, count_hooks, get_module, replace
 from lightning_interp.models import MLPClassifier, SmallCNN
-from lightning_interp.posterior import GaussianTask, xie_task
+from lightning_interp.tasks import GaussianTask, xie_task
 
 
 def _fit(callback: PosteriorGapCallback, loggers: list, task=None, in_features: int = 1, max_steps: int = 8) -> pl.Trainer:

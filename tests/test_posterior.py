@@ -16,16 +16,8 @@ import torch
 import torch.nn.functional as F
 from scipy import integrate, optimize, special, stats
 
-from lightning_interp.posterior import (
-    GAP_MEASURES,
-    GaussianMixtureTask,
-    GaussianTask,
-    PatchImageTask,
-    PosteriorGap,
-    XieTask,
-    posterior_gap,
-    xie_task,
-)
+from lightning_interp.posterior import GAP_MEASURES, PosteriorGap, posterior_gap
+from lightning_interp.tasks import GaussianMixtureTask, GaussianTask, PatchImageTask, XieTask, xie_task
 
 # ---------------------------------------------------------------------------------------------
 # Published values (METHODS.md section 1) and independent scipy references

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from lightning_interp.callbacks.base import InterpretabilityCallback, Measurement, RunOn, check_int, model_device_dtype
 from lightning_interp.callbacks.probe import ProbeSource, Unpack, draw_probe
 from lightning_interp.plotting import subplots
-from lightning_interp.posterior import GAP_MEASURES, GenerativeTask, PosteriorGap
+from lightning_interp.posterior import GAP_MEASURES, PosteriorGap
+from lightning_interp.tasks import GenerativeTask
 
 __all__ = ["PosteriorGapCallback"]
 
@@ -76,7 +77,7 @@ class PosteriorGapCallback(InterpretabilityCallback):
         >>> import lightning.pytorch as pl
         >>> from lightning_interp.datamodules import SyntheticDataModule
         >>> from lightning_interp.models import MLPClassifier
-        >>> from lightning_interp.posterior import xie_task
+        >>> from lightning_interp.tasks import xie_task
         >>> cb = PosteriorGapCallback(probe_size=256, log_images=False)
         >>> trainer = pl.Trainer(max_steps=5, callbacks=[cb], logger=False, enable_checkpointing=False,
         ...                      enable_progress_bar=False, enable_model_summary=False)
@@ -124,7 +125,7 @@ class PosteriorGapCallback(InterpretabilityCallback):
             budget=budget,
         )
         if task is not None and not isinstance(task, GenerativeTask):
-            raise TypeError(f"task must be a lightning_interp.posterior.GenerativeTask, got {type(task).__name__}")
+            raise TypeError(f"task must be a lightning_interp.tasks.GenerativeTask, got {type(task).__name__}")
         check_int("probe_size", probe_size, 2)
         check_int("batch_size", batch_size, 1)
         check_int("num_density_bins", num_density_bins, 0)
@@ -154,7 +155,7 @@ class PosteriorGapCallback(InterpretabilityCallback):
                     "(for example lightning_interp.datamodules.SyntheticDataModule)."
                 )
         if not isinstance(task, GenerativeTask):
-            raise TypeError(f"the task must be a lightning_interp.posterior.GenerativeTask, got {type(task).__name__}")
+            raise TypeError(f"the task must be a lightning_interp.tasks.GenerativeTask, got {type(task).__name__}")
         self._resolved = task
         self._check_module(pl_module, task)
         if not self._probe:

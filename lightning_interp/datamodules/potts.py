@@ -21,48 +21,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_interp.expansion import one_hot_flat
-from lightning_interp.posterior import GenerativeTask
+from lightning_interp.tasks.potts import PottsTask
 
-__all__ = ["PottsDataModule", "PottsTask", "one_hot_flat"]
+__all__ = ["PottsDataModule", "one_hot_flat"]
 
 #: Largest number of categories ``torch.multinomial`` accepts, so the largest enumerable model.
 _MAX_CATEGORIES = 2**24
 #: Rows per chunk when evaluating energies over the enumeration.
 _CHUNK = 2**16
-
-
-class PottsTask(GenerativeTask):
-    """The two planted Potts models of a :class:`PottsDataModule` as a :class:`GenerativeTask` (exact posterior).
-
-    Inputs are the one-hot encoded sequences ``[n, L * q]`` (:func:`one_hot_flat`), so
-    :class:`~lightning_interp.callbacks.PosteriorGapCallback` can compare a classifier of Potts sequences
-    with the exact Bayes posterior; ``log p(x|c) = log P_c(sigma)`` uses the enumerated partition functions.
-    Obtain it as ``datamodule.task``.
-
-    Args:
-        datamodule: an enumerable :class:`PottsDataModule` with ``encoding="one_hot"``.
-
-    Raises:
-        ValueError: the model is not enumerable or the encoding is not one-hot.
-    """
-
-    def __init__(self, datamodule: PottsDataModule) -> None:
-        if datamodule.encoding != "one_hot":
-            raise ValueError(
-                f"the Potts task's inputs are one-hot sequences; this datamodule uses encoding={datamodule.encoding!r}: "
-                "use PottsDataModule(encoding='one_hot')"
-            )
-        datamodule._require_enumerable("the exact posterior (PottsDataModule.task)")
-        self.potts = datamodule
-        self.num_classes, self.dim = 2, datamodule.seq_len * datamodule.num_states
-        self.priors = torch.full((2,), 0.5, dtype=torch.float64)
-
-    def class_log_likelihood(self, x: Tensor) -> Tensor:
-        states = x.reshape(len(x), self.potts.seq_len, self.potts.num_states).argmax(dim=2)
-        return torch.stack([self.potts.log_prob(states, c) for c in (0, 1)], dim=1)
-
-    def sample_class(self, c: int, n: int, generator: torch.Generator | None = None) -> Tensor:
-        return one_hot_flat(self.potts.sample_states(c, n, generator), self.potts.num_states).to(torch.float64)
 
 
 class PottsDataModule(pl.LightningDataModule):
@@ -287,7 +253,8 @@ class PottsDataModule(pl.LightningDataModule):
         """Whether ``q**L <= max_enumeration`` (exact sampling and exact partition functions)."""
         return self.num_sequences <= self.max_enumeration
 
-    def _require_enumerable(self, what: str) -> None:
+    def require_enumerable(self, what: str) -> None:
+        """Raise a ``ValueError`` naming ``what`` and the fix when the model is too large to enumerate."""
         if not self.enumerable:
             raise ValueError(
                 f"{what} needs the partition functions, computed by enumeration only when "
@@ -304,12 +271,12 @@ class PottsDataModule(pl.LightningDataModule):
         Raises:
             ValueError: the model is not enumerable (``q**L > max_enumeration``).
         """
-        self._require_enumerable("all_states")
+        self.require_enumerable("all_states")
         return self._index_to_states(torch.arange(self.num_sequences))
 
     def _enumerated_log_weights(self) -> Tensor:
         if self._log_weights is None:
-            self._require_enumerable("enumeration")
+            self.require_enumerable("enumeration")
             chunks = [self._neg_energies(self._index_to_states(idx)) for idx in torch.arange(self.num_sequences).split(_CHUNK)]
             self._log_weights = torch.cat(chunks, dim=1)
         return self._log_weights
@@ -321,7 +288,7 @@ class PottsDataModule(pl.LightningDataModule):
             ValueError: a bad class or a model that is not enumerable.
         """
         self._check_class(c)
-        self._require_enumerable("log_partition")
+        self.require_enumerable("log_partition")
         return float(torch.logsumexp(self._enumerated_log_weights()[c], dim=0))
 
     def log_prob(self, states: Tensor, c: int) -> Tensor:
@@ -330,7 +297,7 @@ class PottsDataModule(pl.LightningDataModule):
         Raises:
             ValueError: a bad class or shape, or a model that is not enumerable.
         """
-        self._require_enumerable("log_prob")
+        self.require_enumerable("log_prob")
         return -self.energy(states, c) - self.log_partition(c)
 
     def bayes_log_odds(self, states: Tensor) -> Tensor:
@@ -343,7 +310,7 @@ class PottsDataModule(pl.LightningDataModule):
         Raises:
             ValueError: a bad shape, or a model that is not enumerable.
         """
-        self._require_enumerable("bayes_log_odds")
+        self.require_enumerable("bayes_log_odds")
         neg = self._neg_energies(self._check_states(states))
         return neg[1] - neg[0] - self.log_partition(1) + self.log_partition(0)
 
@@ -353,7 +320,7 @@ class PottsDataModule(pl.LightningDataModule):
         Raises:
             ValueError: the model is not enumerable.
         """
-        self._require_enumerable("bayes_accuracy")
+        self.require_enumerable("bayes_accuracy")
         w = self._enumerated_log_weights()
         log_p = w - torch.logsumexp(w, dim=1, keepdim=True)
         return float(0.5 * log_p.max(dim=0).values.exp().sum())

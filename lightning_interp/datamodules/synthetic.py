@@ -6,7 +6,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_interp.posterior import GenerativeTask, PatchImageTask, check_patch_layout, patch_masks
+from lightning_interp.tasks import GenerativeTask, PatchImageTask, check_patch_layout
 
 __all__ = ["HigherOrderDataModule", "PatchImageDataModule", "SyntheticDataModule", "XORDataModule"]
 
@@ -38,7 +38,7 @@ class _SplitLoaders(pl.LightningDataModule):
 
 
 class SyntheticDataModule(_SplitLoaders):
-    """Fixed train / val / test sets drawn from a :class:`~lightning_interp.posterior.GenerativeTask`.
+    """Fixed train / val / test sets drawn from a :class:`~lightning_interp.tasks.GenerativeTask`.
 
     The three splits are drawn once, at :meth:`setup`, from independent generators derived from
     ``seed``, so every process of a distributed run holds the same data. Batches are ``(x, y)``
@@ -60,7 +60,7 @@ class SyntheticDataModule(_SplitLoaders):
         ValueError: negative sizes or a non-positive batch size.
 
     Example:
-        >>> from lightning_interp.posterior import xie_task
+        >>> from lightning_interp.tasks import xie_task
         >>> dm = SyntheticDataModule(xie_task(1), n_train=100, n_val=10, n_test=10, batch_size=16)
         >>> dm.setup("fit")
         >>> x, y = next(iter(dm.train_dataloader()))
@@ -81,7 +81,7 @@ class SyntheticDataModule(_SplitLoaders):
     ) -> None:
         super().__init__()
         if not isinstance(task, GenerativeTask):
-            raise TypeError(f"task must be a lightning_interp.posterior.GenerativeTask, got {type(task).__name__}")
+            raise TypeError(f"task must be a lightning_interp.tasks.GenerativeTask, got {type(task).__name__}")
         if min(n_train, n_val, n_test) < 0 or batch_size < 1:
             raise ValueError("n_train, n_val and n_test must be >= 0 and batch_size >= 1")
         self.task = task
@@ -108,7 +108,7 @@ class PatchImageDataModule(pl.LightningDataModule):
     cell), on Gaussian noise of standard deviation ``noise``. The evidence for each image is therefore
     known (``.masks`` holds the patch location of every image), which is what saliency maps should find,
     and so is the exact posterior: ``.task`` is the generative model
-    (:class:`~lightning_interp.posterior.PatchImageTask`), so :class:`PosteriorGapCallback` works here too.
+    (:class:`~lightning_interp.tasks.PatchImageTask`), so :class:`PosteriorGapCallback` works here too.
     Batches are ``(x [B, channels, size, size], y [B])``.
 
     Args:
@@ -153,6 +153,7 @@ class PatchImageDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         check_patch_layout(num_classes, image_size, grid, patch)
+        self._task = PatchImageTask(num_classes, image_size, channels, grid, patch, contrast, noise)
         self.num_classes, self.image_size, self.channels, self.grid, self.patch = num_classes, image_size, channels, grid, patch
         self.contrast, self.noise = contrast, noise
         self.n_train, self.n_val, self.batch_size, self.seed, self.shuffle = n_train, n_val, batch_size, seed, shuffle
@@ -166,17 +167,12 @@ class PatchImageDataModule(pl.LightningDataModule):
         Raises:
             ValueError: ``noise == 0`` (no density, so no posterior to compare with).
         """
-        ch, size, grid, patch = self.channels, self.image_size, self.grid, self.patch
-        return PatchImageTask(self.num_classes, size, ch, grid, patch, self.contrast, self.noise)
+        if self.noise <= 0:
+            raise ValueError(f"noise must be > 0 for a density (and a posterior), got {self.noise}")
+        return self._task
 
     def _draw(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        y = torch.randint(0, self.num_classes, (n,), generator=g)
-        x = self.noise * torch.randn(n, self.channels, self.image_size, self.image_size, generator=g)
-        cell = self.image_size // self.grid
-        offsets = torch.randint(0, cell - self.patch + 1, (n, 2), generator=g)
-        mask = patch_masks(y, offsets, self.image_size, self.grid, self.patch)
-        x = x + self.contrast * mask[:, None].float()
-        return x, y, mask
+        return self._task.draw(n, g)
 
     def setup(self, stage: str | None = None) -> None:
         if self._splits:
