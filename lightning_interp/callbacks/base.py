@@ -417,8 +417,28 @@ class InterpretabilityCallback(Callback, ABC):
     def estimate_cost(self, pl_module: nn.Module) -> float | None:
         """Seconds one measurement would take, from a small pilot (``None``: unknown until measured).
 
-        Called (isolated) before the first scheduled measurement when a budget is set.
+        Called (isolated) before the first scheduled measurement when a budget is set. The default pilot
+        times one forward pass of the model over the probe inputs (:meth:`probe_inputs`) and multiplies by
+        :meth:`forward_passes`, the passes a measurement makes; ``None`` when either is unknown.
         """
+        passes, inputs = self.forward_passes(), self.probe_inputs()
+        if passes is None or inputs is None:
+            return None
+        device, dtype = model_device_dtype(pl_module)
+        x = inputs.to(device=device, dtype=dtype if inputs.is_floating_point() else inputs.dtype)
+        with torch.no_grad():
+            start = time.perf_counter()
+            pl_module(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return passes * (time.perf_counter() - start)
+
+    def forward_passes(self) -> float | None:
+        """Forward passes over the probe one measurement makes, for the default pilot (``None``: unknown)."""
+        return None
+
+    def probe_inputs(self) -> Tensor | None:
+        """The probe inputs of the default pilot (``None`` before they are drawn)."""
         return None
 
     # ------------------------------------------------------------------ probe data

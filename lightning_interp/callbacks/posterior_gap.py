@@ -6,6 +6,7 @@ classification?", ICLR 2025 Blogposts Track. See :mod:`lightning_interp.posterio
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -219,6 +220,15 @@ class PosteriorGapCallback(InterpretabilityCallback):
             for i in range(0, len(x), self.batch_size)
         ]
         return torch.cat(chunks)
+
+    def estimate_cost(self, pl_module: nn.Module) -> float | None:
+        """The time of the probe's logits: the posterior is computed once, when the probe is drawn."""
+        if not self._probe:
+            return None
+        start = time.perf_counter()
+        with torch.no_grad():
+            self._logits(pl_module, self._probe["x"])
+        return time.perf_counter() - start
 
     def measure(self, pl_module: nn.Module) -> Measurement:
         if not self._probe:

@@ -189,6 +189,13 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
         self._saliency.resolve(head)
 
     # ------------------------------------------------------------------ measurement
+    def probe_inputs(self) -> Tensor | None:
+        return self._probe
+
+    def forward_passes(self) -> float | None:
+        # the maps (one pass and a backward), then each deletion curve: random, policy gradient, discriminative
+        return 3.0 + 3 * (self.deletion_steps + 1) if self.deletion_steps else 3.0
+
     def measure(self, pl_module: nn.Module) -> Measurement:
         if self._saliency is None or self._saliency.model is not pl_module:
             raise RuntimeError("FinalLayerSaliencyCallback.measure() called before setup()")
