@@ -202,3 +202,47 @@ def test_ddp_ranks_measure_at_the_same_steps(tmp_path: Any) -> None:
     trainer.fit(Slow(), DataLoader(data, batch_size=4))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert ranks[0] == ranks[1] and 1 <= len(ranks[0]) < 30, "rank 0's clock decides for both ranks"
+
+
+class SlowCNN(pl.LightningModule):
+    """A tiny CNN whose every forward pass takes about 5 ms."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.005)
+        return self.fc(self.features(x).mean((2, 3)))
+
+    def training_step(self, batch: Any, _: int) -> torch.Tensor:
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), 0.1)
+
+
+def test_the_first_measurement_of_saliency_and_correlation_is_judged_by_a_pilot() -> None:
+    from lightning_interp.callbacks import FinalLayerSaliencyCallback
+
+    data = TensorDataset(torch.randn(160, 1, 8, 8), torch.randint(0, 2, (160,)))
+    # a measurement makes 3 + 3 x 11 (saliency) or 1 + 3 (correlation) passes of 5 ms at least: more than
+    # 5% of ~0.3 s of training, so the pilots (one pass each) stop even the first measurement
+    cbs = [
+        FinalLayerSaliencyCallback(probe_size=64, budget=0.05),
+        CorrelationOrderCallback(probe_size=64, layers=["features.1"], budget=0.05),
+    ]
+    trainer = pl.Trainer(
+        max_epochs=1,
+        callbacks=cbs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.warns(UserWarning, match="skipped the measurement"):
+        trainer.fit(SlowCNN(), DataLoader(data, batch_size=4))
+    for cb in cbs:
+        assert cb.history == [] and cb.skipped >= 1, type(cb).__name__
+        assert cb._cost is not None and cb._cost >= 0.005 * cb.forward_passes()

@@ -418,10 +418,10 @@ class InterpretabilityCallback(Callback, ABC):
         """Seconds one measurement would take, from a small pilot (``None``: unknown until measured).
 
         Called (isolated) before the first scheduled measurement when a budget is set. The default pilot
-        times one forward pass of the model over the probe inputs (:meth:`probe_inputs`) and multiplies by
+        times one forward pass of the model over the probe inputs (:attr:`probe_inputs`) and multiplies by
         :meth:`forward_passes`, the passes a measurement makes; ``None`` when either is unknown.
         """
-        passes, inputs = self.forward_passes(), self.probe_inputs()
+        passes, inputs = self.forward_passes(), self.probe_inputs
         if passes is None or inputs is None:
             return None
         device, dtype = model_device_dtype(pl_module)
@@ -435,10 +435,6 @@ class InterpretabilityCallback(Callback, ABC):
 
     def forward_passes(self) -> float | None:
         """Forward passes over the probe one measurement makes, for the default pilot (``None``: unknown)."""
-        return None
-
-    def probe_inputs(self) -> Tensor | None:
-        """The probe inputs of the default pilot (``None`` before they are drawn)."""
         return None
 
     # ------------------------------------------------------------------ probe data

@@ -186,9 +186,6 @@ class CorrelationOrderCallback(InterpretabilityCallback):
             )
 
     # ------------------------------------------------------------------ measurement
-    def probe_inputs(self) -> Tensor | None:
-        return None if self._probe is None else self._probe[0]
-
     def forward_passes(self) -> float | None:
         # one pass to read the layers, then three surrogate orders per layer (at most a whole pass each)
         return 1.0 + 3 * len(self.layers) if isinstance(self.layers, list) else None

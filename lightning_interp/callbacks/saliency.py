@@ -189,9 +189,6 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
         self._saliency.resolve(head)
 
     # ------------------------------------------------------------------ measurement
-    def probe_inputs(self) -> Tensor | None:
-        return self._probe
-
     def forward_passes(self) -> float | None:
         # the maps (one pass and a backward), then each deletion curve: random, policy gradient, discriminative
         return 3.0 + 3 * (self.deletion_steps + 1) if self.deletion_steps else 3.0
