@@ -58,8 +58,9 @@ class Slow(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), 0.1)
 
 
-def _fit(callbacks: list[Any], steps: int = 120) -> pl.Trainer:
-    data = TensorDataset(torch.randn(steps * 4, 4), torch.randint(0, 2, (steps * 4,)))
+def _fit(callbacks: list[Any], steps: int = 120, model: pl.LightningModule | None = None, data: Any = None) -> pl.Trainer:
+    if data is None:
+        data = TensorDataset(torch.randn(steps * 4, 4), torch.randint(0, 2, (steps * 4,)))
     trainer = pl.Trainer(
         max_epochs=1,
         callbacks=callbacks,
@@ -68,7 +69,7 @@ def _fit(callbacks: list[Any], steps: int = 120) -> pl.Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(Slow(), DataLoader(data, batch_size=4))
+    trainer.fit(model or Slow(), DataLoader(data, batch_size=4))
     return trainer
 
 
@@ -233,16 +234,8 @@ def test_the_first_measurement_of_saliency_and_correlation_is_judged_by_a_pilot(
         FinalLayerSaliencyCallback(probe_size=64, budget=0.05),
         CorrelationOrderCallback(probe_size=64, layers=["features.1"], budget=0.05),
     ]
-    trainer = pl.Trainer(
-        max_epochs=1,
-        callbacks=cbs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
     with pytest.warns(UserWarning, match="skipped the measurement"):
-        trainer.fit(SlowCNN(), DataLoader(data, batch_size=4))
+        _fit(cbs, model=SlowCNN(), data=data)
     for cb in cbs:
         assert cb.history == [] and cb.skipped >= 1, type(cb).__name__
         assert cb._cost is not None and cb._cost >= 0.005 * cb.forward_passes()

@@ -237,7 +237,7 @@ class AblationProbeCallback(InterpretabilityCallback):
         total = 0.0
         for layer in self.layers:
             ablation = self._ablation(pl_module, layer)  # traced and split already: the pilot times the chains
-            d = ablation.forward.num_units(ablation.forward.prepare(x[:2]))
+            d = self._units.get(layer) or ablation.forward.num_units(ablation.forward.prepare(x[:2]))
             if self.method == "exact" or (self.method == "auto" and d <= MAX_EXACT_UNITS and 2**d <= self._exact_masks()):
                 return None
             saved = ablation.method, ablation.num_chains, ablation.num_steps, ablation.burn_in, ablation.generator

@@ -6,7 +6,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_interp.tasks import GenerativeTask, PatchImageTask, check_patch_layout
+from lightning_interp.tasks import GenerativeTask, PatchImageTask
 
 __all__ = ["HigherOrderDataModule", "PatchImageDataModule", "SyntheticDataModule", "XORDataModule"]
 
@@ -152,7 +152,7 @@ class PatchImageDataModule(pl.LightningDataModule):
         shuffle: bool = True,
     ) -> None:
         super().__init__()
-        check_patch_layout(num_classes, image_size, grid, patch)
+        # the task checks the layout
         self._task = PatchImageTask(num_classes, image_size, channels, grid, patch, contrast, noise)
         self.num_classes, self.image_size, self.channels, self.grid, self.patch = num_classes, image_size, channels, grid, patch
         self.contrast, self.noise = contrast, noise
