@@ -11,8 +11,13 @@ Instead of ablating units one at a time, infer the distribution over ablation ma
 last dim of a token output ``[N, T, C]``) given that task ``t`` is still done correctly:
 
 ``P(m | t, correct) ∝ prior(m) * O_t(m)``, ``O_t(m) = p_t(m) / (1 - p_t(m))``,
-``p_t(m) = (n_correct + 1) / (n + 2)`` on the probe examples of task ``t`` (a class: the examples of that
-class classified correctly; or ``"all"``), ``prior(m) = prior_keep^|m| (1 - prior_keep)^(d - |m|)``.
+``prior(m) = prior_keep^|m| (1 - prior_keep)^(d - |m|)``. For a class task ``t`` the paper builds ``p_t(m)``
+from the sensitivity and the specificity, each Beta(1, 1)-smoothed; the default ``likelihood="balanced"``
+averages them (this project's choice: the paper's combination is not reproduced here),
+``p_t(m) = ((TP + 1) / (n_t + 2) + (TN + 1) / (n_rest + 2)) / 2`` (``TP``: class-``t`` examples predicted
+``t``; ``TN``: other examples not predicted ``t``); ``likelihood="sensitivity"`` keeps the one-sided
+``(TP + 1) / (n_t + 2)``, which favours a mask that makes the network answer ``t`` for everything. Task
+``"all"``: the smoothed multi-class accuracy ``(n_correct + 1) / (n + 2)``.
 
 Read-outs (bits): ``importance_i = P(m_i = 1)``; ``information_i = KL(Bern(importance_i) ||
 Bern(prior_keep))``; ``distributedness = exp(H(information / sum information)) / d`` in ``[1/d, 1]``;
@@ -20,10 +25,11 @@ Bern(prior_keep))``; ``distributedness = exp(H(information / sum information)) /
 MCMC the sum of pairwise mutual informations, and named so); ``polysemanticity_i = exp(H(info_i^t /
 sum_t info_i^t))`` over the class tasks (1 = monosemantic).
 
-Inference is exact enumeration of all ``2^d`` masks (``d <= 16``) or parallel Metropolis chains of
-single-unit flips. MCMC read-outs are Rao-Blackwellised: each step that proposes flipping unit ``j``
-knows ``P(m_j = 1 | m_-j)`` exactly, and importances and pairwise joints average those conditionals
-instead of 0/1 samples; the pairwise information is jackknife bias-corrected over the chains (the
+Inference is exact enumeration of all ``2^d`` masks (``d <= 16``) on all probe examples, or parallel
+Metropolis chains of single-unit flips, each scoring its task's examples and (balanced likelihood) its own
+fixed sample of ``rest_per_chain`` other examples. MCMC read-outs are Rao-Blackwellised: each step that
+proposes flipping unit ``j`` knows ``P(m_j = 1 | m_-j)`` exactly, and importances and pairwise joints
+average those conditionals instead of 0/1 samples; the pairwise information is jackknife bias-corrected over the chains (the
 plug-in information of every pair is biased upwards by ``O(1/samples)``, and ``d(d-1)/2`` pairs add up).
 Error bars: jackknife over chains (MCMC), bootstrap over probe examples (exact).
 Many masks are evaluated in one forward pass (the mask index folded into the batch),
@@ -37,7 +43,7 @@ import math
 import time
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import torch
@@ -49,16 +55,28 @@ from lightning_interp.hooks import LayerSplit, as_list, forward_hooks, get_modul
 from lightning_interp.stats import replicate_standard_error as replicate_se
 
 __all__ = [
+    "LIKELIHOODS",
+    "REST_PER_CHAIN",
     "AblationResult",
     "BayesianAblation",
+    "Likelihood",
     "MaskedForward",
     "all_masks",
+    "correct_probability",
     "effective_sample_size",
     "information_bits",
     "informative_units",
+    "log_prior",
+    "mask_log_posterior",
     "pairwise_information_bits",
     "summarize",
 ]
+
+#: ``p_t(m)`` of a class task: ``"balanced"`` (sensitivity and specificity averaged) or ``"sensitivity"``.
+Likelihood = Literal["balanced", "sensitivity"]
+LIKELIHOODS: tuple[str, ...] = ("balanced", "sensitivity")
+#: MCMC, balanced likelihood: the other examples each chain of a class task scores (a fixed sample per chain).
+REST_PER_CHAIN = 64
 
 MAX_EXACT_UNITS = 16
 #: ``method="auto"`` enumerates at least this many masks (d <= 12) exactly rather than sampling.
@@ -250,6 +268,27 @@ class MaskedForward:
             out.append(logits.argmax(dim=-1).reshape(k, n))
         return torch.cat(out)
 
+    @torch.no_grad()
+    def paired_predictions(self, prepared: list[Tensor], rows: Tensor, masks: Tensor) -> Tensor:
+        """Predicted class ``[R]`` of probe example ``rows[r]`` (of ``prepared``) under mask ``masks[r]`` ``[R, d]``.
+
+        One mask per row rather than every mask on every example (:meth:`predictions`): the rows of many
+        masks, each on its own examples, run in one forward pass.
+        """
+        per = max(1, min(self.max_batch, _MAX_ELEMENTS // max(1, prepared[0][0].numel())))
+        out = []
+        for start in range(0, rows.shape[0], per):
+            idx, chunk = rows[start : start + per], masks[start : start + per]
+            if self.suffix is not None:
+                h = prepared[0].index_select(0, idx)
+                h.mul_(_row_mask_view(h, chunk))
+                logits = self.suffix(h, *[v.index_select(0, idx) for v in prepared[1:]])
+            else:
+                with replace(self.model, self.layer, lambda h, chunk=chunk: h * _row_mask_view(h, chunk)):
+                    logits = self.model(prepared[0].index_select(0, idx))
+            out.append(logits.argmax(dim=-1))
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=rows.device)
+
     def num_units(self, prepared: list[Tensor]) -> int:
         """Number of units ``d`` of the layer."""
         if self.suffix is not None:
@@ -261,12 +300,17 @@ class MaskedForward:
         return store[0]
 
 
-def _mask_view(h: Tensor, masks: Tensor) -> Tensor:
-    """Masks ``[k, d]`` shaped to broadcast against ``h`` viewed as ``[k, n, ...]``."""
+def _row_mask_view(h: Tensor, masks: Tensor) -> Tensor:
+    """Masks ``[k, d]`` shaped to broadcast against ``h`` ``[k, ...]`` (one mask per row)."""
     dim = _unit_dim(h)
     shape = [1] * (h.ndim - 1)
     shape[dim if dim == -1 else 0] = masks.shape[1]
-    return masks.to(h.dtype).reshape(masks.shape[0], 1, *shape)
+    return masks.to(h.dtype).reshape(masks.shape[0], *shape)
+
+
+def _mask_view(h: Tensor, masks: Tensor) -> Tensor:
+    """Masks ``[k, d]`` shaped to broadcast against ``h`` viewed as ``[k, n, ...]``."""
+    return _row_mask_view(h, masks).unsqueeze(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,9 +331,14 @@ class AblationResult:
         complexity_kind: ``"total_correlation"`` (exact) or ``"pairwise_mutual_information"`` (MCMC).
         polysemanticity: effective number of class tasks each unit informs about ``[d]``.
         mask_entropy_bits: ``H(M)`` per task ``[T]`` (exact runs; NaN under MCMC).
-        full_accuracy: smoothed accuracy ``p_t`` with no unit ablated ``[T]``.
+        full_accuracy: ``p_t`` with no unit ablated ``[T]`` (the likelihood's probability of a correct
+            response: for class tasks under the balanced likelihood, the mean of the smoothed sensitivity
+            and specificity).
         method: ``"exact"`` or ``"mcmc"``.
-        num_evaluations: masks evaluated (exact: each on every probe example; MCMC: each on its task's examples).
+        num_evaluations: masks evaluated (exact: each on every probe example; MCMC: each on its task's
+            examples and, balanced likelihood, its chain's sample of other examples).
+        num_rows: (mask, example) rows evaluated.
+        likelihood: ``"balanced"`` or ``"sensitivity"``, as asked (task ``"all"`` uses the accuracy either way).
         top_masks: per task, the most probable masks ``[k, d]`` (exact runs).
         top_probs: their posterior probabilities ``[k]``.
         acceptance_rate: per task (MCMC).
@@ -321,6 +370,8 @@ class AblationResult:
     full_accuracy: Tensor
     method: str
     num_evaluations: int
+    num_rows: int = 0
+    likelihood: str = "balanced"
     top_masks: list[Tensor] = field(default_factory=list)
     top_probs: list[Tensor] = field(default_factory=list)
     acceptance_rate: Tensor | None = None
@@ -536,6 +587,218 @@ def summarize(result: AblationResult, informative_bits: float, prior_keep: float
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# the likelihood
+# ---------------------------------------------------------------------------------------------
+
+
+def correct_probability(
+    task_correct: Tensor, num_task: Tensor, rest_correct: Tensor | None = None, num_rest: Tensor | None = None
+) -> Tensor:
+    """The probability of a correct response ``p_t(m)`` from counts, Beta(1, 1)-smoothed.
+
+    One-sided (``rest_correct`` is ``None``): ``(task_correct + 1) / (num_task + 2)``, the smoothed
+    sensitivity of a class task (or the accuracy of task ``"all"``). Two-sided (the ``"balanced"``
+    likelihood of a class task): the average of that and the smoothed specificity
+    ``(rest_correct + 1) / (num_rest + 2)``. Nam et al. use sensitivity and specificity, each Beta(1, 1)
+    smoothed; averaging the two is this project's choice (the paper's combination is not reproduced here).
+
+    Args:
+        task_correct: the task's examples answered correctly (a class task: predicted as its class, ``TP``).
+        num_task: the number of the task's examples (``n_t``), broadcastable against ``task_correct``.
+        rest_correct: the other examples not predicted as the task's class (``TN``); ``None``: one-sided.
+        num_rest: the number of other examples scored (``n_rest``); required with ``rest_correct``.
+
+    Returns:
+        ``p_t(m)`` in ``(0, 1)``, the broadcast shape of the inputs.
+
+    Raises:
+        ValueError: ``rest_correct`` without ``num_rest``.
+
+    Example:
+        >>> n, all_right, none_right = (torch.tensor(v, dtype=torch.float64) for v in (8.0, 8.0, 0.0))
+        >>> float(correct_probability(all_right, n)), float(correct_probability(all_right, n, none_right, n))
+        (0.9, 0.5)
+    """
+    sensitivity = (task_correct + 1) / (num_task + 2)
+    if rest_correct is None:
+        return sensitivity
+    if num_rest is None:
+        raise ValueError("num_rest is required with rest_correct")
+    return (sensitivity + (rest_correct + 1) / (num_rest + 2)) / 2
+
+
+def log_prior(masks: Tensor, prior_keep: float = 0.5) -> Tensor:
+    """``log(prior_keep^|m| (1 - prior_keep)^(d - |m|))`` of masks ``[..., d]``."""
+    k = masks.to(torch.float64).sum(dim=-1)
+    return k * math.log(prior_keep) + (masks.shape[-1] - k) * math.log(1 - prior_keep)
+
+
+def mask_log_posterior(p: Tensor, masks: Tensor, prior_keep: float = 0.5) -> Tensor:
+    """``log P(m | t, correct)`` ``[M, ...]`` from ``p_t(m)`` ``[M, ...]`` of all masks ``[M, d]``, normalised over dim 0.
+
+    ``P(m | t, correct) ∝ prior(m) * p_t(m) / (1 - p_t(m))``.
+
+    Example:
+        >>> p = torch.tensor([[0.5], [0.9]], dtype=torch.float64)  # a 1-unit layer: masks 0 and 1
+        >>> [round(v, 12) for v in mask_log_posterior(p, torch.tensor([[False], [True]])).exp().flatten().tolist()]
+        [0.1, 0.9]
+    """
+    logp = torch.log(p) - torch.log1p(-p) + log_prior(masks, prior_keep).reshape(-1, *([1] * (p.ndim - 1)))
+    return logp - torch.logsumexp(logp, dim=0, keepdim=True)
+
+
+@dataclass(frozen=True)
+class _TaskSet:
+    """The tasks of a fit on its probe: names, membership ``[N, T]`` and each class task's class."""
+
+    names: list[str]
+    member: Tensor
+    classes: list[int]  # empty for task "all"
+    labels: Tensor
+    num_classes: int
+
+    @property
+    def has_classes(self) -> bool:
+        return bool(self.classes)
+
+
+class _MaskOutcomes:
+    """Every mask's predictions on every probe example ``[M, N]``, reduced to the likelihood's counts."""
+
+    def __init__(self, pred: Tensor, tasks: _TaskSet, two_sided: bool) -> None:
+        self.correct = (pred == tasks.labels[None, :]).to(torch.float64)
+        self.member = tasks.member.to(torch.float64)
+        self.task_of_prediction: Tensor | None = None
+        if two_sided:
+            # the task whose class each prediction is (T: none), for the weighted count of each task's class
+            num_tasks = len(tasks.classes)
+            lookup = torch.full((tasks.num_classes,), num_tasks, dtype=torch.long, device=pred.device)
+            lookup[torch.tensor(tasks.classes, device=pred.device)] = torch.arange(num_tasks, device=pred.device)
+            self.task_of_prediction = lookup[pred]
+
+    def probability(self, weights: Tensor | None = None) -> Tensor:
+        """``p_t(m)`` ``[M, T]``, each probe example counted ``weights[i]`` times (once without weights)."""
+        member = self.member if weights is None else self.member * weights[:, None]
+        tp, n_task = self.correct @ member, member.sum(dim=0)
+        if self.task_of_prediction is None:
+            return correct_probability(tp, n_task)
+        w = torch.ones(self.correct.shape[1], dtype=torch.float64, device=member.device) if weights is None else weights
+        m, t = self.correct.shape[0], member.shape[1]
+        predicted = torch.zeros(m, t + 1, dtype=torch.float64, device=member.device)
+        predicted.scatter_add_(1, self.task_of_prediction, w.expand(m, -1))  # weighted count predicted as each task's class
+        n_rest = w.sum() - n_task
+        # TN = the other examples not predicted t = n_rest - FP, FP = predicted t - TP
+        return correct_probability(tp, n_task, n_rest - (predicted[:, :t] - tp), n_rest)
+
+
+class _ChainScorer:
+    """``log O_t(m)`` ``[T, C]`` of the current mask of every MCMC chain, from the probe rows each chain scores.
+
+    A chain of task ``t`` scores its mask on task ``t``'s examples and, with the two-sided likelihood, on its
+    own sample of at most ``rest_per_chain`` other examples (drawn once, without replacement, from
+    ``generator``; all of them when there are no more): every step evaluates the same rows, so each chain
+    targets a fixed posterior, and the cost per step is bounded by ``chains * (N + T * rest_per_chain)``
+    rows. All chains' rows run as one batch of (example, mask) pairs.
+    """
+
+    def __init__(
+        self,
+        forward: MaskedForward,
+        prepared: list[Tensor],
+        tasks: _TaskSet,
+        num_chains: int,
+        rest_per_chain: int,
+        two_sided: bool,
+        generator: torch.Generator,
+    ) -> None:
+        device = tasks.labels.device
+        num_tasks = len(tasks.names)
+        self.forward, self.prepared, self.two_sided = forward, prepared, two_sided
+        self.shape = (num_tasks, num_chains)
+        self.num_task = tasks.member.sum(dim=0).to(torch.float64)[:, None]  # [T, 1]
+        self.num_rest = torch.zeros(num_tasks, 1, dtype=torch.float64, device=device)
+        rows, chains, rest_flags, targets = [], [], [], []
+        for t in range(num_tasks):
+            own = torch.nonzero(tasks.member[:, t]).flatten()
+            others = torch.nonzero(~tasks.member[:, t]).flatten() if two_sided else own[:0]
+            k = min(rest_per_chain, others.numel())
+            self.num_rest[t] = k
+            for c in range(num_chains):
+                if k < others.numel():
+                    rest = others[torch.randperm(others.numel(), generator=generator)[:k].to(device)]
+                else:
+                    rest = others
+                rows += [own, rest]
+                chains.append(torch.full((own.numel() + k,), t * num_chains + c, dtype=torch.long, device=device))
+                rest_flags += [torch.zeros_like(own, dtype=torch.bool), torch.ones_like(rest, dtype=torch.bool)]
+                target = tasks.classes[t] if tasks.classes else 0
+                targets += [tasks.labels[own], torch.full_like(rest, target)]
+        self.rows, self.chain = torch.cat(rows), torch.cat(chains)
+        self.rest, self.target = torch.cat(rest_flags), torch.cat(targets)
+        self.slot = self.chain * 2 + self.rest.long()  # [task-major chain, own / rest]
+
+    @property
+    def rows_per_step(self) -> int:
+        """(example, mask) rows one step evaluates, all chains together."""
+        return int(self.rows.numel())
+
+    def __call__(self, states: Tensor) -> Tensor:
+        """``log O_t(m)`` ``[T, C]`` of the masks ``states`` ``[T, C, d]``."""
+        masks = states.reshape(-1, states.shape[-1])[self.chain]
+        pred = self.forward.paired_predictions(self.prepared, self.rows, masks)
+        # own rows: correct (predicted as labelled); rest rows: not predicted as the task's class
+        hit = (pred == self.target) != self.rest
+        counts = torch.zeros(2 * self.shape[0] * self.shape[1], dtype=torch.float64, device=pred.device)
+        counts = counts.index_add_(0, self.slot, hit.to(torch.float64)).reshape(*self.shape, 2)
+        rest = counts[..., 1] if self.two_sided else None
+        p = correct_probability(counts[..., 0], self.num_task, rest, self.num_rest)
+        return torch.log(p) - torch.log1p(-p)
+
+
+@dataclass
+class _Estimate:
+    """What an inference gives before the read-outs (the names are :class:`AblationResult`'s)."""
+
+    importance: Tensor
+    manifold_complexity: Tensor
+    complexity_kind: str
+    mask_entropy_bits: Tensor
+    method: str
+    num_evaluations: int
+    num_rows: int
+    replicate_kind: str
+    replicate_importance: Tensor | None
+    replicate_complexity: Tensor | None
+    top_masks: list[Tensor] = field(default_factory=list)
+    top_probs: list[Tensor] = field(default_factory=list)
+    acceptance_rate: Tensor | None = None
+    ess: Tensor | None = None
+    ess_per_unit: Tensor | None = None
+    seconds_per_step: float | None = None
+
+
+@dataclass
+class _ChainSums:
+    """Per-chain sums of a Metropolis run (after burn-in) that the MCMC read-outs are made from.
+
+    ``cond_*``: sums, per proposed unit, of the conditional ``P(m_j = 1 | m_-j)``, of the number of
+    proposals and of the conditional's entropy ``[T, C, d]``; ``raw``: sums of the 0/1 keep indicators;
+    ``joint``: sums of ``m_i P(m_j = 1 | m_-j)`` ``[T, C or 1, d, d]`` (``None`` when too large);
+    ``samples``: the 0/1 traces ``[T, C, S, d]``.
+    """
+
+    cond_sum: Tensor
+    cond_cnt: Tensor
+    cond_entropy: Tensor
+    raw: Tensor
+    joint: Tensor | None
+    per_chain_joint: bool
+    samples: Tensor
+    accepted: Tensor
+    seconds_per_step: float
+
+
 class BayesianAblation:
     """Infer the distribution over ablation masks of a layer given that a task is still done correctly.
 
@@ -549,17 +812,25 @@ class BayesianAblation:
         num_chains: MCMC chains per task.
         num_steps: MCMC steps per chain (including burn-in).
         burn_in: MCMC steps discarded at the start of each chain.
-        generator: the ``torch.Generator`` of the MCMC chains (a fresh seeded one when ``None``).
+        generator: the ``torch.Generator`` of the MCMC chains, their samples of non-task examples and the
+            bootstrap (a fresh seeded one when ``None``).
         max_batch: bound on ``masks * examples`` rows per forward pass (memory).
         top_k: masks kept per task in exact runs.
         split: split the model at the layer with ``torch.fx`` where possible.
         num_bootstrap: exact runs: probe resamples for the error bars (0: none).
+        likelihood: ``p_t(m)`` of a class task: ``"balanced"`` (the average of the Beta(1, 1)-smoothed
+            sensitivity on the class's examples and specificity on the others) or ``"sensitivity"`` (the
+            smoothed sensitivity alone, which favours a mask that makes the network answer the class for
+            everything). Task ``"all"`` uses the smoothed multi-class accuracy either way.
+        rest_per_chain: MCMC with the balanced likelihood: the other examples each chain of a class task
+            scores, a sample drawn once per chain without replacement (all of them when there are no more).
 
     Error bars: MCMC read-outs come with jackknife standard errors over the chains (the Monte-Carlo error
     for this probe set); exact ones with bootstrap standard errors over the probe examples.
 
     Raises:
-        ValueError: an unknown layer, an unknown method, ``prior_keep`` outside ``(0, 1)``.
+        ValueError: an unknown layer, method or likelihood, ``prior_keep`` outside ``(0, 1)``, counts out of
+            range.
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -584,58 +855,27 @@ class BayesianAblation:
         top_k: int = 10,
         split: bool = True,
         num_bootstrap: int = 20,
+        likelihood: Likelihood = "balanced",
+        rest_per_chain: int = REST_PER_CHAIN,
     ) -> None:
         if method not in ("auto", "exact", "mcmc"):
             raise ValueError(f"method must be 'auto', 'exact' or 'mcmc', got {method!r}")
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {', '.join(map(repr, LIKELIHOODS))}, got {likelihood!r}")
         if not 0.0 < prior_keep < 1.0:
             raise ValueError(f"prior_keep must be in (0, 1), got {prior_keep}")
         if num_steps <= burn_in or num_chains < 1:
             raise ValueError("num_steps must exceed burn_in and num_chains must be >= 1")
-        get_module(model, layer)
-        self.model, self.layer, self.method = model, layer, method
-        self.prior_keep, self.num_chains, self.num_steps, self.burn_in = prior_keep, num_chains, num_steps, burn_in
-        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         if num_bootstrap < 0:
             raise ValueError(f"num_bootstrap must be >= 0, got {num_bootstrap}")
-        self.max_batch, self.top_k, self.num_bootstrap = max_batch, top_k, num_bootstrap
+        if rest_per_chain < 1:
+            raise ValueError(f"rest_per_chain must be >= 1, got {rest_per_chain}")
+        get_module(model, layer)
+        self.model, self.layer, self.method, self.likelihood = model, layer, method, likelihood
+        self.prior_keep, self.num_chains, self.num_steps, self.burn_in = prior_keep, num_chains, num_steps, burn_in
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.max_batch, self.top_k, self.num_bootstrap, self.rest_per_chain = max_batch, top_k, num_bootstrap, rest_per_chain
         self.forward = MaskedForward(model, layer, max_batch=max_batch, split=split)
-
-    # ------------------------------------------------------------------ data
-    def _collect(self, inputs: Tensor | Iterable, labels: Tensor | None) -> tuple[Tensor, Tensor]:
-        if isinstance(inputs, Tensor):
-            if labels is None:
-                raise ValueError("labels are required with tensor inputs")
-            return inputs, torch.as_tensor(labels)
-        xs, ys = [], []
-        for batch in inputs:
-            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-                raise TypeError("a dataloader must yield (inputs, labels) batches")
-            xs.append(batch[0])
-            ys.append(torch.as_tensor(batch[1]))
-        if not xs:
-            raise ValueError("the dataloader yielded no batches")
-        return torch.cat(xs), torch.cat(ys)
-
-    def _tasks(self, labels: Tensor, tasks: str | Sequence[int], num_classes: int) -> tuple[list[str], Tensor]:
-        """Task names and membership ``[N, T]``; class tasks come first, then ``"all"``."""
-        if tasks == "all":
-            return ["all"], torch.ones(len(labels), 1, dtype=torch.bool, device=labels.device)
-        if tasks == "classes":
-            classes = sorted(set(labels.tolist()))
-        elif isinstance(tasks, str):
-            raise ValueError(f"tasks must be 'classes', 'all' or a list of class indices, got {tasks!r}")
-        else:
-            classes = [int(c) for c in tasks]
-        names, cols = [], []
-        for c in classes:
-            if not 0 <= c < num_classes:
-                raise ValueError(f"task class {c} is outside the model's classes [0, {num_classes})")
-            member = labels == c
-            if not member.any():
-                raise ValueError(f"task 'class {c}' has no probe examples; draw a larger probe set or drop the class")
-            names.append(f"class {c}")
-            cols.append(member)
-        return names, torch.stack(cols, dim=1)
 
     # ------------------------------------------------------------------ fit
     @torch.no_grad()
@@ -645,156 +885,188 @@ class BayesianAblation:
         labels: Tensor | None = None,
         tasks: Literal["classes", "all"] | Sequence[int] = "classes",
     ) -> AblationResult:
-        """Run the inference on probe data.
+        """Run the inference on probe data: score masks, the posterior of every task, its read-outs.
 
         Args:
             inputs: probe inputs ``[N, ...]``, or a dataloader of ``(inputs, labels)`` batches.
             labels: class labels ``[N]`` (with tensor inputs).
-            tasks: ``"classes"`` (one task per class present: its examples classified correctly),
-                ``"all"`` (every example), or a list of class indices.
+            tasks: ``"classes"`` (one task per class present: its examples classified correctly and, with
+                the balanced likelihood, the others not classified as it), ``"all"`` (every example
+                classified correctly), or a list of class indices.
 
         Returns:
             An :class:`AblationResult` (tensors on the model's device).
 
         Raises:
             ValueError: labels outside the model's classes, an empty task, ``exact`` with ``d > 16``.
+
+        Example:
+            >>> _ = torch.manual_seed(0)
+            >>> model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+            >>> x = torch.randn(32, 2)
+            >>> result = BayesianAblation(model, "1").fit(x, (x[:, 0] > 0).long())
+            >>> result.tasks, result.likelihood, result.importance.shape
+            (['class 0', 'class 1'], 'balanced', torch.Size([2, 4]))
         """
-        x, y = self._collect(inputs, labels)
-        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
-        x, y = x.to(device), y.to(device).long()
+        x, y = self._probe(inputs, labels)
+        prepared = self.forward.prepare(x)
+        d = self.forward.num_units(prepared)
+        task_set = self._tasks(y, tasks, self._num_classes(prepared))
+        method = self._method(d)
+        two_sided = self.likelihood == "balanced" and task_set.has_classes
+        full = self.forward.predictions(prepared, torch.ones(1, d, dtype=torch.bool, device=x.device))
+        full_accuracy = _MaskOutcomes(full, task_set, two_sided).probability()[0]
+        if method == "exact":
+            estimate = self._exact(prepared, task_set, two_sided, d)
+        else:
+            scorer = _ChainScorer(
+                self.forward, prepared, task_set, self.num_chains, self.rest_per_chain, two_sided, self.generator
+            )
+            estimate = self._mcmc(scorer, len(task_set.names), d, x.device)
+        return self._result(estimate, task_set, full_accuracy)
+
+    def _probe(self, inputs: Tensor | Iterable, labels: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Probe inputs and long labels on the model's device, from tensors or a dataloader."""
+        if isinstance(inputs, Tensor):
+            if labels is None:
+                raise ValueError("labels are required with tensor inputs")
+            x, y = inputs, torch.as_tensor(labels)
+        else:
+            xs, ys = [], []
+            for batch in inputs:
+                if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                    raise TypeError("a dataloader must yield (inputs, labels) batches")
+                xs.append(batch[0])
+                ys.append(torch.as_tensor(batch[1]))
+            if not xs:
+                raise ValueError("the dataloader yielded no batches")
+            x, y = torch.cat(xs), torch.cat(ys)
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"inputs ({x.shape[0]}) and labels ({y.shape[0]}) differ in length")
-        prepared = self.forward.prepare(x)
-        full = self.forward.predictions(
-            prepared, torch.ones(1, self.forward.num_units(prepared), dtype=torch.bool, device=device)
-        )
-        num_classes = self._num_classes(prepared)
-        if y.numel() and (y.min() < 0 or y.max() >= num_classes):
-            raise ValueError(
-                f"labels must lie in [0, {num_classes}) (the model's classes), got {y.min().item()}..{y.max().item()}"
-            )
-        names, member = self._tasks(y, tasks, num_classes)
-        d = self.forward.num_units(prepared)
-        method = self.method
-        if method == "auto":
-            budget = max(AUTO_EXACT_MASKS, self.num_chains * (self.num_steps + 1))
-            method = "exact" if d <= MAX_EXACT_UNITS and 2**d <= budget else "mcmc"
-        if method == "exact" and d > MAX_EXACT_UNITS:
-            raise ValueError(f"exact enumeration needs d <= {MAX_EXACT_UNITS} units, {self.layer!r} has {d}; use method='mcmc'")
-        member_f = member.to(torch.float64)
-        n_t = member_f.sum(dim=0)
-
-        # MCMC scores a chain's mask on its own task only, so each task's chains see only its examples
-        rows = [torch.nonzero(member[:, t]).flatten() for t in range(member.shape[1])]
-        task_prepared = [[v[r] for v in prepared] for r in rows]
-
-        def own_log_odds(masks: Tensor) -> Tensor:
-            """``log O_t(m)`` ``[T, C]`` of the masks ``[T, C, d]`` of task ``t``'s chains."""
-            k = torch.stack(
-                [
-                    (self.forward.predictions(task_prepared[t], masks[t]) == y[rows[t]][None, :]).to(torch.float64).sum(dim=1)
-                    for t in range(masks.shape[0])
-                ]
-            )
-            p = (k + 1) / (n_t[:, None] + 2)
-            return torch.log(p) - torch.log1p(-p)
-
-        full_acc = ((full[0] == y).to(torch.float64) @ member_f + 1) / (n_t + 2)
-        if method == "exact":
-            correct = (self.forward.predictions(prepared, all_masks(d, device)) == y[None, :]).to(torch.float64)
-            result = self._exact(correct, member_f, d, device)
-        else:
-            result = self._mcmc(own_log_odds, d, len(names), device)
-        result.tasks = names
-        result.full_accuracy = full_acc
-        result.split = self.forward.is_split
-        class_rows = [i for i, n in enumerate(names) if n != "all"]
-
-        def poly(info: Tensor) -> Tensor:
-            if class_rows:
-                return polysemanticity(info[class_rows])
-            return torch.full((d,), math.nan, dtype=info.dtype, device=info.device)
-
-        result.polysemanticity = poly(result.information_bits)
-        if result.replicate_importance is not None:
-            reps = result.replicate_importance
-            rep_info = information_bits(reps, self.prior_keep)
-            result.importance_se = replicate_se(reps, result.replicate_kind)
-            result.information_se = replicate_se(rep_info, result.replicate_kind)
-            result.distributedness_se = replicate_se(distributedness(rep_info), result.replicate_kind)
-            result.polysemanticity_se = replicate_se(torch.stack([poly(i) for i in rep_info]), result.replicate_kind)
-            if result.replicate_complexity is not None:
-                result.manifold_complexity_se = replicate_se(result.replicate_complexity, result.replicate_kind)
-        return result
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        return x.to(device), y.to(device).long()
 
     def _num_classes(self, prepared: list[Tensor]) -> int:
         if self.forward.suffix is not None:
             return int(self.forward.suffix(*[v[:1] for v in prepared]).shape[-1])
         return int(self.model(prepared[0][:1]).shape[-1])
 
-    def _log_prior(self, masks: Tensor) -> Tensor:
-        k = masks.to(torch.float64).sum(dim=-1)
-        return k * math.log(self.prior_keep) + (masks.shape[-1] - k) * math.log(1 - self.prior_keep)
+    def _tasks(self, labels: Tensor, tasks: str | Sequence[int], num_classes: int) -> _TaskSet:
+        """Task names, membership ``[N, T]`` and classes: one task per class, or ``"all"``."""
+        if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(
+                f"labels must lie in [0, {num_classes}) (the model's classes), got {labels.min().item()}..{labels.max().item()}"
+            )
+        if tasks == "all":
+            return _TaskSet(["all"], torch.ones(len(labels), 1, dtype=torch.bool, device=labels.device), [], labels, num_classes)
+        if tasks == "classes":
+            classes = sorted(set(labels.tolist()))
+        elif isinstance(tasks, str):
+            raise ValueError(f"tasks must be 'classes', 'all' or a list of class indices, got {tasks!r}")
+        else:
+            classes = [int(c) for c in tasks]
+        for c in classes:
+            if not 0 <= c < num_classes:
+                raise ValueError(f"task class {c} is outside the model's classes [0, {num_classes})")
+            if not (labels == c).any():
+                raise ValueError(f"task 'class {c}' has no probe examples; draw a larger probe set or drop the class")
+        member = torch.stack([labels == c for c in classes], dim=1)
+        return _TaskSet([f"class {c}" for c in classes], member, classes, labels, num_classes)
 
-    def _posterior(self, k: Tensor, n_t: Tensor, masks: Tensor) -> Tensor:
-        """Log posterior ``[M, ...]`` of every mask from correct counts ``k`` ``[M, ...]`` out of ``n_t``."""
-        p = (k + 1) / (n_t + 2)
-        logp = torch.log(p) - torch.log1p(-p) + self._log_prior(masks).reshape(-1, *([1] * (k.ndim - 1)))
-        return logp - torch.logsumexp(logp, dim=0, keepdim=True)
+    def _method(self, d: int) -> str:
+        """``"exact"`` or ``"mcmc"`` for a layer of ``d`` units."""
+        method = self.method
+        if method == "auto":
+            budget = max(AUTO_EXACT_MASKS, self.num_chains * (self.num_steps + 1))
+            method = "exact" if d <= MAX_EXACT_UNITS and 2**d <= budget else "mcmc"
+        if method == "exact" and d > MAX_EXACT_UNITS:
+            raise ValueError(f"exact enumeration needs d <= {MAX_EXACT_UNITS} units, {self.layer!r} has {d}; use method='mcmc'")
+        return method
 
-    def _exact(self, correct: Tensor, member: Tensor, d: int, device: torch.device) -> AblationResult:
-        """Enumerate all masks; error bars from a bootstrap over the probe examples.
-
-        Args:
-            correct: ``[M, N]`` whether each mask classifies each probe example correctly (float64).
-            member: ``[N, T]`` task membership (float64).
-        """
-        masks = all_masks(d, device)
-        masks_f = masks.to(torch.float64)
-        logp = self._posterior(correct @ member, member.sum(dim=0), masks)  # [M, T]
+    # ------------------------------------------------------------------ exact enumeration
+    def _exact(self, prepared: list[Tensor], tasks: _TaskSet, two_sided: bool, d: int) -> _Estimate:
+        """Enumerate all masks on all probe examples; error bars from a bootstrap over the probe examples."""
+        masks = all_masks(d, tasks.labels.device)
+        outcomes = _MaskOutcomes(self.forward.predictions(prepared, masks), tasks, two_sided)
+        logp = mask_log_posterior(outcomes.probability(), masks, self.prior_keep)  # [M, T]
         p = logp.exp()
-        importance = (p.T @ masks_f).clamp(0, 1)  # [T, d]
+        importance = _posterior_importance(p, masks)
         h_m = -(p * logp).sum(dim=0) / _LOG2
-        tc = _binary_entropy_bits(importance).sum(dim=1) - h_m
-        info = information_bits(importance, self.prior_keep)
         top = p.topk(min(self.top_k, p.shape[0]), dim=0)
-        rep_importance, rep_tc = [], []
-        n = correct.shape[1]
-        for _ in range(self.num_bootstrap):
-            draw = torch.randint(0, n, (n,), generator=self.generator).to(device)
-            weights = torch.bincount(draw, minlength=n).to(torch.float64)
-            w_member = member * weights[:, None]
-            lp = self._posterior(correct @ w_member, w_member.sum(dim=0), masks)
-            pb = lp.exp()
-            imp_b = (pb.T @ masks_f).clamp(0, 1)
-            rep_importance.append(imp_b)
-            rep_tc.append(_binary_entropy_bits(imp_b).sum(dim=1) + (pb * lp).sum(dim=0) / _LOG2)
-        return AblationResult(
-            tasks=[],
+        replicates = [self._bootstrap_replicate(outcomes, masks) for _ in range(self.num_bootstrap)]
+        return _Estimate(
             importance=importance,
-            information_bits=info,
-            distributedness=distributedness(info),
-            manifold_complexity=tc.clamp_min(0),
+            manifold_complexity=(_binary_entropy_bits(importance).sum(dim=1) - h_m).clamp_min(0),
             complexity_kind="total_correlation",
-            polysemanticity=torch.empty(0),
             mask_entropy_bits=h_m,
-            full_accuracy=torch.empty(0),
             method="exact",
             num_evaluations=masks.shape[0],
+            num_rows=masks.shape[0] * tasks.labels.numel(),
+            replicate_kind="bootstrap" if replicates else "",
+            replicate_importance=torch.stack([imp for imp, _ in replicates]) if replicates else None,
+            replicate_complexity=torch.stack([tc for _, tc in replicates]).clamp_min(0) if replicates else None,
             top_masks=[masks[top.indices[:, t]] for t in range(p.shape[1])],
             top_probs=[top.values[:, t] for t in range(p.shape[1])],
-            replicate_kind="bootstrap" if rep_importance else "",
-            replicate_importance=torch.stack(rep_importance) if rep_importance else None,
-            replicate_complexity=torch.stack(rep_tc).clamp_min(0) if rep_tc else None,
         )
 
-    def _mcmc(self, own_log_odds, d: int, num_tasks: int, device: torch.device) -> AblationResult:  # type: ignore[no-untyped-def]
+    def _bootstrap_replicate(self, outcomes: _MaskOutcomes, masks: Tensor) -> tuple[Tensor, Tensor]:
+        """Importance ``[T, d]`` and total correlation ``[T]`` with the probe examples resampled."""
+        n = outcomes.correct.shape[1]
+        draw = torch.randint(0, n, (n,), generator=self.generator).to(masks.device)
+        weights = torch.bincount(draw, minlength=n).to(torch.float64)
+        logp = mask_log_posterior(outcomes.probability(weights), masks, self.prior_keep)
+        p = logp.exp()
+        importance = _posterior_importance(p, masks)
+        return importance, _binary_entropy_bits(importance).sum(dim=1) + (p * logp).sum(dim=0) / _LOG2
+
+    # ------------------------------------------------------------------ MCMC
+    def _mcmc(self, scorer: _ChainScorer, num_tasks: int, d: int, device: torch.device) -> _Estimate:
+        """Parallel Metropolis chains of single-unit flips; Rao-Blackwellised read-outs, jackknife over chains."""
+        sums = self._run_chains(scorer, num_tasks, d, device)
+        c, kept = self.num_chains, self.num_steps - self.burn_in
+        importance, mi_all, cap = _chain_readouts(sums, range(c), c * kept)
+        rep_importance, rep_pairwise = [], []
+        mi_loo_sum = torch.zeros_like(mi_all) if mi_all is not None and sums.per_chain_joint else None
+        if c >= 2:
+            for chain in range(c):  # leave one chain out
+                imp_c, mi_c, _ = _chain_readouts(sums, [i for i in range(c) if i != chain], (c - 1) * kept)
+                rep_importance.append(imp_c)
+                if mi_c is not None and mi_loo_sum is not None and cap is not None:
+                    mi_loo_sum += mi_c
+                    rep_pairwise.append(_pairwise_total(mi_c, cap))
+        if mi_all is not None and cap is not None:
+            # Jackknife bias correction (the plug-in information of a noisy pair is biased upwards by
+            # O(1 / samples), and d (d - 1) / 2 pairs add up). A pair with a unit whose conditional never
+            # moved (it depends on no other unit: I(m_j; m_-j) = 0) contributes exactly 0, without noise.
+            mi_est = c * mi_all - (c - 1) * mi_loo_sum / c if mi_loo_sum is not None else mi_all
+            pairwise = _pairwise_total(mi_est, cap)
+        else:
+            pairwise = torch.full((num_tasks,), math.nan, dtype=torch.float64, device=device)
+        ess_per_unit = torch.stack([_ess(sums.samples[t]) for t in range(num_tasks)])  # [T, d]
+        return _Estimate(
+            importance=importance,
+            manifold_complexity=pairwise,
+            complexity_kind="pairwise_mutual_information",
+            mask_entropy_bits=torch.full((num_tasks,), math.nan, dtype=torch.float64, device=device),
+            method="mcmc",
+            num_evaluations=num_tasks * c * (self.num_steps + 1),
+            num_rows=scorer.rows_per_step * (self.num_steps + 1),
+            replicate_kind="jackknife" if rep_importance else "",
+            replicate_importance=torch.stack(rep_importance) if rep_importance else None,
+            replicate_complexity=torch.stack(rep_pairwise) if rep_pairwise else None,
+            acceptance_rate=sums.accepted / (c * kept),
+            ess=ess_per_unit.min(dim=1).values,
+            ess_per_unit=ess_per_unit,
+            seconds_per_step=sums.seconds_per_step,
+        )
+
+    def _run_chains(self, scorer: _ChainScorer, num_tasks: int, d: int, device: torch.device) -> _ChainSums:
+        """Run the chains from prior draws; the per-chain sums of the kept steps."""
         c, g = self.num_chains, self.generator
-        state = torch.rand(num_tasks, c, d, generator=g) < self.prior_keep  # prior draws
-        state = state.to(device)
+        state = (torch.rand(num_tasks, c, d, generator=g) < self.prior_keep).to(device)  # prior draws
 
         def score(masks: Tensor) -> Tensor:  # [T, C]
-            return own_log_odds(masks) + self._log_prior(masks)
+            return scorer(masks) + log_prior(masks, self.prior_keep)
 
         current = score(state)
         kept = self.num_steps - self.burn_in
@@ -805,9 +1077,7 @@ class BayesianAblation:
         # its average over the steps proposing j estimates P(m_j = 1), and that of m_i P(m_j = 1 | m_-j) the
         # joint P(m_i = 1, m_j = 1), with far less noise than the 0/1 samples (an unused unit gets exactly
         # prior_keep). Sums are kept per chain for the jackknife.
-        cond_sum = torch.zeros(num_tasks, c, d, dtype=torch.float64, device=device)
-        cond_cnt = torch.zeros(num_tasks, c, d, dtype=torch.float64, device=device)
-        cond_entropy = torch.zeros(num_tasks, c, d, dtype=torch.float64, device=device)
+        cond_sum, cond_cnt, cond_entropy = (torch.zeros(num_tasks, c, d, dtype=torch.float64, device=device) for _ in range(3))
         per_chain_joint = num_tasks * c * d * d <= _MAX_JOINT_ELEMENTS
         joint = None
         if num_tasks * d * d <= _MAX_JOINT_ELEMENTS:
@@ -843,71 +1113,67 @@ class BayesianAblation:
             torch.cuda.synchronize(device)
         seconds_per_step = (time.perf_counter() - loop_start) / self.num_steps
         samples = traces.to(torch.float64)  # [T, C, S, d]
-        raw_sum = samples.sum(dim=2)  # [T, C, d]
+        return _ChainSums(
+            cond_sum, cond_cnt, cond_entropy, samples.sum(dim=2), joint, per_chain_joint, samples, accepted, seconds_per_step
+        )
 
-        def readouts(
-            cs: Tensor, cc: Tensor, ch: Tensor, raw: Tensor, count: float, jt: Tensor | None
-        ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-            """Importance ``[T, d]``, pairwise information ``[T, d, d]`` and its cap from sums over some chains."""
-            imp = torch.where(cc > 0, cs / cc.clamp_min(1), raw / count).clamp(0, 1)
-            if jt is None:
-                return imp, None, None
-            rows = jt / cc.clamp_min(1)[..., None]  # row j: E[m_i P(m_j = 1 | m_-j)]
-            mi = pairwise_information_bits(imp, (rows + rows.transpose(1, 2)) / 2, reduce=False)
-            # I(m_i; m_j) <= I(m_j; m_-j) = H(m_j) - E[H(m_j | m_-j)], which the conditionals give with little
-            # noise (exactly 0 for a unit no task uses)
-            h = _binary_entropy_bits(imp)
-            dependence = (h - torch.where(cc > 0, ch / cc.clamp_min(1), h)).clamp_min(0)
-            return imp, mi, torch.minimum(dependence[:, :, None], dependence[:, None, :])
+    # ------------------------------------------------------------------ read-outs
+    def _result(self, estimate: _Estimate, tasks: _TaskSet, full_accuracy: Tensor) -> AblationResult:
+        """The read-outs of an estimate and their standard errors from its replicates."""
+        class_rows = list(range(len(tasks.classes)))
+        d = estimate.importance.shape[1]
 
-        def total(mi: Tensor | None, cap: Tensor) -> Tensor:
-            if mi is None:
-                return torch.full((num_tasks,), math.nan, dtype=torch.float64, device=device)
-            return torch.triu(torch.where(cap > 0, mi, torch.zeros_like(mi)), diagonal=1).sum(dim=(-2, -1))
+        def poly(info: Tensor) -> Tensor:
+            if class_rows:
+                return polysemanticity(info[class_rows])
+            return torch.full((d,), math.nan, dtype=info.dtype, device=info.device)
 
-        pooled = joint.sum(dim=1) if joint is not None else None
-        all_sums = [t.sum(1) for t in (cond_sum, cond_cnt, cond_entropy, raw_sum)]
-        importance, mi_all, cap = readouts(*all_sums, c * kept, pooled)
-        rep_importance, rep_pairwise = [], []
-        mi_loo_sum = torch.zeros_like(mi_all) if mi_all is not None and per_chain_joint else None
-        if c >= 2:
-            for chain in range(c):  # leave one chain out
-                rest = [i for i in range(c) if i != chain]
-                jt = joint[:, rest].sum(dim=1) if joint is not None and per_chain_joint else None
-                sums = [t[:, rest].sum(1) for t in (cond_sum, cond_cnt, cond_entropy, raw_sum)]
-                imp_c, mi_c, _ = readouts(*sums, (c - 1) * kept, jt)
-                rep_importance.append(imp_c)
-                if mi_c is not None and mi_loo_sum is not None and cap is not None:
-                    mi_loo_sum += mi_c
-                    rep_pairwise.append(total(mi_c, cap))
-        if mi_all is not None and cap is not None:
-            # Jackknife bias correction (the plug-in information of a noisy pair is biased upwards by
-            # O(1 / samples), and d (d - 1) / 2 pairs add up). A pair with a unit whose conditional never
-            # moved (it depends on no other unit: I(m_j; m_-j) = 0) contributes exactly 0, without noise.
-            mi_est = c * mi_all - (c - 1) * mi_loo_sum / c if mi_loo_sum is not None else mi_all
-            pairwise = total(mi_est, cap)
-        else:
-            pairwise = total(None, importance)
-        rep_pw = torch.stack(rep_pairwise) if rep_pairwise else None
-        info = information_bits(importance, self.prior_keep)
-        ess_per_unit = torch.stack([_ess(samples[t]) for t in range(num_tasks)])  # [T, d]
+        info = information_bits(estimate.importance, self.prior_keep)
+        reps, kind = estimate.replicate_importance, estimate.replicate_kind
+        rep_info = information_bits(reps, self.prior_keep) if reps is not None else None
+
+        def se(replicates: Tensor | None) -> Tensor | None:
+            return replicate_se(replicates, kind) if replicates is not None and reps is not None else None
+
         return AblationResult(
-            tasks=[],
-            importance=importance,
+            **{f.name: getattr(estimate, f.name) for f in fields(estimate)},
+            tasks=tasks.names,
             information_bits=info,
             distributedness=distributedness(info),
-            manifold_complexity=pairwise,
-            complexity_kind="pairwise_mutual_information",
-            polysemanticity=torch.empty(0),
-            mask_entropy_bits=torch.full((num_tasks,), math.nan, dtype=torch.float64, device=device),
-            full_accuracy=torch.empty(0),
-            method="mcmc",
-            num_evaluations=num_tasks * c * (self.num_steps + 1),
-            acceptance_rate=accepted / (c * kept),
-            ess=ess_per_unit.min(dim=1).values,
-            ess_per_unit=ess_per_unit,
-            replicate_kind="jackknife" if rep_importance else "",
-            replicate_importance=torch.stack(rep_importance) if rep_importance else None,
-            replicate_complexity=rep_pw,
-            seconds_per_step=seconds_per_step,
+            polysemanticity=poly(info),
+            full_accuracy=full_accuracy,
+            split=self.forward.is_split,
+            likelihood=self.likelihood,
+            importance_se=se(reps),
+            information_se=se(rep_info),
+            distributedness_se=se(distributedness(rep_info)) if rep_info is not None else None,
+            manifold_complexity_se=se(estimate.replicate_complexity),
+            polysemanticity_se=se(torch.stack([poly(i) for i in rep_info])) if rep_info is not None else None,
         )
+
+
+def _posterior_importance(p: Tensor, masks: Tensor) -> Tensor:
+    """``P(m_i = 1)`` ``[T, d]`` from the posterior ``[M, T]`` of all masks ``[M, d]``."""
+    return (p.T @ masks.to(torch.float64)).clamp(0, 1)
+
+
+def _chain_readouts(sums: _ChainSums, chains: Sequence[int], count: float) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Importance ``[T, d]``, pairwise information ``[T, d, d]`` and its cap from the sums over some chains."""
+    idx = list(chains)
+    cs, cc, ch, raw = (t[:, idx].sum(1) for t in (sums.cond_sum, sums.cond_cnt, sums.cond_entropy, sums.raw))
+    imp = torch.where(cc > 0, cs / cc.clamp_min(1), raw / count).clamp(0, 1)
+    if sums.joint is None or (not sums.per_chain_joint and len(idx) < sums.cond_sum.shape[1]):
+        return imp, None, None
+    rows = sums.joint[:, idx].sum(dim=1) if sums.per_chain_joint else sums.joint.sum(dim=1)
+    rows = rows / cc.clamp_min(1)[..., None]  # row j: E[m_i P(m_j = 1 | m_-j)]
+    mi = pairwise_information_bits(imp, (rows + rows.transpose(1, 2)) / 2, reduce=False)
+    # I(m_i; m_j) <= I(m_j; m_-j) = H(m_j) - E[H(m_j | m_-j)], which the conditionals give with little
+    # noise (exactly 0 for a unit no task uses)
+    h = _binary_entropy_bits(imp)
+    dependence = (h - torch.where(cc > 0, ch / cc.clamp_min(1), h)).clamp_min(0)
+    return imp, mi, torch.minimum(dependence[:, :, None], dependence[:, None, :])
+
+
+def _pairwise_total(mi: Tensor, cap: Tensor) -> Tensor:
+    """``sum_{i<j}`` of the pairwise informations ``[T, d, d]``, a pair counting only where its cap is positive."""
+    return torch.triu(torch.where(cap > 0, mi, torch.zeros_like(mi)), diagonal=1).sum(dim=(-2, -1))

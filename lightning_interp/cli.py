@@ -5,8 +5,9 @@ Subcommands:
 * ``lightning-interp demo [--out DIR] [--max-steps N] [--epochs N] [--logger wandb|tensorboard|csv]``: the
   main job (:mod:`lightning_interp.demo`): every callback on the task it suits, logged into one offline
   wandb run (no account needed); writes ``DIR/summary.json``, ``DIR/report.html`` and PNG figures.
-* ``lightning-interp audit --arch resnet50 --weights FILE --images DIR --out OUT [--limit N] [--wandb]``:
-  the final-layer audit of a pretrained torchvision model (:mod:`lightning_interp.audit`).
+* ``lightning-interp audit --arch resnet50 --weights FILE --images DIR --out OUT [--limit N] [--wandb]``
+  (or ``--arch timm:NAME``, ``--model pkg.Class --ckpt FILE``, ``--config audit.yaml``): every method that
+  applies to a trained classifier, one report (:mod:`lightning_interp.audit`).
 * ``lightning-interp fit|validate|test|predict --config configs/....yaml``: Lightning's
   ``LightningCLI`` with any ``LightningModule`` / ``LightningDataModule`` (``class_path`` in YAML), so
   callbacks and datamodules are named in the config.
@@ -24,8 +25,9 @@ __all__ = ["main"]
 _USAGE = """usage: lightning-interp {demo,audit,fit,validate,test,predict} ...
 
   demo        every callback on the task it suits, one offline wandb run, summary.json and report.html
-  audit       final-layer audit of a pretrained torchvision model on a folder of images:
+  audit       every method on a trained classifier and a folder of images, one report:
               lightning-interp audit --arch resnet50 --weights FILE --images DIR --out OUT [--limit N]
+              (--arch timm:NAME, --model pkg.Class --ckpt FILE, or --config audit.yaml)
   fit         LightningCLI: lightning-interp fit --config configs/posterior_gap_preset1.yaml
   validate, test, predict
               LightningCLI subcommands
@@ -63,42 +65,80 @@ def _demo(argv: Sequence[str]) -> None:
 
 
 def _audit(argv: Sequence[str]) -> None:
-    from lightning_interp.audit import run_audit
+    from lightning_interp.audit import METHODS, run_audit, run_config_audit
 
     parser = argparse.ArgumentParser(
         prog="lightning-interp audit",
-        description="Final-layer weight audit (ALD fits) and saliency maps of a torchvision model with local weights.",
+        description="Audit a trained classifier on a folder of images with every method that applies; writes "
+        "report.html, report.json, CSV tables and PNG figures into --out.",
+        epilog="Model forms: --arch resnet50 --weights r50.pth | --arch timm:convnext_tiny --weights m.safetensors | "
+        "--model my_pkg.MyModule --ckpt last.ckpt | --config audit.yaml [--ckpt last.ckpt].",
     )
-    parser.add_argument("--arch", required=True, help="torchvision model name, e.g. resnet50, densenet121, vit_b_16")
-    parser.add_argument("--weights", required=True, help="local weights: a state_dict or Lightning checkpoint (.pth/.ckpt)")
-    parser.add_argument("--images", required=True, help="a folder of images (flat, or one sub-folder per class)")
-    parser.add_argument("--out", required=True, help="output folder: report.json, CSV tables, PNG grids")
+    model = parser.add_argument_group("model (one form)")
+    model.add_argument("--arch", help="torchvision model name (resnet50, densenet121, vit_b_16, ...) or timm:<name>")
+    model.add_argument("--weights", help="local weights of --arch: a state_dict, Lightning checkpoint or .safetensors")
+    model.add_argument("--model", help="package.module.ClassName of your LightningModule (with --ckpt)")
+    model.add_argument("--ckpt", help="the Lightning checkpoint of --model (or of the --config model)")
+    model.add_argument("--config", help="a LightningCLI config naming model, data and lightning-interp callbacks")
+    parser.add_argument("--images", help="a folder of images (flat, or one sub-folder per class)")
+    parser.add_argument("--out", required=True, help="output folder (replaced as a whole when the audit succeeds)")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     parser.add_argument("--limit", type=int, default=None, help="audit at most N images")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--min-size", type=int, default=20, help="min_size of the recursive channel split")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=None, help="input size, when the weights do not say")
+    parser.add_argument("--grayscale", action="store_true", help="one input channel (with --image-size)")
+    parser.add_argument("--min-size", type=int, default=20, help="min_size of the saliency channel split")
+    parser.add_argument("--max-tasks", type=int, default=20, help="most ablation class tasks")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--wandb", action="store_true", help="also log to wandb (offline unless WANDB_MODE=online)")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(list(argv))
     try:
-        report = run_audit(
-            args.arch,
-            args.weights,
-            args.images,
-            args.out,
-            limit=args.limit,
-            batch_size=args.batch_size,
-            min_size=args.min_size,
-            use_wandb=args.wandb,
-            device=args.device,
-        )
-    except (FileNotFoundError, ValueError) as err:
+        if args.config:
+            report = run_config_audit(args.config, args.out, ckpt=args.ckpt)
+        else:
+            report = run_audit(
+                arch=args.arch,
+                weights=args.weights,
+                images=args.images,
+                out=args.out,
+                model=args.model,
+                ckpt=args.ckpt,
+                methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+                limit=args.limit,
+                batch_size=args.batch_size,
+                min_size=args.min_size,
+                max_tasks=args.max_tasks,
+                image_size=args.image_size,
+                channels=1 if args.grayscale else None,
+                use_wandb=args.wandb,
+                device=args.device,
+                seed=args.seed,
+            )
+    except (FileNotFoundError, ValueError, ModuleNotFoundError, AttributeError) as err:
         parser.exit(2, f"lightning-interp audit: error: {err}\n")
-    path = "closed form (GAP + Linear)" if report["closed_form"] else "autograd fallback"
-    print(
-        f"{args.arch}: {report['num_images']} images, feature layer {report['feature_layer']!r} -> {report['classifier']!r} "
-        f"({path}); joint R^2 +{report['ald']['joint_positive']['r2']:.3f} / -{report['ald']['joint_negative']['r2']:.3f}; "
-        f"wrote {os.path.join(args.out, 'report.json')}"
-    )
+    print(summary_lines(report, args.out))
+
+
+def summary_lines(report: dict, out: str) -> str:
+    """The end-of-audit summary: where the files are and the main findings."""
+    meta = report["meta"]
+    lines = [f"audit of {meta['model']}: wrote {os.path.join(out, 'report.html')} and report.json ({meta['wall_time_s']} s)"]
+    if "num_images" in meta:
+        acc = meta.get("accuracy")
+        lines.append(
+            f"  {meta['num_images']} images ({meta['num_skipped']} skipped), {meta['num_classes']} classes"
+            + (f", accuracy {acc:.3f}" if acc is not None else ", no labels")
+            + f"; feature layer {meta['feature_layer']!r} -> {meta['classifier']!r}"
+        )
+    for key, section in report.items():
+        if key in ("meta", "skipped", "images") or not isinstance(section, dict):
+            continue
+        scalars = section.get("scalars", {})
+        shown = ", ".join(f"{k}={v:.3g}" for k, v in list(scalars.items())[:4] if isinstance(v, float) and not k.endswith("_se"))
+        note = section.get("notes", [])
+        lines.append(f"  {key}: {shown or (note[0] if note else 'no numbers')}")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

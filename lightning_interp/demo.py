@@ -11,7 +11,6 @@ All parts log into one logger (one offline wandb run by default), write their fi
 
 from __future__ import annotations
 
-import html
 import json
 import os
 import sys
@@ -212,58 +211,37 @@ def run_demo(
     return summary
 
 
-def _latest_figures(folder: str) -> list[str]:
-    """The newest PNG per figure key in ``folder`` (files are named ``<key>_stepNNNNNN.png``)."""
-    if not os.path.isdir(folder):
-        return []
-    latest: dict[str, str] = {}
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".png") and "_step" in name:
-            latest[name.rsplit("_step", 1)[0]] = name
-    return [os.path.join(folder, n) for n in latest.values()]
-
-
 def write_report(out: str, summary: dict[str, Any]) -> str:
-    """Write ``out/report.html``: per part the final scalars and the latest figures.
+    """Write ``out/report.html`` (:mod:`lightning_interp.report`): per part its final scalars and latest figures.
 
     The page reports, in ``data-images-loaded`` / ``data-images-total`` attributes of ``<body>``, how
     many of its images the browser could load (checked in a test with headless Chromium).
     """
-    parts_html = []
+    from lightning_interp.report import INTROS, Section, latest_figures, scalars_with_se, write_html
+
+    sections = []
+    if os.path.exists(os.path.join(out, "gap_vs_step.png")):
+        sections.append(
+            Section(
+                "posterior_gap_vs_step",
+                "Posterior gap during training",
+                " ".join(INTROS["PosteriorGapCallback"]),
+                figures=[("gap_vs_step.png", "mean KL to the Bayes posterior against the training step, per preset")],
+            )
+        )
     for part, res in summary["parts"].items():
-        rows = "".join(
-            f"<tr><td>{html.escape(k)}</td><td>{v:.6g}</td></tr>" for k, v in res["final"].items() if isinstance(v, (int, float))
+        figures = [
+            (os.path.relpath(p, out), os.path.basename(p).rsplit("_step", 1)[0].replace("_", " "))
+            for p in latest_figures(os.path.join(out, "figures", part))
+        ]
+        sections.append(
+            Section(
+                part,
+                f"{part} ({res['callback']}, {res['prefix']}/..., {res['wall_time_s']} s)",
+                " ".join(INTROS.get(res["callback"], ("", ""))),
+                scalars=scalars_with_se(res["final"]),
+                figures=figures,
+            )
         )
-        folder = os.path.join(out, "figures", part)
-        imgs = "".join(
-            f'<figure><img src="{html.escape(os.path.relpath(p, out))}" alt="{html.escape(os.path.basename(p))}">'
-            f"<figcaption>{html.escape(os.path.basename(p))}</figcaption></figure>"
-            for p in _latest_figures(folder)
-        )
-        parts_html.append(
-            f"<section><h2>{html.escape(part)} <small>({html.escape(res['callback'])}, {res['wall_time_s']} s)</small></h2>"
-            f"<table><tr><th>{html.escape(res['prefix'])}/...</th><th>final</th></tr>{rows}</table>{imgs}</section>"
-        )
-    extra = '<figure><img src="gap_vs_step.png" alt="gap_vs_step.png"><figcaption>posterior gap vs step</figcaption></figure>'
-    if not os.path.exists(os.path.join(out, "gap_vs_step.png")):
-        extra = ""
-    page = f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>lightning-interp demo</title>
-<style>body{{font-family:sans-serif;margin:2em}} img{{max-width:640px;border:1px solid #ccc}} figure{{display:inline-block}}
-table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}}</style></head>
-<body data-images-loaded="pending">
-<h1>lightning-interp demo</h1><p>wall time {summary["wall_time_s"]} s; logger {html.escape(summary["logger"])}</p>
-{extra}{"".join(parts_html)}
-<script>
-window.addEventListener("load", () => {{
-  const imgs = Array.from(document.images);
-  document.body.dataset.imagesTotal = imgs.length;
-  document.body.dataset.imagesLoaded = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
-}});
-</script>
-</body></html>
-"""
-    path = os.path.join(out, "report.html")
-    with open(path, "w") as f:
-        f.write(page)
-    return path
+    meta = {"wall time (s)": summary["wall_time_s"], "logger": summary["logger"], "seed": summary["seed"]}
+    return write_html(out, "lightning-interp demo", sections, meta=meta)

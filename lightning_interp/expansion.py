@@ -12,29 +12,36 @@ zero-sum gauge the terms are the functional-ANOVA components under the uniform m
 ``J_ij(a, b) = E[f | a, b] - E[f | sigma_i = a] - E[f | sigma_j = b] + E[f]``; being orthogonal, their
 variances split ``Var f`` into orders. :func:`expand` computes them exactly (enumeration of all ``q^L``
 sequences), by Monte Carlo (conditional expectations by substitution into background sequences, with
-standard errors), or in closed form for one hidden layer with a quadratic activation.
+standard errors), or in closed form for one hidden layer with a quadratic activation. The paper expands
+"each layer of the network, and the logits layer in particular": ``expand(..., layer=..., unit=...)``
+expands the output (pre-activation) of any layer's unit the same way.
 
 The module is pure torch: it never imports Lightning.
 """
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import math
+import numbers
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from lightning_interp.hooks import capture, get_module, layer_names
 from lightning_interp.stats import replicate_standard_error
 
 __all__ = [
     "Evaluator",
     "PottsExpansion",
     "Square",
+    "Units",
+    "check_layer",
     "expand",
     "one_hot_flat",
     "reference_gauge",
@@ -42,6 +49,8 @@ __all__ = [
 ]
 
 Target = int | tuple[int, int] | None
+#: hidden units of a layer: one flattened index, several (a leading output dim, in that order) or ``None`` (all)
+Units = int | Sequence[int] | None
 # errors that mean "this input does not fit the model" (others propagate unchanged)
 _SHAPE_ERROR = re.compile(r"shape|size|dimension|mat1|must match|expected", re.IGNORECASE)
 
@@ -258,6 +267,46 @@ class PottsExpansion:
         corrected = f - row[..., :, None] * row[..., None, :] / total[..., None, None].clamp_min(1e-300)
         return corrected * off
 
+    def select(self, index: int) -> PottsExpansion:
+        """The single-output expansion of output ``index`` of a multi-output expansion (leading ``K`` dim).
+
+        Args:
+            index: position along the leading output dim (for ``expand(..., unit=[u0, u1])``, the position in
+                that list, not the unit index).
+
+        Returns:
+            A :class:`PottsExpansion` without the leading dim.
+
+        Raises:
+            ValueError: the expansion has a single output already, or ``index`` is out of range.
+
+        Example:
+            >>> model = nn.Sequential(nn.Linear(3 * 2, 4), Square(), nn.Linear(4, 2))
+            >>> expand(model, seq_len=3, num_states=2).select(1).fields.shape
+            torch.Size([3, 2])
+        """
+        if self.fields.ndim != 3:
+            raise ValueError("select needs an expansion with several outputs (a leading K dim); this one has a single output")
+        k = self.fields.shape[0]
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < k:
+            raise ValueError(f"index must be an int in [0, {k}), got {index!r}")
+
+        def pick(values: dict[int | str, Tensor] | None) -> dict[int | str, Tensor] | None:
+            return None if values is None else {key: v[index] for key, v in values.items()}
+
+        return replace(
+            self,
+            constant=self.constant[index],
+            fields=self.fields[index],
+            couplings=self.couplings[index],
+            variance_explained=pick(self.variance_explained) or {},
+            total_variance=self.total_variance[index],
+            residual_variance=self.residual_variance[index],
+            fields_se=None if self.fields_se is None else self.fields_se[index],
+            couplings_se=None if self.couplings_se is None else self.couplings_se[index],
+            variance_explained_se=pick(self.variance_explained_se),
+        )
+
     def strongest_pairs(self, k: int = 10, apc: bool = True) -> list[tuple[int, int, float]]:
         """The ``k`` site pairs ``(i, j, strength)`` with the largest coupling strength (single output)."""
         s = self.coupling_strength(apc)
@@ -283,36 +332,154 @@ def _outputs(model: nn.Module, x: Tensor, target: Target) -> Tensor:
     return out[:, target : target + 1]
 
 
+def check_layer(model: nn.Module, layer: str) -> nn.Module:
+    """The submodule of ``model`` at ``named_modules()`` path ``layer``, or a ``ValueError`` naming close names.
+
+    Args:
+        model: the model.
+        layer: a ``named_modules()`` path (``""`` is the model itself; ``torch.compile``-d submodules are
+            addressed by the user's names, without ``_orig_mod``).
+
+    Returns:
+        The submodule.
+
+    Raises:
+        ValueError: ``layer`` is not a string or names no submodule; the message lists the closest names
+            (or the first of the model's names when none is close).
+
+    Example:
+        >>> check_layer(nn.Sequential(nn.Linear(2, 3), Square()), "1")
+        Square()
+    """
+    if not isinstance(layer, str):
+        raise ValueError(f"layer must be a named_modules() path (a string), got {layer!r}")
+    try:
+        return get_module(model, layer)
+    except ValueError:
+        pass
+    names = [n for n in layer_names(model) if n]
+    close = difflib.get_close_matches(layer, names, n=5, cutoff=0.5)
+    if close:
+        hint = "close names: " + ", ".join(repr(n) for n in close)
+    else:
+        hint = "the model's layers: " + ", ".join(repr(n) for n in names[:20]) + (", ..." if len(names) > 20 else "")
+    raise ValueError(f"unknown layer {layer!r} in {type(model).__name__}; {hint} (named_modules() paths)")
+
+
+def _check_units(unit: Units) -> list[int] | None:
+    """``unit`` as a list of indices (``None``: all units); ``ValueError`` for anything but ints ``>= 0``."""
+
+    def index(v: object) -> bool:
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool) and int(v) >= 0
+
+    if unit is None:
+        return None
+    if index(unit):
+        return [int(unit)]  # type: ignore[call-overload]
+    if isinstance(unit, Sequence) and not isinstance(unit, str) and len(unit) > 0 and all(index(v) for v in unit):
+        return [int(v) for v in unit]
+    raise ValueError(f"unit must be a unit index >= 0, a non-empty list of them, or None (every unit); got {unit!r}")
+
+
 class Evaluator:
     """Batched evaluation of a model on sequences of states ``[N, L]`` -> outputs ``[N, K]`` (float64).
 
     States are encoded with ``encode(states, num_states)`` and run in the model's dtype and device, in
     batches of ``batch``; ``target`` selects an output or a difference of two (``None``: all outputs). A
     model that rejects the encoded shape gets a ``ValueError`` that says to pass ``encode``.
+
+    With ``layer``, the outputs are those of the module at that ``named_modules()`` path instead of the
+    logits (captured with :func:`~lightning_interp.hooks.capture`, the module's output at its last call in a
+    forward pass), flattened per example to ``[N, D]`` (for a ``[N, C, H, W]`` output, unit
+    ``c * H * W + h * W + w``), and ``unit`` picks units of it.
+
+    Args:
+        model: the model.
+        num_states: states per site ``q``.
+        encode: states ``[N, L]`` -> model input.
+        target: logits only: an output index, ``(a, b)`` for ``z_a - z_b``, or ``None`` for every output.
+        batch: sequences per forward pass.
+        layer: ``named_modules()`` path of the layer to read, or ``None`` for the logits.
+        unit: with ``layer``: a flattened unit index, a list of them (outputs in that order), or ``None``
+            for every unit.
+
+    Raises:
+        ValueError: in ``__init__``, for an unknown ``layer`` (with the closest names), a malformed
+            ``unit``, ``unit`` without ``layer``, or ``target`` with ``layer``; when called, for a model
+            that rejects the encoded input, a layer that does not run in the forward pass or whose output
+            has no batch dim first, or a ``unit`` outside the layer's width.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(2 * 3, 4), Square(), nn.Linear(4, 2))
+        >>> Evaluator(model, 3, one_hot_flat, None, 64, layer="0", unit=[1, 3])(torch.zeros(5, 2, dtype=torch.long)).shape
+        torch.Size([5, 2])
     """
 
     def __init__(
-        self, model: nn.Module, num_states: int, encode: Callable[[Tensor, int], Tensor], target: Target, batch: int
+        self,
+        model: nn.Module,
+        num_states: int,
+        encode: Callable[[Tensor, int], Tensor],
+        target: Target,
+        batch: int,
+        layer: str | None = None,
+        unit: Units = None,
     ) -> None:
         self.model, self.q, self.encode, self.target, self.batch = model, num_states, encode, target, batch
         p = next(model.parameters(), None)
         self.device = p.device if p is not None else torch.device("cpu")
         self.dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+        self.units = _check_units(unit)
+        if layer is None and self.units is not None:
+            raise ValueError(f"unit={unit!r} needs layer=<a named_modules() path>; for the logits choose target= instead")
+        if layer is not None:
+            check_layer(model, layer)
+            if target is not None:
+                raise ValueError(f"target={target!r} selects logits; with layer={layer!r} choose the layer's units with unit=")
+        self.layer = layer
+
+    def _layer_outputs(self, acts: dict[str, Tensor], n: int) -> Tensor:
+        if self.layer not in acts:
+            name = type(self.model).__name__
+            raise ValueError(f"layer {self.layer!r} did not run in {name}'s forward pass; choose a layer that forward calls")
+        out = acts.pop(self.layer)
+        if out.ndim == 0 or out.shape[0] != n:
+            raise ValueError(
+                f"layer {self.layer!r} returned shape {list(out.shape)} for {n} sequences; its output must have the batch "
+                "dim first ([N, ...]); choose another layer"
+            )
+        flat = out.reshape(n, -1)
+        width = flat.shape[1]
+        if self.units is None:
+            return flat
+        if max(self.units) >= width:
+            raise ValueError(
+                f"unit {max(self.units)} is out of range: layer {self.layer!r} has {width} units (output of shape "
+                f"{list(out.shape[1:])} per example, flattened); choose units in 0..{width - 1}"
+            )
+        return flat[:, self.units]
 
     @torch.no_grad()
     def __call__(self, states: Tensor) -> Tensor:
+        """The outputs ``[N, K]`` (float64, on the model's device) for sequences ``[N, L]``."""
         outs = []
-        for i in range(0, states.shape[0], self.batch):
-            x = self.encode(states[i : i + self.batch], self.q).to(device=self.device, dtype=self.dtype)
-            try:
-                outs.append(_outputs(self.model, x, self.target).to(torch.float64))
-            except (RuntimeError, TypeError) as err:
-                if not _SHAPE_ERROR.search(str(err)):
-                    raise
-                raise ValueError(
-                    f"{type(self.model).__name__} rejected the encoded input of shape {list(x.shape)} "
-                    f"({type(err).__name__}: {err}); pass encode=... matching the model's input"
-                ) from err
+        with capture(self.model, [self.layer] if self.layer is not None else []) as acts:
+            for i in range(0, states.shape[0], self.batch):
+                x = self.encode(states[i : i + self.batch], self.q).to(device=self.device, dtype=self.dtype)
+                try:
+                    if self.layer is None:
+                        out = _outputs(self.model, x, self.target)
+                    else:
+                        self.model(x)
+                        out = self._layer_outputs(acts, x.shape[0])
+                except (RuntimeError, TypeError) as err:
+                    if not _SHAPE_ERROR.search(str(err)):
+                        raise
+                    raise ValueError(
+                        f"{type(self.model).__name__} rejected the encoded input of shape {list(x.shape)} "
+                        f"({type(err).__name__}: {err}); pass encode=... matching the model's input"
+                    ) from err
+                outs.append(out.to(torch.float64))
         return torch.cat(outs)  # [N, K]
 
 
@@ -358,8 +525,10 @@ def expand(
     background: Tensor | None = None,
     max_evaluations: int = 2**20,
     batch_size: int = 65536,
+    layer: str | None = None,
+    unit: Units = None,
 ) -> PottsExpansion:
-    """Expand a model's logit as a Potts energy in the zero-sum gauge.
+    """Expand a model's logit, or a unit of any layer, as a Potts energy in the zero-sum gauge.
 
     Args:
         model: maps ``encode(states)`` to logits ``[N]`` or ``[N, K]``.
@@ -378,6 +547,12 @@ def expand(
         background: background sequences ``[S, L]`` for the sampled method (a data distribution).
         max_evaluations: the largest number of model evaluations the exact method accepts.
         batch_size: sequences per forward pass.
+        layer: ``named_modules()`` path of a layer whose output (for a Linear or conv layer, the
+            pre-activation) is expanded instead of the logits; ``None``: the logits. The output is read with
+            a forward hook on the whole model (at the layer's last call in a forward pass) and flattened per
+            example, so a ``[N, C, H, W]`` output has units ``c * H * W + h * W + w``.
+        unit: with ``layer``: a flattened unit index (a single-output expansion), a list of them (a leading
+            output dim in that order), or ``None`` for every unit of the layer.
 
     Returns:
         A :class:`PottsExpansion` (float64) on the model's device.
@@ -385,13 +560,18 @@ def expand(
     Raises:
         ValueError: ``num_states < 2``, ``seq_len < 1``, an unknown method or order, exact enumeration over
             the limit, a model that rejects the encoded input, or a non-quadratic model for
-            ``method="quadratic"``.
+            ``method="quadratic"``; an unknown ``layer`` (the message lists close names), a ``unit``
+            outside the layer's width (the message gives it), ``unit`` without ``layer``, ``target`` with
+            ``layer``, or ``method="quadratic"`` with ``layer``.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(3 * 2, 4), Square(), nn.Linear(4, 1))
         >>> e = expand(model, seq_len=3, num_states=2, method="exact")
         >>> e.fields.shape, round(float(e.variance_explained["residual"]), 12)
         (torch.Size([3, 2]), 0.0)
+        >>> hidden = expand(model, seq_len=3, num_states=2, layer="0", unit=2)  # a first-layer unit: order 1
+        >>> round(float(hidden.variance_explained[1]), 6), float(hidden.couplings.abs().max()) < 1e-6  # float32 model
+        (1.0, True)
     """
     if num_states < 2:
         raise ValueError(f"num_states must be >= 2, got {num_states}")
@@ -401,10 +581,12 @@ def expand(
         raise ValueError(f"order must be 1 or 2, got {order}")
     if method not in ("exact", "sampled", "quadratic"):
         raise ValueError(f"method must be 'exact', 'sampled' or 'quadratic', got {method!r}")
-    evaluate = Evaluator(model, num_states, encode, target, batch_size)
+    if layer is not None and method == "quadratic":
+        raise ValueError("method='quadratic' is the closed form of the logits; with layer= use method='exact' or 'sampled'")
+    evaluate = Evaluator(model, num_states, encode, target, batch_size, layer=layer, unit=unit)
     device = evaluate.device
     length, q = seq_len, num_states
-    single = target is not None
+    single = target is not None or (layer is not None and isinstance(unit, numbers.Integral))
     if method == "exact":
         n = q**length
         if n > max_evaluations:
@@ -427,30 +609,17 @@ def expand(
         expansion = _quadratic(model, length, q, target, device)
     else:
         expansion = _sampled(evaluate, length, q, order, num_samples, generator, background, device)
-    if single or (expansion.fields.shape[0] == 1 and _single_output(model, evaluate, length)):
-        expansion = _squeeze(expansion)
+    if single or (expansion.fields.shape[0] == 1 and unit is None and _single_output(model, evaluate, length)):
+        expansion = expansion.select(0)
     return expansion
 
 
 def _single_output(model: nn.Module, evaluate: Evaluator, length: int) -> bool:
+    if evaluate.layer is not None:
+        return True  # the caller saw one column and asked for every unit: the layer has width 1
     with torch.no_grad():
         out = model(evaluate.encode(torch.zeros(1, length, dtype=torch.long), evaluate.q).to(evaluate.device, evaluate.dtype))
     return out.ndim == 1 or out.shape[1] == 1
-
-
-def _squeeze(e: PottsExpansion) -> PottsExpansion:
-    return replace(
-        e,
-        constant=e.constant[0],
-        fields=e.fields[0],
-        couplings=e.couplings[0],
-        variance_explained={k: v[0] for k, v in e.variance_explained.items()},
-        total_variance=e.total_variance[0],
-        residual_variance=e.residual_variance[0],
-        fields_se=None if e.fields_se is None else e.fields_se[0],
-        couplings_se=None if e.couplings_se is None else e.couplings_se[0],
-        variance_explained_se=None if e.variance_explained_se is None else {k: v[0] for k, v in e.variance_explained_se.items()},
-    )
 
 
 def _quadratic(model: nn.Module, length: int, q: int, target: Target, device: torch.device) -> PottsExpansion:

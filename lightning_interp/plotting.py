@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -53,7 +54,9 @@ def png_to_array(png: bytes) -> Any:
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
 
 
-def saliency_grid(maps: dict[str, Tensor], inputs: Tensor, rows: int = 8) -> Any:
+def saliency_grid(
+    maps: dict[str, Tensor], inputs: Tensor, rows: int = 8, labels: Sequence[str] | None = None, start: int = 0
+) -> Any:
     """Input, discriminative, confusing and policy-gradient panels of the first ``rows`` images, stacked.
 
     Each panel is a single image (the maps blended over the inputs in torch rather than by matplotlib), so
@@ -65,18 +68,21 @@ def saliency_grid(maps: dict[str, Tensor], inputs: Tensor, rows: int = 8) -> Any
             ``confusing``, ``policy_gradient`` ``[N, h, w]`` and ``target`` ``[N]``).
         inputs: the images ``[N, C, H, W]``.
         rows: images shown.
+        labels: one row label per image (e.g. ``"cat.jpg: tabby cat 0.93"``); default ``"class <k>"`` of the target.
+        start: the first image shown (so a long probe can be drawn as several grids).
 
     Returns:
         A matplotlib ``Figure``.
     """
     from matplotlib import colormaps
 
-    x = inputs.detach().float().cpu()
+    x = inputs.detach().float().cpu()[start:]
     n = min(len(x), rows)
     size = x.shape[-2:]
 
     def up(m: Tensor) -> Tensor:
-        return F.interpolate(m[:n, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0].cpu()
+        part = m[start : start + n, None].float()
+        return F.interpolate(part, size=size, mode="bilinear", align_corners=False)[:, 0].cpu()
 
     disc, conf, pg = up(maps["discriminative"]), up(maps["confusing"]), up(maps["policy_gradient"])
     img = x[:n]
@@ -111,7 +117,10 @@ def saliency_grid(maps: dict[str, Tensor], inputs: Tensor, rows: int = 8) -> Any
             from matplotlib.colors import Normalize
 
             fig.colorbar(ScalarMappable(Normalize(bar[1], bar[2]), bar[0]), ax=ax, fraction=0.08, pad=0.02)
-    axes[0][0].set_yticks(ticks, [f"class {int(t)}" for t in maps["target"][:n]], fontsize=7)
+    names = (
+        list(labels[start : start + n]) if labels is not None else [f"class {int(t)}" for t in maps["target"][start : start + n]]
+    )
+    axes[0][0].set_yticks(ticks, names, fontsize=7)
     axes[0][0].set_ylabel("probe image (explained class)", fontsize=8)
     return fig
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Literal
 
@@ -246,11 +246,22 @@ def channel_set_map(features: Tensor, mask: Tensor, normalize: bool = True) -> T
 
 
 def _minmax(maps: Tensor) -> Tensor:
-    flat = maps.flatten(1)
-    lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
+    """Min-max normalise each map over its last two dimensions (a constant map becomes 0)."""
+    flat = maps.flatten(-2)
+    lo, hi = flat.amin(dim=-1)[..., None, None], flat.amax(dim=-1)[..., None, None]
     span = (hi - lo).clamp_min(torch.finfo(maps.dtype).tiny)
-    out = (maps - lo[:, None, None]) / span[:, None, None]
-    return torch.where((hi > lo)[:, None, None], out, torch.zeros_like(out))
+    return torch.where(hi > lo, (maps - lo) / span, torch.zeros_like(maps))
+
+
+def _chain_masks(rows: Tensor, side: str, min_size: int) -> Tensor:
+    """Membership ``[M, D]`` (bool, on ``rows``' device) of the last chain subset of each row of ``rows`` ``[M, D]``."""
+    # the splits run on a float64 CPU copy: each level of split_chain reads a size, which on an accelerator
+    # would be a device synchronisation per level and row
+    host = rows.detach().to("cpu", torch.float64)
+    mask = torch.zeros(host.shape, dtype=torch.bool)
+    for i, row in enumerate(host):
+        mask[i, split_chain(row, side, min_size)[-1]] = True  # type: ignore[arg-type]
+    return mask.to(rows.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,6 +297,23 @@ class _Summary:
         return cls(out.shape, None, None, _as_spatial(out[:1]) is not None)
 
 
+def _gap_transform(summary: _Summary, pooled: Tensor) -> str | None:
+    """``"identity"`` / ``"relu"`` where ``mean_ij`` of the (ReLU'd) map equals the classifier input, else ``None``."""
+    if summary.mean is None or pooled.ndim != 2 or summary.shape[:2] != pooled.shape:
+        return None
+    for kind, m in (("identity", summary.mean), ("relu", summary.relu_mean)):
+        if torch.allclose(m, pooled, rtol=1e-4, atol=1e-5):
+            return kind
+    return None
+
+
+#: The chain side behind each channel-set map.
+_SIDES = {"discriminative": "+", "confusing": "-"}
+
+#: ``(method, classes)`` -> per-class coefficients ``[N, k, D]`` on the channels of the feature map.
+Coefficients = Callable[[str, slice], Tensor]
+
+
 class FinalLayerSaliency(Attribution):
     """Policy-gradient, CAM and the paper's discriminative / confusing maps from the final layer.
 
@@ -293,16 +321,24 @@ class FinalLayerSaliency(Attribution):
     that is globally average-pooled into it are found on the first batch, or taken by
     ``named_modules()`` path, and the relation ``mean_ij A = classifier input`` is checked (also after a
     ReLU, as in torchvision's DenseNet). Where it holds, every map costs one forward pass and no
-    backward pass. Where it does not (a flatten + Linear head, an MLP after the pool, a token model),
-    the same quantities are computed from gradients at the feature layer (one warning); without a
-    ``feature_layer`` the fallback picks the last layer with a spatial or token output whose gradient
-    reaches the spatial positions.
+    backward pass: the maps of ``k`` classes are one batched product of per-class channel coefficients
+    ``[N, k, D]`` with the feature map ``[N, D, h * w]``, so the maps of every class cost little more
+    than the forward pass. Where it does not (a flatten + Linear head, an MLP after the pool, a token
+    model), the same quantities are computed from gradients at the feature layer (one warning; one
+    backward pass per target column plus one); without a ``feature_layer`` the fallback picks the last
+    layer with a spatial or token output whose gradient reaches the spatial positions.
 
     Args:
         model: a classifier returning logits ``[N, K]`` for image-like inputs.
         feature_layer: ``named_modules()`` path of the feature map; found automatically when ``None``.
         classifier: ``named_modules()`` path of the final ``nn.Linear``; found automatically when ``None``.
         min_size: ``min_size`` of the recursive split (:func:`split_chain`).
+
+    Attributes:
+        chunk_elements: classes are rendered in chunks of at most this many elements of per-class
+            intermediates (coefficients ``[N, k, D]`` plus maps ``[N, k, h, w]``, upsampled ones
+            included), so that many targets (all classes of ImageNet, say) do not hold ``[N, k, D]``
+            at once. The returned maps themselves are always whole.
 
     Raises:
         ValueError: unknown layer names, a model without an ``nn.Linear`` producing its output, a
@@ -317,7 +353,12 @@ class FinalLayerSaliency(Attribution):
         torch.Size([2, 8, 8])
         >>> saliency.feature_layer, saliency.classifier, saliency.uses_closed_form
         ('features', 'fc', True)
+        >>> every_class = torch.arange(5).expand(2, 5)  # [N, k] targets: the maps of all five classes
+        >>> saliency.attribute(torch.randn(2, 3, 16, 16), target=every_class).shape
+        torch.Size([2, 5, 8, 8])
     """
+
+    chunk_elements: int = 1 << 24
 
     def __init__(
         self, model: nn.Module, feature_layer: str | None = None, classifier: str | None = None, min_size: int = 20
@@ -334,7 +375,9 @@ class FinalLayerSaliency(Attribution):
         #: ``"identity"`` or ``"relu"`` where the GAP relation holds; ``None`` for the autograd fallback.
         self.feature_transform: str | None = None
         self.uses_closed_form: bool | None = None
-        self._chains: dict[tuple[int, str], Tensor] = {}
+        # per side: the last chain subset of each class row [K, D], and which rows are filled
+        self._chains: dict[str, tuple[Tensor, set[int]]] = {}
+        self._chain_version: tuple[int, int] | None = None
 
     # ------------------------------------------------------------------ layer resolution
     def _check_inputs(self, inputs: Tensor) -> None:
@@ -351,14 +394,49 @@ class FinalLayerSaliency(Attribution):
 
         Called by the first :meth:`attribute`; call it directly to check a model before attributing.
 
+        Args:
+            inputs: images ``[N, C, H, W]`` (a few suffice).
+
         Raises:
             ValueError: no ``nn.Linear`` producing the output, or no spatial feature layer.
+
+        Example:
+            >>> from lightning_interp.models import SmallCNN
+            >>> saliency = FinalLayerSaliency(SmallCNN(in_channels=1, num_classes=3).eval())
+            >>> saliency.resolve(torch.randn(1, 1, 12, 12))
+            >>> saliency.feature_layer, saliency.feature_transform
+            ('features', 'identity')
         """
-        names = dict(self.model.named_modules())
-        records: list[tuple[str, Tensor]] = []
+        output, summaries, order, linear_io = self._record_forward(inputs)
+        self.classifier = self._find_classifier(output, linear_io)
+        pooled = linear_io[self.classifier][0]
+        before = order[: max(i for i, n in enumerate(order) if n == self.classifier)]  # layers run before the head
+        if self.feature_layer is None:
+            self.feature_layer, self.feature_transform = self._find_pooled_layer(before, summaries, pooled)
+        else:
+            self.feature_transform = self._check_feature_layer(summaries, pooled)
+        self.uses_closed_form = self.feature_transform is not None
+        if self.uses_closed_form:
+            return
+        if self.feature_layer is None:
+            self.feature_layer = self._pick_fallback_layer(inputs, [n for n in before if summaries[n].spatial])
+        warnings.warn(
+            f"{type(self.model).__name__}: the head is not global-average-pool -> Linear at {self.feature_layer!r}; "
+            "FinalLayerSaliency uses the autograd fallback (gradients at the feature layer).",
+            stacklevel=3,
+        )
+
+    def _record_forward(self, inputs: Tensor) -> tuple[Tensor, dict[str, _Summary], list[str], dict[str, tuple[Tensor, Tensor]]]:
+        """One forward pass with a hook on every module.
+
+        Returns:
+            The logits, a :class:`_Summary` of each module's last tensor output, the names of the modules in
+            the order their outputs appeared, and each ``nn.Linear``'s ``(input, output)``.
+        """
+        records: list[tuple[str, _Summary]] = []
         linear_io: dict[str, tuple[Tensor, Tensor]] = {}
 
-        def make_hook(name: str, module: nn.Module):
+        def make_hook(name: str, module: nn.Module) -> Callable[[nn.Module, tuple, object], None]:
             def hook(_m: nn.Module, inp: tuple, out: object) -> None:
                 if isinstance(out, Tensor):
                     # keep only what the checks need (shape; spatial means for 4-D maps), not a copy of every output
@@ -368,65 +446,52 @@ class FinalLayerSaliency(Attribution):
 
             return hook
 
-        with (
-            forward_hooks(self.model, {name: make_hook(name, module) for name, module in names.items() if name}),
-            torch.no_grad(),
-        ):
+        hooks = {name: make_hook(name, module) for name, module in self.model.named_modules() if name}
+        with forward_hooks(self.model, hooks), torch.no_grad():
             output = self.model(inputs)
         if not isinstance(output, Tensor) or output.ndim != 2:
             got = list(output.shape) if isinstance(output, Tensor) else type(output).__name__
             raise ValueError(f"the model must return logits [N, K], got {got}")
-        if self.classifier is None:
-            final = [n for n, (_, out) in linear_io.items() if out.shape == output.shape and torch.equal(out, output)]
-            if not final:
-                raise ValueError(
-                    f"{type(self.model).__name__} has no nn.Linear whose output is the model's output (the logits); "
-                    "final-layer saliency needs a final fully connected layer. Pass classifier='<named_modules path>' "
-                    "if the model wraps it."
-                )
-            self.classifier = final[-1]
-        elif self.classifier not in linear_io:
-            raise ValueError(f"classifier {self.classifier!r} did not run in the forward pass")
-        pooled = linear_io[self.classifier][0]
-        order = [n for n, _ in records]
-        outputs = dict(records)
-        cls_pos = max(i for i, n in enumerate(order) if n == self.classifier)
+        return output, dict(records), [n for n, _ in records], linear_io
 
-        def gap_transform(a: _Summary) -> str | None:
-            if a.mean is None or pooled.ndim != 2 or a.shape[:2] != pooled.shape:
-                return None
-            for kind, m in (("identity", a.mean), ("relu", a.relu_mean)):
-                if torch.allclose(m, pooled, rtol=1e-4, atol=1e-5):
-                    return kind
-            return None
+    def _find_classifier(self, output: Tensor, linear_io: dict[str, tuple[Tensor, Tensor]]) -> str:
+        """The given classifier, checked to have run, or the last ``nn.Linear`` whose output is the logits."""
+        if self.classifier is not None:
+            if self.classifier not in linear_io:
+                raise ValueError(f"classifier {self.classifier!r} did not run in the forward pass")
+            return self.classifier
+        final = [n for n, (_, out) in linear_io.items() if out.shape == output.shape and torch.equal(out, output)]
+        if not final:
+            raise ValueError(
+                f"{type(self.model).__name__} has no nn.Linear whose output is the model's output (the logits); "
+                "final-layer saliency needs a final fully connected layer. Pass classifier='<named_modules path>' "
+                "if the model wraps it."
+            )
+        return final[-1]
 
-        if self.feature_layer is None:
-            for name in reversed(order[:cls_pos]):
-                kind = gap_transform(outputs[name])
-                if kind is not None:
-                    self.feature_layer, self.feature_transform = name, kind
-                    break
-        else:
-            if self.feature_layer not in outputs:
-                raise ValueError(f"feature_layer {self.feature_layer!r} did not return a tensor in the forward pass")
-            if not outputs[self.feature_layer].spatial:
-                raise ValueError(
-                    f"feature_layer {self.feature_layer!r} outputs shape {list(outputs[self.feature_layer].shape)}, "
-                    "not a spatial map [N, C, H, W] or tokens [N, T, C]; choose a convolutional or token layer"
-                )
-            self.feature_transform = gap_transform(outputs[self.feature_layer])
-        self.uses_closed_form = self.feature_transform is not None
-        if self.uses_closed_form:
-            return
-        if self.feature_layer is None:
-            self.feature_layer = self._pick_fallback_layer(inputs, [n for n in order[:cls_pos] if outputs[n].spatial])
-        warnings.warn(
-            f"{type(self.model).__name__}: the head is not global-average-pool -> Linear at {self.feature_layer!r}; "
-            "FinalLayerSaliency uses the autograd fallback (gradients at the feature layer).",
-            stacklevel=3,
-        )
+    @staticmethod
+    def _find_pooled_layer(before: list[str], summaries: dict[str, _Summary], pooled: Tensor) -> tuple[str | None, str | None]:
+        """The last layer before the head whose (ReLU'd) spatial mean is the classifier input, and the transform."""
+        for name in reversed(before):
+            kind = _gap_transform(summaries[name], pooled)
+            if kind is not None:
+                return name, kind
+        return None, None
+
+    def _check_feature_layer(self, summaries: dict[str, _Summary], pooled: Tensor) -> str | None:
+        """Check that the given feature layer ran and is spatial; its GAP transform (``None``: fallback)."""
+        name: str = self.feature_layer  # type: ignore[assignment]
+        if name not in summaries:
+            raise ValueError(f"feature_layer {name!r} did not return a tensor in the forward pass")
+        if not summaries[name].spatial:
+            raise ValueError(
+                f"feature_layer {name!r} outputs shape {list(summaries[name].shape)}, "
+                "not a spatial map [N, C, H, W] or tokens [N, T, C]; choose a convolutional or token layer"
+            )
+        return _gap_transform(summaries[name], pooled)
 
     def _pick_fallback_layer(self, inputs: Tensor, candidates: list[str]) -> str:
+        """The last candidate whose gradient (of the top logits) reaches its spatial positions."""
         if not candidates:
             raise ValueError(
                 f"{type(self.model).__name__} has no layer with a spatial [N, C, H, W] or token [N, T, C] output before "
@@ -443,27 +508,49 @@ class FinalLayerSaliency(Attribution):
                 return name
         return candidates[-1]
 
-    # ------------------------------------------------------------------ maps
-    def _chain_mask(self, weight: Tensor, side: str) -> Tensor:
-        """Membership ``[N, D]`` of the last chain subset of each row of ``weight`` ``[N, D]``."""
-        mask = torch.zeros_like(weight, dtype=torch.bool)
-        for i, row in enumerate(weight):
-            mask[i, split_chain(row, side, self.min_size)[-1]] = True  # type: ignore[arg-type]
-        return mask
-
+    # ------------------------------------------------------------------ chains
     def class_chain_mask(self, classes: Tensor, side: str, weight: Tensor) -> Tensor:
-        version = (weight.data_ptr(), weight._version)  # the cache follows in-place weight updates
-        if getattr(self, "_chain_version", None) != version:
-            self._chains, self._chain_version = {}, version
-        rows = []
-        for c in classes.tolist():
-            key = (c, side)
-            if key not in self._chains:
-                self._chains[key] = self._chain_mask(weight[c : c + 1], side)[0]
-            rows.append(self._chains[key])
-        return torch.stack(rows)
+        """Membership of the last chain subset (:func:`split_chain`) of each class's row of ``weight``.
 
-    @torch.no_grad()
+        The subsets are computed once per class and side and cached until ``weight`` changes (in place,
+        as in training, or for another tensor).
+
+        Args:
+            classes: class indices, any shape (``[N]``, ``[N, k]``).
+            side: ``"+"`` (the discriminative set) or ``"-"`` (the confusing set).
+            weight: the classifier's weight ``[K, D]``.
+
+        Returns:
+            ``classes.shape + (D,)`` bool on ``weight``'s device.
+
+        Example:
+            >>> from lightning_interp.models import SmallCNN
+            >>> model = SmallCNN(in_channels=1, num_classes=3).eval()
+            >>> s = FinalLayerSaliency(model, min_size=4)
+            >>> s.class_chain_mask(torch.tensor([0, 2]), "+", model.fc.weight).shape
+            torch.Size([2, 32])
+        """
+        table = self._chain_table(classes, side, weight)
+        return table[classes.to(table.device)]
+
+    def _chain_table(self, classes: Tensor, side: str, weight: Tensor) -> Tensor:
+        """The cached ``[K, D]`` chain masks of ``side``, with the rows of ``classes`` filled."""
+        version = (weight.data_ptr(), weight._version)  # the cache follows in-place weight updates
+        if self._chain_version != version:
+            self._chains, self._chain_version = {}, version
+        table, done = self._chains.get(side, (None, set()))
+        if table is None:
+            table = torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
+        missing = sorted(set(classes.unique().tolist()) - done)  # one host read per call, not one per class
+        if missing:
+            idx = torch.tensor(missing, device=weight.device)
+            # out of place: the table may be an inference tensor from a call inside torch.inference_mode
+            table = table.index_put((idx,), _chain_masks(weight.detach()[idx], side, self.min_size))
+            done = done | set(missing)
+        self._chains[side] = (table, done)
+        return table
+
+    # ------------------------------------------------------------------ maps
     def attribute_all(
         self, inputs: Tensor, target: int | Sequence[int] | Tensor | None = None, upsample: bool = False
     ) -> dict[str, Tensor]:
@@ -471,52 +558,24 @@ class FinalLayerSaliency(Attribution):
 
         Args:
             inputs: images ``[N, C, H, W]``.
-            target: class per sample (an int, ``[N]``), several classes per sample (``[N, k]``), or
-                ``None`` for the predicted class.
+            target: class per sample (an int, ``[N]``), several classes per sample (``[N, k]``; all classes:
+                ``torch.arange(K).expand(N, K)``), or ``None`` for the predicted class.
             upsample: bilinearly upsample the maps to the input's ``H x W``.
 
         Returns:
             ``{method: maps}`` for :data:`METHODS` (``[N, h, w]``, or ``[N, k, h, w]`` for ``[N, k]``
             targets), plus ``logits`` ``[N, K]`` and ``target``.
+
+        Example:
+            >>> from lightning_interp.models import SmallCNN
+            >>> out = FinalLayerSaliency(SmallCNN(in_channels=1, num_classes=3).eval()).attribute_all(torch.randn(2, 1, 12, 12))
+            >>> sorted(out), out["cam"].shape
+            (['cam', 'confusing', 'discriminative', 'logits', 'policy_gradient', 'target'], torch.Size([2, 6, 6]))
         """
         self._check_inputs(inputs)
         if self.uses_closed_form is None:
             self.resolve(inputs)
-        if self.uses_closed_form:
-            feats, logits = self._forward_features(inputs)
-            param = get_module(self.model, self.classifier).weight  # type: ignore[arg-type]
-            weight = param.to(feats.dtype)
-            tgt = self._targets(target, logits)
-            k = tgt.shape[1]
-            flat_t = tgt.reshape(-1)
-            q = logits.softmax(dim=1).to(feats.dtype)
-            w_c = weight[flat_t].reshape(len(inputs), k, -1)  # [N, k, D]
-            expected = (q @ weight)[:, None, :]  # [N, 1, D]
-            g = w_c - expected
-            disc_mask = self.class_chain_mask(flat_t, "+", param).reshape(len(inputs), k, -1)
-            conf_mask = self.class_chain_mask(flat_t, "-", param).reshape(len(inputs), k, -1)
-        else:
-            feats, logits, w_c, g, tgt = self._fallback(inputs, target)
-            k = tgt.shape[1]
-            disc_mask = self._chain_mask(w_c.reshape(-1, w_c.shape[-1]), "+").reshape(w_c.shape)
-            conf_mask = self._chain_mask(w_c.reshape(-1, w_c.shape[-1]), "-").reshape(w_c.shape)
-        out = {
-            "policy_gradient": torch.einsum("nkd,ndhw->nkhw", g, feats),
-            "cam": torch.einsum("nkd,ndhw->nkhw", w_c, feats),
-            "discriminative": self._set_maps(feats, disc_mask),
-            "confusing": self._set_maps(feats, conf_mask),
-        }
-        if upsample:
-            size = inputs.shape[-2:]
-            out = {m: F.interpolate(v, size=size, mode="bilinear", align_corners=False) for m, v in out.items()}
-        squeeze = not (isinstance(target, Tensor) and target.ndim == 2) and not (
-            isinstance(target, Sequence) and target and isinstance(target[0], Sequence)
-        )
-        if squeeze:
-            out = {m: v[:, 0] for m, v in out.items()}
-        out["logits"] = logits
-        out["target"] = tgt[:, 0] if squeeze else tgt
-        return out
+        return self._attribute(inputs, target, METHODS, upsample)
 
     def attribute(
         self,
@@ -527,25 +586,118 @@ class FinalLayerSaliency(Attribution):
     ) -> Tensor:
         """Saliency maps of ``method`` for ``target``, in one forward pass for a GAP + Linear head.
 
+        Only ``method``'s maps are computed.
+
         Args:
             inputs: images ``[N, C, H, W]``.
-            target: class per sample (an int, ``[N]``), several per sample (``[N, k]``), or ``None``
-                for the predicted class.
+            target: class per sample (an int, ``[N]``), several per sample (``[N, k]``; all classes:
+                ``torch.arange(K).expand(N, K)``), or ``None`` for the predicted class.
             method: ``"policy_gradient"`` / ``"cam"`` (raw, signed, unnormalised), ``"discriminative"`` /
                 ``"confusing"`` (the paper's min-max normalised maps of the last chain subset).
             upsample: bilinearly upsample to the input's ``H x W``.
 
         Returns:
             ``[N, h, w]`` maps (``[N, k, h, w]`` for ``[N, k]`` targets) on the inputs' device.
+
+        Raises:
+            ValueError: an unknown ``method`` or out-of-range targets.
+
+        Example:
+            >>> from lightning_interp.models import SmallCNN
+            >>> saliency = FinalLayerSaliency(SmallCNN(in_channels=1, num_classes=3).eval())
+            >>> saliency.attribute(torch.randn(2, 1, 12, 12), target=1, method="cam", upsample=True).shape
+            torch.Size([2, 12, 12])
         """
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        return self.attribute_all(inputs, target=target, upsample=upsample)[method]
+        self._check_inputs(inputs)
+        if self.uses_closed_form is None:
+            self.resolve(inputs)
+        return self._attribute(inputs, target, (method,), upsample)[method]
 
-    def _set_maps(self, feats: Tensor, mask: Tensor) -> Tensor:
-        n, k, d = mask.shape
-        rep = feats.repeat_interleave(k, dim=0) if k > 1 else feats
-        return channel_set_map(rep, mask.reshape(n * k, d)).reshape(n, k, *feats.shape[2:])
+    def _attribute(
+        self, inputs: Tensor, target: int | Sequence | Tensor | None, methods: Sequence[str], upsample: bool
+    ) -> dict[str, Tensor]:
+        """The maps of ``methods`` (resolved model), squeezed to ``[N, h, w]`` unless the target is ``[N, k]``."""
+        with torch.no_grad():
+            if self.uses_closed_form:
+                feats, logits, tgt, coefs = self._closed_form_coefficients(inputs, target, methods)
+            else:
+                feats, logits, tgt, coefs = self._fallback_coefficients(inputs, target, methods)
+            out = self._render(feats, coefs, tgt.shape[1], methods, tuple(inputs.shape[-2:]) if upsample else None)
+        squeeze = not (isinstance(target, Tensor) and target.ndim == 2) and not (
+            isinstance(target, Sequence) and target and isinstance(target[0], Sequence)
+        )
+        if squeeze:
+            out = {m: v[:, 0] for m, v in out.items()}
+        out["logits"] = logits
+        out["target"] = tgt[:, 0] if squeeze else tgt
+        return out
+
+    def _closed_form_coefficients(
+        self, inputs: Tensor, target: int | Sequence | Tensor | None, methods: Sequence[str]
+    ) -> tuple[Tensor, Tensor, Tensor, Coefficients]:
+        """One forward pass; coefficients read from the classifier's weight (``g = W[c] - q W`` for the policy)."""
+        feats, logits = self._forward_features(inputs)
+        param = get_module(self.model, self.classifier).weight  # type: ignore[arg-type]
+        weight = param.detach().to(feats.dtype)
+        tgt = self._targets(target, logits)
+        tables = {m: self._chain_table(tgt, _SIDES[m], param) for m in methods if m in _SIDES}
+        expected = (logits.softmax(dim=1).to(feats.dtype) @ weight)[:, None, :] if "policy_gradient" in methods else None
+
+        def coefs(method: str, classes: slice) -> Tensor:
+            if method in tables:
+                return tables[method][tgt[:, classes]]
+            w_c = weight[tgt[:, classes]]  # [N, k, D]
+            return w_c - expected if method == "policy_gradient" else w_c
+
+        return feats, logits, tgt, coefs
+
+    def _fallback_coefficients(
+        self, inputs: Tensor, target: int | Sequence | Tensor | None, methods: Sequence[str]
+    ) -> tuple[Tensor, Tensor, Tensor, Coefficients]:
+        """Coefficients from gradients at the feature layer: effective weights and policy gradients per sample."""
+        feats, logits, eff, pg, tgt = self._fallback(inputs, target)
+        per_method = {"policy_gradient": pg, "cam": eff}
+        for m in methods:
+            if m in _SIDES:
+                per_method[m] = _chain_masks(eff.flatten(0, 1), _SIDES[m], self.min_size).view(eff.shape)
+        return feats, logits, tgt, lambda method, classes: per_method[method][:, classes]
+
+    def _render(
+        self, feats: Tensor, coefs: Coefficients, k: int, methods: Sequence[str], size: tuple[int, ...] | None
+    ) -> dict[str, Tensor]:
+        """Maps ``[N, k, h, w]`` (``size`` given: upsampled to it) of each method, in chunks of classes.
+
+        ``policy_gradient`` / ``cam``: ``coefs @ A``. Channel sets: ``relu(sum_{k in S} HW / (2 + sum A_k) A_k)``
+        of ``A = relu(feats)`` (:func:`channel_set_map`), min-max normalised.
+        """
+        n, d, h, w = feats.shape
+        flat = feats.reshape(n, d, h * w)
+        if any(m in _SIDES for m in methods):
+            relu_flat = F.relu(flat)
+            scale = ((h * w) / (2.0 + relu_flat.sum(dim=2)))[:, None, :]  # [N, 1, D]
+        out_hw = size if size is not None else (h, w)
+        step = max(1, self.chunk_elements // (n * (d + h * w + out_hw[0] * out_hw[1])))
+        out: dict[str, Tensor] = {}
+        chunked = step < k or k == 0  # the output is written chunk by chunk
+        for m in methods:
+            if chunked:
+                out[m] = feats.new_empty(n, k, *out_hw)
+            for start in range(0, k, step):
+                classes = slice(start, min(k, start + step))
+                c = coefs(m, classes)
+                if m in _SIDES:
+                    maps = _minmax(F.relu(torch.bmm(c.to(feats.dtype) * scale, relu_flat)).view(n, -1, h, w))
+                else:
+                    maps = torch.bmm(c, flat).view(n, -1, h, w)
+                if size is not None:
+                    maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+                if chunked:
+                    out[m][:, classes] = maps
+                else:
+                    out[m] = maps
+        return out
 
     def _targets(self, target: int | Sequence | Tensor | None, logits: Tensor) -> Tensor:
         n, num = logits.shape
@@ -573,24 +725,32 @@ class FinalLayerSaliency(Attribution):
         return feats, logits
 
     def _fallback(self, inputs: Tensor, target: int | Sequence | Tensor | None) -> tuple[Tensor, ...]:
+        """Feature map, logits, effective weights ``[N, k, D]``, policy gradients ``[N, k, D]``, targets."""
         seen: dict[str, Tensor] = {}
         name = self.feature_layer
         with torch.inference_mode(False), torch.enable_grad(), leaves(self.model, [name], seen):  # type: ignore[list-item]
             logits = self.model(inputs.clone())
             leaf = seen[name]  # type: ignore[index]
             tgt = self._targets(target, logits.detach())
-            logp = logits.log_softmax(dim=1)
-            eff, pg = [], []
-            for j in range(tgt.shape[1]):
-                sel = tgt[:, j : j + 1]
-                (g_z,) = torch.autograd.grad(logits.gather(1, sel).sum(), leaf, retain_graph=True)
-                (g_p,) = torch.autograd.grad(logp.gather(1, sel).sum(), leaf, retain_graph=True)
-                eff.append(_as_spatial(g_z).sum(dim=(2, 3)))
-                pg.append(_as_spatial(g_p).sum(dim=(2, 3)))
+            k = tgt.shape[1]
+
+            def channel_grad(score: Tensor, retain: bool) -> Tensor:
+                (grad,) = torch.autograd.grad(score, leaf, retain_graph=retain)
+                return _as_spatial(grad).sum(dim=(2, 3))
+
+            # d log q_c / dA = d z_c / dA - sum_j q_j d z_j / dA: one backward pass for the expectation and
+            # one per target column, instead of two per column
+            expected = channel_grad((logits.detach().softmax(dim=1) * logits).sum(), retain=True)
+            eff = torch.stack([channel_grad(logits.gather(1, tgt[:, j : j + 1]).sum(), retain=j < k - 1) for j in range(k)], 1)
         feats = _as_spatial(leaf.detach())
-        return feats, logits.detach(), torch.stack(eff, dim=1), torch.stack(pg, dim=1), tgt
+        return feats, logits.detach(), eff, eff - expected[:, None, :], tgt
 
     def has_convergence_delta(self) -> bool:
+        """Whether :meth:`attribute` returns a convergence delta (never: the maps are closed forms).
+
+        Returns:
+            ``False``.
+        """
         return False
 
 

@@ -67,10 +67,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
-import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -83,6 +82,9 @@ from tqdm import tqdm
 from lightning_interp.ablation import AblationResult, BayesianAblation, MaskedForward, all_masks
 from lightning_interp.hooks import get_module
 from lightning_interp.models import MLPClassifier, SmallCNN
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py, also when imported by path (tests)
+import harness
 
 TARGET = 1.2
 QUICK = {
@@ -107,7 +109,12 @@ def _int_list(text: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = harness.parser(
+        __doc__,
+        "outputs/bench_ablation",
+        seed="seed of weights, inputs and masks",
+        threads="torch intra-op threads (see the module docstring)",
+    )
     parser.add_argument("--in-features", type=int, default=32, help="MLP input dimension")
     parser.add_argument("--classes", type=int, default=10, help="MLP output classes")
     parser.add_argument("--exact-hidden", type=_int_list, default=[12], help="hidden widths of the exact-part MLP (last: probed)")
@@ -127,14 +134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sweep", action="store_true", help="also time exact fits of SmallCNN conv layers vs max_batch")
     parser.add_argument("--sweep-batches", type=_int_list, default=[65536, 16384, 4096, 1024], help="max_batch values of --sweep")
     parser.add_argument("--sweep-repeats", type=int, default=2, help="timed calls per --sweep configuration")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (see the module docstring)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of weights, inputs and masks")
-    parser.add_argument("--out", type=Path, default=Path("outputs/bench_ablation"), help="output folder")
-    parser.add_argument("--quick", action="store_true", help="tiny configuration for smoke tests (overrides the sizes)")
-    args = parser.parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
+    args = harness.parse(parser, argv, QUICK)
     if args.exact_hidden[-1] > 16:
         parser.error("the last --exact-hidden width must be <= 16 (exact enumeration)")
     for name in (
@@ -440,18 +440,8 @@ def bench_sweep(args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _load(v: tuple[float, ...]) -> str:
-    return "/".join(f"{x:.2f}" for x in v)
-
-
-def render(exact: list[dict[str, Any]], mcmc: dict[str, Any], env: dict[str, Any]) -> tuple[str, dict[str, bool]]:
-    lines = [
-        "# Bayesian ablation benchmark",
-        "",
-        f"torch {env['torch']}, {env['threads']} threads, {env['machine']}; loadavg (1/5/15 min) at start "
-        f"{_load(env['loadavg_start'])}, at end {_load(env['loadavg_end'])}; wall {env['wall_s']:.1f} s.",
-        "",
-    ]
+def render(exact: list[dict[str, Any]], mcmc: dict[str, Any], run: harness.Run) -> tuple[str, dict[str, bool]]:
+    lines = ["# Bayesian ablation benchmark", "", f"{run.describe()}.", ""]
     verdicts: dict[str, bool] = {}
     for e in exact:
         lines += [
@@ -459,17 +449,22 @@ def render(exact: list[dict[str, Any]], mcmc: dict[str, Any], env: dict[str, Any
             f"MLP {args_hidden(e['hidden'])}, layer `{e['layer']}`",
             "",
             f"{e['forward_calls']} forward calls of {e['rows_per_call']} rows (max_batch); {e['tasks']} class tasks; "
-            f"loadavg {_load(e['loadavg_start'])} -> {_load(e['loadavg_end'])}.",
+            f"loadavg {harness.fmt_load(e['loadavg_start'])} -> {harness.fmt_load(e['loadavg_end'])}.",
             "",
-            "| method | repeats | median s | x plain forward | median of per-round ratios |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        for k, med in e["median_s"].items():
-            lines.append(
-                f"| {k} | {e['repeats'][k]} | {med:.3f} | {e['ratio_to_plain'][k]:.2f} | "
-                f"{e['per_round_ratio_to_plain_median'][k]:.2f} |"
-            )
-        lines += [
+            harness.markdown_table(
+                ["method", "repeats", "median s", "x plain forward", "median of per-round ratios"],
+                [
+                    [
+                        k,
+                        e["repeats"][k],
+                        f"{med:.3f}",
+                        f"{e['ratio_to_plain'][k]:.2f}",
+                        f"{e['per_round_ratio_to_plain_median'][k]:.2f}",
+                    ]
+                    for k, med in e["median_s"].items()
+                ],
+                align="lrrrr",
+            ),
             "",
             f"- per-mask loop / ours (masked eval, fx split): **{e['loop_over_split']:.1f}x**; "
             f"per-mask loop / ours (full exact fit): **{e['loop_over_fit']:.1f}x**",
@@ -496,16 +491,22 @@ def render(exact: list[dict[str, Any]], mcmc: dict[str, Any], env: dict[str, Any
         f"evaluations per fit, each on its own task's samples ({m['rows_per_fit']} (mask, sample) rows; "
         f"{m['rows_per_fit_all_examples']} if every mask ran on all N samples); raw and loop references: "
         f"{m['random_masks']} random masks on all N samples; "
-        f"{m['repeats']} repeats each; loadavg {_load(m['loadavg_start'])} -> {_load(m['loadavg_end'])}.",
+        f"{m['repeats']} repeats each; loadavg {harness.fmt_load(m['loadavg_start'])} -> {harness.fmt_load(m['loadavg_end'])}.",
         "",
-        "| method | median s | (mask, sample) rows / s | x per-mask loop | fit: chain-step masks / s |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for k, med in m["median_s"].items():
-        rate = m["evals_per_s"][k]
-        masks_s = f"{m['mask_evals_per_s'][k]:.0f}" if k in m["mask_evals_per_s"] else ""
-        lines.append(f"| {k} | {med:.3f} | {rate:.0f} | {rate / m['evals_per_s'][MC_LOOP]:.2f} | {masks_s} |")
-    lines += [
+        harness.markdown_table(
+            ["method", "median s", "(mask, sample) rows / s", "x per-mask loop", "fit: chain-step masks / s"],
+            [
+                [
+                    k,
+                    f"{med:.3f}",
+                    f"{m['evals_per_s'][k]:.0f}",
+                    f"{m['evals_per_s'][k] / m['evals_per_s'][MC_LOOP]:.2f}",
+                    f"{m['mask_evals_per_s'][k]:.0f}" if k in m["mask_evals_per_s"] else "",
+                ]
+                for k, med in m["median_s"].items()
+            ],
+            align="lrrrr",
+        ),
         "",
         f"- what-if (no unused boundary value) / as is: {m['fixed_over_fit_rate']:.2f}x rows per second; "
         f"max_batch={m['small_batch']} / max_batch={m['max_batch']} (library as is): {m['small_over_fit_rate']:.2f}x",
@@ -520,11 +521,9 @@ def render_sweep(sweep: dict[str, Any]) -> str:
     lines = [
         "## max_batch sweep: exact fit of SmallCNN(1, 4, channels=(8, 12)) conv layers, 512 12x12 inputs",
         "",
-        f"loadavg {_load(sweep['loadavg_start'])} -> {_load(sweep['loadavg_end'])}.",
+        f"loadavg {harness.fmt_load(sweep['loadavg_start'])} -> {harness.fmt_load(sweep['loadavg_end'])}.",
         "",
-        "| layer, max_batch | median s |",
-        "|---|---:|",
-        *[f"| {k} | {v:.3f} |" for k, v in sweep["median_s"].items()],
+        harness.markdown_table(["layer, max_batch", "median s"], [[k, f"{v:.3f}"] for k, v in sweep["median_s"].items()], "lr"),
         "",
     ]
     return "\n".join(lines)
@@ -536,39 +535,26 @@ def args_hidden(hidden: list[int]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
-    load_start = os.getloadavg()
-    print(f"loadavg at start: {_load(load_start)}  (torch threads: {torch.get_num_threads()})", flush=True)
+    run = harness.start(args)
+    print(f"loadavg at start: {harness.fmt_load(run.loadavg_start)}  (torch threads: {torch.get_num_threads()})", flush=True)
     exact = [bench_exact(args, args.samples, args.loop_repeats), bench_exact(args, args.small_samples, args.repeats)]
     mcmc = bench_mcmc(args)
     sweep = bench_sweep(args) if args.sweep else None
-    env = {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
-        "loadavg_start": load_start,
-        "loadavg_end": os.getloadavg(),
-        "wall_s": time.perf_counter() - t0,
-    }
-    text, verdicts = render(exact, mcmc, env)
+    machine = run.stop()
+    text, verdicts = render(exact, mcmc, run)
     if sweep is not None:
         text += render_sweep(sweep)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.md").write_text(text + "\n")
     payload = {
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "env": env,
+        "config": harness.config(args),
+        "machine": machine,
         "exact": exact,
         "mcmc": mcmc,
         "sweep": sweep,
         "target": TARGET,
         "pass": verdicts,
     }
-    (args.out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {args.out / 'results.md'} and {args.out / 'results.json'}")
-    return payload
+    return harness.write_results(args.out, text, payload)
 
 
 if __name__ == "__main__":

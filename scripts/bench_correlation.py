@@ -49,10 +49,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
-import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -64,11 +63,17 @@ from tqdm import tqdm
 
 from lightning_interp.correlation import Quadratic, propagate_moments
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py, also when imported by path (tests)
+import harness
+
 ACTIVATIONS = ("relu", "quadratic")
+QUICK = {"width": 64, "mc_samples": 10_000, "ref_samples": 100_000, "batch": 20_000, "repeats": 3, "mc_repeats": 1}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = harness.parser(
+        __doc__, "outputs/bench_correlation", seed="random seed", threads="torch intra-op threads (shared machine: 1)"
+    )
     parser.add_argument("--activations", nargs="+", default=list(ACTIVATIONS), choices=ACTIVATIONS, help="activations")
     parser.add_argument("--width", type=int, default=256, help="input and layer width")
     parser.add_argument("--alpha", type=float, default=0.5, help="Quadratic coefficient")
@@ -77,20 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=100_000, help="batch size of the reference Monte Carlo")
     parser.add_argument("--repeats", type=int, default=7, help="timing repeats of the analytic propagation")
     parser.add_argument("--mc-repeats", type=int, default=3, help="timing repeats of the Monte-Carlo propagation")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (shared machine: 1)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
-    parser.add_argument("--quick", action="store_true", help="smoke test: small reference, few repeats")
-    parser.add_argument("--out", type=Path, default=Path("outputs/bench_correlation"), help="output folder")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.width, args.mc_samples, args.ref_samples, args.batch, args.repeats, args.mc_repeats = (
-            64,
-            10_000,
-            100_000,
-            20_000,
-            3,
-            1,
-        )
+    args = harness.parse(parser, argv, QUICK)
     if args.ref_samples < 2 * args.batch or args.ref_samples % args.batch:
         parser.error("--ref-samples must be a multiple of --batch and at least two batches")
     if min(args.repeats, args.mc_repeats) < 1 or args.mc_samples < 2:
@@ -241,18 +233,23 @@ def sci(v: float | None) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| act | read-out | reference | analytic [ms] | MC f64 [ms] | MC f32 [ms] | speed-up (MC f64 / analytic) "
-        "| analytic mean err | analytic cov err | MC mean err | MC cov err | ref s.e. mean | ref s.e. cov |",
-        "|" + "---|" * 13,
+    header = ["act", "read-out", "reference", "analytic [ms]", "MC f64 [ms]", "MC f32 [ms]", "speed-up (MC f64 / analytic)"]
+    header += ["analytic mean err", "analytic cov err", "MC mean err", "MC cov err", "ref s.e. mean", "ref s.e. cov"]
+    errors = ("analytic_mean_err", "analytic_cov_err", "mc_mean_err", "mc_cov_err", "ref_se_mean", "ref_se_cov")
+    cells = [
+        [
+            r["activation"],
+            r["point"],
+            r["reference"],
+            f"{1e3 * r['t_analytic_s']:.2f}",
+            f"{1e3 * r['t_mc_s']:.0f}",
+            f"{1e3 * r['t_mc_float32_s']:.0f}",
+            f"{r['speedup']:.0f}x",
+            *(sci(r[k]) for k in errors),
+        ]
+        for r in rows
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['activation']} | {r['point']} | {r['reference']} | {1e3 * r['t_analytic_s']:.2f} | {1e3 * r['t_mc_s']:.0f} | "
-            f"{1e3 * r['t_mc_float32_s']:.0f} | {r['speedup']:.0f}x | {sci(r['analytic_mean_err'])} | "
-            f"{sci(r['analytic_cov_err'])} | {sci(r['mc_mean_err'])} | {sci(r['mc_cov_err'])} | "
-            f"{sci(r['ref_se_mean'])} | {sci(r['ref_se_cov'])} |"
-        )
+    lines = [harness.markdown_table(header, cells)]
     checks = [r for r in rows if r["mc_ref_vs_exact_mean_err"] is not None]
     for r in checks:
         lines.append("")
@@ -264,39 +261,19 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    load_start = os.getloadavg()
-    t0 = time.perf_counter()
+    run = harness.start(args)
     rows: list[dict[str, Any]] = []
     for act in tqdm(args.activations, desc="activations", dynamic_ncols=True):
         rows.extend(bench_activation(act, args))
-    wall = time.perf_counter() - t0
-    load_end = os.getloadavg()
-    table = markdown_table(rows)
-    meta = {
-        "command": "scripts/bench_correlation.py" + (" --quick" if args.quick else ""),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "wall_seconds": wall,
-        "loadavg_start": load_start,
-        "loadavg_end": load_end,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-    }
-    header = (
+    machine = run.stop()
+    text = (
         f"Analytic vs Monte-Carlo moment propagation, 3-layer MLP of width {args.width}, MC {args.mc_samples:.0e} samples; "
-        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); load average {load_start[0]:.2f} at start, "
-        f"{load_end[0]:.2f} at end; wall {wall:.0f} s."
+        f"{run.describe()}.\n\n{markdown_table(rows)}"
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (args.out / "results.md").write_text(header + "\n\n" + table + "\n")
-    print(header)
-    print()
-    print(table)
-    print(f"\nloadavg start {load_start}, end {load_end}; wrote {args.out}/")
+    print(text)
+    return harness.write_results(args.out, text, {"config": harness.config(args), "machine": machine, "rows": rows})
 
 
 if __name__ == "__main__":

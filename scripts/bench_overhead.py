@@ -33,12 +33,9 @@ digits through a plain dataloader, with saliency, ablation and correlation order
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
-import os
 import re
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -57,7 +54,11 @@ from lightning_interp.datamodules import PatchImageDataModule, PottsDataModule, 
 from lightning_interp.models import MLPClassifier, SmallCNN
 from lightning_interp.tasks import xie_task
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py, also when imported by path (tests)
+import harness
+
 CALLBACK_NAMES = set(cbs.__all__)
+QUICK = {"steps": 100, "repeats": 1}
 
 
 #: Keyword arguments that make a callback idle: attached (Lightning dispatches all its hooks) but never measuring.
@@ -183,21 +184,17 @@ def fit(model: Any, dm: Any, callbacks: list, steps: int, profiler: Any = None) 
     return time.perf_counter() - start, time.process_time() - cpu
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = harness.parser(__doc__, "outputs/bench_overhead")
     parser.add_argument(
         "--steps", type=int, default=1874, help="training steps per fit (default: two epochs; one epoch is 937 steps)"
     )
     parser.add_argument("--repeats", type=int, default=5, help="bare / instrumented / idle rounds per setup")
-    parser.add_argument("--quick", action="store_true", help="a smoke run (small data, 100 steps, 1 repeat)")
-    parser.add_argument("--out", type=Path, default=Path("outputs/bench_overhead"))
     parser.add_argument("--only", default="", help="run only the setups whose name contains this (e.g. 'user')")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.steps, args.repeats = 100, 1
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    args = harness.parse(parser, argv, QUICK)
+    harness.quiet_lightning()
     warnings.filterwarnings("ignore")
-    load_start = os.getloadavg()
+    run = harness.start(args)
     results = []
     for name, (make_model, make_dm, make_cbs) in setups(args.quick).items():
         if args.only not in name:
@@ -243,29 +240,32 @@ def main(argv: list[str] | None = None) -> None:
                 "per_callback_s": per_callback,
             }
         )
-    lines = [
-        f"{args.steps} steps per fit, {args.repeats} rounds of bare / instrumented / idle runs (order rotated), CPU "
-        f"(load {load_start[0]:.2f} -> {os.getloadavg()[0]:.2f}); callbacks at default cadence. Idle: the same "
-        "callbacks attached but never measuring (Lightning's per-step hook dispatch alone).",
-        "",
-        "| setup | bare s | with callbacks s | median ratio (90% interval) | target <= 1.10 | median paired ratio "
-        "| CPU-time ratio | idle ratio | 1 + profiled / bare | per-callback s (SimpleProfiler) |",
-        "|---|--:|--:|--:|---|--:|--:|--:|--:|---|",
+    machine = run.stop()
+    header = ["setup", "bare s", "with callbacks s", "median ratio (90% interval)", "target <= 1.10", "median paired ratio"]
+    header += ["CPU-time ratio", "idle ratio", "1 + profiled / bare", "per-callback s (SimpleProfiler)"]
+    rows = [
+        [
+            r["setup"],
+            f"{r['bare_s']:.2f}",
+            f"{r['instrumented_s']:.2f}",
+            "{:.3f}x ({:.2f}-{:.2f})".format(r["median_ratio"], *r["median_ratio_interval"]),
+            "PASS" if r["median_ratio"] <= 1.10 else "FAIL",
+            f"{r['paired_ratio']:.3f}x",
+            f"{r['cpu_ratio']:.3f}x",
+            f"{r['idle_ratio']:.3f}x",
+            f"{r['profiled_ratio']:.3f}x",
+            ", ".join(f"{k} {v:.2f}" for k, v in r["per_callback_s"].items()),
+        ]
+        for r in results
     ]
-    for r in results:
-        lo, hi = r["median_ratio_interval"]
-        costs = ", ".join(f"{k} {v:.2f}" for k, v in r["per_callback_s"].items())
-        status = "PASS" if r["median_ratio"] <= 1.10 else "FAIL"
-        lines.append(
-            f"| {r['setup']} | {r['bare_s']:.2f} | {r['instrumented_s']:.2f} | {r['median_ratio']:.3f}x "
-            f"({lo:.2f}-{hi:.2f}) | {status} | {r['paired_ratio']:.3f}x | {r['cpu_ratio']:.3f}x "
-            f"| {r['idle_ratio']:.3f}x | {r['profiled_ratio']:.3f}x | {costs} |"
-        )
-    table = "\n".join(lines)
+    table = (
+        f"{args.steps} steps per fit, {args.repeats} rounds of bare / instrumented / idle runs (order rotated), CPU "
+        f"(load {run.loadavg_start[0]:.2f} -> {machine['loadavg_end'][0]:.2f}); callbacks at default cadence. Idle: the "
+        "same callbacks attached but never measuring (Lightning's per-step hook dispatch alone).\n\n"
+        + harness.markdown_table(header, rows, align="lrrrlrrrrl")
+    )
     print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.md").write_text(table + "\n")
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    return harness.write_results(args.out, table, {"config": harness.config(args), "machine": machine, "results": results})
 
 
 if __name__ == "__main__":

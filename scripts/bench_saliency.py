@@ -2,18 +2,42 @@
 
 Run (from the repository root)::
 
-    .venv/bin/python scripts/bench_saliency.py
+    .venv/bin/python scripts/bench_saliency.py [--sections top-k,all-class,scale] [--quick] [--out DIR]
 
-(defaults: ``--batch-size 8 --image-size 224 --warmup 1 --repeats 7 --ig-repeats 1 --ig-top5-repeats 0
---ig-steps 50 --internal-batch-size 16 --seed 0 --out outputs/bench_saliency``, ``--device`` cuda if
-available else cpu, torch's default thread count).
+(defaults: ``--batch-size 8 --all-batch-size 4 --image-size 224 --warmup 1 --repeats 7 --ig-repeats 1
+--ig-top5-repeats 0 --ig-steps 50 --internal-batch-size 16 --scale-images 1000 --scale-classes 100
+--scale-batch 50 --seed 0 --out outputs/bench_saliency``, ``--device`` cuda if available else cpu, torch's
+default thread count). ``--quick`` is a smoke run of a few seconds (64 x 64 images, batches of 2, one
+repeat, no memory measurement, 4 images x 10 classes at scale): the numbers mean nothing, the code path
+is the real one.
 
 Setup: torchvision ResNet-50 with random weights (``torch.manual_seed(seed)``; no download) in eval
 mode, one random batch ``[8, 3, 224, 224]``. The targets are the model's predicted classes (top-1,
 ``[N]``) and its five highest-scoring classes (top-5, ``[N, 5]``), computed once; every method gets
-them explicitly.
+them explicitly. The all-class section uses a second random batch ``[4, 3, 224, 224]`` and the target
+``[4, 1000]`` (every class of the head, ``torch.arange(1000).expand(4, 1000)``).
 
-Measured, per method:
+Sections (``--sections``):
+
+* ``top-k``: the table of the method page (batch 8, top-1 and top-5 maps, captum baselines);
+* ``all-class``: the maps of all 1000 classes for batch 4 in ONE call per method, against a no-grad
+  forward pass of the same batch (the issue's target: <= 1.2x for ``policy_gradient``), also
+  ``attribute_all`` (all four kinds) and ``policy_gradient`` with ``upsample=True`` (the output alone is
+  ``[4, 1000, 224, 224]``, 800 MB in float32); the one-time cost of a new ``FinalLayerSaliency``
+  (layer resolution, and the recursive splits of all 1000 classes on each side, cached per class) is
+  measured once on its own;
+* ``scale``: a reduced ImageNet-scale audit: ``--scale-images`` synthetic (``randn``) 224 x 224 images
+  in batches of ``--scale-batch``, each with the maps of ``--scale-classes`` classes spread over the
+  1000 of the head (``[B, C]`` targets, one call per batch), against the forward pass of the same
+  batches (interleaved, rotating the order per batch). Reported: seconds per image, the cost of one
+  class task (the maps of one class for one image: ``(T_method - T_forward) / (images x classes)``),
+  the one-time split per class, and the extrapolation to 50 images x 1000 classes on this CPU,
+  ``T = 50 x (T_forward / images + 1000 x t_task) + 1000 x t_split``. The GPU line is an
+  EXTRAPOLATION, not a measurement: ``T_gpu = 50 x (F_forward + 1000 x F_task) / R_gpu``, with the
+  FLOPs ``F`` counted by ``torch.utils.flop_counter`` on this machine and ``R_gpu`` the ASSUMED
+  achieved float32 rate ``--gpu-tflops`` (default 20 TFLOP/s; kernel launches and transfers ignored).
+
+Measured, per method (``top-k``):
 
 * ``forward``: ``model(x)`` under ``torch.no_grad()`` (the reference of every ratio, top-5 included);
 * ``ours:<method>``: ``FinalLayerSaliency(model).attribute(x, target, method=...)`` for the four
@@ -59,13 +83,15 @@ images and sums them, so the peak does not depend on ``n_steps`` (up to one ``[N
 accumulator). On CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` minus
 the allocated memory before the call, in this process.
 
-Outputs: a markdown table (absolute median ms and peak MB, ratios to the forward pass) and pass/fail
-lines for the targets, printed and written to ``--out``/``results.md``; every number (raw times
-included) in ``--out``/``results.json``.
+Outputs: markdown tables (absolute median ms and peak MB, ratios to the forward pass of the same
+batch; the scale table) and pass/fail lines for the targets, printed and written to
+``--out``/``results.md``; every number (raw times included) in ``--out``/``results.json``
+(``scripts/harness.py``).
 
 Targets: each of our methods (top-1) <= 1.15x a forward pass and no slower than LayerGradCam; top-5
 maps >= 3x faster than LayerGradCam (5 calls) and >= 40x faster than IntegratedGradients (5 calls);
-lower peak memory than LayerGradCam (top-1 and top-5).
+lower peak memory than LayerGradCam (top-1 and top-5); the maps of all 1000 classes (batch 4) <= 1.2x
+a forward pass of the same batch.
 """
 
 from __future__ import annotations
@@ -95,19 +121,33 @@ from tqdm import tqdm
 
 from lightning_interp.saliency import METHODS, FinalLayerSaliency
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py, also when imported by path (tests)
+import harness
+
 #: Short names of our methods, for the pass/fail lines.
 SHORT = {"policy_gradient": "pg", "cam": "cam", "discriminative": "disc", "confusing": "conf"}
 OURS = tuple(f"ours:{m}" for m in METHODS)
 CAPTUM = ("captum:LayerGradCam", "captum:Saliency", "captum:IntegratedGradients")
 FIRST_CALL = "ours:policy_gradient 1st call"
 TOP_K = 5
+#: The all-class rows: ours only (captum would need one call per class), plus upsampled policy-gradient maps.
+ALL_CLASS = (*OURS, "ours:attribute_all", "ours:policy_gradient upsampled")
+SECTIONS = ("top-k", "all-class", "scale")
+#: Groups of calls (keys ``"<group>/<method>"``) by section; each group has its own forward pass.
+GROUPS = {"top-k": ("top1", "top5"), "all-class": ("all",)}
+#: The issue's bound on the all-class maps, in forward passes of the same batch.
+ALL_CLASS_BOUND = 1.2
+#: The extrapolation's target: images x classes of an ImageNet-scale audit.
+EXTRAPOLATE = (50, 1000)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = harness.parser(__doc__, "outputs/bench_saliency", seed="seed of the model's random weights and of the batches")
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--device", choices=["cpu", "cuda"], default=default_device, help="device to run on")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per batch")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per batch (top-k section)")
+    parser.add_argument("--all-batch-size", type=int, default=4, help="images per batch (all-class section)")
     parser.add_argument("--image-size", type=int, default=224, help="input height and width")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls of every method (forward: one more) before timing")
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per method (IntegratedGradients: --ig-repeats)")
@@ -122,19 +162,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--internal-batch-size", type=int, default=16, help="IntegratedGradients internal_batch_size")
     parser.add_argument("--memory-jobs", type=int, default=2, help="memory-measurement processes run at a time (CPU)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the model's random weights and of the batch")
-    parser.add_argument("--out", type=Path, default=Path("outputs/bench_saliency"), help="output folder")
+    parser.add_argument("--scale-images", type=int, default=1000, help="synthetic images of the scale section")
+    parser.add_argument("--scale-classes", type=int, default=100, help="classes per image of the scale section")
+    parser.add_argument("--scale-batch", type=int, default=50, help="images per call of the scale section")
+    parser.add_argument(
+        "--gpu-tflops", type=float, default=20.0, help="ASSUMED achieved float32 TFLOP/s of the GPU extrapolation"
+    )
     parser.add_argument("--measure-memory", metavar="KEY", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--targets", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    quick = {"batch_size": 2, "all_batch_size": 2, "image_size": 64, "warmup": 0, "repeats": 1, "ig_steps": 2}
+    quick.update({"internal_batch_size": 4, "no_memory": True, "scale_images": 4, "scale_classes": 10, "scale_batch": 2})
+    args = harness.parse(parser, argv, quick=quick)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available")
-    for name in ("batch_size", "image_size", "repeats", "ig_steps", "internal_batch_size", "memory_jobs"):
+    ints = ("batch_size", "all_batch_size", "image_size", "repeats", "ig_steps", "internal_batch_size", "memory_jobs")
+    for name in (*ints, "scale_images", "scale_classes", "scale_batch"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     for name in ("warmup", "ig_repeats", "ig_top5_repeats"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0")
+    if args.gpu_tflops <= 0:
+        parser.error("--gpu-tflops must be > 0")
+    args.sections = [part.strip() for part in args.sections.split(",") if part.strip()]
+    unknown = sorted(set(args.sections) - set(SECTIONS))
+    if unknown or not args.sections:
+        parser.error(f"--sections: unknown {unknown}; choose from {', '.join(SECTIONS)}")
     return args
 
 
@@ -151,6 +204,16 @@ def build(args: argparse.Namespace) -> tuple[nn.Module, Tensor]:
     return model, x.to(args.device)
 
 
+def build_all(args: argparse.Namespace, model: nn.Module) -> tuple[Tensor, Tensor]:
+    """The all-class batch ``[all_batch_size, 3, S, S]`` (seeded) and its target: every class of the head."""
+    x = torch.randn(
+        args.all_batch_size, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(args.seed + 2)
+    )
+    num_classes = model.fc.out_features
+    every = torch.arange(num_classes, device=args.device).expand(args.all_batch_size, num_classes)
+    return x.to(args.device), every
+
+
 def ig_memory_steps(args: argparse.Namespace) -> int:
     """``n_steps`` of one internal batch (captum puts ``internal_batch_size // N`` steps in each)."""
     return min(args.ig_steps, max(1, args.internal_batch_size // args.batch_size))
@@ -162,9 +225,22 @@ def first_call(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
 
 
 def make_calls(
-    model: nn.Module, x: Tensor, top1: Tensor, top5: Tensor, saliency: FinalLayerSaliency, args: argparse.Namespace
+    model: nn.Module,
+    batches: dict[str, Tensor],
+    saliency: FinalLayerSaliency,
+    args: argparse.Namespace,
 ) -> dict[str, Callable[[], object]]:
-    """Every benchmarked call, keyed ``"<top1|top5>/<method>"``."""
+    """Every benchmarked call, keyed ``"<top1|top5|all>/<method>"`` (the groups of ``args.sections``).
+
+    ``batches``: ``x``, ``top5`` (top-k section) and ``x_all``, ``every`` (all-class section).
+    """
+    calls: dict[str, Callable[[], object]] = {}
+    if "all-class" in args.sections:
+        calls.update(all_class_calls(model, batches["x_all"], batches["every"], saliency))
+    if "top-k" not in args.sections:
+        return calls
+    x, top5 = batches["x"], batches["top5"]
+    top1 = top5[:, 0].contiguous()
     head = nn.Sequential(model, nn.LogSoftmax(dim=1)).eval()
     gradcam, sal, ig = LayerGradCam(head, model.layer4), Saliency(head), IntegratedGradients(head)
     ig_kw = {"n_steps": args.ig_steps, "internal_batch_size": args.internal_batch_size}
@@ -178,7 +254,7 @@ def make_calls(
         # activations); five kept results would hold five graphs
         return [fn(x, target=top5[:, j], **kw).detach() for j in range(top5.shape[1])]
 
-    calls: dict[str, Callable[[], object]] = {"top1/forward": forward}
+    calls["top1/forward"] = forward
     for group, target in (("top1", top1), ("top5", top5)):
         for m in METHODS:
             calls[f"{group}/ours:{m}"] = functools.partial(saliency.attribute, x, target=target, method=m)
@@ -194,6 +270,21 @@ def make_calls(
     short = {**ig_kw, "n_steps": ig_memory_steps(args)}
     calls["ig-short/top1"] = functools.partial(ig.attribute, x, target=top1, **short)
     calls["ig-short/top5"] = functools.partial(each_target, ig.attribute, **short)
+    return calls
+
+
+def all_class_calls(model: nn.Module, x: Tensor, every: Tensor, saliency: FinalLayerSaliency) -> dict[str, Callable[[], object]]:
+    """The all-class group: a forward pass of ``x`` and ONE call per method with the ``[N, K]`` target ``every``."""
+
+    def forward() -> Tensor:
+        with torch.no_grad():
+            return model(x)
+
+    calls: dict[str, Callable[[], object]] = {"all/forward": forward}
+    for m in METHODS:
+        calls[f"all/ours:{m}"] = functools.partial(saliency.attribute, x, target=every, method=m)
+    calls["all/ours:attribute_all"] = functools.partial(saliency.attribute_all, x, target=every)
+    calls["all/ours:policy_gradient upsampled"] = functools.partial(saliency.attribute, x, target=every, upsample=True)
     return calls
 
 
@@ -246,17 +337,20 @@ def _maxrss_mb() -> float:
 def measure_memory_here(key: str, args: argparse.Namespace) -> dict[str, Any]:
     """Peak memory increase (MB) of one call of ``key`` in this (fresh) process; see the module docstring."""
     model, x = build(args)
+    x_all, every = build_all(args, model)
     rows = [[int(v) for v in row.split(",")] for row in args.targets.split(";")]
     top5 = torch.tensor(rows, device=args.device)
     saliency = FinalLayerSaliency(model)
     group, name = key.split("/", 1)
     tiny = torch.zeros(1, 3, 64, 64, device=args.device)
     if name.startswith("ours:") and name != FIRST_CALL:
-        saliency.attribute(tiny)  # resolves the layers on a tiny batch (one small no-grad forward)
+        # resolves the layers on a tiny batch (one small no-grad forward); for the all-class group also the
+        # recursive splits of every class, which later calls read from the cache
+        saliency.attribute_all(tiny, target=every[:1] if group == "all" else None)
     elif name != FIRST_CALL:
         with torch.no_grad():
             model(tiny)  # the same small forward, for every method
-    calls = make_calls(model, x, top5[:, 0], top5, saliency, args)
+    calls = make_calls(model, {"x": x, "top5": top5, "x_all": x_all, "every": every}, saliency, args)
     fn = calls[f"ig-short/{group}"] if name == "captum:IntegratedGradients" else calls[key]
     reset = False
     if args.device == "cuda":
@@ -305,6 +399,7 @@ def memory_subprocess(key: str, args: argparse.Namespace, targets: str) -> dict[
     """Fallback where ``forkserver`` is unavailable: a new interpreter running ``--measure-memory KEY``."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--measure-memory", key, "--targets", targets]
     cmd += ["--device", args.device, "--batch-size", str(args.batch_size), "--image-size", str(args.image_size)]
+    cmd += ["--all-batch-size", str(args.all_batch_size), "--sections", ",".join(args.sections)]
     cmd += ["--ig-steps", str(args.ig_steps), "--internal-batch-size", str(args.internal_batch_size), "--seed", str(args.seed)]
     env = {**MALLOC_ENV, **os.environ}
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
@@ -356,16 +451,23 @@ def measure_time(
     dev = args.device
     fast = [k for k in calls if not k.startswith("ig-short") and not k.endswith("IntegratedGradients")]
     repeats = {k: args.repeats for k in fast}
-    repeats[f"top1/{FIRST_CALL}"] = min(3, args.repeats)  # a new FinalLayerSaliency each call
-    repeats["top1/captum:IntegratedGradients"] = args.ig_repeats
-    repeats["top5/captum:IntegratedGradients"] = args.ig_top5_repeats
+    if "top-k" in args.sections:
+        repeats[f"top1/{FIRST_CALL}"] = min(3, args.repeats)  # a new FinalLayerSaliency each call
+        repeats["top1/captum:IntegratedGradients"] = args.ig_repeats
+        repeats["top5/captum:IntegratedGradients"] = args.ig_top5_repeats
     times: dict[str, list[float]] = {k: [] for k in repeats}
 
+    forwards = [k for k in calls if k.endswith("/forward")]
     for _ in tqdm(range(args.warmup + 1), desc="warm-up forward", unit="call"):
-        timed(calls["top1/forward"], dev)
-    timed(calls["top1/ours:policy_gradient"], dev)  # the first call of ours resolves the layers
+        for k in forwards:
+            timed(calls[k], dev)
+    # the first call of ours resolves the layers; with every class as target it also computes (and caches)
+    # the recursive splits of every class
+    for k in ("top1/ours:policy_gradient", "all/ours:attribute_all"):
+        if k in calls:
+            timed(calls[k], dev)
     warm = [k for k in fast for _ in range(args.warmup) if not k.endswith(FIRST_CALL)]
-    if args.ig_repeats or args.ig_top5_repeats:
+    if "top-k" in args.sections and (args.ig_repeats or args.ig_top5_repeats):
         warm.append("ig-short/top1")
     for k in tqdm(warm, desc="warm-up methods", unit="call"):
         timed(calls[k], dev)
@@ -385,6 +487,155 @@ def measure_time(
     return {"times": times, "resolved": resolved}
 
 
+def measure_one_time_cost(model: nn.Module, x: Tensor, every: Tensor, args: argparse.Namespace) -> dict[str, float]:
+    """The first call of a new :class:`FinalLayerSaliency` on the all-class batch, and its split part alone.
+
+    Returns:
+        ``first_call_s`` (resolution + recursive splits of every class on both sides + all four maps),
+        ``splits_s`` (the splits alone, on another new instance) and ``splits_per_class_ms``.
+    """
+    first_call_s = timed(functools.partial(FinalLayerSaliency(model).attribute_all, x, target=every), args.device)
+    fresh, weight = FinalLayerSaliency(model), model.fc.weight
+    classes = every[0]
+    splits_s = sum(timed(functools.partial(fresh.class_chain_mask, classes, side, weight), args.device) for side in "+-")
+    return {"first_call_s": first_call_s, "splits_s": splits_s, "splits_per_class_ms": 1000 * splits_s / classes.numel()}
+
+
+# ---------------------------------------------------------------------------------------------
+# the scale section: a reduced ImageNet-scale audit
+# ---------------------------------------------------------------------------------------------
+
+
+def count_flops(model: nn.Module, args: argparse.Namespace) -> dict[str, float]:
+    """FLOPs (``torch.utils.flop_counter``) of one image's forward pass and of one class task (one map)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    one = torch.zeros(1, 3, args.image_size, args.image_size, device=args.device)
+    feats: dict[str, Tensor] = {}
+    saliency = FinalLayerSaliency(model)
+    saliency.resolve(one)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(one)
+    with torch.no_grad():
+        feats["a"] = saliency.attribute(one, method="cam")  # [1, h, w]
+    d = model.fc.in_features
+    h, w = feats["a"].shape[-2:]
+    # one class task: a map sum_k g_k A_k (2 D h w) and g = W[c] - q W (D)
+    return {"forward": float(counter.get_total_flops()), "task": float(2 * d * h * w + d), "map_hw": [int(h), int(w)]}
+
+
+def measure_scale(model: nn.Module, args: argparse.Namespace) -> dict[str, Any]:
+    """Seconds per image and per class task of all-class maps on synthetic images, and the extrapolation."""
+    num = model.fc.out_features
+    count = min(args.scale_classes, num)
+    classes = torch.linspace(0, num - 1, count).round().long().to(args.device)  # spread over the head
+    saliency = FinalLayerSaliency(model)
+    gen = torch.Generator().manual_seed(args.seed + 3)
+    dev = args.device
+    first = torch.randn(1, 3, args.image_size, args.image_size, generator=gen).to(dev)
+    # one-time: resolution and the recursive splits of the classes (cached), not part of the per-image cost
+    one_time_s = timed(functools.partial(saliency.attribute_all, first, target=classes.expand(1, count)), dev)
+    totals = {"forward": 0.0, "ours:policy_gradient": 0.0, "ours:attribute_all": 0.0}
+    images = 0
+    for start in tqdm(range(0, args.scale_images, args.scale_batch), desc="scale", unit="batch"):
+        b = min(args.scale_batch, args.scale_images - start)
+        x = torch.randn(b, 3, args.image_size, args.image_size, generator=gen).to(dev)
+        target = classes.expand(b, count)
+
+        def forward(x: Tensor = x) -> None:
+            with torch.no_grad():
+                model(x)
+
+        calls = {
+            "forward": forward,
+            "ours:policy_gradient": functools.partial(saliency.attribute, x, target=target),
+            "ours:attribute_all": functools.partial(saliency.attribute_all, x, target=target),
+        }
+        order = list(calls)
+        shift = (start // args.scale_batch) % len(order)
+        for name in order[shift:] + order[:shift]:
+            totals[name] += timed(calls[name], dev)
+        images += b
+    flops = count_flops(model, args)
+    n_img, n_cls = EXTRAPOLATE
+    fwd_per_image = totals["forward"] / images
+    rows = []
+    for name, total in totals.items():
+        task = None if name == "forward" else (total - totals["forward"]) / (images * count)
+        cpu = None if task is None else n_img * (fwd_per_image + n_cls * task)
+        rows.append(
+            {
+                "method": name,
+                "images": images,
+                "classes": count,
+                "total_s": total,
+                "per_image_s": total / images,
+                "per_task_ms": None if task is None else 1000 * task,
+                "time_ratio": total / totals["forward"],
+                "extrapolated_cpu_s": cpu,
+            }
+        )
+    splits_ms = 1000 * one_time_s / count  # an upper bound: also holds the resolution and one small call
+    rate = args.gpu_tflops * 1e12
+    gpu_s = n_img * (flops["forward"] + n_cls * flops["task"]) / rate
+    return {
+        "rows": rows,
+        "one_time_s": one_time_s,
+        "one_time_per_class_ms": splits_ms,
+        "flops": flops,
+        "cpu_rate_tflops": flops["forward"] * images / totals["forward"] / 1e12,
+        "gpu_tflops_assumed": args.gpu_tflops,
+        "gpu_extrapolated_s": gpu_s,
+        "extrapolate": list(EXTRAPOLATE),
+    }
+
+
+def scale_text(scale: dict[str, Any], device: str) -> str:
+    """The scale table, the one-time cost and the labelled extrapolations."""
+    n_img, n_cls = scale["extrapolate"]
+    head = [
+        "method",
+        "images",
+        "classes",
+        "total s",
+        "s / image",
+        "ms / class task",
+        "x forward",
+        f"{n_img} x {n_cls} on this {device} (s)",
+    ]
+    rows = [
+        [
+            r["method"],
+            r["images"],
+            r["classes"],
+            f"{r['total_s']:.2f}",
+            f"{r['per_image_s']:.4f}",
+            _fmt(r["per_task_ms"], ".4f"),
+            f"{r['time_ratio']:.3f}x",
+            _fmt(r["extrapolated_cpu_s"], ".1f"),
+        ]
+        for r in scale["rows"]
+    ]
+    pg = next(r for r in scale["rows"] if r["method"] == "ours:policy_gradient")
+    f = scale["flops"]
+    lines = [
+        harness.markdown_table(head, rows, align="lrrrrrrr"),
+        "",
+        f"One-time (new FinalLayerSaliency: resolution, recursive splits of the {pg['classes']} classes, one small call): "
+        f"{scale['one_time_s']:.2f} s, <= {scale['one_time_per_class_ms']:.2f} ms per class; cached afterwards.",
+        f"Extrapolation to {n_img} images x {n_cls} classes on this {device} (policy_gradient): "
+        f"{n_img} x (T_forward / image + {n_cls} x t_task) = {n_img} x ({pg['per_image_s'] / pg['time_ratio']:.4f} + "
+        f"{n_cls} x {pg['per_task_ms'] / 1000:.2e}) = {pg['extrapolated_cpu_s']:.1f} s "
+        f"(+ {n_cls} x the one-time split per class).",
+        f"GPU: EXTRAPOLATION, not a measurement: T_gpu = {n_img} x (F_forward + {n_cls} x F_task) / R_gpu with "
+        f"F_forward = {f['forward'] / 1e9:.2f} GFLOP / image and F_task = {f['task'] / 1e6:.3f} MFLOP (counted here, "
+        f"map {f['map_hw'][0]}x{f['map_hw'][1]}), R_gpu = {scale['gpu_tflops_assumed']:g} TFLOP/s ASSUMED achieved float32 "
+        f"(this machine achieved {scale['cpu_rate_tflops'] * 1000:.0f} GFLOP/s on the forward pass): "
+        f"{scale['gpu_extrapolated_s']:.3f} s, kernel launches and transfers ignored.",
+    ]
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------
 # report
 # ---------------------------------------------------------------------------------------------
@@ -394,14 +645,22 @@ def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+#: The forward pass each group's ratios are taken against.
+BASELINE = {"top1": "top1/forward", "top5": "top1/forward", "all": "all/forward"}
+
+
 def build_rows(timing: dict[str, Any], memory: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     times = timing["times"]
-    fwd_t = statistics.median(times["top1/forward"])
-    fwd_m = memory.get("top1/forward", {}).get("peak_mb")
     rows = []
-    names = ["forward", *OURS, "ours:attribute_all", FIRST_CALL, *CAPTUM]
-    for group in ("top1", "top5"):
-        for name in names:
+    names = {"top1": ["forward", *OURS, "ours:attribute_all", FIRST_CALL, *CAPTUM]}
+    names["top5"] = names["top1"]
+    names["all"] = ["forward", *ALL_CLASS]
+    for group, group_names in names.items():
+        if BASELINE[group] not in times:
+            continue
+        fwd_t = statistics.median(times[BASELINE[group]])
+        fwd_m = memory.get(BASELINE[group], {}).get("peak_mb")
+        for name in group_names:
             key = f"{group}/{name}"
             if key not in times:
                 continue
@@ -434,21 +693,29 @@ def build_rows(timing: dict[str, Any], memory: dict[str, dict[str, Any]]) -> lis
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    head = "| maps | method | calls | repeats | median ms | min-max ms | x forward (time) | peak MB | x forward (mem) |"
-    lines = [head, "|---|---|--:|--:|--:|--:|--:|--:|--:|"]
+    head = ["maps", "method", "calls", "repeats", "median ms", "min-max ms", "x forward (time)", "peak MB", "x forward (mem)"]
+    cells = []
     for r in rows:
         est = " (est.)" if r["estimated"] else ""
         spread = "-" if r["min_ms"] is None else f"{r['min_ms']:.0f}-{r['max_ms']:.0f}"
-        lines.append(
-            f"| {r['group']} | {r['method']} | {r['calls']} | {r['repeats'] if not r['estimated'] else '-'} | "
-            f"{_fmt(r['median_ms'], '.1f')}{est} | {spread} | {_fmt(r['time_ratio'], '.2f')}x{est} | "
-            f"{_fmt(r['peak_mb'], '.1f')} | {_fmt(r['mem_ratio'], '.2f')}x |"
+        cells.append(
+            [
+                r["group"],
+                r["method"],
+                r["calls"],
+                r["repeats"] if not r["estimated"] else "-",
+                f"{_fmt(r['median_ms'], '.1f')}{est}",
+                spread,
+                f"{_fmt(r['time_ratio'], '.2f')}x{est}",
+                _fmt(r["peak_mb"], ".1f"),
+                f"{_fmt(r['mem_ratio'], '.2f')}x",
+            ]
         )
-    return "\n".join(lines)
+    return harness.markdown_table(head, cells, align="llrrrrrrr")
 
 
 def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Pass/fail of the issue's targets, each over our four methods."""
+    """Pass/fail of the issues' targets, each over our four methods (for the sections that ran)."""
     by = {(r["group"], r["method"]): r for r in rows}
 
     def ratio(group: str, num: str, den: str, field: str) -> dict[str, float | None]:
@@ -458,46 +725,57 @@ def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             out[m] = None if a is None or b is None or b == 0 else a / b
         return out
 
-    specs = [
-        ("top-1 time <= 1.15x forward", ratio("top1", "ours:{m}", "forward", "median_ms"), "<=", 1.15, "x forward"),
-        (
-            "top-1 no slower than LayerGradCam",
-            ratio("top1", "ours:{m}", "captum:LayerGradCam", "median_ms"),
-            "<=",
-            1.0,
-            "x LayerGradCam",
-        ),
-        (
-            "top-5 >= 3x faster than LayerGradCam (5 calls)",
-            ratio("top5", "captum:LayerGradCam", "ours:{m}", "median_ms"),
-            ">=",
-            3.0,
-            "x faster",
-        ),
-        (
-            "top-5 >= 40x faster than IntegratedGradients (5 calls)",
-            ratio("top5", "captum:IntegratedGradients", "ours:{m}", "median_ms"),
-            ">=",
-            40.0,
-            "x faster",
-        ),
-        (
-            "top-1 lower peak memory than LayerGradCam",
-            ratio("top1", "ours:{m}", "captum:LayerGradCam", "peak_mb"),
-            "<",
-            1.0,
-            "x LayerGradCam",
-        ),
-        (
-            "top-5 lower peak memory than LayerGradCam (5 calls)",
-            ratio("top5", "ours:{m}", "captum:LayerGradCam", "peak_mb"),
-            "<",
-            1.0,
-            "x LayerGradCam",
-        ),
-    ]
-    if by[("top5", "captum:IntegratedGradients")]["estimated"]:
-        specs[3] = (specs[3][0] + " [IG top-5 estimated as 5 x top-1]", *specs[3][1:])
+    specs = []
+    if ("top1", "forward") in by:
+        specs += [
+            ("top-1 time <= 1.15x forward", ratio("top1", "ours:{m}", "forward", "median_ms"), "<=", 1.15, "x forward"),
+            (
+                "top-1 no slower than LayerGradCam",
+                ratio("top1", "ours:{m}", "captum:LayerGradCam", "median_ms"),
+                "<=",
+                1.0,
+                "x LayerGradCam",
+            ),
+            (
+                "top-5 >= 3x faster than LayerGradCam (5 calls)",
+                ratio("top5", "captum:LayerGradCam", "ours:{m}", "median_ms"),
+                ">=",
+                3.0,
+                "x faster",
+            ),
+            (
+                "top-5 >= 40x faster than IntegratedGradients (5 calls)"
+                + (" [IG top-5 estimated as 5 x top-1]" if by[("top5", "captum:IntegratedGradients")]["estimated"] else ""),
+                ratio("top5", "captum:IntegratedGradients", "ours:{m}", "median_ms"),
+                ">=",
+                40.0,
+                "x faster",
+            ),
+            (
+                "top-1 lower peak memory than LayerGradCam",
+                ratio("top1", "ours:{m}", "captum:LayerGradCam", "peak_mb"),
+                "<",
+                1.0,
+                "x LayerGradCam",
+            ),
+            (
+                "top-5 lower peak memory than LayerGradCam (5 calls)",
+                ratio("top5", "ours:{m}", "captum:LayerGradCam", "peak_mb"),
+                "<",
+                1.0,
+                "x LayerGradCam",
+            ),
+        ]
+    if ("all", "forward") in by:
+        specs.append(
+            (
+                f"all-class maps (one call) <= {ALL_CLASS_BOUND}x a forward pass of the same batch",
+                ratio("all", "ours:{m}", "forward", "median_ms"),
+                "<=",
+                ALL_CLASS_BOUND,
+                "x forward",
+            )
+        )
     results = []
     for label, values, op, bound, unit in specs:
         ok = {
@@ -526,74 +804,87 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.measure_memory is not None:  # child process of the CPU memory measurement
         print(json.dumps(measure_memory_here(args.measure_memory, args)))
         return {}
-    start = time.perf_counter()
-    load_start = os.getloadavg()
+    run = harness.start(args)
     model, x = build(args)
+    x_all, every = build_all(args, model)
     with torch.no_grad():
         top5 = model(x).topk(TOP_K, dim=1).indices
-    top1 = top5[:, 0].contiguous()
     saliency = FinalLayerSaliency(model)
-    calls = make_calls(model, x, top1, top5, saliency, args)
-    phases = {"setup_s": time.perf_counter() - start}
-    timing = measure_time(calls, saliency, args)
-    phases["timing_s"] = time.perf_counter() - start - phases["setup_s"]
+    calls = make_calls(model, {"x": x, "top5": top5, "x_all": x_all, "every": every}, saliency, args)
+    phases = {"setup_s": run.seconds()}
+    one_time = measure_one_time_cost(model, x_all, every, args) if "all-class" in args.sections else None
+    timing = measure_time(calls, saliency, args) if calls else {"times": {}, "resolved": {}}
+    phases["timing_s"] = run.seconds() - phases["setup_s"]
     memory: dict[str, dict[str, Any]] = {}
-    if not args.no_memory:
+    if not args.no_memory and timing["times"]:
         memory = measure_memory(list(timing["times"]), args, top5)
-    phases["memory_s"] = time.perf_counter() - start - phases["setup_s"] - phases["timing_s"]
+    phases["memory_s"] = run.seconds() - phases["setup_s"] - phases["timing_s"]
+    scale = measure_scale(model, args) if "scale" in args.sections else None
+    phases["scale_s"] = run.seconds() - sum(phases.values())
     rows = build_rows(timing, memory)
     targets = check_targets(rows)
-    wall = time.perf_counter() - start
+    machine = run.stop()
 
     config = {
-        "device": args.device,
+        **harness.config(args),
         "device_name": torch.cuda.get_device_name() if args.device == "cuda" else cpu_name(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "python": platform.python_version(),
         "batch": [args.batch_size, 3, args.image_size, args.image_size],
-        "warmup": args.warmup,
-        "repeats": args.repeats,
-        "ig_repeats": args.ig_repeats,
-        "ig_top5_repeats": args.ig_top5_repeats,
-        "ig_steps": args.ig_steps,
+        "all_class_batch": list(every.shape),
         "ig_memory_steps": ig_memory_steps(args),
-        "internal_batch_size": args.internal_batch_size,
-        "seed": args.seed,
         "resolved": timing["resolved"],
-        "loadavg_start": load_start,
-        "loadavg_end": os.getloadavg(),
-        "wall_s": wall,
         "phases_s": phases,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
     header = (
-        f"ResNet-50 (random weights, eval), batch {config['batch']}, {args.device} ({config['device_name']}, "
-        f"{config['threads']} threads), torch {torch.__version__}; median of {args.repeats} round-robin repeats "
-        f"(IntegratedGradients: {args.ig_repeats}, n_steps={args.ig_steps}, internal_batch_size={args.internal_batch_size}); "
-        f"captum on log_softmax(logits), LayerGradCam at layer4, top-5 = 5 captum calls (results detached); "
-        f"ratios to the plain no-grad forward pass (top-1 row). "
-        f"Peak memory: increase during one call"
+        f"ResNet-50 (random weights, eval), {args.device} ({config['device_name']}, {machine['threads']} threads), "
+        f"torch {torch.__version__}; median of {args.repeats} round-robin repeats; ratios to the plain no-grad forward "
+        f"pass of the same batch. Load average start/end: {harness.fmt_load(machine['loadavg_start'])} / "
+        f"{harness.fmt_load(machine['loadavg_end'])}. Wall time {machine['wall_s']:.0f} s "
+        f"(setup {phases['setup_s']:.0f}, timing {phases['timing_s']:.0f}, memory {phases['memory_s']:.0f}, "
+        f"scale {phases['scale_s']:.0f})."
+    )
+    parts = [header]
+    memory_note = (
+        "Peak memory: increase during one call"
         + (
             " (new process per method, VmHWM after - VmRSS before, MALLOC_MMAP_THRESHOLD_=65536)"
             if args.device == "cpu"
             else " (cuda max_memory_allocated)"
         )
-        + f", IntegratedGradients with n_steps={ig_memory_steps(args)} (peak independent of n_steps). "
-        f"'{FIRST_CALL}': the first call of a new FinalLayerSaliency, which also resolves the layers "
-        f"(one-time cost; {min(3, args.repeats)} repeats). "
-        f"Load average start/end: {load_start[0]:.2f}/{config['loadavg_end'][0]:.2f}. Wall time {wall:.0f} s "
-        f"(setup {phases['setup_s']:.0f}, timing {phases['timing_s']:.0f}, memory {phases['memory_s']:.0f})."
+        + f", IntegratedGradients with n_steps={ig_memory_steps(args)} (peak independent of n_steps)."
     )
-    text = "\n\n".join([header, markdown_table(rows), "Targets:\n" + format_targets(targets)])
+    if "top-k" in args.sections:
+        parts.append(
+            f"## Top-1 / top-5 maps (batch {config['batch']})\n\n"
+            f"IntegratedGradients: {args.ig_repeats} repeat(s), n_steps={args.ig_steps}, "
+            f"internal_batch_size={args.internal_batch_size}; captum on log_softmax(logits), LayerGradCam at layer4, "
+            f"top-5 = 5 captum calls (results detached). '{FIRST_CALL}': the first call of a new FinalLayerSaliency, "
+            f"which also resolves the layers (one-time cost; {min(3, args.repeats)} repeats). {memory_note}\n\n"
+            + markdown_table([r for r in rows if r["group"] != "all"])
+        )
+    if "all-class" in args.sections and one_time is not None:
+        parts.append(
+            f"## All-class maps (batch {list(x_all.shape)}, target {list(every.shape)}: every class, one call)\n\n"
+            f"{memory_note} One-time cost of a new FinalLayerSaliency (not in the table): first all-class "
+            f"attribute_all {one_time['first_call_s']:.2f} s, of which the recursive splits of all {every.shape[1]} classes "
+            f"on both sides {one_time['splits_s']:.2f} s ({one_time['splits_per_class_ms']:.2f} ms per class), cached "
+            f"per class afterwards.\n\n" + markdown_table([r for r in rows if r["group"] == "all"])
+        )
+    if scale is not None:
+        parts.append(
+            f"## Reduced ImageNet scale ({args.scale_images} synthetic {args.image_size}x{args.image_size} images in "
+            f"batches of {args.scale_batch}, maps of {scale['rows'][0]['classes']} classes each)\n\n"
+            + scale_text(scale, args.device)
+        )
+    if targets:
+        parts.append("Targets:\n" + format_targets(targets))
+    text = "\n\n".join(parts)
     print("\n" + text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.md").write_text(text + "\n")
-    result = {"config": config, "rows": rows, "targets": targets, "memory": memory}
-    (args.out / "results.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(f"\nwrote {args.out / 'results.md'} and {args.out / 'results.json'}")
-    return result
+    result = {"config": config, "machine": machine, "rows": rows, "targets": targets, "memory": memory}
+    result.update({"one_time": one_time, "scale": scale})
+    return harness.write_results(args.out, text, result)
 
 
 if __name__ == "__main__":

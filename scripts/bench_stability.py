@@ -20,15 +20,22 @@ differences within 3 reported SEs.
 Run (from the repository root)::
 
     .venv/bin/python scripts/bench_stability.py             # about 2 minutes on 2 CPU cores
-    .venv/bin/python scripts/bench_stability.py --quick     # what tests/test_stability.py runs (one layer, shorter reference)
+    .venv/bin/python scripts/bench_stability.py --quick     # a smoke run of a few seconds (its checks mean nothing)
+
+(defaults: ``--epochs 10 --layers features.3 head.2 --ref-chains 16 --ref-steps 3000 --ref-burn-in 300
+--out outputs/bench_stability``). ``tests/test_stability.py`` calls :func:`run` at a reduced size (3 epochs,
+layer ``head.2``, reference 16 x 1000 with 100 burn-in). ``--quick`` also shrinks the probe to 128 digits and
+the seed runs' chains (4 x 100 steps, 10 burn-in), so it no longer measures the defaults.
+
+Outputs under ``--out``: ``results.md`` (the printed tables and checks) and ``results.json`` (every number).
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
 import math
+import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -38,7 +45,19 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_interp.callbacks import AblationProbeCallback, CorrelationOrderCallback
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py, also when imported by path (tests)
+import harness
+
 READOUTS = ("distributedness", "manifold_complexity", "polysemanticity", "max_importance", "informative_units")
+QUICK = {
+    "epochs": 1,
+    "layers": ["head.2"],
+    "ref_chains": 4,
+    "ref_steps": 200,
+    "ref_burn_in": 20,
+    "probe_size": 128,
+    "chains": {"num_chains": 4, "num_steps": 100, "burn_in": 10},
+}
 
 
 class DigitsCNN(pl.LightningModule):
@@ -65,15 +84,15 @@ class DigitsCNN(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=2e-3)
 
 
-def digits(seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
-    """Training set (1,285 digits) and probe set (512 held-out digits), scaled to [0, 1]."""
+def digits(seed: int = 0, probe_size: int = 512) -> tuple[TensorDataset, TensorDataset]:
+    """Training set (1,285 digits) and probe set (``probe_size`` of the 512 held-out digits), scaled to [0, 1]."""
     from sklearn.datasets import load_digits
 
     x, y = load_digits(return_X_y=True)
     x = torch.tensor(x, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
     y = torch.tensor(y, dtype=torch.long)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    return TensorDataset(x[perm[512:]], y[perm[512:]]), TensorDataset(x[perm[:512]], y[perm[:512]])
+    return TensorDataset(x[perm[512:]], y[perm[512:]]), TensorDataset(x[perm[:probe_size]], y[perm[:probe_size]])
 
 
 def _trainer(**kw: Any) -> pl.Trainer:
@@ -90,21 +109,44 @@ def corr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1])
 
 
-def run(epochs: int, layers: list[str], ref_chains: int, ref_steps: int, ref_burn_in: int, seed: int = 0) -> dict[str, Any]:
-    """Train, measure, compare; returns the numbers behind the printed tables."""
+def run(
+    epochs: int,
+    layers: list[str],
+    ref_chains: int,
+    ref_steps: int,
+    ref_burn_in: int,
+    seed: int = 0,
+    probe_size: int = 512,
+    chains: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """Train, measure, compare; returns the numbers behind the printed tables.
+
+    Args:
+        epochs: training epochs.
+        layers: the probed layers.
+        ref_chains: MCMC chains of the long-run reference.
+        ref_steps: MCMC steps of the reference.
+        ref_burn_in: burn-in of the reference.
+        seed: seed of the training and of the data split.
+        probe_size: held-out digits in the probe (at most 512).
+        chains: ``AblationProbeCallback`` arguments of the two seed runs (``None``: its defaults).
+
+    Returns:
+        ``accuracy``, ``ablation`` (per layer: read-outs, importance correlations) and ``correlation`` (per layer).
+    """
     pl.seed_everything(seed, verbose=False)
-    train, probe = digits(seed)
+    train, probe = digits(seed, probe_size)
     model = DigitsCNN()
     _trainer(max_epochs=epochs).fit(model, DataLoader(train, batch_size=32, shuffle=True))
     model.eval()
     with torch.no_grad():
         accuracy = float((model(probe.tensors[0]).argmax(1) == probe.tensors[1]).float().mean())
-    out: dict[str, Any] = {"accuracy": accuracy, "ablation": {}, "correlation": {}}
     probe_size = len(probe)
+    out: dict[str, Any] = {"accuracy": accuracy, "probe_size": probe_size, "ablation": {}, "correlation": {}}
     runs = {}
     for name, kw in (
-        ("seed 0", dict(seed=0)),
-        ("seed 1", dict(seed=1)),
+        ("seed 0", dict(seed=0, **(chains or {}))),
+        ("seed 1", dict(seed=1, **(chains or {}))),
         (f"reference {ref_chains}x{ref_steps}", dict(seed=0, num_chains=ref_chains, num_steps=ref_steps, burn_in=ref_burn_in)),
     ):
         cb = AblationProbeCallback(layers=layers, probe_size=probe_size, **kw)  # type: ignore[arg-type]
@@ -154,39 +196,55 @@ def checks(out: dict[str, Any]) -> list[tuple[str, bool]]:
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--layers", nargs="+", default=["features.3", "head.2"])
-    parser.add_argument("--ref-chains", type=int, default=16)
-    parser.add_argument("--ref-steps", type=int, default=3000)
-    parser.add_argument("--ref-burn-in", type=int, default=300)
-    parser.add_argument("--quick", action="store_true", help="3 epochs, layer head.2, reference 16 x 1000")
-    args = parser.parse_args()
-    if args.quick:
-        args.epochs, args.layers, args.ref_steps, args.ref_burn_in = 3, ["head.2"], 1000, 100
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    out = run(args.epochs, args.layers, args.ref_chains, args.ref_steps, args.ref_burn_in)
-    print(f"DigitsCNN after {args.epochs} epochs: probe accuracy {out['accuracy']:.3f} (512 held-out digits)\n")
+def report(out: dict[str, Any], epochs: int) -> str:
+    """The tables and the PASS/FAIL lines, as markdown."""
+    lines = [f"DigitsCNN after {epochs} epochs: probe accuracy {out['accuracy']:.3f} ({out['probe_size']} held-out digits)", ""]
     for layer, res in out["ablation"].items():
         names = res["names"]
-        print(f"AblationProbeCallback, layer {layer} ({res['units']} units), defaults vs {names[2]}:")
-        print(f"| read-out | {' | '.join(names)} | seed 0 vs ref |")
-        print("|---|" + "---|" * (len(names) + 1))
+        rows = []
         for key, vals in res["readouts"].items():
             cells = [f"{v:.3f} ± {se:.3f}" if not math.isnan(se) else f"{v:.0f}" for v, se in (vals[n] for n in names)]
             (v, _), (rv, _) = vals[names[0]], vals[names[2]]
-            rel = f"{100 * (v - rv) / abs(rv):+.0f}%" if rv else "-"
-            print(f"| {key} | {' | '.join(cells)} | {rel} |")
-        print(f"importance r: seeds {res['r_seeds']:.3f}, seed 0 vs reference {res['r_reference']:.3f}\n")
-    print("CorrelationOrderCallback, higher-order gap (acc_real - acc_order2) with two seeds:")
-    print("| layer | seed 0 | seed 1 | difference / SE |")
-    print("|---|---|---|---|")
-    for layer, (a, sa, b, sb) in out["correlation"].items():
-        print(f"| {layer} | {a:.4f} ± {sa:.4f} | {b:.4f} ± {sb:.4f} | {abs(a - b) / math.hypot(sa, sb):.2f} |")
-    print()
-    for line, ok in checks(out):
-        print(("PASS " if ok else "FAIL ") + line)
+            rows.append([key, *cells, f"{100 * (v - rv) / abs(rv):+.0f}%" if rv else "-"])
+        lines += [
+            f"AblationProbeCallback, layer {layer} ({res['units']} units), defaults vs {names[2]}:",
+            "",
+            harness.markdown_table(["read-out", *names, "seed 0 vs ref"], rows),
+            "",
+            f"importance r: seeds {res['r_seeds']:.3f}, seed 0 vs reference {res['r_reference']:.3f}",
+            "",
+        ]
+    rows = [
+        [layer, f"{a:.4f} ± {sa:.4f}", f"{b:.4f} ± {sb:.4f}", f"{abs(a - b) / math.hypot(sa, sb):.2f}"]
+        for layer, (a, sa, b, sb) in out["correlation"].items()
+    ]
+    lines += [
+        "CorrelationOrderCallback, higher-order gap (acc_real - acc_order2) with two seeds:",
+        "",
+        harness.markdown_table(["layer", "seed 0", "seed 1", "difference / SE"], rows),
+        "",
+        *(("PASS " if ok else "FAIL ") + line for line, ok in checks(out)),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = harness.parser(__doc__, "outputs/bench_stability")
+    parser.add_argument("--epochs", type=int, default=10, help="training epochs")
+    parser.add_argument("--layers", nargs="+", default=["features.3", "head.2"], help="probed layers")
+    parser.add_argument("--ref-chains", type=int, default=16, help="MCMC chains of the reference")
+    parser.add_argument("--ref-steps", type=int, default=3000, help="MCMC steps of the reference")
+    parser.add_argument("--ref-burn-in", type=int, default=300, help="MCMC burn-in of the reference")
+    parser.set_defaults(probe_size=512, chains=None)
+    args = harness.parse(parser, argv, QUICK)
+    harness.quiet_lightning()
+    clock = harness.start(args)
+    out = run(args.epochs, args.layers, args.ref_chains, args.ref_steps, args.ref_burn_in, 0, args.probe_size, args.chains)
+    text = report(out, args.epochs)
+    print(text)
+    data = {"config": harness.config(args), "machine": clock.stop(), "result": out}
+    data["checks"] = [{"check": line, "pass": ok} for line, ok in checks(out)]
+    return harness.write_results(args.out, text, data)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ Run (from the repository root)::
 
 (defaults: ``--tasks xor higher_order mnist --activations quadratic relu --hidden 64 64 --alpha 0.5
 --epochs 30 --n-train 8192 --probe-size 2048 --mnist-dir data --mnist-hidden 128 128 --mnist-epochs 2
---mnist-probe-size 10000 --seed 0 --out outputs/reproduce_fischer``); ``--quick`` is a ~20 s smoke test.
+--mnist-probe-size 10000 --seed 0 --out outputs/reproduce_fischer``); ``--quick`` is a smoke test of a few seconds.
 MNIST runs only when its IDX files are under ``--mnist-dir`` (``<dir>/MNIST/raw``); otherwise it is
 reported as skipped.
 
@@ -55,20 +55,14 @@ callback's full history) and ``orders.png`` (accuracies per layer per network) a
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
+import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-
 import lightning.pytorch as pl
-import matplotlib.pyplot as plt
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
@@ -77,15 +71,36 @@ from lightning_interp.callbacks import CorrelationOrderCallback
 from lightning_interp.correlation import INPUT, ClassMoments, Quadratic, layer_outputs, propagate_moments, theory_accuracy
 from lightning_interp.datamodules import HigherOrderDataModule, XORDataModule
 from lightning_interp.datamodules.mnist import MNISTDataModule, missing_files
-from lightning_interp.models import ClassifierModule
+from lightning_interp.models import MLPClassifier
+from lightning_interp.plotting import subplots
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py, also when imported by path (tests)
+import harness
 
 TASKS = ("xor", "higher_order", "mnist")
 ACTIVATIONS = ("quadratic", "relu")
 COLUMNS = ("real", "order2", "order1", "order0", "gap", "theory", "gauss_logit_mc", "nongauss")
+QUICK = {
+    "hidden": [16, 16],
+    "epochs": 2,
+    "n_train": 512,
+    "probe_size": 256,
+    "mnist_hidden": [32, 32],
+    "mnist_epochs": 1,
+    "mnist_probe_size": 1000,
+    "measurements": 1,
+    "theory_samples": 5_000,
+    "theory_mc_draws": 2_000,
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = harness.parser(
+        __doc__,
+        "outputs/reproduce_fischer",
+        seed="random seed",
+        threads="torch intra-op threads (1 is fastest for these small MLPs)",
+    )
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="tasks to run")
     parser.add_argument("--activations", nargs="+", default=list(ACTIVATIONS), choices=ACTIVATIONS, help="activations")
     parser.add_argument("--hidden", type=int, nargs="+", default=[64, 64], help="hidden widths (synthetic tasks)")
@@ -104,51 +119,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mnist-hidden", type=int, nargs="+", default=[128, 128], help="hidden widths (MNIST)")
     parser.add_argument("--mnist-epochs", type=int, default=2, help="training epochs (MNIST)")
     parser.add_argument("--mnist-probe-size", type=int, default=10_000, help="MNIST validation probe and test-probe size")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest for these small MLPs)")
-    parser.add_argument("--quick", action="store_true", help="smoke test: tiny networks, few epochs, small probes")
-    parser.add_argument("--out", type=Path, default=Path("outputs/reproduce_fischer"), help="output folder")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.hidden, args.epochs, args.n_train, args.probe_size = [16, 16], 3, 1024, 512
-        args.mnist_hidden, args.mnist_epochs, args.mnist_probe_size, args.measurements = [32, 32], 1, 1000, 1
-        args.theory_samples, args.theory_mc_draws = 20_000, 5_000
+    args = harness.parse(parser, argv, QUICK)
     if min(args.epochs, args.mnist_epochs, args.measurements) < 1 or args.probe_size < 64:
         parser.error("--epochs, --mnist-epochs and --measurements must be >= 1 and --probe-size >= 64")
     return args
 
 
-class FischerMLP(ClassifierModule):
-    """``Linear -> act -> ... -> Linear`` with ``act`` a :class:`Quadratic` or ``nn.ReLU`` (layers ``net.<i>``)."""
+def fischer_mlp(in_features: int, num_classes: int, hidden: list[int], activation: str, alpha: float, lr: float) -> MLPClassifier:
+    """An ``MLPClassifier`` (``Linear -> act -> ... -> Linear``, layers ``net.<i>``), ``act`` ReLU or :class:`Quadratic`.
 
-    def __init__(self, in_features: int, num_classes: int, hidden: list[int], activation: str, alpha: float, lr: float) -> None:
-        super().__init__(lr=lr)
-        layers: list[nn.Module] = []
-        width = in_features
-        for h in hidden:
-            layers += [nn.Linear(width, h), Quadratic(alpha) if activation == "quadratic" else nn.ReLU()]
-            width = h
-        layers.append(nn.Linear(width, num_classes))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x.flatten(1))
-
-
-class EpochBar(pl.Callback):
-    """One tqdm bar per training run, advanced every epoch, with the last training loss."""
-
-    def __init__(self, desc: str, total: int) -> None:
-        self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        loss = trainer.callback_metrics.get("train/loss")
-        if loss is not None:
-            self.bar.set_postfix(loss=f"{float(loss):.3f}")
-        self.bar.update(1)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.bar.close()
+    ``MLPClassifier`` has no quadratic activation, so its ReLUs are swapped for ``Quadratic(alpha)``; activations
+    hold no parameters, so the weights drawn are the same either way.
+    """
+    model = MLPClassifier(in_features, num_classes, hidden=tuple(hidden), activation="relu", lr=lr)
+    if activation == "quadratic":
+        for i, module in enumerate(model.net):
+            if isinstance(module, nn.ReLU):
+                model.net[i] = Quadratic(alpha)
+    return model
 
 
 def make_datamodule(task: str, args: argparse.Namespace) -> pl.LightningDataModule:
@@ -173,7 +161,7 @@ def test_probe(dm: pl.LightningDataModule, task: str, size: int) -> tuple[Tensor
     return torch.cat(xs)[:size], torch.cat(ys)[:size]
 
 
-def layer_names(model: FischerMLP) -> list[str]:
+def layer_names(model: MLPClassifier) -> list[str]:
     """``input``, every activation and the final Linear (the logits)."""
     acts = [f"net.{i}" for i, m in enumerate(model.net) if isinstance(m, (Quadratic, nn.ReLU))]
     return [INPUT, *acts, f"net.{len(model.net) - 1}"]
@@ -181,7 +169,7 @@ def layer_names(model: FischerMLP) -> list[str]:
 
 @torch.no_grad()
 def theory_per_layer(
-    model: FischerMLP, layers: list[str], x: Tensor, y: Tensor, num_classes: int, samples: int, mc_draws: int, seed: int
+    model: MLPClassifier, layers: list[str], x: Tensor, y: Tensor, num_classes: int, samples: int, mc_draws: int, seed: int
 ) -> dict[str, dict[str, float]]:
     """Per layer: the class Gaussians of the layer (estimated on ``x, y``) mapped to the logits, two ways.
 
@@ -218,7 +206,7 @@ def theory_per_layer(
 
 
 @torch.no_grad()
-def theory_exact_input(model: FischerMLP, dm: pl.LightningDataModule, samples: int, seed: int) -> float:
+def theory_exact_input(model: MLPClassifier, dm: pl.LightningDataModule, samples: int, seed: int) -> float:
     """Theory accuracy from the task's exact input class moments (synthetic tasks; equal priors)."""
     means, covs = [], []
     for c in range(2):
@@ -239,7 +227,7 @@ def run_one(task: str, activation: str, args: argparse.Namespace) -> dict[str, A
     hidden = args.mnist_hidden if mnist else args.hidden
     epochs = args.mnist_epochs if mnist else args.epochs
     probe_size = args.mnist_probe_size if mnist else args.probe_size
-    model = FischerMLP(in_features, num_classes, hidden, activation, args.alpha, args.lr)
+    model = fischer_mlp(in_features, num_classes, hidden, activation, args.alpha, args.lr)
     layers = layer_names(model)
     every = max(1, epochs // args.measurements)
     cb = CorrelationOrderCallback(
@@ -255,7 +243,7 @@ def run_one(task: str, activation: str, args: argparse.Namespace) -> dict[str, A
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
-        callbacks=[cb, EpochBar(f"{task}/{activation}", epochs)],
+        callbacks=[cb, harness.epoch_bar(f"{task}/{activation}", epochs)],
     )
     trainer.fit(model, datamodule=dm)
     final = cb.history[-1]
@@ -304,22 +292,24 @@ def fmt(v: float | None, digits: int = 3) -> str:
 
 
 def markdown_table(results: list[dict[str, Any]]) -> str:
-    head = "| task | act | layer | real | order2 | order1 | order0 | gap | theory | gauss-logit MC | nongauss |"
-    lines = [head, "|" + "---|" * 11]
+    rows = []
     for r in results:
         for layer in r["layers"]:
             v = r["per_layer"][layer]
             role = r["layer_roles"][layer]
             name = layer if role == "input" else f"{layer} ({role})"
-            cells = [fmt(v[k]) for k in COLUMNS[:-1]] + [fmt(v["nongauss"], 2)]
-            lines.append(f"| {r['task']} | {r['activation']} | {name} | " + " | ".join(cells) + " |")
-    lines += ["", "| task | act | test acc | theory (exact input moments) | steps | seconds |", "|---|---|---|---|---|---|"]
-    for r in results:
-        lines.append(
-            f"| {r['task']} | {r['activation']} | {fmt(r['test_acc'])} | {fmt(r['theory_exact_input'])} | {r['steps']} | "
-            f"{r['seconds']:.1f} |"
-        )
-    return "\n".join(lines)
+            rows.append([r["task"], r["activation"], name, *(fmt(v[k]) for k in COLUMNS[:-1]), fmt(v["nongauss"], 2)])
+    header = ["task", "act", "layer", "real", "order2", "order1", "order0", "gap", "theory", "gauss-logit MC", "nongauss"]
+    summary = [
+        [r["task"], r["activation"], fmt(r["test_acc"]), fmt(r["theory_exact_input"]), r["steps"], f"{r['seconds']:.1f}"]
+        for r in results
+    ]
+    return "\n\n".join(
+        [
+            harness.markdown_table(header, rows),
+            harness.markdown_table(["task", "act", "test acc", "theory (exact input moments)", "steps", "seconds"], summary),
+        ]
+    )
 
 
 def compare_with_claims(results: list[dict[str, Any]]) -> str:
@@ -352,7 +342,7 @@ def plot_orders(results: list[dict[str, Any]], path: Path) -> None:
     n = len(results)
     cols = min(n, 2)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 3.6 * rows), squeeze=False)
+    fig, axes = subplots(rows, cols, figsize=(6.2 * cols, 3.6 * rows), squeeze=False)
     styles = (("real", "k"), ("order2", "C0"), ("order1", "C1"), ("order0", "C2"))
     for ax, r in zip(axes.flat, results, strict=False):
         layers = r["layers"]
@@ -375,15 +365,14 @@ def plot_orders(results: list[dict[str, Any]], path: Path) -> None:
     fig.legend(handles, labels, loc="lower center", ncol=6, fontsize=8, frameon=False)
     fig.suptitle("Gaussian surrogates per layer (Fischer et al. 2022): real vs order 2 / 1 / 0, and analytic theory", fontsize=10)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    harness.save_figure(fig, path, dpi=110)
 
 
 def plot_gap_history(results: list[dict[str, Any]], path: Path) -> None:
     n = len(results)
     cols = min(n, 2)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = subplots(rows, cols, figsize=(5.5 * cols, 3.2 * rows), squeeze=False)
     for ax, r in zip(axes.flat, results, strict=False):
         for lay in r["layers"]:
             key = f"{lay}/higher_order_gap"
@@ -397,19 +386,14 @@ def plot_gap_history(results: list[dict[str, Any]], path: Path) -> None:
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    harness.save_figure(fig, path, dpi=100)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*The number of training batches.*")
-    warnings.filterwarnings("ignore", message=".*GPU available.*")
-    torch.set_num_threads(args.threads)
+    harness.quiet_lightning()
+    run = harness.start(args)
     torch.manual_seed(args.seed)
-    load_start = os.getloadavg()
-    t_start = time.perf_counter()
     tasks = list(args.tasks)
     skipped: dict[str, str] = {}
     if "mnist" in tasks and missing_files(args.mnist_dir):
@@ -428,30 +412,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("no network finished")
     table = markdown_table(results)
     comparison = compare_with_claims(results)
-    wall = time.perf_counter() - t_start
-    load_end = os.getloadavg()
-    args.out.mkdir(parents=True, exist_ok=True)
-    plot_orders(results, args.out / "orders.png")
-    plot_gap_history(results, args.out / "gap_vs_step.png")
+    machine = run.stop()
     command = "scripts/reproduce_fischer.py" + (" --quick" if args.quick else "")
-    meta = {
-        "command": command,
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "skipped": skipped,
-        "wall_seconds": wall,
-        "loadavg_start": load_start,
-        "loadavg_end": load_end,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    }
-    (args.out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    (args.out / "results.md").write_text(table + "\n")
     readme = "\n".join(
         [
             "# Correlation orders per layer (Fischer et al., PRR 4, 043143, 2022)",
             "",
-            f"Command: `.venv/bin/python {command}` (wall {wall:.0f} s; load average {load_start[0]:.2f} at start, "
-            f"{load_end[0]:.2f} at end; torch {torch.__version__}, {torch.get_num_threads()} threads).",
+            f"Command: `.venv/bin/python {command}` ({run.describe()}).",
             "",
             "What was measured: see the docstring of `scripts/reproduce_fischer.py`. In short, per layer the probe accuracy of",
             "the trained network (`real`) and with that layer's output replaced by Gaussian surrogates of order 2",
@@ -475,13 +442,18 @@ def main(argv: list[str] | None = None) -> None:
             "",
         ]
     )
-    (args.out / "README.md").write_text(readme)
     print(table)
     print()
     print(comparison)
     if skipped:
         print("skipped: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()))
-    print(f"\nwall {wall:.1f} s; loadavg start {load_start}, end {load_end}; wrote {args.out}/")
+    print(f"\n{run.describe()}")
+    data = {"config": harness.config(args), "machine": machine, "skipped": skipped, "results": results}
+    harness.write_results(args.out, table, data)
+    (args.out / "README.md").write_text(readme)
+    plot_orders(results, args.out / "orders.png")
+    plot_gap_history(results, args.out / "gap_vs_step.png")
+    return data
 
 
 if __name__ == "__main__":

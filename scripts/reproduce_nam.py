@@ -13,7 +13,7 @@ Run (from the repository root)::
 (defaults: ``--experiments mlp cnn mnist --seeds 0 1 2 --epochs 10 --hidden 12 12 --cnn-channels 8 12
 --classes 4 --n-train 2048 --n-val 512 --probe-size 512 --batch-size 32 --lr 1e-3 --cnn-lr 1e-2
 --mnist-dir data --mnist-epochs 3 --mnist-probe-size 512 --max-batch 4096 --threads 1
---out outputs/reproduce_nam``); ``--quick`` is a smoke test of a few seconds after the imports.
+--out outputs/reproduce_nam``); ``--quick`` is a smoke test of a few seconds after the imports (no ``cnn``).
 
 What is trained (Lightning, Adam, cross-entropy), with the product's
 :class:`~lightning_interp.callbacks.AblationProbeCallback` attached (``method="exact"``: all ``2^d`` masks of
@@ -37,21 +37,15 @@ Two settings for speed on a shared 2-core CPU, neither of which changes the numb
 ``--threads 1`` (an exact fit of one MLP layer took 0.15 s with 1 thread and 0.5-3.3 s with 2, the OpenMP
 threads stalling while other jobs held the cores).
 
-Read-outs per layer and measurement (see METHODS.md section 3): ``acc`` (the network's accuracy on the probe
-examples, unsmoothed), ``distr`` (distributedness, mean over class tasks, in ``[1/d, 1]``), ``mc`` (manifold
-complexity: total correlation of the mask posterior in bits, mean over tasks), ``poly`` (polysemanticity as
-the callback logs it: mean over units with any information), ``poly_inf`` (mean polysemanticity over the
-informative units only: units with more than 0.05 bits for some task; in ``[1, classes]``), ``inf_units``
-(number of informative units) and ``info`` (total information of the layer's units, bits, mean over tasks).
-Table cells are ``mean ± sd`` over the seeds.
-
-Workaround (script-side; the library is not changed): ``lightning_interp.ablation.information_bits`` can return
-tiny negative values (about ``-8e-17`` bits) for a unit whose importance rounds to just below 0.5 (e.g. a dead
-ReLU unit, which no mask affects), and ``distributedness`` / ``polysemanticity`` then return NaN for that whole
-task / unit (``xlogy(w, w)`` of a negative weight). The read-outs here are recomputed with the library's own
-``distributedness`` and ``polysemanticity`` from ``information_bits.clamp_min(0)``; ``lib NaN`` counts, summed
-over the seeds, the tasks + units that the library (and so the callback's logged scalars) reported as NaN where
-the clamped information gives a number. NaNs that remain are genuine: no unit carries information.
+Read-outs per layer and measurement (see METHODS.md section 3), taken from the library's
+:class:`~lightning_interp.ablation.AblationResult`: ``acc`` (the network's accuracy on the probe examples,
+unsmoothed), ``distr`` (distributedness, mean over class tasks, in ``[1/d, 1]``), ``mc`` (manifold complexity:
+total correlation of the mask posterior in bits, mean over tasks), ``poly`` (polysemanticity, plain mean over
+units with any information; the callback logs a mean weighted by information instead), ``poly_inf`` (mean
+polysemanticity over the informative units only: :func:`~lightning_interp.ablation.informative_units` with more
+than 0.05 bits for some task; in ``[1, classes]``), ``inf_units`` (their number) and ``info`` (total
+information of the layer's units, bits, mean over tasks). Table cells are ``mean ± sd`` over the seeds; a NaN
+means no unit carries information.
 
 Outputs under ``--out``: ``results.md`` (tables and the computed observations), ``results.json`` (every number,
 per seed, with the final importance matrices), and per experiment ``<exp>_over_training.png`` (accuracy,
@@ -75,40 +69,52 @@ hand):
   evidence against those classes), so one class-discriminating channel scores as several "tasks".
 * Manifold complexity (total correlation) rises from about 0.05 bits at initialisation to 0.2 (MLP) and 0.6-0.7
   bits (CNN) in the first epochs and is flat afterwards; no consistent difference between layers.
-* The library's NaN (see "Workaround") hit 0-13 task/unit read-outs per epoch (summed over seeds) in this run.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import math
-import os
 import statistics
+import sys
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
-from torch import Tensor, nn
+import matplotlib
+from torch import nn
 from tqdm import tqdm
 
-from lightning_interp.ablation import AblationResult, distributedness, polysemanticity
+from lightning_interp.ablation import AblationResult, informative_units
 from lightning_interp.callbacks import AblationProbeCallback
 from lightning_interp.datamodules import MNISTDataModule, PatchImageDataModule
 from lightning_interp.models import MLPClassifier, SmallCNN
+from lightning_interp.plotting import subplots
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py, also when imported by path (tests)
+import harness
 
 INFORMATIVE_BITS = 0.05
-METRICS = ("acc", "distr", "mc", "poly", "poly_inf", "inf_units", "info", "lib_nan")
+METRICS = ("acc", "distr", "mc", "poly", "poly_inf", "inf_units", "info")
+QUICK = {
+    "seeds": [0],
+    "epochs": 2,
+    "hidden": [6, 6],
+    "cnn_channels": [4, 6],
+    "n_train": 256,
+    "n_val": 128,
+    "probe_size": 128,
+    "mnist_epochs": 1,
+    "mnist_probe_size": 128,
+    "mnist_train_batches": 5,
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = harness.parser(__doc__, "outputs/reproduce_nam", threads="torch intra-op threads (see the module docstring)")
     parser.add_argument("--experiments", nargs="+", choices=["mlp", "cnn", "mnist"], default=["mlp", "cnn", "mnist"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="model / batch-order seeds")
     parser.add_argument("--epochs", type=int, default=10, help="training epochs (patch task)")
@@ -126,14 +132,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mnist-probe-size", type=int, default=512, help="MNIST probe examples")
     parser.add_argument("--mnist-train-batches", type=float, default=1.0, help="limit_train_batches of the MNIST run")
     parser.add_argument("--max-batch", type=int, default=4096, help="the callback's max_batch (rows per masked forward)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (see the module docstring)")
-    parser.add_argument("--out", type=Path, default=Path("outputs/reproduce_nam"), help="output folder")
-    parser.add_argument("--quick", action="store_true", help="tiny smoke-test configuration")
-    args = parser.parse_args(argv)
+    args = harness.parse(parser, argv, QUICK)
     if args.quick:
-        args.seeds, args.epochs, args.hidden, args.cnn_channels = [0], 2, [6, 6], [4, 6]
-        args.n_train, args.n_val, args.probe_size = 256, 128, 128
-        args.mnist_epochs, args.mnist_probe_size, args.mnist_train_batches = 1, 128, 5
         args.experiments = [e for e in args.experiments if e != "cnn"]
     if max(args.hidden + args.cnn_channels) > 16:
         parser.error("probed widths must be <= 16 (exact enumeration)")
@@ -155,13 +155,14 @@ class RecordingProbe(AblationProbeCallback):
         self.records: list[dict[str, Any]] = []
         self._epochs_trained = 0
 
-    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, extra: dict[str, float] | None = None) -> Any:
         self._epochs_trained = 0 if trainer.global_step == 0 else trainer.current_epoch + 1
-        return super().run(trainer, pl_module)
+        return super().run(trainer, pl_module, extra)
 
     def measure(self, pl_module: nn.Module) -> Any:
         measurement = super().measure(pl_module)
-        x, y = self._probe  # type: ignore[misc]
+        x, y = self.probe_inputs, self.probe_labels
+        assert x is not None and y is not None  # drawn by the callback's setup
         p = next(pl_module.parameters())
         acc = float((pl_module(x.to(p.device, p.dtype)).argmax(1).cpu() == y).double().mean())
         results = {k: _cpu(r) for k, r in measurement.data["results"].items()}
@@ -175,46 +176,18 @@ def _cpu(r: AblationResult) -> AblationResult:
     return r
 
 
-def _nanmean(t: Tensor) -> float:
-    keep = t[~t.isnan()]
-    return float(keep.mean()) if keep.numel() else math.nan
-
-
 def readouts(acc: float, r: AblationResult) -> dict[str, float]:
-    """The table's read-outs, from the information clamped at 0 (see ``lib_nan`` and the module docstring)."""
-    info = r.information_bits.clamp_min(0)
-    informative = info.max(dim=0).values > INFORMATIVE_BITS
-    distr = distributedness(info)
-    poly = polysemanticity(info)  # every task is a class task here (tasks="classes")
-    lib_nan = int(r.distributedness.isnan().sum() - distr.isnan().sum()) + int(
-        r.polysemanticity.isnan().sum() - poly.isnan().sum()
-    )
+    """The table's read-outs of one layer's result (every task is a class task here: ``tasks="classes"``)."""
+    informative = informative_units(r, INFORMATIVE_BITS)
     return {
         "acc": acc,
-        "distr": _nanmean(distr),
+        "distr": float(r.distributedness.nanmean()),
         "mc": float(r.manifold_complexity.mean()),
-        "poly": _nanmean(poly),
-        "poly_inf": _nanmean(poly[informative]),
+        "poly": float(r.polysemanticity.nanmean()),
+        "poly_inf": float(r.polysemanticity[informative].nanmean()),
         "inf_units": float(informative.sum()),
-        "info": float(info.sum(dim=1).mean()),
-        "lib_nan": float(lib_nan),
+        "info": float(r.information_bits.sum(dim=1).mean()),
     }
-
-
-class EpochBar(pl.Callback):
-    """A tqdm bar per training run, advanced every epoch."""
-
-    def __init__(self, desc: str, total: int) -> None:
-        self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        loss = trainer.callback_metrics.get("train/loss")
-        if loss is not None:
-            self.bar.set_postfix(loss=f"{float(loss):.3f}")
-        self.bar.update(1)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.bar.close()
 
 
 @dataclass
@@ -305,7 +278,7 @@ def train(exp: Experiment, seed: int, max_batch: int) -> list[dict[str, Any]]:
         accelerator="cpu",
         devices=1,
         logger=False,
-        callbacks=[probe, EpochBar(f"{exp.name} seed {seed}", exp.epochs)],
+        callbacks=[probe, harness.epoch_bar(f"{exp.name} seed {seed}", exp.epochs)],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -346,28 +319,32 @@ def _cell(values: list[float], digits: int = 2) -> str:
 
 
 def table(summary: dict[str, dict[int, dict[str, list[float]]]], units: dict[str, int]) -> str:
-    lines = [
-        "| layer (d) | epoch | acc | distr | mc (bits) | poly | poly_inf | inf_units | info (bits) | lib NaN |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    rows = [
+        [
+            f"{layer} ({units[layer]})",
+            epoch,
+            _cell(m["acc"], 3),
+            *(_cell(m[k]) for k in ("distr", "mc", "poly", "poly_inf")),
+            _cell(m["inf_units"], 1),
+            _cell(m["info"]),
+        ]
+        for layer, epochs in summary.items()
+        for epoch, m in sorted(epochs.items())
     ]
-    for layer, epochs in summary.items():
-        for epoch, m in sorted(epochs.items()):
-            lines.append(
-                f"| {layer} ({units[layer]}) | {epoch} | {_cell(m['acc'], 3)} | {_cell(m['distr'])} | {_cell(m['mc'])} | "
-                f"{_cell(m['poly'])} | {_cell(m['poly_inf'])} | {_cell(m['inf_units'], 1)} | {_cell(m['info'])} | "
-                f"{sum(m['lib_nan']):.0f} |"
-            )
-    return "\n".join(lines)
+    header = ["layer (d)", "epoch", "acc", "distr", "mc (bits)", "poly", "poly_inf", "inf_units", "info (bits)"]
+    return harness.markdown_table(header, rows, align="lrrrrrrrr")
 
 
 def final_per_seed(records: dict[int, list[dict[str, Any]]], layers: list[str]) -> str:
-    lines = ["| seed | layer | acc | distr | mc (bits) | poly_inf | inf_units |", "|---:|---|---:|---:|---:|---:|---:|"]
+    rows = []
     for seed, recs in records.items():
         for layer in layers:
             v = readouts(recs[-1]["acc"], recs[-1]["results"][layer])
-            cells = [f"{v['acc']:.3f}", f"{v['distr']:.2f}", f"{v['mc']:.2f}", f"{v['poly_inf']:.2f}", f"{v['inf_units']:.0f}"]
-            lines.append(f"| {seed} | {layer} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            rows.append(
+                [seed, layer, f"{v['acc']:.3f}", *(f"{v[k]:.2f}" for k in ("distr", "mc", "poly_inf")), f"{v['inf_units']:.0f}"]
+            )
+    header = ["seed", "layer", "acc", "distr", "mc (bits)", "poly_inf", "inf_units"]
+    return harness.markdown_table(header, rows, align="rlrrrrr")
 
 
 def observations(name: str, records: dict[int, list[dict[str, Any]]], layers: list[str]) -> list[str]:
@@ -404,19 +381,14 @@ def observations(name: str, records: dict[int, list[dict[str, Any]]], layers: li
 def plot_over_training(
     name: str, summary: dict[str, dict[int, dict[str, list[float]]]], records: dict[int, list[dict[str, Any]]], path: Path
 ) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = (
         ("acc", "probe accuracy"),
         ("distr", "distributedness (mean over tasks)"),
         ("mc", "manifold complexity (bits, mean over tasks)"),
         ("poly_inf", "polysemanticity (informative units)"),
     )
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (metric, title) in zip(axes, panels, strict=True):
         for i, (layer, epochs) in enumerate(summary.items()):
             xs = sorted(epochs)
@@ -431,19 +403,13 @@ def plot_over_training(
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{name}: Bayesian ablation over training (thin: seeds {list(records)}, thick: mean)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    harness.save_figure(fig, path, dpi=110)
 
 
 def plot_importance(name: str, records: dict[int, list[dict[str, Any]]], layers: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     seed = next(iter(records))
     final = records[seed][-1]
-    fig, axes = plt.subplots(1, len(layers), figsize=(4.5 * len(layers), 2.8), squeeze=False)
+    fig, axes = subplots(1, len(layers), figsize=(4.5 * len(layers), 2.8), squeeze=False)
     im = None
     for ax, layer in zip(axes[0], layers, strict=True):
         r = final["results"][layer]
@@ -454,15 +420,14 @@ def plot_importance(name: str, records: dict[int, list[dict[str, Any]]], layers:
         ax.tick_params(axis="x", labelsize=6)
         poly = r.polysemanticity.numpy()
         ax.set_xlabel("unit (top: polysemanticity of informative units)", fontsize=7)
-        informative = r.information_bits.max(dim=0).values > INFORMATIVE_BITS
+        informative = informative_units(r, INFORMATIVE_BITS)
         top = ax.secondary_xaxis("top")
         top.set_xticks(range(imp.shape[1]), [f"{p:.1f}" if k else "" for p, k in zip(poly, informative.tolist(), strict=True)])
         top.tick_params(labelsize=6)
         ax.set_title(f"{layer}: P(unit kept | task correct)", fontsize=9, pad=14)
     fig.colorbar(im, ax=axes[0].tolist(), fraction=0.03)
     fig.suptitle(f"{name}, seed {seed}, after {final['epoch']} epochs (acc {final['acc']:.3f})", fontsize=10, y=1.1)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    harness.save_figure(fig, path, dpi=110, bbox_inches="tight")
 
 
 def _json_record(rec: dict[str, Any], layers: list[str]) -> dict[str, Any]:
@@ -483,31 +448,16 @@ def _json_record(rec: dict[str, Any], layers: list[str]) -> dict[str, Any]:
     }
 
 
-def _load(values: tuple[float, ...]) -> str:
-    return "/".join(f"{v:.2f}" for v in values)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*The number of training batches.*")
-    warnings.filterwarnings("ignore", message=".*You defined a `validation_step` but have no `val_dataloader`.*")
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    t0 = time.perf_counter()
-    load_start = os.getloadavg()
-    print(f"loadavg at start: {_load(load_start)}", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
+    harness.quiet_lightning()
+    run = harness.start(args)
+    print(f"loadavg at start: {harness.fmt_load(run.loadavg_start)}", flush=True)
     exps, skipped = experiments(args)
     for name, why in skipped.items():
         print(f"{name}: skipped: {why}")
     md = ["# Bayesian ablation over training (Nam et al. 2025, arXiv:2505.13742)", ""]
-    payload: dict[str, Any] = {
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "skipped": skipped,
-        "experiments": {},
-    }
+    payload: dict[str, Any] = {"config": harness.config(args), "skipped": skipped, "experiments": {}}
     all_obs: list[str] = []
     for exp in exps:
         t1 = time.perf_counter()
@@ -548,16 +498,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
     for name, why in skipped.items():
         md += [f"## {name}: skipped", "", why, ""]
-    load_end = os.getloadavg()
-    total = time.perf_counter() - t0
-    footer = f"loadavg start {_load(load_start)}, end {_load(load_end)}; wall {total:.1f} s"
-    md.append(footer)
-    print(footer)
-    payload.update(loadavg_start=load_start, loadavg_end=load_end, wall_s=total)
-    (args.out / "results.md").write_text("\n".join(md) + "\n")
-    (args.out / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
-    print(f"wrote {args.out}/results.md, results.json and the figures")
-    return payload
+    payload["machine"] = run.stop()
+    md.append(run.describe())
+    print(md[-1])
+    return harness.write_results(args.out, "\n".join(md), payload)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ Run (from the repository root)::
     .venv/bin/python scripts/reproduce_xie.py
 
 (defaults: ``--presets 1 2 3 --steps 10 100 1000 10000 --seed 0 --n-train 100000 --n-probe 100000
---out outputs/reproduce_xie``).
+--out outputs/reproduce_xie``); ``--quick`` is a smoke test of a few seconds (``--steps 0 5 20 --n-train 512
+--n-probe 1024 --grid-points 401``).
 
 Setup, as in the post: an MLP 1-64-ReLU-64-ReLU-2 (``MLPClassifier(1, 2, hidden=(64, 64)).net``),
 Adam (lr 1e-3), batch 64, cross-entropy, on a fixed train set of ``--n-train`` samples of one of the
@@ -54,43 +55,42 @@ and ``kl_vs_step.png`` (mean KL, and tail KL, against the step, log-log).
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from lightning_interp.models import MLPClassifier
+from lightning_interp.plotting import subplots
 from lightning_interp.posterior import GAP_MEASURES, PosteriorGap, posterior_gap
 from lightning_interp.tasks import XieTask, xie_task
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py, also when imported by path (tests)
+import harness
+
 #: Inner edges of the log p(x) bins for the per-density gap (JSON only).
 DENSITY_EDGES: tuple[float, ...] = (-10.0, -8.0, -6.0, -4.0, -3.0, -2.0)
+QUICK = {"steps": [0, 5, 20], "n_train": 512, "n_probe": 1024, "grid_points": 401}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = harness.parser(__doc__, "outputs/reproduce_xie", seed="base random seed")
     parser.add_argument("--presets", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3], help="Xie presets to run")
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 100, 1000, 10000], help="steps at which to evaluate")
-    parser.add_argument("--seed", type=int, default=0, help="base random seed")
     parser.add_argument("--n-train", type=int, default=100_000, help="size of the fixed train set")
     parser.add_argument("--n-probe", type=int, default=100_000, help="size of the held-out probe set")
     parser.add_argument("--batch-size", type=int, default=64, help="minibatch size")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     parser.add_argument("--grid-points", type=int, default=4001, help="points of the x grid spanning the train data")
     parser.add_argument("--boundary-tol", type=float, default=0.25, help="max |model - Bayes| boundary distance for a match")
-    parser.add_argument("--out", type=Path, default=Path("outputs/reproduce_xie"), help="output folder")
-    args = parser.parse_args(argv)
+    args = harness.parse(parser, argv, QUICK)
     if any(s < 0 for s in args.steps):
         parser.error("--steps must be non-negative")
     if args.n_train < args.batch_size:
@@ -262,28 +262,35 @@ def _fmt(v: float | None, spec: str = ".4f") -> str:
 
 
 def markdown_table(results: list[dict[str, Any]]) -> str:
-    head = (
-        "| preset | step | kl | tv | max\\|q-p\\| (grid) | acc | bayes_acc | tail kl | tail max\\|q-p\\| (grid) "
-        "| model boundaries | Bayes boundaries | match |"
-    )
-    rows = [head, "|" + "---|" * 12]
+    header = ["preset", "step", "kl", "tv", "max\\|q-p\\| (grid)", "acc", "bayes_acc", "tail kl", "tail max\\|q-p\\| (grid)"]
+    header += ["model boundaries", "Bayes boundaries", "match"]
+    rows = []
     for r in results:
         bayes = ", ".join(f"{b:.3f}" for b in r["bayes_boundaries"])
         for step, c in r["checkpoints"].items():
             tail = c["tail"]
             model_b = ", ".join(f"{b:.3f}" for b in c["model_boundaries"]) or "none"
             rows.append(
-                f"| {r['preset']} | {step} | {_fmt(c['kl'])} | {_fmt(c['tv'])} | {_fmt(c['grid_max_abs'], '.3f')} "
-                f"| {_fmt(c['accuracy'])} | {_fmt(c['bayes_accuracy'])} | {_fmt(tail['kl'] if tail else None)} "
-                f"| {_fmt(c['tail_grid_max_abs'], '.3f')} | {model_b} | {bayes} | {'yes' if c['boundaries_match'] else 'no'} |"
+                [
+                    r["preset"],
+                    step,
+                    *(_fmt(c[k]) for k in ("kl", "tv")),
+                    _fmt(c["grid_max_abs"], ".3f"),
+                    *(_fmt(c[k]) for k in ("accuracy", "bayes_accuracy")),
+                    _fmt(tail["kl"] if tail else None),
+                    _fmt(c["tail_grid_max_abs"], ".3f"),
+                    model_b,
+                    bayes,
+                    "yes" if c["boundaries_match"] else "no",
+                ]
             )
-    return "\n".join(rows)
+    return harness.markdown_table(header, rows)
 
 
 def plot_posteriors(results: list[dict[str, Any]], path: Path) -> None:
     n = len(results)
-    fig, axes = plt.subplots(2, n, figsize=(5.2 * n, 5.6), squeeze=False, sharex="col", gridspec_kw={"height_ratios": [3, 1]})
-    cmap = plt.get_cmap("viridis")
+    fig, axes = subplots(2, n, figsize=(5.2 * n, 5.6), squeeze=False, sharex="col", gridspec_kw={"height_ratios": [3, 1]})
+    cmap = matplotlib.colormaps["viridis"]
     for j, r in enumerate(results):
         ax, axd = axes[0, j], axes[1, j]
         grid = r["grid"]
@@ -306,12 +313,11 @@ def plot_posteriors(results: list[dict[str, Any]], path: Path) -> None:
         axd.set_xlabel("x")
     fig.suptitle("Xie (2025) presets: exact posterior vs MLP softmax during training", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    harness.save_figure(fig, path, dpi=130)
 
 
 def plot_kl(results: list[dict[str, Any]], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6.0, 4.2))
+    fig, ax = subplots(figsize=(6.0, 4.2))
     for i, r in enumerate(results):
         color = f"C{i}"
         pts = [(int(s), c) for s, c in r["checkpoints"].items() if int(s) > 0]
@@ -328,30 +334,25 @@ def plot_kl(results: list[dict[str, Any]], path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    harness.save_figure(fig, path, dpi=130)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    run = harness.start(args)
     results = [run_preset(p, args) for p in args.presets]
     table = markdown_table(results)
     print(table)
-    wall = time.perf_counter() - t0
     payload = {
         "reference": "Yudi Xie, ICLR 2025 Blogposts Track, https://hdl.handle.net/1721.1/159032",
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "wall_seconds_train_eval": wall,
+        "config": harness.config(args),
+        "machine": run.stop(),  # wall_s: training and evaluation, before the figures
         "results": results,
     }
-    (args.out / "results.md").write_text(table + "\n")
-    (args.out / "results.json").write_text(json.dumps(payload, indent=1, allow_nan=True))
+    print(f"\n{run.describe()}")
+    harness.write_results(args.out, table, payload)
     plot_posteriors(results, args.out / "posterior_vs_model.png")
     plot_kl(results, args.out / "kl_vs_step.png")
-    files = ", ".join(["results.md", "results.json", "posterior_vs_model.png", "kl_vs_step.png"])
-    print(f"\nwall time (training + evaluation): {wall:.1f} s; wrote {files} to {args.out}")
     return payload
 
 

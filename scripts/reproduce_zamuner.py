@@ -10,7 +10,7 @@ Run (from the repository root)::
     .venv/bin/python scripts/reproduce_zamuner.py
 
 (defaults: ``--sizes 2000 20000 100000 --steps 4000 --hidden 64 64 --lr 1e-3 --weight-decay 1e-3
---batch-size 128 --seed 0 --out outputs/reproduce_zamuner``; ``--quick`` is a smoke test of about 20 s).
+--batch-size 128 --seed 0 --out outputs/reproduce_zamuner``; ``--quick`` is a smoke test of a few seconds).
 
 Task: :class:`~lightning_interp.datamodules.PottsDataModule` with its defaults (``L = 8`` sites, ``q = 4``
 states, ``num_pairs = 4`` planted class-specific coupled pairs, seed ``--seed``). The Bayes log-odds
@@ -53,21 +53,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import logging
 import math
+import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-
 import lightning.pytorch as pl
-import matplotlib.pyplot as plt
 import torch
+from matplotlib.patches import Rectangle
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -75,6 +69,10 @@ from lightning_interp.callbacks.expansion import LogitExpansionCallback
 from lightning_interp.datamodules.potts import PottsDataModule
 from lightning_interp.expansion import PottsExpansion, expand, zero_sum_gauge
 from lightning_interp.models import MLPClassifier
+from lightning_interp.plotting import subplots
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py, also when imported by path (tests)
+import harness
 
 COLUMNS: tuple[str, ...] = (
     "model",
@@ -91,10 +89,24 @@ COLUMNS: tuple[str, ...] = (
     "var2",
     "var res",
 )
+QUICK = {
+    "sizes": [1000],
+    "steps": 60,
+    "measurements": 2,
+    "callback_samples": 32,
+    "num_samples": 100,
+    "n_val": 500,
+    "n_test": 1000,
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = harness.parser(
+        __doc__,
+        "outputs/reproduce_zamuner",
+        seed="seed of the planted model, the data and the networks",
+        threads="torch CPU threads (1 is fastest for this tiny MLP)",
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000, 100000], help="training-set sizes to sweep")
     parser.add_argument("--steps", type=int, default=4000, help="optimizer steps per training run")
     parser.add_argument("--hidden", type=int, nargs="+", default=[64, 64], help="hidden widths of the MLP")
@@ -108,14 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--callback-samples", type=int, default=256, help="background sequences of the callback's expansion")
     parser.add_argument("--num-samples", type=int, default=1000, help="background sequences of the final sampled expansion")
     parser.add_argument("--no-baseline", action="store_true", help="skip the logistic-regression baseline")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the planted model, the data and the networks")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for this tiny MLP)")
-    parser.add_argument("--out", type=Path, default=Path("outputs/reproduce_zamuner"), help="output folder")
-    parser.add_argument("--quick", action="store_true", help="smoke test: one small size, few steps (about 20 s)")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.sizes, args.steps, args.measurements = [5000], 300, 3
-        args.callback_samples, args.num_samples, args.n_test = 64, 200, 2000
+    args = harness.parse(parser, argv, QUICK)
     if min(args.sizes) < 1 or args.steps < 1 or args.measurements < 1:
         parser.error("--sizes, --steps and --measurements must be positive")
     return args
@@ -300,7 +305,7 @@ def fig_scatter(planted_j: Tensor, recovered: dict[str, Tensor], pairs: set[tupl
     mask = on_pair[:, None].expand(-1, q * q).flatten()
     x = upper_entries(planted_j)
     n = len(recovered)
-    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.6), squeeze=False)
+    fig, axes = subplots(1, n, figsize=(3.6 * n, 3.6), squeeze=False)
     lim = float(max(x.abs().max(), *(upper_entries(j).abs().max() for j in recovered.values()))) * 1.05
     for ax, (name, j) in zip(axes[0], recovered.items(), strict=True):
         y = upper_entries(j)
@@ -312,31 +317,29 @@ def fig_scatter(planted_j: Tensor, recovered: dict[str, Tensor], pairs: set[tupl
         ax.set_aspect("equal")
     axes[0, 0].legend(fontsize=7, loc="upper left")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    harness.save_figure(fig, path, dpi=120)
 
 
 def fig_maps(strengths: dict[str, Tensor], pairs: set[tuple[int, int]], path: Path) -> None:
     n = len(strengths)
-    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.2), squeeze=False)
+    fig, axes = subplots(1, n, figsize=(3.2 * n, 3.2), squeeze=False)
     for ax, (name, s) in zip(axes[0], strengths.items(), strict=True):
         im = ax.imshow(s.double().cpu(), cmap="viridis")
         for i, j in pairs:
             for a, b in ((i, j), (j, i)):
-                ax.add_patch(plt.Rectangle((b - 0.5, a - 0.5), 1, 1, fill=False, edgecolor="red", lw=1.2))
+                ax.add_patch(Rectangle((b - 0.5, a - 0.5), 1, 1, fill=False, edgecolor="red", lw=1.2))
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("site j")
         ax.set_ylabel("site i")
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.suptitle("coupling strength ||J_ij||_F (red boxes: planted pairs)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    harness.save_figure(fig, path, dpi=120)
 
 
 def fig_recovery(histories: dict[int, list[dict[str, float]]], path: Path) -> None:
     keys = (("coupling_corr", "coupling correlation"), ("field_corr", "field correlation"), ("var_order2", "order-2 variance"))
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4))
+    fig, axes = subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4))
     for size, hist in histories.items():
         steps = [h["step"] for h in hist]
         for ax, (key, _) in zip(axes, keys, strict=True):
@@ -349,8 +352,7 @@ def fig_recovery(histories: dict[int, list[dict[str, float]]], path: Path) -> No
     axes[0].legend(fontsize=7)
     fig.suptitle("LogitExpansionCallback (sampled) during training", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    harness.save_figure(fig, path, dpi=120)
 
 
 def _cell(v: Any) -> str:
@@ -362,8 +364,7 @@ def _cell(v: Any) -> str:
 
 
 def markdown(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(r[c]) for c in COLUMNS) + " |" for r in rows]
+    lines = [harness.markdown_table(COLUMNS, [[_cell(r[c]) for c in COLUMNS] for r in rows])]
     lines += [
         "",
         f"Bayes accuracy: {info['bayes_accuracy_exact']:.4f} exact (enumeration), {info['bayes_accuracy_test']:.4f} on the "
@@ -385,14 +386,8 @@ def markdown(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    t0 = time.perf_counter()
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    logging.getLogger("lightning").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*GPU available.*")
-    warnings.filterwarnings("ignore", ".*treespec.*")
-    torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
+    harness.quiet_lightning()
+    run = harness.start(args)
 
     base = make_dm(args, min(args.sizes))  # planted model, val/test sets: identical for every size
     h_raw, j_raw = base.planted_field_difference(), base.planted_coupling_difference()
@@ -460,25 +455,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     fig_scatter(j0, recovered_j, pairs, args.out / "coupling_scatter.png")
     fig_maps(strengths, pairs, args.out / "coupling_maps.png")
     fig_recovery(histories, args.out / "recovery_over_training.png")
-    wall = time.perf_counter() - t0
+    machine = run.stop()
+    wall = machine["wall_s"]
     header = (
         "# Zamuner & De Los Rios (arXiv:2102.03202): logit expansion on a planted Potts task\n\n"
         f"L={length}, q={q}, num_pairs={num_pairs}, seed={args.seed}; MLP hidden={args.hidden}, {args.steps} steps, "
         f"batch {args.batch_size}, Adam lr={args.lr}, weight decay={args.weight_decay}. Wall time {wall:.0f} s.\n\n"
     )
-    (args.out / "results.md").write_text(header + table + "\n")
     result = {
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "config": harness.config(args),
+        "machine": machine,
         "info": info,
         "bayes_expansion_max_abs_error": bayes_max_err,
         "rows": rows,
         "runs": runs,
         "histories": {str(k): v for k, v in histories.items()},
-        "wall_seconds": wall,
     }
-    (args.out / "results.json").write_text(json.dumps(result, indent=2, default=float))
-    print(f"\nBayes sanity: max |recovered - planted| = {bayes_max_err:.2e}. Wall time {wall:.1f} s; outputs in {args.out}/")
-    return result
+    print(f"\nBayes sanity: max |recovered - planted| = {bayes_max_err:.2e}. {run.describe()}")
+    return harness.write_results(args.out, header + table, result)
 
 
 if __name__ == "__main__":

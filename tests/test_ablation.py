@@ -103,6 +103,11 @@ def test_masked_forward_split_and_whole_forward_agree() -> None:
     assert count_hooks(model) == 0
     # memory bound: tiny max_batch gives the same answer in more chunks
     assert torch.equal(MaskedForward(model, "1", max_batch=25).predictions(split.prepare(x), masks), a)
+    # one mask per row: row r is example rows[r] under mask which[r], on both paths and in small chunks
+    rows, which = torch.randint(0, 20, (50,)), torch.randint(0, 9, (50,))
+    for mf in (split, whole, MaskedForward(model, "1", max_batch=7)):
+        assert torch.equal(mf.paired_predictions(mf.prepare(x), rows, masks[which]), a[which, rows])
+    assert count_hooks(model) == 0
 
 
 class _Skip(nn.Module):
@@ -177,20 +182,24 @@ def test_mask_is_pushed_past_commuting_ops_only_when_exact() -> None:
 
 
 def test_mcmc_per_task_rows_match_whole_forward() -> None:
-    """Chains scored on their own task's examples only give the same chains as full evaluation."""
+    """Chains scored on their task's rows and a sample of the others: the fx split and the whole forward agree."""
     torch.manual_seed(4)
     model = nn.Sequential(nn.Conv2d(1, 20, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(20, 3)).eval()
     x = torch.randn(60, 1, 6, 6)
     y = torch.arange(60) % 3
-    runs = [
-        BayesianAblation(model, "1", method="mcmc", num_chains=4, num_steps=60, burn_in=10, split=split,
-                         generator=torch.Generator().manual_seed(0)).fit(x, y)
-        for split in (True, False)
-    ]  # fmt: skip
-    assert runs[0].method == "mcmc" and runs[0].split and not runs[1].split
-    assert len(runs[0].tasks) == len(set(y.tolist())) > 1
-    assert torch.equal(runs[0].importance, runs[1].importance)
-    assert torch.equal(runs[0].acceptance_rate, runs[1].acceptance_rate)
+    for likelihood, rest in (("balanced", 7), ("sensitivity", 7), ("balanced", 64)):
+        runs = [
+            BayesianAblation(model, "1", method="mcmc", num_chains=4, num_steps=60, burn_in=10, split=split,
+                             generator=torch.Generator().manual_seed(0), likelihood=likelihood, rest_per_chain=rest).fit(x, y)
+            for split in (True, False)
+        ]  # fmt: skip
+        assert runs[0].method == "mcmc" and runs[0].split and not runs[1].split
+        assert len(runs[0].tasks) == len(set(y.tolist())) > 1
+        assert torch.equal(runs[0].importance, runs[1].importance)
+        assert torch.equal(runs[0].acceptance_rate, runs[1].acceptance_rate)
+        # rows per step: every chain on its task's 20 examples, plus (balanced) min(rest, 40) others
+        others = min(rest, 40) if likelihood == "balanced" else 0
+        assert runs[0].num_rows == 61 * 3 * 4 * (20 + others) and runs[0].num_evaluations == 61 * 3 * 4
 
 
 def test_mcmc_agrees_with_exact_on_ten_units() -> None:
@@ -249,7 +258,9 @@ def test_class_tasks_and_monosemantic_units() -> None:
     x[:, :4] = 1.0
     x[[0, 1, 2, 3, 8, 9, 10, 11], 4] = 1.0
     x[:, 5] = y.float()
-    r = BayesianAblation(_TwoTask(), "units", method="exact").fit(x, y, tasks="classes")
+    # one-sided: the closed form of a unit that only its class's examples need (under the balanced
+    # likelihood the class-0 examples' errors are false positives of class 1, and unit 0 informs both)
+    r = BayesianAblation(_TwoTask(), "units", method="exact", likelihood="sensitivity").fit(x, y, tasks="classes")
     assert r.tasks == ["class 0", "class 1"]
     assert r.importance[0, 0].item() == pytest.approx(0.9) and r.importance[1, 1].item() == pytest.approx(0.9)
     assert r.importance[0, 1].item() == pytest.approx(0.5) and r.importance[1, 0].item() == pytest.approx(0.5)
@@ -257,7 +268,7 @@ def test_class_tasks_and_monosemantic_units() -> None:
     assert math.isnan(r.polysemanticity[2].item())
     # a dataloader of (inputs, labels) batches gives the same result
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=5)
-    r2 = BayesianAblation(_TwoTask(), "units", method="exact").fit(loader, tasks="classes")
+    r2 = BayesianAblation(_TwoTask(), "units", method="exact", likelihood="sensitivity").fit(loader, tasks="classes")
     assert torch.allclose(r2.importance, r.importance)
 
 
@@ -551,3 +562,164 @@ def test_summarize_gives_every_readout_an_error() -> None:
         if name != "full_accuracy":
             assert torch.isfinite(se) and se >= 0, name
     assert out["max_importance"][0] == r.importance.max()
+
+
+# ------------------------------------------------------------------ the two-sided likelihood (issue 15)
+class Collapse(nn.Module):
+    """Zeroing unit 0 makes the network answer class 0 for every input.
+
+    Input columns: ``d`` unit values (all 1), the label (0 or 1). With unit 0 kept, a class-0 example is
+    answered correctly when unit 1 is kept (else class 1), a class-1 example when unit 2 is kept (else
+    class 0); units 3.. are unused. Every other-class example behaves alike under a mask, so the fraction of
+    them not predicted as a task's class, and the specificity on any sample of them, depends on the mask only.
+    """
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.d = d
+        self.units = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.units(x[:, : self.d]) > 0.5
+        y = x[:, self.d]
+        right = torch.where(y < 0.5, u[:, 1], u[:, 2])
+        pred = torch.where(u[:, 0], torch.where(right, y, 1 - y), torch.zeros_like(y))
+        return torch.stack([1 - pred, pred], dim=1) * 10.0
+
+
+COLLAPSE_D = 5
+
+
+@pytest.fixture(scope="module")
+def collapse() -> tuple[Collapse, torch.Tensor, torch.Tensor]:
+    y = torch.tensor([0] * 6 + [1] * 10)
+    x = torch.ones(16, COLLAPSE_D + 1)
+    x[:, COLLAPSE_D] = y.float()
+    return Collapse(COLLAPSE_D), x, y
+
+
+def collapse_reference(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, likelihood: str, rest: int | None = None
+) -> np.ndarray:
+    """Importance ``[2, d]`` by brute force: the model run on inputs masked by hand, counts, odds, posterior.
+
+    ``rest``: the specificity is computed on a sample of that many other examples (their fraction not
+    predicted as the task's class, the same for every sample here, times ``rest``).
+    """
+    d = COLLAPSE_D
+    masks = np.array(list(itertools.product([0, 1], repeat=d)), dtype=float)
+    yn = y.numpy()
+    out = np.zeros((2, d))
+    for c in (0, 1):
+        odds = []
+        for m in masks:
+            xm = x.clone()
+            xm[:, :d] *= torch.tensor(m, dtype=x.dtype)
+            pred = model(xm).argmax(1).numpy()
+            own, other = pred[yn == c], pred[yn != c]
+            sens = ((own == c).sum() + 1) / (len(own) + 2)
+            if likelihood == "sensitivity":
+                p = sens
+            else:
+                frac = (other != c).mean()
+                assert frac in (0.0, 1.0)  # the premise of the sampled reference
+                n = len(other) if rest is None else min(rest, len(other))
+                p = (sens + (frac * n + 1) / (n + 2)) / 2
+            odds.append(p / (1 - p))
+        w = np.array(odds) / np.sum(odds)  # uniform prior
+        out[c] = w @ masks
+    return out
+
+
+@pytest.mark.parametrize("likelihood", ["sensitivity", "balanced"])
+def test_one_sided_likelihood_favours_the_collapse_two_sided_does_not(collapse, likelihood: str) -> None:  # type: ignore[no-untyped-def]
+    """Exact enumeration against brute force; only the one-sided likelihood prefers zeroing unit 0 for class 0."""
+    model, x, y = collapse
+    r = BayesianAblation(model, "units", method="exact", likelihood=likelihood).fit(x, y)
+    ref = collapse_reference(model, x, y, likelihood)
+    assert r.tasks == ["class 0", "class 1"] and r.likelihood == likelihood
+    np.testing.assert_allclose(r.importance.numpy(), ref, atol=1e-12)
+    assert r.importance[:, 3:].tolist() == pytest.approx([[0.5, 0.5]] * 2, abs=1e-12)
+    top = r.top_masks[0][0].tolist()  # the most probable mask for task "class 0"
+    if likelihood == "sensitivity":
+        # m_0 = 0 gives sensitivity 7/8 (odds 7) whatever else; m_0 = 1 needs m_1 = 1 (else odds 1/7)
+        assert r.importance[0, 0].item() == pytest.approx((7 + 1 / 7) / (3 * 7 + 1 / 7), abs=1e-12) and ref[0, 0] < 0.5
+        assert not top[0]
+        assert r.full_accuracy[0].item() == pytest.approx(7 / 8)
+    else:
+        # zeroing unit 0 now costs the specificity on the ten class-1 examples: p = (7/8 + 1/12) / 2
+        assert r.importance[0, 0].item() > 0.7 and top[:3] == [True, True, True]
+        assert r.full_accuracy[0].item() == pytest.approx((7 / 8 + 11 / 12) / 2)
+
+
+@pytest.mark.parametrize(("likelihood", "rest"), [("sensitivity", 64), ("balanced", 64), ("balanced", 4)])
+def test_mcmc_matches_brute_force_for_both_likelihoods(collapse, likelihood: str, rest: int) -> None:  # type: ignore[no-untyped-def]
+    """MCMC within 4 SE of the enumeration; with ``rest`` below the other examples, of the enumeration on a sample."""
+    model, x, y = collapse
+    r = BayesianAblation(
+        model, "units", method="mcmc", num_chains=8, num_steps=600, burn_in=100, likelihood=likelihood, rest_per_chain=rest,
+        generator=torch.Generator().manual_seed(1),
+    ).fit(x, y)  # fmt: skip
+    ref = collapse_reference(model, x, y, likelihood, rest=rest)
+    assert r.method == "mcmc" and r.replicate_kind == "jackknife"
+    err = (r.importance.numpy() - ref) / (r.importance_se.numpy() + 1e-12)
+    assert np.abs(err).max() < 4, (r.importance, ref, r.importance_se)
+    assert (r.importance_se[:, :3] < 0.03).all()  # precise enough for the test to tell the likelihoods apart
+    assert (r.importance[0, 0].item() < 0.5) == (likelihood == "sensitivity")
+    if rest == 4:  # the sampled specificity differs from the full one: the enumeration on all examples is off
+        full = collapse_reference(model, x, y, likelihood)
+        assert np.abs(full - ref).max() > 0.02
+
+
+def test_bootstrap_replicate_is_the_fit_on_the_resampled_probe() -> None:
+    """A bootstrap replicate (weighted counts, TN included) equals an exact fit on the resampled examples."""
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    x = torch.randn(60, 4)
+    y = (model(x) + 0.8 * torch.randn(60, 3)).argmax(1)
+    draw = torch.randint(0, 60, (60,), generator=torch.Generator().manual_seed(5))
+    for likelihood in ("balanced", "sensitivity"):
+        g = torch.Generator().manual_seed(5)
+        r = BayesianAblation(model, "1", method="exact", num_bootstrap=1, likelihood=likelihood, generator=g).fit(
+            x, y, tasks=[0, 1, 2]
+        )
+        ref = BayesianAblation(model, "1", method="exact", num_bootstrap=0, likelihood=likelihood).fit(
+            x[draw], y[draw], [0, 1, 2]
+        )
+        assert torch.allclose(r.replicate_importance[0], ref.importance, atol=1e-12, rtol=0)
+        assert (r.replicate_importance[0] - r.importance).abs().max() > 1e-3, "the resample must change the posterior"
+
+
+def test_likelihood_functions_and_bad_values() -> None:
+    from lightning_interp.ablation import correct_probability, mask_log_posterior
+
+    tp, tn = torch.tensor([3.0, 0.0], dtype=torch.float64), torch.tensor([5.0, 9.0], dtype=torch.float64)
+    n_t, n_r = torch.tensor(4.0, dtype=torch.float64), torch.tensor(9.0, dtype=torch.float64)
+    assert correct_probability(tp, n_t).tolist() == pytest.approx([4 / 6, 1 / 6])
+    assert correct_probability(tp, n_t, tn, n_r).tolist() == pytest.approx([(4 / 6 + 6 / 11) / 2, (1 / 6 + 10 / 11) / 2])
+    with pytest.raises(ValueError, match="num_rest is required"):
+        correct_probability(tp, n_t, tn)
+    # a uniform prior and odds 1, 3: posterior 1/4, 3/4; a prior of 0.8 for keeping the unit: 1/13, 12/13
+    masks, p = torch.tensor([[False], [True]]), torch.tensor([0.5, 0.75], dtype=torch.float64)
+    assert mask_log_posterior(p, masks).exp().tolist() == pytest.approx([0.25, 0.75])
+    assert mask_log_posterior(p, masks, 0.8).exp().tolist() == pytest.approx([1 / 13, 12 / 13])
+    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2))
+    with pytest.raises(ValueError, match=r"likelihood must be one of 'balanced', 'sensitivity', got 'odds'"):
+        BayesianAblation(model, "1", likelihood="odds")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="rest_per_chain must be >= 1"):
+        BayesianAblation(model, "1", rest_per_chain=0)
+
+
+def test_callback_checks_passes_and_keys_the_likelihood() -> None:
+    from lightning_interp.callbacks import AblationProbeCallback
+
+    with pytest.raises(ValueError, match=r"likelihood must be one of 'balanced', 'sensitivity', got 'specificity'"):
+        AblationProbeCallback(layers="1", likelihood="specificity")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"rest_per_chain must be an int >= 1, got 0"):
+        AblationProbeCallback(layers="1", rest_per_chain=0)
+    balanced = AblationProbeCallback(layers="1")
+    one_sided = AblationProbeCallback(layers="1", likelihood="sensitivity", rest_per_chain=9)
+    assert balanced.state_key != one_sided.state_key and "'likelihood': 'balanced'" in balanced.state_key
+    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2))
+    ablation = one_sided._ablation(model, "1")
+    assert (ablation.likelihood, ablation.rest_per_chain) == ("sensitivity", 9)

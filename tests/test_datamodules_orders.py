@@ -1,11 +1,8 @@
-"""Datamodules of the correlation-order tasks (XOR, higher-order) and MNIST on small IDX files written here."""
+"""Datamodules of the correlation-order tasks: XOR and higher-order (MNIST: tests/test_mnist_files.py)."""
 
 from __future__ import annotations
 
 import math
-import os
-import struct
-from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
@@ -13,9 +10,7 @@ import pytest
 import torch
 from scipy.stats import kurtosis, multivariate_normal
 
-from lightning_interp.datamodules import HigherOrderDataModule, MNISTDataModule, XORDataModule
-from lightning_interp.datamodules.mnist import MNIST_FILES, MNIST_MEAN, MNIST_STD
-from lightning_interp.models import SmallCNN
+from lightning_interp.datamodules import HigherOrderDataModule, XORDataModule
 
 # ---------------------------------------------------------------------------------------------------------------
 # helpers
@@ -222,129 +217,3 @@ def test_higher_order_reproducible_and_validated() -> None:
         HigherOrderDataModule(distribution="cauchy")
     with pytest.raises(ValueError, match="dim"):
         HigherOrderDataModule(dim=0)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# MNIST on small IDX files
-
-
-# what torchvision 0.29's MNIST._check_exists requires in <root>/MNIST/raw (the uncompressed files, no .gz)
-_EXPECTED_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-
-
-def test_mnist_expected_files_are_torchvisions() -> None:
-    from torchvision.datasets import MNIST
-
-    assert set(MNIST_FILES) == set(_EXPECTED_FILES) == {os.path.splitext(url)[0] for url, _ in MNIST.resources}
-
-
-def _write_idx(root: Path, n_train: int = 30, n_test: int = 10, seed: int = 0) -> dict[str, np.ndarray]:
-    """Write the four MNIST files (IDX: big-endian magic 2051 / 2049 and sizes, then uint8) to ``root/MNIST/raw``."""
-    rng = np.random.default_rng(seed)
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    data = {}
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-        labels = rng.integers(0, 10, size=n, dtype=np.uint8)
-        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
-        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
-        data[f"{prefix}_images"], data[f"{prefix}_labels"] = images, labels
-    return data
-
-
-def _manual(image: np.ndarray, normalize: bool = True) -> torch.Tensor:
-    x = torch.from_numpy(image.astype(np.float32) / 255.0)[None]
-    return (x - MNIST_MEAN) / MNIST_STD if normalize else x
-
-
-def test_mnist_fit_split_shapes_labels_and_normalisation(tmp_path: Path) -> None:
-    data = _write_idx(tmp_path)
-    dm = MNISTDataModule(str(tmp_path), val_size=6, batch_size=8, shuffle=False)
-    assert dm.num_classes == 10
-    dm.setup("fit")
-    assert len(dm.train_dataset) == 24 and len(dm.val_dataset) == 6 and dm.test_dataset is None
-    train_idx, val_idx = dm.train_dataset.indices, dm.val_dataset.indices
-    assert sorted(train_idx + val_idx) == list(range(30))
-    x, y = next(iter(dm.train_dataloader()))
-    assert x.shape == (8, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
-    assert torch.equal(y, torch.from_numpy(data["train_labels"][train_idx[:8]].astype(np.int64)))
-    assert torch.allclose(x[0], _manual(data["train_images"][train_idx[0]]), atol=1e-5)
-    xv, yv = next(iter(dm.val_dataloader()))
-    assert xv.shape == (6, 1, 28, 28)
-    assert torch.equal(yv, torch.from_numpy(data["train_labels"][val_idx].astype(np.int64)))
-    # the permutation is seeded
-    again = MNISTDataModule(str(tmp_path), val_size=6)
-    again.setup("fit")
-    assert again.val_dataset.indices == val_idx
-    other = MNISTDataModule(str(tmp_path), val_size=6, seed=1)
-    other.setup("fit")
-    assert other.val_dataset.indices != val_idx
-
-
-def test_mnist_test_split_flatten_and_raw_pixels(tmp_path: Path) -> None:
-    data = _write_idx(tmp_path)
-    dm = MNISTDataModule(str(tmp_path), val_size=5, batch_size=4, flatten=True)
-    dm.setup("test")
-    assert dm.train_dataset is None and len(dm.test_dataset) == 10
-    x, y = next(iter(dm.test_dataloader()))
-    assert x.shape == (4, 784) and x.dtype == torch.float32
-    assert torch.equal(y, torch.from_numpy(data["t10k_labels"][:4].astype(np.int64)))
-    assert torch.allclose(x[0], _manual(data["t10k_images"][0]).flatten(), atol=1e-5)
-    assert sum(len(b[1]) for b in dm.predict_dataloader()) == 10
-    raw = MNISTDataModule(str(tmp_path), normalize=False, val_size=5)
-    x, _ = next(iter(raw.test_dataloader()))  # a loader sets its split up on demand
-    assert x.shape == (10, 1, 28, 28) and 0.0 <= x.min() and x.max() <= 1.0
-    assert torch.equal(x[0], _manual(data["t10k_images"][0], normalize=False))
-
-
-def test_mnist_missing_files_name_the_expected_paths(tmp_path: Path) -> None:
-    root = tmp_path / "nowhere"
-    dm = MNISTDataModule(str(root))  # construction does not look for the files
-    for call in (dm.prepare_data, dm.setup):
-        with pytest.raises(FileNotFoundError) as info:
-            call()
-        message = str(info.value)
-        for name in _EXPECTED_FILES:
-            assert os.path.join(str(root), "MNIST", "raw", name) in message
-        assert "download=True" in message
-    # one file missing: it is marked, and gzip-only files get the extraction hint
-    _write_idx(tmp_path)
-    raw = tmp_path / "MNIST" / "raw"
-    (raw / "t10k-labels-idx1-ubyte").rename(raw / "t10k-labels-idx1-ubyte.gz")
-    with pytest.raises(FileNotFoundError) as info:
-        MNISTDataModule(str(tmp_path)).setup("fit")  # torchvision needs all four files, whatever the stage
-    lines = str(info.value).splitlines()
-    assert [line for line in lines if "<- missing" in line] == [
-        f"  {os.path.join(str(raw), 't10k-labels-idx1-ubyte')}   <- missing"
-    ]
-    assert any("t10k-labels-idx1-ubyte.gz" in line and "gunzip" in line for line in lines)
-    # pointing data_dir at the raw folder itself is called out
-    with pytest.raises(FileNotFoundError, match="not the raw folder"):
-        MNISTDataModule(str(raw)).setup()
-
-
-def test_mnist_val_size_must_leave_training_images(tmp_path: Path) -> None:
-    _write_idx(tmp_path)
-    with pytest.raises(ValueError, match="val_size"):
-        MNISTDataModule(str(tmp_path), val_size=30).setup("fit")
-    with pytest.raises(ValueError, match="val_size"):
-        MNISTDataModule(str(tmp_path), val_size=-1)
-
-
-def test_mnist_trains_small_cnn(tmp_path: Path) -> None:
-    _write_idx(tmp_path)
-    dm = MNISTDataModule(str(tmp_path), val_size=6, batch_size=8)
-    model = SmallCNN(in_channels=1, num_classes=10)
-    before = model.fc.weight.detach().clone()
-    trainer = pl.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(model, dm)
-    assert trainer.global_step == 1
-    assert not torch.equal(model.fc.weight, before)

@@ -1,4 +1,4 @@
-"""PottsDataModule: planted parameters, energies, exact and Gibbs sampling, Bayes log-odds, batches and arguments."""
+"""PottsTask and PottsDataModule: planted parameters, energies, exact and Gibbs sampling, Bayes log-odds, batches."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from lightning_interp.datamodules import PottsDataModule
 from lightning_interp.datamodules.potts import one_hot_flat
 from lightning_interp.expansion import zero_sum_gauge
 from lightning_interp.models import MLPClassifier
+from lightning_interp.tasks import Estimate, PottsTask
 
 # ---------------------------------------------------------------------------------------------------------------
 # helpers
@@ -73,6 +74,11 @@ def test_planted_parameters_shapes_symmetry_and_structure() -> None:
     assert torch.equal(dm.planted_field_difference(), dm.fields[1] - dm.fields[0])
     # raw, not gauge-fixed: the field difference does not sum to zero over states
     assert dm.planted_field_difference().sum(1).abs().max() > 1e-3
+    # the planted blocks are pure interactions: every row and column of each class's block sums to zero
+    planted_blocks = diff[dm.pairs[:, 0], dm.pairs[:, 1]]  # D^1 - D^0: the shared background cancels
+    assert planted_blocks.sum(-1).abs().max() < 1e-12 and planted_blocks.sum(-2).abs().max() < 1e-12
+    block = dm.couplings[0][dm.pairs[:, 0], dm.pairs[:, 1]]  # background + D^0: the background is not zero-sum
+    assert block.sum(-1).abs().max() > 0.01
 
 
 def test_energy_matches_naive_loop() -> None:
@@ -126,6 +132,48 @@ def test_exact_sampling_matches_enumerated_probabilities() -> None:
         _assert_close_to(counts / n, prob, n)
     # and the two classes really differ: class 0's probabilities are not class 1's
     assert (dm.log_prob(states, 0) - dm.log_prob(states, 1)).abs().max() > 0.5
+
+
+def test_task_samples_match_the_enumerated_joint() -> None:
+    """The task's GenerativeTask sampler (one-hot inputs, labels from the priors) against the exact ``pi_c P_c``."""
+    task = PottsTask(seq_len=3, num_states=3, num_pairs=1, coupling_scale=1.5, seed=2)
+    n = 60_000
+    x, y = task.sample(n, torch.Generator().manual_seed(9))
+    assert x.shape == (n, 9) and x.dtype == torch.float32 and torch.equal(x.reshape(n, 3, 3).sum(2), torch.ones(n, 3))
+    states = x.reshape(n, 3, 3).argmax(2)
+    cell = y * 27 + (states * torch.tensor([9, 3, 1])).sum(1)
+    counts = torch.bincount(cell, minlength=54).double()
+    every = task.all_states()
+    joint = torch.cat([0.5 * task.log_prob(every, c).exp() for c in (0, 1)])
+    assert math.isclose(float(joint.sum()), 1.0, abs_tol=1e-12)
+    assert chisquare(counts.numpy(), (n * joint).numpy()).pvalue > 1e-4
+    _assert_close_to(counts / n, joint, n)
+    # the Bayes accuracy is exact here, not a Monte-Carlo estimate
+    assert task.bayes_accuracy() == Estimate(task.exact_bayes_accuracy(), 0.0)
+    assert math.isclose(task.exact_bayes_accuracy(), float(torch.maximum(joint[:27], joint[27:]).sum()), abs_tol=1e-12)
+
+
+def test_datamodule_draws_its_splits_through_its_task() -> None:
+    """One planted model and one sampler: the datamodule's data are its task's draws, enumerated or Gibbs."""
+    model = dict(seq_len=5, num_states=3, num_pairs=2, seed=2)
+    for extra in ({}, dict(max_enumeration=10, gibbs_burn_in=5, gibbs_chains=40)):
+        dm = PottsDataModule(**model, **extra, n_train=300, n_val=30, n_test=20)
+        task = PottsTask(**model, **extra)
+        assert dm.enumerable == task.enumerable == (not extra)
+        assert torch.equal(dm.fields, task.fields) and torch.equal(dm.couplings, task.couplings)
+        assert torch.equal(dm.pairs, task.pairs)
+        dm.setup()
+        for k, (name, n) in enumerate((("train", 300), ("val", 30), ("test", 20))):
+            states, y = task.draw(n, torch.Generator().manual_seed(4 * 2 + 1 + k))
+            assert torch.equal(dm.states[name], states) and torch.equal(dm.labels[name], y)
+            assert torch.equal(dm._splits[name].tensors[0], one_hot_flat(states, 3))
+        states, y = dm.sample(50, torch.Generator().manual_seed(1))
+        again = task.draw(50, torch.Generator().manual_seed(1))
+        assert torch.equal(states, again[0]) and torch.equal(y, again[1])
+    one = PottsDataModule(seq_len=4, num_states=3)
+    assert one.task is one.task  # one task per datamodule, which the splits were drawn from
+    draws = [f(1, 10, torch.Generator().manual_seed(0)) for f in (one.task.sample_states, one.sample_states)]
+    assert torch.equal(*draws)
 
 
 def test_training_split_single_site_marginals_match() -> None:

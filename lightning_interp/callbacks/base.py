@@ -370,6 +370,8 @@ class InterpretabilityCallback(Callback, ABC):
         #: The drawn probe inputs and labels (``None`` until drawn; labels ``None`` for unlabelled data).
         self.probe_inputs: Tensor | None = None
         self.probe_labels: Tensor | None = None
+        #: Positions of the probe items in their source (``None`` for iterable sources).
+        self.probe_indices: Tensor | None = None
         self._active = True
         self.step = 0
 
@@ -527,7 +529,7 @@ class InterpretabilityCallback(Callback, ABC):
                 f"{name}: probe_size={size} but {where} has only {len(probe.inputs)} items; the probe uses those "
                 f"{len(probe.inputs)} (lower probe_size to silence this warning).",
             )
-        self.probe_inputs, self.probe_labels = probe.inputs, probe.labels
+        self.probe_inputs, self.probe_labels, self.probe_indices = probe.inputs, probe.labels, probe.indices
         return probe.inputs, probe.labels
 
     def labelled_probe(self, trainer: pl.Trainer, size: int) -> tuple[Tensor, Tensor]:

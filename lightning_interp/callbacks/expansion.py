@@ -26,6 +26,50 @@ def _corr(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-300)
 
 
+def _unit_targets(units: Any) -> list[tuple[str, int]]:
+    """``units`` as a list of ``(layer, unit)`` pairs; ``ValueError`` unless each is a layer name and an index ``>= 0``."""
+    form = (
+        "units must be a list of (layer, unit) pairs: a named_modules() path (a non-empty string) and a flattened "
+        "unit index >= 0, e.g. [('net.0', 3)]"
+    )
+    if isinstance(units, (str, bytes)) or not isinstance(units, Sequence):
+        raise ValueError(f"{form}; got {units!r}")
+    pairs: list[tuple[str, int]] = []
+    for item in units:
+        ok = isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str) and item[0] != ""
+        ok = ok and isinstance(item[1], int) and not isinstance(item[1], bool) and item[1] >= 0
+        if not ok:
+            raise ValueError(f"{form}; got {item!r} in units")
+        pair = (item[0], int(item[1]))
+        if pair in pairs:
+            raise ValueError(f"units names {pair!r} twice; list each (layer, unit) once")
+        pairs.append(pair)
+    return pairs
+
+
+def _by_layer(pairs: list[tuple[str, int]]) -> dict[str, list[int]]:
+    """The unit indices of each layer, in the order given (one expansion per layer serves all its units)."""
+    groups: dict[str, list[int]] = {}
+    for layer, unit in pairs:
+        groups.setdefault(layer, []).append(unit)
+    return groups
+
+
+def _unit_key(layer: str, unit: int) -> str:
+    return f"{layer}/unit{unit}"
+
+
+def _strength_figure(strength: Tensor, title: str) -> Any:
+    s = strength.double().cpu()
+    fig, ax = subplots(figsize=(4.5, 4))
+    im = ax.imshow(s, cmap="viridis")
+    ax.set_xlabel("site j")
+    ax.set_ylabel("site i")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.05)
+    return fig
+
+
 def _target_form(target: Any) -> bool:
     """Whether ``target`` is ``None``, an index ``>= 0`` or a pair of distinct indices ``>= 0``."""
 
@@ -51,6 +95,14 @@ class LogitExpansionCallback(InterpretabilityCallback):
     zero-sum-gauge terms with the planted differences. Images: the coupling-strength map; table: the
     strongest pairs.
 
+    With ``units``, hidden units are expanded as well (the paper expands "each layer of the network, and
+    the logits layer in particular"): for each ``(layer, unit)``, the output (pre-activation) of module
+    ``layer``, flattened unit ``unit``, as a Potts energy of the input, logged under
+    ``expansion/<layer>/unit<unit>/`` with the same names (``var_order1``, ``var_order2``,
+    ``var_residual`` [``_se``], ``max_coupling``), with its own coupling-strength map and strongest pairs.
+    The units of one layer share the forward passes of one expansion; each layer costs about as much as
+    the logit's.
+
     Args:
         seq_len: sites ``L``.
         num_states: states per site ``q``.
@@ -61,6 +113,9 @@ class LogitExpansionCallback(InterpretabilityCallback):
             two-class model, output 0 otherwise.
         max_evaluations: the exact method's limit.
         top_pairs: rows of the strongest-pairs table.
+        units: hidden units to expand besides the logit: ``(layer, unit)`` pairs, a ``named_modules()``
+            path and a flattened unit index of the layer's per-example output (see
+            :func:`~lightning_interp.expansion.expand`).
         every_n_epochs: see :class:`~lightning_interp.callbacks.base.InterpretabilityCallback`.
         every_n_steps: see the base class.
         run_on: see the base class.
@@ -75,9 +130,10 @@ class LogitExpansionCallback(InterpretabilityCallback):
 
     Raises:
         ValueError: in ``__init__``, for ``seq_len < 2``, ``num_states < 2``, an unknown ``method``,
-            ``order`` not 1 or 2, ``num_samples < 2``, a malformed ``target``, or exact enumeration over
-            the limit; before the first training step, for a model that rejects the encoded input or a
-            ``target`` outside the model's outputs.
+            ``order`` not 1 or 2, ``num_samples < 2``, a malformed ``target`` or ``units``, ``method="quadratic"``
+            with ``units``, or exact enumeration over the limit; before the first training step, for a model
+            that rejects the encoded input, a ``target`` outside the model's outputs, a layer of ``units``
+            the model does not have (the message lists close names), or a unit outside its layer's width.
 
     Example:
         >>> cb = LogitExpansionCallback(seq_len=8, num_states=4, every_n_epochs=1)
@@ -95,6 +151,7 @@ class LogitExpansionCallback(InterpretabilityCallback):
         target: Target = None,
         max_evaluations: int = 2**20,
         top_pairs: int = 10,
+        units: Sequence[tuple[str, int]] = (),
         every_n_epochs: int | None = 1,
         every_n_steps: int | None = None,
         run_on: RunOn = "train_epoch_end",
@@ -132,6 +189,9 @@ class LogitExpansionCallback(InterpretabilityCallback):
                 "target must be None, an output index >= 0, or a pair (a, b) of distinct output indices "
                 f"for z_a - z_b; got {target!r}"
             )
+        pairs = _unit_targets(units)
+        if pairs and method == "quadratic":
+            raise ValueError("method='quadratic' is the closed form of the logits; with units= use method='exact' or 'sampled'")
         if method == "exact" and num_states**seq_len > max_evaluations:
             raise ValueError(
                 f"method='exact' needs q^L = {num_states**seq_len} evaluations, over max_evaluations="
@@ -139,11 +199,15 @@ class LogitExpansionCallback(InterpretabilityCallback):
             )
         self.seq_len, self.num_states, self.method, self.order = seq_len, num_states, method, order
         self.num_samples, self.target, self.max_evaluations, self.top_pairs = num_samples, target, max_evaluations, top_pairs
+        self.units = pairs
         self._target: Target = target
         self._planted: tuple[Tensor, Tensor] | None = None
 
     def _state_key_fields(self) -> dict[str, Any]:
-        return {"seq_len": self.seq_len, "num_states": self.num_states, "method": self.method}
+        fields: dict[str, Any] = {"seq_len": self.seq_len, "num_states": self.num_states, "method": self.method}
+        if self.units:  # only then: the default keeps the key of checkpoints written before units existed
+            fields["units"] = [list(pair) for pair in self.units]
+        return fields
 
     #: The expansion averages over uniformly random sequences, not over the trainer's data.
     needs_data = False
@@ -160,6 +224,11 @@ class LogitExpansionCallback(InterpretabilityCallback):
                     f"{out.shape[1]} output(s) (0..{out.shape[1] - 1}); choose indices below {out.shape[1]}"
                 )
             self._target = tuple(self.target) if isinstance(self.target, list) else self.target
+        for layer, units in _by_layer(self.units).items():
+            # unknown layers (with close names), layers that do not run and units beyond the width fail here
+            Evaluator(pl_module, self.num_states, one_hot_flat, None, 2, layer=layer, unit=units)(
+                torch.zeros(2, self.seq_len, dtype=torch.long)
+            )
         dm = trainer.datamodule
         if dm is not None and hasattr(dm, "planted_coupling_difference") and hasattr(dm, "planted_field_difference"):
             h = torch.as_tensor(dm.planted_field_difference(), dtype=torch.float64)
@@ -167,9 +236,10 @@ class LogitExpansionCallback(InterpretabilityCallback):
             _, h0, j0 = zero_sum_gauge(h, j)
             self._planted = (h0, j0)
 
-    def measure(self, pl_module: nn.Module) -> Measurement:
+    def _expand(self, pl_module: nn.Module, **which: Any) -> PottsExpansion:
+        # every expansion of a measurement draws the same background sequences
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
-        e = expand(
+        return expand(
             pl_module,
             self.seq_len,
             self.num_states,
@@ -177,36 +247,53 @@ class LogitExpansionCallback(InterpretabilityCallback):
             method=self.method,
             num_samples=self.num_samples,
             generator=gen,
-            target=self._target,
             max_evaluations=self.max_evaluations,
+            **which,
         )
-        strength = e.coupling_strength(apc=True)
+
+    @staticmethod
+    def _order_scalars(e: PottsExpansion, strength: Tensor, prefix: str = "") -> dict[str, Tensor | float]:
         scalars: dict[str, Tensor | float] = {
-            "var_order1": e.variance_explained[1],
-            "var_order2": e.variance_explained[2],
-            "var_residual": e.variance_explained["residual"],
-            "max_coupling": strength.max(),
+            f"{prefix}var_order1": e.variance_explained[1],
+            f"{prefix}var_order2": e.variance_explained[2],
+            f"{prefix}var_residual": e.variance_explained["residual"],
+            f"{prefix}max_coupling": strength.max(),
         }
         if e.variance_explained_se is not None:
             for key, name in ((1, "var_order1"), (2, "var_order2"), ("residual", "var_residual")):
-                scalars[f"{name}_se"] = e.variance_explained_se[key]
+                scalars[f"{prefix}{name}_se"] = e.variance_explained_se[key]
+        return scalars
+
+    def measure(self, pl_module: nn.Module) -> Measurement:
+        e = self._expand(pl_module, target=self._target)
+        strength = e.coupling_strength(apc=True)
+        scalars = self._order_scalars(e, strength)
         if self._planted is not None:
             h0, j0 = self._planted
             scalars["field_corr"] = _corr(e.fields, h0)
             scalars["coupling_corr"] = _corr(e.couplings, j0)
-        return Measurement(scalars=scalars, data={"expansion": e, "strength": strength})
+        hidden: dict[str, tuple[PottsExpansion, Tensor]] = {}
+        for layer, units in _by_layer(self.units).items():
+            layer_expansion = self._expand(pl_module, layer=layer, unit=units)
+            for k, unit in enumerate(units):
+                eu = layer_expansion.select(k)
+                su = eu.coupling_strength(apc=True)
+                key = _unit_key(layer, unit)
+                hidden[key] = (eu, su)
+                scalars.update(self._order_scalars(eu, su, f"{key}/"))
+        return Measurement(scalars=scalars, data={"expansion": e, "strength": strength, "units": hidden})
 
     def figures(self, measurement: Measurement) -> dict[str, Any]:
-        s = measurement.data["strength"].double().cpu()
-        fig, ax = subplots(figsize=(4.5, 4))
-        im = ax.imshow(s, cmap="viridis")
-        ax.set_xlabel("site j")
-        ax.set_ylabel("site i")
-        ax.set_title("coupling strength (Frobenius, APC)", fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.05)
-        return {"coupling_strength": fig}
+        figs = {"coupling_strength": _strength_figure(measurement.data["strength"], "coupling strength (Frobenius, APC)")}
+        for key, (_, strength) in measurement.data.get("units", {}).items():
+            figs[f"{key}/coupling_strength"] = _strength_figure(strength, f"{key}: coupling strength (Frobenius, APC)")
+        return figs
 
     def tables(self, measurement: Measurement) -> dict[str, tuple[list[str], list[list[Any]]]]:
+        columns = ["site_i", "site_j", "strength_apc"]
         e: PottsExpansion = measurement.data["expansion"]
         pairs = e.strongest_pairs(self.top_pairs, apc=True)
-        return {"strongest_pairs": (["site_i", "site_j", "strength_apc"], [[i, j, s] for i, j, s in pairs])}
+        out = {"strongest_pairs": (columns, [[i, j, s] for i, j, s in pairs])}
+        for key, (eu, _) in measurement.data.get("units", {}).items():
+            out[f"{key}/strongest_pairs"] = (columns, [[i, j, s] for i, j, s in eu.strongest_pairs(self.top_pairs, apc=True)])
+        return out

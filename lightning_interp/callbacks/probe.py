@@ -57,12 +57,15 @@ class Probe:
         available: how many items the source had (``None`` for an iterable that was not exhausted).
         deterministic: whether the same source and generator seed give the same probe set again (map-style
             data: always; iterables: only when their order is).
+        indices: ``[N]`` positions of the drawn items in the source (tensors, pairs and map-style data;
+            ``None`` for iterables), so a report can name each probe item (e.g. its file).
     """
 
     inputs: Tensor
     labels: Tensor | None
     available: int | None
     deterministic: bool
+    indices: Tensor | None = None
 
 
 def _as_labels(value: Any) -> Tensor | None:
@@ -212,7 +215,7 @@ def draw_probe(source: ProbeSource, size: int, generator: torch.Generator, unpac
         if labels is not None and len(labels) != n:
             raise ValueError(f"the probe has {n} inputs but {len(labels)} labels")
         idx = torch.randperm(n, generator=generator)[:size]
-        return Probe(inputs[idx], labels[idx] if labels is not None else None, n, True)
+        return Probe(inputs[idx], labels[idx] if labels is not None else None, n, True, idx)
 
     # a loader collates with its collate_fn only when it batches (it has a batch sampler)
     batched = isinstance(source, DataLoader) and source.batch_sampler is not None
@@ -236,7 +239,7 @@ def draw_probe(source: ProbeSource, size: int, generator: torch.Generator, unpac
         if pool is not None:
             idx = pool[idx]
         inputs, labels = unpack_batch(collate([dataset[i] for i in idx.tolist()]), unpack)
-        return Probe(inputs, labels, n, True)
+        return Probe(inputs, labels, n, True, idx)
     if not isinstance(source, Iterable):
         raise TypeError(
             f"probe data must be a tensor, an (inputs, labels) pair, a Dataset or a DataLoader, got {type(source).__name__}"

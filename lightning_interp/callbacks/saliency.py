@@ -65,6 +65,7 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
         classifier: ``named_modules()`` path of the final ``nn.Linear`` (found when ``None``).
         min_size: ``min_size`` of the recursive channel split.
         deletion_steps: deletion-curve resolution (0 disables the faithfulness scalars).
+        class_names: names of the classes, to label the figure's rows (default ``"class <k>"``).
         every_n_epochs: see :class:`~lightning_interp.callbacks.base.InterpretabilityCallback`.
         every_n_steps: see the base class.
         run_on: see the base class.
@@ -101,6 +102,7 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
         classifier: str | None = None,
         min_size: int = 20,
         deletion_steps: int = 10,
+        class_names: Sequence[str] | None = None,
         every_n_epochs: int | None = 1,
         every_n_steps: int | None = None,
         run_on: RunOn = "train_epoch_end",
@@ -143,6 +145,9 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
         self.classifier = classifier
         self.min_size = min_size
         self.deletion_steps = deletion_steps
+        if class_names is not None and (isinstance(class_names, str) or not all(isinstance(c, str) for c in class_names)):
+            raise TypeError(f"class_names must be a list of strings, got {class_names!r}")
+        self.class_names = list(class_names) if class_names is not None else None
         self._probe: Tensor | None = None
         self._labels: Tensor | None = None
         self._saliency: FinalLayerSaliency | None = None
@@ -221,7 +226,7 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
                 per_image[f"faithfulness_{short}"] = rand - auc  # paired on the same image
         for name, values in per_image.items():
             scalars[name], scalars[f"{name}_se"] = mean_and_se(values)
-        return Measurement(scalars=scalars, data={"maps": out, "inputs": x})
+        return Measurement(scalars=scalars, data={"maps": out, "inputs": x, "per_image": per_image})
 
     def _saliency_weight(self, module: nn.Module) -> Tensor | None:
         s = self._saliency
@@ -237,4 +242,9 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
 
     # ------------------------------------------------------------------ figures
     def figures(self, measurement: Measurement) -> dict[str, Any]:
-        return {"maps": saliency_grid(measurement.data["maps"], measurement.data["inputs"])}
+        maps = measurement.data["maps"]
+        labels = None
+        if self.class_names is not None:
+            names = self.class_names
+            labels = [names[int(t)] if int(t) < len(names) else f"class {int(t)}" for t in maps["target"]]
+        return {"maps": saliency_grid(maps, measurement.data["inputs"], labels=labels)}

@@ -1,7 +1,8 @@
-"""Datamodules: synthetic tasks with known structure, MNIST and ImageNet."""
+"""Datamodules: synthetic tasks with known structure, Potts sequences, scikit-learn's digits, MNIST and ImageNet."""
 
+from lightning_interp.datamodules.digits import DigitsDataModule
 from lightning_interp.datamodules.imagenet import ImageNetDataModule, load_images
-from lightning_interp.datamodules.mnist import MNISTDataModule
+from lightning_interp.datamodules.mnist import MNISTDataModule, MNISTFileError
 from lightning_interp.datamodules.potts import PottsDataModule, one_hot_flat
 from lightning_interp.datamodules.synthetic import (
     HigherOrderDataModule,
@@ -11,9 +12,11 @@ from lightning_interp.datamodules.synthetic import (
 )
 
 __all__ = [
+    "DigitsDataModule",
     "HigherOrderDataModule",
     "ImageNetDataModule",
     "MNISTDataModule",
+    "MNISTFileError",
     "PatchImageDataModule",
     "PottsDataModule",
     "SyntheticDataModule",

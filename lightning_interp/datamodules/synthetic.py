@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -101,39 +103,46 @@ class SyntheticDataModule(_SplitLoaders):
 
 
 class PatchImageDataModule(pl.LightningDataModule):
-    """Image-like data with known evidence: noise plus a bright square whose position gives the class.
+    """Image-like data with known evidence: noise plus a bright square whose position, or pattern, gives the class.
 
-    Class ``c`` of ``num_classes`` (at most ``grid**2``) puts a ``patch x patch`` square of brightness
-    ``contrast`` in cell ``c`` of a ``grid x grid`` layout of the image (with a random offset inside the
-    cell), on Gaussian noise of standard deviation ``noise``. The evidence for each image is therefore
-    known (``.masks`` holds the patch location of every image), which is what saliency maps should find,
-    and so is the exact posterior: ``.task`` is the generative model
-    (:class:`~lightning_interp.tasks.PatchImageTask`), so :class:`PosteriorGapCallback` works here too.
-    Batches are ``(x [B, channels, size, size], y [B])``.
+    With ``evidence="position"`` (the default) class ``c`` of ``num_classes`` (at most ``grid**2``) puts a
+    ``patch x patch`` square of brightness ``contrast`` in cell ``c`` of a ``grid x grid`` layout of the image
+    (with a random offset inside the cell). A global-average-pooled CNN sees position only through the zero
+    padding, so it solves this task from border effects and its saliency maps light up the image centre, not
+    the square: use it for the posterior gap, not to judge saliency. With ``evidence="content"`` the class is
+    the pattern drawn in a ``patch x patch`` square placed anywhere in the image (horizontal bars, vertical
+    bars, a cross, a checkerboard; at most four classes; ``grid`` is ignored), which a pooled network can
+    point to: the task for saliency maps. Either way the pattern sits on Gaussian noise of standard deviation
+    ``noise``, the evidence for each image is known (``.masks[split]`` holds the square of every image, bool
+    ``[n, size, size]``), which is what saliency maps should find, and so is the exact posterior: ``.task``
+    is the generative model (:class:`~lightning_interp.tasks.PatchImageTask`), so
+    :class:`PosteriorGapCallback` works here too. Batches are ``(x [B, channels, size, size], y [B])``.
 
     Args:
-        num_classes: number of classes (cells used), at most ``grid**2``.
+        num_classes: number of classes (cells used, at most ``grid**2``; or patterns used, at most 4).
         image_size: height and width.
         channels: image channels.
-        grid: cells per side.
-        patch: side of the bright square.
-        contrast: brightness added on the square.
+        grid: cells per side (position mode).
+        patch: side of the square (at least 3 in the content mode).
+        contrast: brightness added on the square (on the lit pixels of the pattern).
         noise: standard deviation of the background noise.
         n_train: training-set size.
         n_val: validation-set size.
         batch_size: batch size.
         seed: seed of the data draw.
         shuffle: shuffle the training set.
+        evidence: ``"position"`` (the class is the square's cell) or ``"content"`` (the class is its pattern).
 
     Raises:
-        ValueError: ``num_classes > grid**2`` or a patch that does not fit its cell.
+        ValueError: an unknown ``evidence``, ``num_classes > grid**2`` (position) or ``> 4`` (content), or a
+            patch that does not fit.
 
     Example:
-        >>> dm = PatchImageDataModule(n_train=64, n_val=16, batch_size=16)
+        >>> dm = PatchImageDataModule(n_train=64, n_val=16, batch_size=16, evidence="content")
         >>> dm.setup("fit")
         >>> x, y = next(iter(dm.train_dataloader()))
-        >>> x.shape, y.shape
-        (torch.Size([16, 1, 12, 12]), torch.Size([16]))
+        >>> x.shape, y.shape, dm.masks["val"].shape
+        (torch.Size([16, 1, 12, 12]), torch.Size([16]), torch.Size([16, 12, 12]))
     """
 
     def __init__(
@@ -150,12 +159,13 @@ class PatchImageDataModule(pl.LightningDataModule):
         batch_size: int = 32,
         seed: int = 0,
         shuffle: bool = True,
+        evidence: Literal["position", "content"] = "position",
     ) -> None:
         super().__init__()
         # the task checks the layout
-        self._task = PatchImageTask(num_classes, image_size, channels, grid, patch, contrast, noise)
+        self._task = PatchImageTask(num_classes, image_size, channels, grid, patch, contrast, noise, evidence)
         self.num_classes, self.image_size, self.channels, self.grid, self.patch = num_classes, image_size, channels, grid, patch
-        self.contrast, self.noise = contrast, noise
+        self.contrast, self.noise, self.evidence = contrast, noise, evidence
         self.n_train, self.n_val, self.batch_size, self.seed, self.shuffle = n_train, n_val, batch_size, seed, shuffle
         self._splits: dict[str, TensorDataset] = {}
         self.masks: dict[str, torch.Tensor] = {}
