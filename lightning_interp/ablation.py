@@ -29,12 +29,12 @@ Inference is exact enumeration of all ``2^d`` masks (``d <= 16``) on all probe e
 Metropolis chains of single-unit flips, each scoring its task's examples and (balanced likelihood) its own
 fixed sample of ``rest_per_chain`` other examples. MCMC read-outs are Rao-Blackwellised: each step that
 proposes flipping unit ``j`` knows ``P(m_j = 1 | m_-j)`` exactly, and importances and pairwise joints
-average those conditionals instead of 0/1 samples; the pairwise information is jackknife bias-corrected over the chains (the
-plug-in information of every pair is biased upwards by ``O(1/samples)``, and ``d(d-1)/2`` pairs add up).
-Error bars: jackknife over chains (MCMC), bootstrap over probe examples (exact).
-Many masks are evaluated in one forward pass (the mask index folded into the batch),
-and where the model can be split at the layer with ``torch.fx`` the part before it runs once per probe
-batch. The module is pure torch: it never imports Lightning.
+average those conditionals instead of 0/1 samples; the pairwise information is jackknife bias-corrected
+over the chains (the plug-in information of every pair is biased upwards by ``O(1/samples)``, and
+``d(d-1)/2`` pairs add up). Error bars: jackknife over chains (MCMC), bootstrap over probe examples
+(exact). Many masks are evaluated in one forward pass (the mask index folded into the batch), and where
+the model can be split at the layer with ``torch.fx`` the part before it runs once per probe batch. The
+module is pure torch: it never imports Lightning.
 """
 
 from __future__ import annotations

@@ -52,6 +52,9 @@ __all__ = [
     "stage_inputs",
 ]
 
+#: The name under which :class:`AuditModule` registers the wrapped classifier itself.
+NET_NAME = "audited_classifier"
+
 #: The methods of an image-folder audit, in report order.
 METHODS: tuple[str, ...] = ("saliency", "weights", "ablation", "correlation")
 
@@ -68,21 +71,18 @@ class AuditModule(pl.LightningModule):
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
-        object.__setattr__(self, "net", net)  # not a child: its children are, under their own names
         for name, child in net.named_children():
             self.add_module(name, child)
         for name, param in net.named_parameters(recurse=False):
             self.register_parameter(name, param)
         for name, buf in net.named_buffers(recurse=False):
             self.register_buffer(name, buf)
+        # registered last, so named_modules() (which skips repeats) lists the children under their own names; as a
+        # submodule, torch.fx can trace through it and split the network at a layer (the ablation's fast path)
+        self.add_module(NET_NAME, net)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-    def train(self, mode: bool = True) -> AuditModule:
-        super().train(mode)
-        self.net.training = mode  # the classifier's own flag (its children follow this module's)
-        return self
+        return getattr(self, NET_NAME)(x)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, y = batch[0], batch[1]

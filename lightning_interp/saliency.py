@@ -205,18 +205,38 @@ def split_chain(w: Tensor, side: Literal["+", "-"] = "+", min_size: int = 20) ->
         raise ValueError(f"w must be a non-empty vector [D], got shape {list(w.shape)}")
     if min_size < 1:
         raise ValueError(f"min_size must be >= 1, got {min_size}")
-    values = w.detach().to(torch.float64)
-    current = torch.arange(values.numel(), device=w.device)
-    chain = [current]
-    while current.numel() >= min_size:
-        sub = values[current]
-        keep = sub >= sub.mean() if side == "+" else sub < sub.mean()
-        nxt = current[keep]
-        if nxt.numel() == 0 or nxt.numel() == current.numel():
-            break
-        chain.append(nxt)
-        current = nxt
-    return chain
+    return [torch.nonzero(level[0])[:, 0] for level in _chain_levels(w.detach()[None], side, min_size, every=True)]
+
+
+def _chain_levels(values: Tensor, side: str, min_size: int, every: bool = False) -> list[Tensor]:
+    """The recursive split of every row of ``values`` ``[M, D]`` at once, as masks ``[M, D]``.
+
+    A row stops at its last split; the loop ends when no row splits. Each level's sum is the last
+    cumulative sum along the row, a sum in float64 in the row's order that is the same for one row as for
+    many, so :func:`split_chain` and the cached masks of many classes agree exactly.
+
+    Args:
+        values: ``[M, D]``.
+        side: ``"+"`` or ``"-"``.
+        min_size: a subset with fewer channels is not split further.
+        every: return every level (from all channels to the last), not only the last.
+
+    Returns:
+        The masks of the levels (``every``) or ``[last]``.
+    """
+    values = values.to(torch.float64)
+    mask = torch.ones_like(values, dtype=torch.bool)
+    levels = [mask]
+    while True:
+        size = mask.sum(dim=1)
+        mean = torch.where(mask, values, 0.0).cumsum(dim=1)[:, -1:] / size[:, None]
+        keep = mask & (values >= mean if side == "+" else values < mean)
+        kept = keep.sum(dim=1)
+        split = (size >= min_size) & (kept > 0) & (kept < size)
+        if not split.any():
+            return levels if every else [mask]
+        mask = torch.where(split[:, None], keep, mask)
+        levels.append(mask)
 
 
 def channel_set_map(features: Tensor, mask: Tensor, normalize: bool = True) -> Tensor:
@@ -255,13 +275,8 @@ def _minmax(maps: Tensor) -> Tensor:
 
 def _chain_masks(rows: Tensor, side: str, min_size: int) -> Tensor:
     """Membership ``[M, D]`` (bool, on ``rows``' device) of the last chain subset of each row of ``rows`` ``[M, D]``."""
-    # the splits run on a float64 CPU copy: each level of split_chain reads a size, which on an accelerator
-    # would be a device synchronisation per level and row
-    host = rows.detach().to("cpu", torch.float64)
-    mask = torch.zeros(host.shape, dtype=torch.bool)
-    for i, row in enumerate(host):
-        mask[i, split_chain(row, side, min_size)[-1]] = True  # type: ignore[arg-type]
-    return mask.to(rows.device)
+    # on a CPU copy, as split_chain of a CPU row: the cumulative sums then run in the same order
+    return _chain_levels(rows.detach().cpu(), side, min_size)[-1].to(rows.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,9 +351,9 @@ class FinalLayerSaliency(Attribution):
 
     Attributes:
         chunk_elements: classes are rendered in chunks of at most this many elements of per-class
-            intermediates (coefficients ``[N, k, D]`` plus maps ``[N, k, h, w]``, upsampled ones
-            included), so that many targets (all classes of ImageNet, say) do not hold ``[N, k, D]``
-            at once. The returned maps themselves are always whole.
+            coefficients ``[N, k, D]`` plus maps ``[N, k, h, w]``, so that many targets (all classes of
+            ImageNet, say) do not hold ``[N, k, D]`` at once. The maps are upsampled (``upsample=True``)
+            in one call once all are computed.
 
     Raises:
         ValueError: unknown layer names, a model without an ``nn.Linear`` producing its output, a
@@ -677,26 +692,19 @@ class FinalLayerSaliency(Attribution):
         if any(m in _SIDES for m in methods):
             relu_flat = F.relu(flat)
             scale = ((h * w) / (2.0 + relu_flat.sum(dim=2)))[:, None, :]  # [N, 1, D]
-        out_hw = size if size is not None else (h, w)
-        step = max(1, self.chunk_elements // (n * (d + h * w + out_hw[0] * out_hw[1])))
+        step = max(1, self.chunk_elements // (n * (d + h * w)))
         out: dict[str, Tensor] = {}
-        chunked = step < k or k == 0  # the output is written chunk by chunk
         for m in methods:
-            if chunked:
-                out[m] = feats.new_empty(n, k, *out_hw)
+            chunks = []
             for start in range(0, k, step):
-                classes = slice(start, min(k, start + step))
-                c = coefs(m, classes)
+                c = coefs(m, slice(start, start + step))
                 if m in _SIDES:
-                    maps = _minmax(F.relu(torch.bmm(c.to(feats.dtype) * scale, relu_flat)).view(n, -1, h, w))
+                    chunks.append(_minmax(F.relu(torch.bmm(c.to(feats.dtype) * scale, relu_flat)).view(n, -1, h, w)))
                 else:
-                    maps = torch.bmm(c, flat).view(n, -1, h, w)
-                if size is not None:
-                    maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
-                if chunked:
-                    out[m][:, classes] = maps
-                else:
-                    out[m] = maps
+                    chunks.append(torch.bmm(c, flat).view(n, -1, h, w))
+            maps = chunks[0] if len(chunks) == 1 else torch.cat([feats.new_empty(n, 0, h, w), *chunks], dim=1)
+            # one call on all maps at the feature resolution: the upsampled output is allocated once
+            out[m] = maps if size is None else F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
         return out
 
     def _targets(self, target: int | Sequence | Tensor | None, logits: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ Run (from the repository root)::
 
 (defaults: ``--width 256 --mc-samples 100000 --ref-samples 2000000 --batch 100000 --alpha 0.5
 --repeats 7 --mc-repeats 3 --threads 1 --seed 0 --out outputs/bench_correlation``); ``--quick`` is a
-smoke test only (``--width 64 --mc-samples 10000 --ref-samples 100000 --batch 20000 --repeats 3
+smoke test only (``--width 32 --mc-samples 4000 --ref-samples 40000 --batch 10000 --repeats 2
 --mc-repeats 1``).
 
 Setup. A 3-layer MLP of width ``W`` (``--width``): ``Linear(W, W) -> act -> Linear(W, W) -> act ->
@@ -67,7 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py, also whe
 import harness
 
 ACTIVATIONS = ("relu", "quadratic")
-QUICK = {"width": 64, "mc_samples": 10_000, "ref_samples": 100_000, "batch": 20_000, "repeats": 3, "mc_repeats": 1}
+QUICK = {"width": 32, "mc_samples": 4_000, "ref_samples": 40_000, "batch": 10_000, "repeats": 2, "mc_repeats": 1}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -58,7 +58,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py, also whe
 import harness
 
 CALLBACK_NAMES = set(cbs.__all__)
-QUICK = {"steps": 100, "repeats": 1}
+#: ``--quick``: a smoke run; one thread, as tiny models on a shared machine are slower with two.
+QUICK = {"steps": 20, "repeats": 1, "threads": 1}
 
 
 #: Keyword arguments that make a callback idle: attached (Lightning dispatches all its hooks) but never measuring.

@@ -846,22 +846,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"scale {phases['scale_s']:.0f})."
     )
     parts = [header]
-    memory_note = (
-        "Peak memory: increase during one call"
-        + (
-            " (new process per method, VmHWM after - VmRSS before, MALLOC_MMAP_THRESHOLD_=65536)"
-            if args.device == "cpu"
-            else " (cuda max_memory_allocated)"
-        )
-        + f", IntegratedGradients with n_steps={ig_memory_steps(args)} (peak independent of n_steps)."
+    memory_note = "Peak memory: increase during one call" + (
+        " (new process per method, VmHWM after - VmRSS before, MALLOC_MMAP_THRESHOLD_=65536)."
+        if args.device == "cpu"
+        else " (cuda max_memory_allocated)."
     )
+    if args.no_memory:
+        memory_note = "Peak memory: not measured (--no-memory)."
     if "top-k" in args.sections:
         parts.append(
             f"## Top-1 / top-5 maps (batch {config['batch']})\n\n"
             f"IntegratedGradients: {args.ig_repeats} repeat(s), n_steps={args.ig_steps}, "
             f"internal_batch_size={args.internal_batch_size}; captum on log_softmax(logits), LayerGradCam at layer4, "
             f"top-5 = 5 captum calls (results detached). '{FIRST_CALL}': the first call of a new FinalLayerSaliency, "
-            f"which also resolves the layers (one-time cost; {min(3, args.repeats)} repeats). {memory_note}\n\n"
+            f"which also resolves the layers (one-time cost; {min(3, args.repeats)} repeats). {memory_note} "
+            f"IntegratedGradients' peak with n_steps={ig_memory_steps(args)} (independent of n_steps).\n\n"
             + markdown_table([r for r in rows if r["group"] != "all"])
         )
     if "all-class" in args.sections and one_time is not None:

@@ -57,6 +57,7 @@ QUICK = {
     "ref_burn_in": 20,
     "probe_size": 128,
     "chains": {"num_chains": 4, "num_steps": 100, "burn_in": 10},
+    "threads": 1,  # tiny models on a shared machine are slower with two
 }
 
 

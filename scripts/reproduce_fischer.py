@@ -231,7 +231,13 @@ def run_one(task: str, activation: str, args: argparse.Namespace) -> dict[str, A
     layers = layer_names(model)
     every = max(1, epochs // args.measurements)
     cb = CorrelationOrderCallback(
-        layers=layers, probe_size=probe_size, every_n_epochs=every, measure_at_start=True, seed=args.seed, log_images=False
+        layers=layers,
+        probe_size=probe_size,
+        every_n_epochs=every,
+        measure_at_start=True,
+        seed=args.seed,
+        log_images=False,
+        budget=None,  # the reproduction needs every measurement it schedules, whatever the overhead
     )
     trainer = pl.Trainer(
         max_epochs=epochs,

@@ -272,6 +272,7 @@ def train(exp: Experiment, seed: int, max_batch: int) -> list[dict[str, Any]]:
         measure_at_start=True,
         log_images=False,
         seed=0,
+        budget=None,  # the reproduction needs every measurement it schedules, whatever the overhead
     )
     trainer = pl.Trainer(
         max_epochs=exp.epochs,

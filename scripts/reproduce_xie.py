@@ -9,8 +9,8 @@ Run (from the repository root)::
     .venv/bin/python scripts/reproduce_xie.py
 
 (defaults: ``--presets 1 2 3 --steps 10 100 1000 10000 --seed 0 --n-train 100000 --n-probe 100000
---out outputs/reproduce_xie``); ``--quick`` is a smoke test of a few seconds (``--steps 0 5 20 --n-train 512
---n-probe 1024 --grid-points 401``).
+--out outputs/reproduce_xie``); ``--quick`` is a smoke test of a few seconds (``--presets 1 2 --steps 0 5 20
+--n-train 512 --n-probe 512 --grid-points 201``, one thread).
 
 Setup, as in the post: an MLP 1-64-ReLU-64-ReLU-2 (``MLPClassifier(1, 2, hidden=(64, 64)).net``),
 Adam (lr 1e-3), batch 64, cross-entropy, on a fixed train set of ``--n-train`` samples of one of the
@@ -77,7 +77,9 @@ import harness
 
 #: Inner edges of the log p(x) bins for the per-density gap (JSON only).
 DENSITY_EDGES: tuple[float, ...] = (-10.0, -8.0, -6.0, -4.0, -3.0, -2.0)
-QUICK = {"steps": [0, 5, 20], "n_train": 512, "n_probe": 1024, "grid_points": 401}
+#: ``--quick``: both kinds of preset (one Bayes boundary, two), few steps; one thread, as tiny matmuls on a
+#: shared machine are slower with two.
+QUICK = {"presets": [1, 2], "steps": [0, 5, 20], "n_train": 512, "n_probe": 512, "grid_points": 201, "threads": 1}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

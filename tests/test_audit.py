@@ -310,7 +310,8 @@ def test_rerun_replaces_the_output_and_a_failed_run_leaves_it(
 def test_audit_module_keeps_the_layer_names_and_the_stage_inputs() -> None:
     net = torchvision.models.resnet18(num_classes=4)
     module = AuditModule(net)
-    assert {n for n, _ in module.named_modules()} == {n for n, _ in net.named_modules()}
+    assert {n for n, _ in module.named_modules()} == {n for n, _ in net.named_modules()} | {"audited_classifier"}
+    assert sum(p.numel() for p in module.parameters()) == sum(p.numel() for p in net.parameters())
     assert stage_inputs(module, "layer4") == ["maxpool", "layer1", "layer2", "layer3", "layer4"]
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(module.eval()(x), net.eval()(x))

@@ -13,7 +13,7 @@ from lightning_interp.models import SmallCNN
 from lightning_interp.saliency import FinalLayerSaliency
 from lightning_interp.tasks import PatchImageTask
 from lightning_interp.tasks.patches import patch_patterns
-from tests.test_contract import quiet_trainer
+from tests.test_contract import one_thread, quiet_trainer
 
 
 def test_patterns_are_the_four_named_ones_and_bad_layouts_fail() -> None:
@@ -98,25 +98,34 @@ def test_content_posterior_is_calibrated_on_its_own_samples() -> None:
     assert abs(diff_w.mean().item()) > 8 * diff_w.std().item() / len(diff_w) ** 0.5
 
 
-@pytest.fixture(scope="module")
-def trained_on_content() -> tuple[SmallCNN, PatchImageDataModule]:
-    """``SmallCNN(1, 4, channels=(8, 16))`` trained for 3 epochs on the content task (the saliency config's setup)."""
+@pytest.fixture(scope="module", params=["content", "position"])
+def trained(request: pytest.FixtureRequest) -> tuple[SmallCNN, PatchImageDataModule]:
+    """``SmallCNN(1, 4, channels=(8, 16))`` trained for 3 epochs on each task (the saliency config's setup)."""
     torch.manual_seed(0)
-    dm = PatchImageDataModule(n_train=2048, n_val=256, batch_size=32, seed=0, evidence="content")
+    dm = PatchImageDataModule(n_train=2048, n_val=256, batch_size=32, seed=0, evidence=request.param)
     model = SmallCNN(in_channels=1, num_classes=4, channels=(8, 16), lr=1e-2)
-    quiet_trainer([], max_epochs=3, limit_val_batches=0).fit(model, dm)
+    with one_thread():  # tiny convolutions: a second thread only adds contention on a busy machine
+        quiet_trainer([], max_epochs=3, limit_val_batches=0).fit(model, dm)
     return model.eval(), dm
 
 
-def test_saliency_maxima_fall_on_the_pattern(trained_on_content: tuple[SmallCNN, PatchImageDataModule]) -> None:
-    """The maximum of the CAM, discriminative and policy-gradient maps lies on the evidence for most validation images."""
-    model, dm = trained_on_content
+def test_saliency_maxima_fall_on_the_evidence_only_in_the_content_mode(trained: tuple[SmallCNN, PatchImageDataModule]) -> None:
+    """The maximum of the CAM, discriminative and policy-gradient maps lies on the evidence square for most
+    validation images of the content task, far above a random map; on the position task, solved from border
+    effects, the CAM and policy-gradient maxima are rarely there (docs/saliency.md)."""
+    model, dm = trained
     x, y = dm.val_dataloader().dataset.tensors
     masks = dm.masks["val"]
     maps = FinalLayerSaliency(model, min_size=4).attribute_all(x, target=y, upsample=True)
-    assert (maps["logits"].argmax(1) == y).double().mean() > 0.9
+    accuracy = (maps["logits"].argmax(1) == y).double().mean().item()
     random_rate = dm.patch**2 / dm.image_size**2  # a uniformly random argmax pixel: mask area / image area
+    hits = {}
     for method in ("cam", "discriminative", "policy_gradient"):
         peak = maps[method].flatten(1).argmax(dim=1)
-        hit = masks.flatten(1).gather(1, peak[:, None])[:, 0].double().mean().item()
-        assert hit > 0.6 and hit > 8 * random_rate, (method, hit, random_rate)
+        hits[method] = masks.flatten(1).gather(1, peak[:, None])[:, 0].double().mean().item()
+    print(f"{dm.evidence}: accuracy {accuracy:.3f}, maxima on the square {hits}, random map {random_rate:.4f}")
+    assert accuracy > 0.9  # both tasks are learnt: the maps of a model that has not learnt would prove nothing
+    if dm.evidence == "content":
+        assert all(h > 0.5 and h > 8 * random_rate for h in hits.values()), hits
+    else:
+        assert hits["cam"] < 2 * random_rate and hits["policy_gradient"] < 2 * random_rate, hits

@@ -134,7 +134,7 @@ class DigitsDataModule(pl.LightningDataModule):
         >>> x.shape, x.dtype, y.dtype, 0.0 <= float(x.min()) <= float(x.max()) <= 1.0
         (torch.Size([32, 64]), torch.float32, torch.int64, True)
         >>> len(dm.train_dataset), len(dm.val_dataset), len(dm.test_dataset)
-        (1258, 180, 359)
+        (1259, 179, 359)
     """
 
     num_classes = 10
