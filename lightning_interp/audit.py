@@ -235,6 +235,8 @@ class _FolderAudit:
                     f"Class tasks: the {len(tasks)} most frequent classes of the images (max_tasks={self.options['max_tasks']})."
                 )
             out["ablation"] = cbs.AblationProbeCallback(
+                num_steps=self.options["ablation_steps"],
+                burn_in=self.options["ablation_steps"] // 10,
                 layers=[feature_layer],
                 probe=(x, labels),
                 probe_size=n,
@@ -397,6 +399,7 @@ def run_audit(
     batch_size: int = 16,
     min_size: int = 20,
     max_tasks: int = 20,
+    ablation_steps: int = 1000,
     min_per_class: int = 5,
     image_size: int | None = None,
     channels: int | None = None,
@@ -419,6 +422,7 @@ def run_audit(
         batch_size: images per forward pass.
         min_size: ``min_size`` of the saliency channel split.
         max_tasks: most ablation class tasks (the most frequent classes among the images).
+        ablation_steps: MCMC steps per chain of the ablation (8 chains; a tenth is burn-in).
         min_per_class: fewest images a class needs for the correlation orders.
         image_size: override the input size of the preprocessing.
         channels: 1 for grey-scale models (with ``image_size``).
@@ -465,6 +469,7 @@ def run_audit(
             min_size=min_size,
             max_tasks=max_tasks,
             min_per_class=min_per_class,
+            ablation_steps=ablation_steps,
             progress=progress,
             seed=seed,
         )

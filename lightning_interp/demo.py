@@ -1,7 +1,8 @@
 """The main job, ``lightning-interp demo``: every callback on the task it suits, in one logged run.
 
 * posterior gap: the post's MLP (1-64-64-2) on presets 1 and 3 of Xie (2025);
-* final-layer saliency: the small CNN on :class:`~lightning_interp.datamodules.PatchImageDataModule`;
+* final-layer saliency: the small CNN on :class:`~lightning_interp.datamodules.PatchImageDataModule` in
+  content mode (the class is the pattern of a square at a random position);
 * Bayesian ablation and correlation orders: an MLP on XOR;
 * the energy expansion: an MLP on sequences from two planted Potts models.
 
@@ -161,7 +162,7 @@ def run_demo(
         cb = cbs.FinalLayerSaliencyCallback(
             probe_size=8, min_size=4, every_n_epochs=1, seed=seed, figure_dir=figs("saliency"), budget=None
         )
-        dm = dms.PatchImageDataModule(n_train=2048, n_val=256, seed=seed)
+        dm = dms.PatchImageDataModule(n_train=2048, n_val=256, seed=seed, evidence="content")
         _trainer(run_logger, out, [cb], max_epochs=epochs).fit(
             SmallCNN(in_channels=1, num_classes=4, channels=(8, 16), lr=1e-2), dm
         )

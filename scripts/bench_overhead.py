@@ -23,7 +23,7 @@ Run (from the repository root)::
 
     .venv/bin/python scripts/bench_overhead.py            # two epochs per fit, about 7 minutes on 2 CPU cores
     .venv/bin/python scripts/bench_overhead.py --steps 1000
-    .venv/bin/python scripts/bench_overhead.py --quick    # a smoke run
+    .venv/bin/python scripts/bench_overhead.py --quick    # a smoke run: two setups, 20 steps, cheap callback settings
     .venv/bin/python scripts/bench_overhead.py --only user --steps 1500   # the user-style case: 5 epochs of 300 steps
 
 The user-style setups are a CNN written here (not from ``lightning_interp.models``) on scikit-learn's real
@@ -60,6 +60,16 @@ import harness
 CALLBACK_NAMES = set(cbs.__all__)
 #: ``--quick``: a smoke run; one thread, as tiny models on a shared machine are slower with two.
 QUICK = {"steps": 20, "repeats": 1, "threads": 1}
+#: ``--quick`` runs only the setups whose names contain these: between them all five callbacks, a plain loader
+#: and a datamodule.
+QUICK_SETUPS = ("at features.5", "mlp on Potts")
+#: ``--quick``: callback arguments that make the measurements cheap (small probes, short chains).
+QUICK_CALLBACKS: dict[str, dict[str, Any]] = {
+    "ablation": {"probe_size": 64, "num_chains": 2, "num_steps": 20, "burn_in": 5},
+    "correlation": {"probe_size": 256},
+    "posterior_gap": {"probe_size": 256, "grid_size": 50},
+    "expansion": {"num_samples": 32},
+}
 
 
 #: Keyword arguments that make a callback idle: attached (Lightning dispatches all its hooks) but never measuring.
@@ -101,23 +111,25 @@ def digits_loader(quick: bool) -> DataLoader:
 def setups(quick: bool) -> dict[str, tuple[Callable[[], Any], Callable[[], Any], Callable[..., list]]]:
     """name -> (model factory, data factory, callbacks factory taking extra callback keyword arguments).
 
-    The data factory returns a datamodule, or (the user-style setups) a plain training dataloader.
+    The data factory returns a datamodule, or (the user-style setups) a plain training dataloader. ``quick``: small
+    data sets and small probes / short chains (see :data:`QUICK_CALLBACKS`).
     """
-    n_img = 4096 if quick else 60_000
+    n_img = 1024 if quick else 60_000
     image_dm = PatchImageDataModule(image_size=28, grid=2, patch=5, n_train=n_img, n_val=1000, batch_size=64)
     image_dm.setup()
-    gauss_dm = SyntheticDataModule(xie_task(3), n_train=100_000 if not quick else 8192, n_val=0, n_test=0, batch_size=64)
+    gauss_dm = SyntheticDataModule(xie_task(3), n_train=100_000 if not quick else 2048, n_val=0, n_test=0, batch_size=64)
     gauss_dm.setup()
-    potts_dm = PottsDataModule(n_train=60_000 if not quick else 8192, n_val=1000, n_test=0, batch_size=64)
+    potts_dm = PottsDataModule(n_train=60_000 if not quick else 2048, n_val=1000, n_test=0, batch_size=64)
     potts_dm.setup()
+    ab, co, pg, ex = (QUICK_CALLBACKS[k] if quick else {} for k in ("ablation", "correlation", "posterior_gap", "expansion"))
     user = {
         f"user CNN on digits, plain loader: saliency + ablation + correlation at {layer} ({where})": (
             UserCNN,
             lambda: digits_loader(quick),
             lambda layer=layer, **kw: [
                 cbs.FinalLayerSaliencyCallback(**kw),
-                cbs.AblationProbeCallback(layers=[layer], **kw),
-                cbs.CorrelationOrderCallback(layers=[layer], **kw),
+                cbs.AblationProbeCallback(layers=[layer], **ab, **kw),
+                cbs.CorrelationOrderCallback(layers=[layer], **co, **kw),
             ],
         )
         for layer, where in (("features.3", "before the last conv block"), ("features.5", "the last conv block"))
@@ -129,25 +141,25 @@ def setups(quick: bool) -> dict[str, tuple[Callable[[], Any], Callable[[], Any],
             lambda: image_dm,
             lambda **kw: [
                 cbs.FinalLayerSaliencyCallback(log_images=False, **kw),
-                cbs.AblationProbeCallback(layers=["features.4"], log_images=False, **kw),
-                cbs.CorrelationOrderCallback(log_images=False, **kw),
-                cbs.PosteriorGapCallback(log_images=False, **kw),
+                cbs.AblationProbeCallback(layers=["features.4"], log_images=False, **ab, **kw),
+                cbs.CorrelationOrderCallback(log_images=False, **co, **kw),
+                cbs.PosteriorGapCallback(log_images=False, **pg, **kw),
             ],
         ),
         "mlp on Potts: expansion + posterior gap + ablation + correlation": (
             lambda: MLPClassifier(32, 2, hidden=(64,)),
             lambda: potts_dm,
             lambda **kw: [
-                cbs.LogitExpansionCallback(8, 4, log_images=False, **kw),
-                cbs.PosteriorGapCallback(log_images=False, **kw),
-                cbs.AblationProbeCallback(layers=["net.1"], log_images=False, **kw),
-                cbs.CorrelationOrderCallback(log_images=False, **kw),
+                cbs.LogitExpansionCallback(8, 4, log_images=False, **ex, **kw),
+                cbs.PosteriorGapCallback(log_images=False, **pg, **kw),
+                cbs.AblationProbeCallback(layers=["net.1"], log_images=False, **ab, **kw),
+                cbs.CorrelationOrderCallback(log_images=False, **co, **kw),
             ],
         ),
         "mlp: posterior gap (preset 3)": (
             lambda: MLPClassifier(1, 2, hidden=(64, 64)),
             lambda: gauss_dm,
-            lambda **kw: [cbs.PosteriorGapCallback(log_images=False, **kw)],
+            lambda **kw: [cbs.PosteriorGapCallback(log_images=False, **pg, **kw)],
         ),
     }
 
@@ -198,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     run = harness.start(args)
     results = []
     for name, (make_model, make_dm, make_cbs) in setups(args.quick).items():
-        if args.only not in name:
+        if args.only not in name or (args.quick and not any(k in name for k in QUICK_SETUPS)):
             continue
         runs: dict[str, list[tuple[float, float]]] = {"bare": [], "instrumented": [], "idle": []}
         factories = {"bare": lambda: [], "instrumented": make_cbs, "idle": lambda make_cbs=make_cbs: make_cbs(**IDLE)}

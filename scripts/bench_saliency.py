@@ -4,11 +4,11 @@ Run (from the repository root)::
 
     .venv/bin/python scripts/bench_saliency.py [--sections top-k,all-class,scale] [--quick] [--out DIR]
 
-(defaults: ``--batch-size 8 --all-batch-size 4 --image-size 224 --warmup 1 --repeats 7 --ig-repeats 1
+(defaults: ``--batch-size 8 --all-batch-size 4 --image-size 224 --num-classes 1000 --warmup 1 --repeats 7 --ig-repeats 1
 --ig-top5-repeats 0 --ig-steps 50 --internal-batch-size 16 --scale-images 1000 --scale-classes 100
 --scale-batch 50 --seed 0 --out outputs/bench_saliency``, ``--device`` cuda if available else cpu, torch's
-default thread count). ``--quick`` is a smoke run of a few seconds (64 x 64 images, batches of 2, one
-repeat, no memory measurement, 4 images x 10 classes at scale): the numbers mean nothing, the code path
+default thread count). ``--quick`` is a smoke run of a few seconds (64 x 64 images, batches of 2, a
+10-class head, one repeat, no memory measurement, 4 images at scale): the numbers mean nothing, the code path
 is the real one.
 
 Setup: torchvision ResNet-50 with random weights (``torch.manual_seed(seed)``; no download) in eval
@@ -23,7 +23,8 @@ Sections (``--sections``):
 * ``all-class``: the maps of all 1000 classes for batch 4 in ONE call per method, against a no-grad
   forward pass of the same batch (the issue's target: <= 1.2x for ``policy_gradient``), also
   ``attribute_all`` (all four kinds) and ``policy_gradient`` with ``upsample=True`` (the output alone is
-  ``[4, 1000, 224, 224]``, 800 MB in float32); the one-time cost of a new ``FinalLayerSaliency``
+  ``[4, 1000, 224, 224]``, 800 MB in float32; ``upsampling alone``: that one ``F.interpolate`` call on
+  ready maps, the floor of any upsampled all-class maps); the one-time cost of a new ``FinalLayerSaliency``
   (layer resolution, and the recursive splits of all 1000 classes on each side, cached per class) is
   measured once on its own;
 * ``scale``: a reduced ImageNet-scale audit: ``--scale-images`` synthetic (``randn``) 224 x 224 images
@@ -114,6 +115,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from captum.attr import IntegratedGradients, LayerGradCam, Saliency
 from torch import Tensor, nn
@@ -131,7 +133,7 @@ CAPTUM = ("captum:LayerGradCam", "captum:Saliency", "captum:IntegratedGradients"
 FIRST_CALL = "ours:policy_gradient 1st call"
 TOP_K = 5
 #: The all-class rows: ours only (captum would need one call per class), plus upsampled policy-gradient maps.
-ALL_CLASS = (*OURS, "ours:attribute_all", "ours:policy_gradient upsampled")
+ALL_CLASS = (*OURS, "ours:attribute_all", "ours:policy_gradient upsampled", "upsampling alone")
 SECTIONS = ("top-k", "all-class", "scale")
 #: Groups of calls (keys ``"<group>/<method>"``) by section; each group has its own forward pass.
 GROUPS = {"top-k": ("top1", "top5"), "all-class": ("all",)}
@@ -149,6 +151,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="images per batch (top-k section)")
     parser.add_argument("--all-batch-size", type=int, default=4, help="images per batch (all-class section)")
     parser.add_argument("--image-size", type=int, default=224, help="input height and width")
+    parser.add_argument("--num-classes", type=int, default=1000, help="classes of the model's head (all-class targets)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls of every method (forward: one more) before timing")
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per method (IntegratedGradients: --ig-repeats)")
     parser.add_argument("--ig-repeats", type=int, default=1, help="timed IntegratedGradients calls (top-1)")
@@ -170,12 +173,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--measure-memory", metavar="KEY", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--targets", default=None, help=argparse.SUPPRESS)
-    quick = {"batch_size": 2, "all_batch_size": 2, "image_size": 64, "warmup": 0, "repeats": 1, "ig_steps": 2}
+    quick = {"batch_size": 2, "all_batch_size": 2, "image_size": 64, "num_classes": 10, "warmup": 0, "repeats": 1, "ig_steps": 2}
     quick.update({"internal_batch_size": 4, "no_memory": True, "scale_images": 4, "scale_classes": 10, "scale_batch": 2})
     args = harness.parse(parser, argv, quick=quick)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available")
-    ints = ("batch_size", "all_batch_size", "image_size", "repeats", "ig_steps", "internal_batch_size", "memory_jobs")
+    ints = ("batch_size", "all_batch_size", "image_size", "num_classes", "repeats", "ig_steps", "internal_batch_size")
+    ints += ("memory_jobs",)
     for name in (*ints, "scale_images", "scale_classes", "scale_batch"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -199,7 +203,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build(args: argparse.Namespace) -> tuple[nn.Module, Tensor]:
     """ResNet-50 with random weights (eval mode) and a random batch, both seeded."""
     torch.manual_seed(args.seed)
-    model = torchvision.models.resnet50(weights=None).eval().to(args.device)
+    model = torchvision.models.resnet50(weights=None, num_classes=args.num_classes).eval().to(args.device)
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(args.seed + 1))
     return model, x.to(args.device)
 
@@ -285,7 +289,19 @@ def all_class_calls(model: nn.Module, x: Tensor, every: Tensor, saliency: FinalL
         calls[f"all/ours:{m}"] = functools.partial(saliency.attribute, x, target=every, method=m)
     calls["all/ours:attribute_all"] = functools.partial(saliency.attribute_all, x, target=every)
     calls["all/ours:policy_gradient upsampled"] = functools.partial(saliency.attribute, x, target=every, upsample=True)
+    # the floor of any upsampled all-class maps: the one interpolation call that writes the [N, K, H, W] output
+    feature_maps = torch.zeros(*every.shape, *saliency_map_size(model, x), device=x.device)
+    calls["all/upsampling alone"] = functools.partial(
+        F.interpolate, feature_maps, size=x.shape[-2:], mode="bilinear", align_corners=False
+    )
     return calls
+
+
+def saliency_map_size(model: nn.Module, x: Tensor) -> tuple[int, int]:
+    """``(h, w)`` of the maps (the feature map that is pooled into ``fc``) for inputs shaped like ``x``."""
+    with torch.no_grad():
+        maps = FinalLayerSaliency(model).attribute(x[:1])
+    return int(maps.shape[-2]), int(maps.shape[-1])
 
 
 def cpu_name() -> str:
@@ -400,6 +416,7 @@ def memory_subprocess(key: str, args: argparse.Namespace, targets: str) -> dict[
     cmd = [sys.executable, str(Path(__file__).resolve()), "--measure-memory", key, "--targets", targets]
     cmd += ["--device", args.device, "--batch-size", str(args.batch_size), "--image-size", str(args.image_size)]
     cmd += ["--all-batch-size", str(args.all_batch_size), "--sections", ",".join(args.sections)]
+    cmd += ["--num-classes", str(args.num_classes)]
     cmd += ["--ig-steps", str(args.ig_steps), "--internal-batch-size", str(args.internal_batch_size), "--seed", str(args.seed)]
     env = {**MALLOC_ENV, **os.environ}
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
@@ -562,7 +579,8 @@ def measure_scale(model: nn.Module, args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for name, total in totals.items():
         task = None if name == "forward" else (total - totals["forward"]) / (images * count)
-        cpu = None if task is None else n_img * (fwd_per_image + n_cls * task)
+        # a difference of two measured totals: on a noisy machine it can come out below zero (then 0 is used)
+        cpu = None if task is None else n_img * (fwd_per_image + n_cls * max(task, 0.0))
         rows.append(
             {
                 "method": name,
@@ -625,7 +643,7 @@ def scale_text(scale: dict[str, Any], device: str) -> str:
         f"{scale['one_time_s']:.2f} s, <= {scale['one_time_per_class_ms']:.2f} ms per class; cached afterwards.",
         f"Extrapolation to {n_img} images x {n_cls} classes on this {device} (policy_gradient): "
         f"{n_img} x (T_forward / image + {n_cls} x t_task) = {n_img} x ({pg['per_image_s'] / pg['time_ratio']:.4f} + "
-        f"{n_cls} x {pg['per_task_ms'] / 1000:.2e}) = {pg['extrapolated_cpu_s']:.1f} s "
+        f"{n_cls} x {max(pg['per_task_ms'], 0.0) / 1000:.2e}) = {pg['extrapolated_cpu_s']:.1f} s "
         f"(+ {n_cls} x the one-time split per class).",
         f"GPU: EXTRAPOLATION, not a measurement: T_gpu = {n_img} x (F_forward + {n_cls} x F_task) / R_gpu with "
         f"F_forward = {f['forward'] / 1e9:.2f} GFLOP / image and F_task = {f['task'] / 1e6:.3f} MFLOP (counted here, "
@@ -708,7 +726,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
                 spread,
                 f"{_fmt(r['time_ratio'], '.2f')}x{est}",
                 _fmt(r["peak_mb"], ".1f"),
-                f"{_fmt(r['mem_ratio'], '.2f')}x",
+                "-" if r["mem_ratio"] is None else f"{r['mem_ratio']:.2f}x",
             ]
         )
     return harness.markdown_table(head, cells, align="llrrrrrrr")

@@ -24,7 +24,7 @@ Run (from the repository root)::
 
 (defaults: ``--epochs 10 --layers features.3 head.2 --ref-chains 16 --ref-steps 3000 --ref-burn-in 300
 --out outputs/bench_stability``). ``tests/test_stability.py`` calls :func:`run` at a reduced size (3 epochs,
-layer ``head.2``, reference 16 x 1000 with 100 burn-in). ``--quick`` also shrinks the probe to 128 digits and
+layer ``head.2``, reference 16 x 1000 with 100 burn-in). ``--quick`` also shrinks the probe to 256 digits and
 the seed runs' chains (4 x 100 steps, 10 burn-in), so it no longer measures the defaults.
 
 Outputs under ``--out``: ``results.md`` (the printed tables and checks) and ``results.json`` (every number).
@@ -55,7 +55,7 @@ QUICK = {
     "ref_chains": 4,
     "ref_steps": 200,
     "ref_burn_in": 20,
-    "probe_size": 128,
+    "probe_size": 256,
     "chains": {"num_chains": 4, "num_steps": 100, "burn_in": 10},
     "threads": 1,  # tiny models on a shared machine are slower with two
 }
