@@ -143,14 +143,18 @@ def _make_logger(use_wandb: bool, staging: str, name: str) -> Any:
 
 
 class _Tick(pl.Callback):
-    """Advance the methods' progress bar once the method before it in the callback list has measured."""
+    """Advance the methods' progress bar, and clock the method before it in the callback list."""
 
-    def __init__(self, bar: Any, name: str) -> None:
-        self.bar, self.name = bar, name
+    def __init__(self, bar: Any, name: str, clock: dict[str, float]) -> None:
+        self.bar, self.name, self.clock = bar, name, clock
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.bar.set_postfix_str(self.name)
-        self.bar.update(1)
+        now = time.perf_counter()
+        if self.bar is not None:
+            self.bar.set_postfix_str(self.name)
+            self.bar.update(1)
+        self.clock[self.name] = now - self.clock.pop("_last", now)
+        self.clock["_last"] = now
 
 
 class _FolderAudit:
@@ -192,9 +196,10 @@ class _FolderAudit:
         from tqdm import tqdm
 
         bar = tqdm(total=len(callbacks), desc="audit methods", unit="method", disable=not self.options["progress"])
-        ticking: list[pl.Callback] = []
+        self.seconds: dict[str, float] = {}
+        ticking: list[pl.Callback] = [_Tick(None, "_start", self.seconds)]
         for name, cb in callbacks.items():  # Lightning calls callbacks in list order: a tick after each method
-            ticking += [cb, _Tick(bar, name)]
+            ticking += [cb, _Tick(bar, name, self.seconds)]
         trainer = pl.Trainer(
             accelerator=accelerator,
             devices=1,
@@ -209,6 +214,7 @@ class _FolderAudit:
             trainer.validate(self.module, dataloaders=self.dm.val_dataloader(), verbose=False)
         finally:
             bar.close()
+        self.seconds = {k: round(v, 3) for k, v in self.seconds.items() if not k.startswith("_")}
         return self.sections(callbacks, logger)
 
     def callbacks(self, x: Tensor, labels: Tensor, feature_layer: str | None) -> dict[str, Any]:
@@ -230,6 +236,7 @@ class _FolderAudit:
         if "ablation" in self.methods and feature_layer is not None:
             tasks = present.argsort(descending=True)[: self.options["max_tasks"]]
             tasks = sorted(int(t) for t in tasks if present[t] > 0)
+            self.tasks = [self.names[t] for t in tasks]
             if int((present > 0).sum()) > len(tasks):
                 self.notes["ablation"].append(
                     f"Class tasks: the {len(tasks)} most frequent classes of the images (max_tasks={self.options['max_tasks']})."
@@ -490,6 +497,8 @@ def run_audit(
             "classifier": audit.saliency.classifier,
             "closed_form": bool(audit.saliency.uses_closed_form),
             "accuracy": sum(r["label"] == r["predicted"] for r in labelled) / len(labelled) if labelled else None,
+            "ablation_tasks": getattr(audit, "tasks", []),
+            "method_seconds": audit.seconds,
             "wall_time_s": round(time.perf_counter() - start, 2),
         }
         report = _write_outputs(staging, meta, sections, rows, [asdict(s) for s in dm.skipped])
