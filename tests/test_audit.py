@@ -331,3 +331,15 @@ def test_image_folder_labels_follow_the_model_classes(tmp_path: Path) -> None:
     dm = ImageFolderDataModule(str(tmp_path), image_size=16, num_classes=5, limit=3)
     dm.setup()
     assert dm.labels.tolist() == [-1, -1, -1] and not dm.labelled
+
+
+@pytest.mark.parametrize(("arch", "closed"), [("densenet121", True), ("efficientnet_b0", True), ("mobilenet_v3_small", False)])
+def test_torchvision_families(arch: str, closed: bool, labelled_tree: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    torch.save(torchvision.models.get_model(arch, num_classes=3).state_dict(), tmp_path / "w.pth")
+    report = run_audit(
+        arch=arch, weights=str(tmp_path / "w.pth"), images=str(labelled_tree / CLASSES[0]), out=str(tmp_path / "out"),
+        image_size=SIZE, limit=2, methods=("saliency", "weights"), progress=False,
+    )  # fmt: skip
+    assert report["meta"]["closed_form"] is closed and report["meta"]["num_images"] == 2
+    assert report["saliency"]["scalars"]["neg_pg_share_se"] is not None
