@@ -78,6 +78,134 @@ def _trainer(logger: Any, out: str, callbacks: list, **kw: Any) -> Any:
     )
 
 
+class _Demo:
+    """The state the demo's parts share: output folder, logger, seed and the summary they fill in."""
+
+    def __init__(self, out: str, logger: Any, seed: int, epochs: int, summary: dict[str, Any]) -> None:
+        self.out, self.logger, self.seed, self.epochs, self.summary = out, logger, seed, epochs, summary
+
+    def figures(self, part: str) -> str:
+        return os.path.join(self.out, "figures", part)
+
+    def fit(self, callbacks: list, model: Any, dm: Any, **trainer_kw: Any) -> None:
+        import lightning.pytorch as pl
+
+        pl.seed_everything(self.seed, verbose=False)
+        _trainer(self.logger, self.out, callbacks, **trainer_kw).fit(model, dm)
+
+    def record(self, part: str, callback: Any, t0: float, **extra: Any) -> None:
+        self.summary["parts"][part] = {
+            "callback": type(callback).__name__,
+            "prefix": callback.prefix,
+            "final": callback.history[-1],
+            "history": callback.history,
+            "wall_time_s": round(time.perf_counter() - t0, 2),
+            **extra,
+        }
+
+    def posterior(self, presets: Sequence[int], max_steps: int, n_train: int, probe_size: int) -> None:
+        """The post's MLP on each preset; the gap against the step, all presets in one figure."""
+        from lightning_interp import callbacks as cbs
+        from lightning_interp.datamodules import SyntheticDataModule
+        from lightning_interp.models import MLPClassifier
+        from lightning_interp.plotting import figure_to_png, subplots
+        from lightning_interp.tasks import xie_task
+
+        fig, ax = subplots(figsize=(6, 4))
+        for preset in presets:
+            t0 = time.perf_counter()
+            cb = cbs.PosteriorGapCallback(
+                probe_size=probe_size,
+                every_n_epochs=None,
+                every_n_steps=max(1, max_steps // 20),
+                measure_at_start=True,
+                seed=self.seed,
+                figure_dir=self.figures(f"posterior_preset{preset}"),
+                key_prefix=f"posterior_gap/preset{preset}",
+                budget=None,  # the demo shows every measurement of its short runs
+            )
+            dm = SyntheticDataModule(xie_task(preset), n_train, 0, 0, batch_size=64, seed=self.seed)
+            self.fit([cb], MLPClassifier(1, 2, hidden=(64, 64)), dm, max_steps=max_steps, limit_val_batches=0)
+            self.record(f"posterior_preset{preset}", cb, t0, preset=preset)
+            ax.plot([max(h["step"], 1) for h in cb.history], [h["kl"] for h in cb.history], marker="o", label=f"preset {preset}")
+        ax.set(xscale="log", yscale="log", xlabel="training step", ylabel="mean KL(p || q) on the probe set")
+        ax.set_title("Posterior gap during training")
+        ax.legend()
+        with open(os.path.join(self.out, "gap_vs_step.png"), "wb") as f:
+            f.write(figure_to_png(fig))
+
+    def saliency(self) -> None:
+        """The small CNN on content-mode patch images (the class is a pattern at a random position)."""
+        from lightning_interp import callbacks as cbs
+        from lightning_interp.datamodules import PatchImageDataModule
+        from lightning_interp.models import SmallCNN
+
+        t0 = time.perf_counter()
+        cb = cbs.FinalLayerSaliencyCallback(
+            probe_size=8, min_size=4, every_n_epochs=1, seed=self.seed, figure_dir=self.figures("saliency"), budget=None
+        )
+        dm = PatchImageDataModule(n_train=2048, n_val=256, seed=self.seed, evidence="content")
+        self.fit([cb], SmallCNN(in_channels=1, num_classes=4, channels=(8, 16), lr=1e-2), dm, max_epochs=self.epochs)
+        self.record("saliency", cb, t0)
+
+    def xor(self, parts: Sequence[str]) -> None:
+        """Ablation and correlation orders of an MLP on XOR, in one fit."""
+        from lightning_interp import callbacks as cbs
+        from lightning_interp.datamodules import XORDataModule
+        from lightning_interp.models import MLPClassifier
+
+        t0 = time.perf_counter()
+        found: list[tuple[str, Any]] = []
+        if "ablation" in parts:
+            found.append(
+                (
+                    "ablation",
+                    cbs.AblationProbeCallback(
+                        layers=["net.1", "net.3"],
+                        probe_size=256,
+                        every_n_epochs=1,
+                        seed=self.seed,
+                        figure_dir=self.figures("ablation"),
+                        budget=None,
+                    ),
+                )
+            )
+        if "correlation" in parts:
+            found.append(
+                (
+                    "correlation",
+                    cbs.CorrelationOrderCallback(
+                        probe_size=1024, every_n_epochs=1, seed=self.seed, figure_dir=self.figures("correlation"), budget=None
+                    ),
+                )
+            )
+        dm = XORDataModule(noise=0.3, n_train=4096, n_val=1024, seed=self.seed)
+        self.fit([cb for _, cb in found], MLPClassifier(2, 2, hidden=(12, 12), lr=1e-2), dm, max_epochs=self.epochs)
+        for part, cb in found:
+            self.record(part, cb, t0, task="xor")
+
+    def expansion(self) -> None:
+        """An MLP on sequences of two planted Potts models; the sampled expansion of its logit."""
+        from lightning_interp import callbacks as cbs
+        from lightning_interp.datamodules import PottsDataModule
+        from lightning_interp.models import MLPClassifier
+
+        t0 = time.perf_counter()
+        cb = cbs.LogitExpansionCallback(
+            8,
+            4,
+            method="sampled",
+            num_samples=256,
+            every_n_epochs=1,
+            seed=self.seed,
+            figure_dir=self.figures("expansion"),
+            budget=None,
+        )
+        dm = PottsDataModule(seq_len=8, num_states=4, n_train=20000, seed=self.seed)
+        self.fit([cb], MLPClassifier(32, 2, hidden=(64,), lr=3e-3), dm, max_epochs=self.epochs)
+        self.record("expansion", cb, t0)
+
+
 def run_demo(
     out: str = "demo_out",
     max_steps: int = 3000,
@@ -102,14 +230,6 @@ def run_demo(
         n_train: training-set size of the posterior presets.
         probe_size: posterior-gap probe size.
     """
-    import lightning.pytorch as pl
-
-    from lightning_interp import callbacks as cbs
-    from lightning_interp import datamodules as dms
-    from lightning_interp.models import MLPClassifier, SmallCNN
-    from lightning_interp.plotting import figure_to_png, subplots
-    from lightning_interp.tasks import xie_task
-
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown demo parts {sorted(unknown)}; choose from {PARTS}")
@@ -117,93 +237,15 @@ def run_demo(
     start = time.perf_counter()
     run_logger = make_logger(logger, out, "demo")
     summary: dict[str, Any] = {"max_steps": max_steps, "epochs": epochs, "logger": logger, "seed": seed, "parts": {}}
-    figs = lambda part: os.path.join(out, "figures", part)  # noqa: E731
-
-    def record(part: str, callback: Any, t0: float, **extra: Any) -> None:
-        summary["parts"][part] = {
-            "callback": type(callback).__name__,
-            "prefix": callback.prefix,
-            "final": callback.history[-1],
-            "history": callback.history,
-            "wall_time_s": round(time.perf_counter() - t0, 2),
-            **extra,
-        }
-
+    demo = _Demo(out, run_logger, seed, epochs, summary)
     if "posterior" in parts:
-        fig, ax = subplots(figsize=(6, 4))
-        for preset in presets:
-            t0 = time.perf_counter()
-            pl.seed_everything(seed, verbose=False)
-            cb = cbs.PosteriorGapCallback(
-                probe_size=probe_size,
-                every_n_epochs=None,
-                every_n_steps=max(1, max_steps // 20),
-                measure_at_start=True,
-                seed=seed,
-                figure_dir=figs(f"posterior_preset{preset}"),
-                key_prefix=f"posterior_gap/preset{preset}",
-                budget=None,  # the demo shows every measurement of its short runs
-            )
-            dm = dms.SyntheticDataModule(xie_task(preset), n_train, 0, 0, batch_size=64, seed=seed)
-            _trainer(run_logger, out, [cb], max_steps=max_steps, limit_val_batches=0).fit(
-                MLPClassifier(1, 2, hidden=(64, 64)), dm
-            )
-            record(f"posterior_preset{preset}", cb, t0, preset=preset)
-            ax.plot([max(h["step"], 1) for h in cb.history], [h["kl"] for h in cb.history], marker="o", label=f"preset {preset}")
-        ax.set(xscale="log", yscale="log", xlabel="training step", ylabel="mean KL(p || q) on the probe set")
-        ax.set_title("Posterior gap during training")
-        ax.legend()
-        with open(os.path.join(out, "gap_vs_step.png"), "wb") as f:
-            f.write(figure_to_png(fig))
-
+        demo.posterior(presets, max_steps, n_train, probe_size)
     if "saliency" in parts:
-        t0 = time.perf_counter()
-        pl.seed_everything(seed, verbose=False)
-        cb = cbs.FinalLayerSaliencyCallback(
-            probe_size=8, min_size=4, every_n_epochs=1, seed=seed, figure_dir=figs("saliency"), budget=None
-        )
-        dm = dms.PatchImageDataModule(n_train=2048, n_val=256, seed=seed, evidence="content")
-        _trainer(run_logger, out, [cb], max_epochs=epochs).fit(
-            SmallCNN(in_channels=1, num_classes=4, channels=(8, 16), lr=1e-2), dm
-        )
-        record("saliency", cb, t0)
-
+        demo.saliency()
     if "ablation" in parts or "correlation" in parts:
-        t0 = time.perf_counter()
-        pl.seed_everything(seed, verbose=False)
-        xor_cbs = []
-        if "ablation" in parts:
-            xor_cbs.append(
-                cbs.AblationProbeCallback(
-                    layers=["net.1", "net.3"],
-                    probe_size=256,
-                    every_n_epochs=1,
-                    seed=seed,
-                    figure_dir=figs("ablation"),
-                    budget=None,
-                )
-            )
-        if "correlation" in parts:
-            xor_cbs.append(
-                cbs.CorrelationOrderCallback(
-                    probe_size=1024, every_n_epochs=1, seed=seed, figure_dir=figs("correlation"), budget=None
-                )
-            )
-        dm = dms.XORDataModule(noise=0.3, n_train=4096, n_val=1024, seed=seed)
-        _trainer(run_logger, out, xor_cbs, max_epochs=epochs).fit(MLPClassifier(2, 2, hidden=(12, 12), lr=1e-2), dm)
-        for cb in xor_cbs:
-            record("ablation" if isinstance(cb, cbs.AblationProbeCallback) else "correlation", cb, t0, task="xor")
-
+        demo.xor(parts)
     if "expansion" in parts:
-        t0 = time.perf_counter()
-        pl.seed_everything(seed, verbose=False)
-        cb = cbs.LogitExpansionCallback(
-            8, 4, method="sampled", num_samples=256, every_n_epochs=1, seed=seed, figure_dir=figs("expansion"), budget=None
-        )
-        dm = dms.PottsDataModule(seq_len=8, num_states=4, n_train=20000, seed=seed)
-        _trainer(run_logger, out, [cb], max_epochs=epochs).fit(MLPClassifier(32, 2, hidden=(64,), lr=3e-3), dm)
-        record("expansion", cb, t0)
-
+        demo.expansion()
     finish_logger(run_logger)
     summary["wall_time_s"] = round(time.perf_counter() - start, 2)
     with open(os.path.join(out, "summary.json"), "w") as f:

@@ -96,14 +96,13 @@ def test_planted_row_is_an_exact_fit_and_classes_resolve_by_name_or_index(
     script: ModuleType, files: dict[str, Path], tmp_path: Path
 ) -> None:
     # one --arch for both files; the same class by index and by name
-    data = script.main(
-        ["--weights", str(files["planted"]), str(files["vit"]), "--arch", "timm:test_vit", "--classes", "870", "tricycle", "3"]
-        + ["--out", str(tmp_path)]
-    )
+    files_and_arch = ["--weights", str(files["planted"]), str(files["vit"]), "--arch", "timm:test_vit"]
+    data = script.main([*files_and_arch, "--classes", "870", "tricycle", "3", "--out", str(tmp_path)])
     planted, plain = data["models"]
     by_index, by_name, other = planted["classes"]
     assert (by_index["index"], by_name["index"], other["index"]) == (PLANTED_CLASS, PLANTED_CLASS, 3)
-    assert by_index == by_name and by_index["name"] == "tricycle" and other["name"] == "tench"
+    categories = ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
+    assert by_index == by_name and by_index["name"] == "tricycle" and other["name"] == categories[3]
     pos, neg = by_index["positive"], by_index["negative"]
     assert pos["r2"] == pytest.approx(1.0, abs=1e-12) and neg["r2"] == pytest.approx(1.0, abs=1e-12)
     assert (pos["slope"], pos["intercept"]) == pytest.approx((POS_SLOPE, POS_INTERCEPT), abs=1e-5)  # float32 weights
