@@ -82,7 +82,7 @@ MAX_EXACT_UNITS = 16
 #: ``method="auto"`` enumerates at least this many masks (d <= 12) exactly rather than sampling.
 AUTO_EXACT_MASKS = 4096
 _MAX_ELEMENTS = 4_000_000
-#: bound on the elements of the MCMC pairwise joint accumulators (per chain when they fit, else pooled)
+#: bound on the elements of the MCMC pairwise matrices [d, d] (above it, no manifold complexity)
 _MAX_JOINT_ELEMENTS = 16_000_000
 _LOG2 = math.log(2.0)
 
@@ -387,6 +387,8 @@ class AblationResult:
     manifold_complexity_se: Tensor | None = None
     polysemanticity_se: Tensor | None = None
     seconds_per_step: float | None = None
+    complexity_pairs: Tensor | None = None
+    complexity_left_out_bits: Tensor | None = None
 
 
 def _binary_entropy_bits(p: Tensor) -> Tensor:
@@ -776,27 +778,39 @@ class _Estimate:
     ess: Tensor | None = None
     ess_per_unit: Tensor | None = None
     seconds_per_step: float | None = None
+    complexity_pairs: Tensor | None = None
+    complexity_left_out_bits: Tensor | None = None
 
 
 @dataclass
 class _ChainSums:
-    """Per-chain sums of a Metropolis run (after burn-in) that the MCMC read-outs are made from.
+    """What the kept steps of a Metropolis run leave for the MCMC read-outs, per task and chain.
 
-    ``cond_*``: sums, per proposed unit, of the conditional ``P(m_j = 1 | m_-j)``, of the number of
-    proposals and of the conditional's entropy ``[T, C, d]``; ``raw``: sums of the 0/1 keep indicators;
-    ``joint``: sums of ``m_i P(m_j = 1 | m_-j)`` ``[T, C or 1, d, d]`` (``None`` when too large);
-    ``samples``: the 0/1 traces ``[T, C, S, d]``.
+    ``flips`` ``[T, C, S]``: the unit each step proposed to flip; ``conds``: its conditional
+    ``P(m_j = 1 | m_-j)``; ``traces`` ``[T, C, S, d]``: the masks after each step (bool); ``cond_sum``,
+    ``cond_cnt``, ``cond_entropy`` ``[T, C, d]``: per unit, the sums of its conditionals, its number of
+    proposals and the sums of the conditionals' entropies; ``raw``: the sums of the 0/1 keep indicators.
     """
 
+    flips: Tensor
+    conds: Tensor
+    traces: Tensor
     cond_sum: Tensor
     cond_cnt: Tensor
     cond_entropy: Tensor
     raw: Tensor
-    joint: Tensor | None
-    per_chain_joint: bool
-    samples: Tensor
     accepted: Tensor
     seconds_per_step: float
+
+    def chain_joint(self, task: int, chain: int) -> Tensor:
+        """Row ``j``: the sum of ``m_i P(m_j = 1 | m_-j)`` over the chain's steps proposing unit ``j`` ``[d, d]``.
+
+        The masks are those after each step, which differ from those it started from in unit ``j`` only (the
+        diagonal, which no pair uses).
+        """
+        rows = self.traces[task, chain].to(torch.float64) * self.conds[task, chain, :, None]
+        d = rows.shape[1]
+        return torch.zeros(d, d, dtype=torch.float64, device=rows.device).index_add_(0, self.flips[task, chain], rows)
 
 
 class BayesianAblation:
@@ -1024,28 +1038,13 @@ class BayesianAblation:
         """Parallel Metropolis chains of single-unit flips; Rao-Blackwellised read-outs, jackknife over chains."""
         sums = self._run_chains(scorer, num_tasks, d, device)
         c, kept = self.num_chains, self.num_steps - self.burn_in
-        importance, mi_all, cap = _chain_readouts(sums, range(c), c * kept)
-        rep_importance, rep_pairwise = [], []
-        mi_loo_sum = torch.zeros_like(mi_all) if mi_all is not None and sums.per_chain_joint else None
-        if c >= 2:
-            for chain in range(c):  # leave one chain out
-                imp_c, mi_c, _ = _chain_readouts(sums, [i for i in range(c) if i != chain], (c - 1) * kept)
-                rep_importance.append(imp_c)
-                if mi_c is not None and mi_loo_sum is not None and cap is not None:
-                    mi_loo_sum += mi_c
-                    rep_pairwise.append(_pairwise_total(mi_c, cap))
-        if mi_all is not None and cap is not None:
-            # Jackknife bias correction (the plug-in information of a noisy pair is biased upwards by
-            # O(1 / samples), and d (d - 1) / 2 pairs add up). A pair with a unit whose conditional never
-            # moved (it depends on no other unit: I(m_j; m_-j) = 0) contributes exactly 0, without noise.
-            mi_est = c * mi_all - (c - 1) * mi_loo_sum / c if mi_loo_sum is not None else mi_all
-            pairwise = _pairwise_total(mi_est, cap)
-        else:
-            pairwise = torch.full((num_tasks,), math.nan, dtype=torch.float64, device=device)
-        ess_per_unit = torch.stack([_ess(sums.samples[t]) for t in range(num_tasks)])  # [T, d]
+        importance = _chain_marginals(sums, range(c), c * kept)[0]
+        rep_importance = [_chain_marginals(sums, _others(c, chain), (c - 1) * kept)[0] for chain in range(c)] if c >= 2 else []
+        complexity = _pairwise_complexity(sums, kept)
+        ess_per_unit = torch.stack([_ess(sums.traces[t]) for t in range(num_tasks)])  # [T, d]
         return _Estimate(
             importance=importance,
-            manifold_complexity=pairwise,
+            manifold_complexity=complexity.value,
             complexity_kind="pairwise_mutual_information",
             mask_entropy_bits=torch.full((num_tasks,), math.nan, dtype=torch.float64, device=device),
             method="mcmc",
@@ -1053,11 +1052,13 @@ class BayesianAblation:
             num_rows=scorer.rows_per_step * (self.num_steps + 1),
             replicate_kind="jackknife" if rep_importance else "",
             replicate_importance=torch.stack(rep_importance) if rep_importance else None,
-            replicate_complexity=torch.stack(rep_pairwise) if rep_pairwise else None,
+            replicate_complexity=complexity.replicates,
             acceptance_rate=sums.accepted / (c * kept),
             ess=ess_per_unit.min(dim=1).values,
             ess_per_unit=ess_per_unit,
             seconds_per_step=sums.seconds_per_step,
+            complexity_pairs=complexity.pairs,
+            complexity_left_out_bits=complexity.left_out_bits,
         )
 
     def _run_chains(self, scorer: _ChainScorer, num_tasks: int, d: int, device: torch.device) -> _ChainSums:
@@ -1071,17 +1072,14 @@ class BayesianAblation:
         current = score(state)
         kept = self.num_steps - self.burn_in
         traces = torch.zeros(num_tasks, c, kept, d, dtype=torch.bool, device=device)
+        flips = torch.zeros(num_tasks, c, kept, dtype=torch.long, device=device)
+        conds = torch.zeros(num_tasks, c, kept, dtype=torch.float64, device=device)
         accepted = torch.zeros(num_tasks, dtype=torch.float64, device=device)
         # Rao-Blackwellisation: a step that proposes flipping unit j has the scores of both values of m_j given
         # the rest, hence P(m_j = 1 | m_-j) exactly. The proposed unit is drawn independently of the state, so
         # its average over the steps proposing j estimates P(m_j = 1), and that of m_i P(m_j = 1 | m_-j) the
         # joint P(m_i = 1, m_j = 1), with far less noise than the 0/1 samples (an unused unit gets exactly
-        # prior_keep). Sums are kept per chain for the jackknife.
-        cond_sum, cond_cnt, cond_entropy = (torch.zeros(num_tasks, c, d, dtype=torch.float64, device=device) for _ in range(3))
-        per_chain_joint = num_tasks * c * d * d <= _MAX_JOINT_ELEMENTS
-        joint = None
-        if num_tasks * d * d <= _MAX_JOINT_ELEMENTS:
-            joint = torch.zeros(num_tasks, c if per_chain_joint else 1, d, d, dtype=torch.float64, device=device)
+        # prior_keep). The proposed units, their conditionals and the masks are kept per chain for the jackknife.
         loop_start = time.perf_counter()
         for step in range(self.num_steps):
             flip = torch.randint(0, d, (num_tasks, c), generator=g).to(device)
@@ -1092,17 +1090,8 @@ class BayesianAblation:
             u = torch.rand(num_tasks, c, generator=g, dtype=torch.float64).to(device)
             if step >= self.burn_in:
                 sign = was[..., 0].to(torch.float64) * 2 - 1  # +1 where the current state keeps unit j
-                cond = torch.sigmoid((current - new) * sign)  # P(m_j = 1 | m_-j)   [T, C]
-                cond_sum.scatter_add_(2, flip[..., None], cond[..., None])
-                cond_cnt.scatter_add_(2, flip[..., None], torch.ones_like(cond)[..., None])
-                cond_entropy.scatter_add_(2, flip[..., None], _binary_entropy_bits(cond)[..., None])
-                if joint is not None:
-                    rows = (state.to(torch.float64) * cond[..., None])[:, :, None, :]  # [T, C, 1, d]
-                    if per_chain_joint:
-                        joint.scatter_add_(2, flip[:, :, None, None].expand(num_tasks, c, 1, d), rows)
-                    else:
-                        for chain in range(c):
-                            joint[:, 0].scatter_add_(1, flip[:, chain, None, None].expand(num_tasks, 1, d), rows[:, chain])
+                conds[:, :, step - self.burn_in] = torch.sigmoid((current - new) * sign)  # P(m_j = 1 | m_-j)
+                flips[:, :, step - self.burn_in] = flip
             accept = u.log() < (new - current)
             state = torch.where(accept[..., None], proposal, state)
             current = torch.where(accept, new, current)
@@ -1112,9 +1101,20 @@ class BayesianAblation:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds_per_step = (time.perf_counter() - loop_start) / self.num_steps
-        samples = traces.to(torch.float64)  # [T, C, S, d]
+
+        def per_unit(values: Tensor) -> Tensor:  # sums over each chain's steps proposing each unit  [T, C, d]
+            return torch.zeros(num_tasks, c, d, dtype=torch.float64, device=device).scatter_add_(2, flips, values)
+
         return _ChainSums(
-            cond_sum, cond_cnt, cond_entropy, samples.sum(dim=2), joint, per_chain_joint, samples, accepted, seconds_per_step
+            flips=flips,
+            conds=conds,
+            traces=traces,
+            cond_sum=per_unit(conds),
+            cond_cnt=per_unit(torch.ones_like(conds)),
+            cond_entropy=per_unit(_binary_entropy_bits(conds)),
+            raw=traces.sum(dim=2, dtype=torch.float64),
+            accepted=accepted,
+            seconds_per_step=seconds_per_step,
         )
 
     # ------------------------------------------------------------------ read-outs
@@ -1157,23 +1157,103 @@ def _posterior_importance(p: Tensor, masks: Tensor) -> Tensor:
     return (p.T @ masks.to(torch.float64)).clamp(0, 1)
 
 
-def _chain_readouts(sums: _ChainSums, chains: Sequence[int], count: float) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Importance ``[T, d]``, pairwise information ``[T, d, d]`` and its cap from the sums over some chains."""
+def _others(num_chains: int, left_out: int) -> list[int]:
+    return [i for i in range(num_chains) if i != left_out]
+
+
+def _chain_marginals(sums: _ChainSums, chains: Sequence[int], count: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Importance, dependence ``I(m_j; m_-j)`` and proposal counts ``[T, d]`` from the sums over some chains.
+
+    ``I(m_j; m_-j) = H(m_j) - E[H(m_j | m_-j)]``, from the conditionals: exactly 0 for a unit whose
+    conditional never moved (it depends on no other unit, e.g. a unit no task uses).
+    """
     idx = list(chains)
     cs, cc, ch, raw = (t[:, idx].sum(1) for t in (sums.cond_sum, sums.cond_cnt, sums.cond_entropy, sums.raw))
     imp = torch.where(cc > 0, cs / cc.clamp_min(1), raw / count).clamp(0, 1)
-    if sums.joint is None or (not sums.per_chain_joint and len(idx) < sums.cond_sum.shape[1]):
-        return imp, None, None
-    rows = sums.joint[:, idx].sum(dim=1) if sums.per_chain_joint else sums.joint.sum(dim=1)
-    rows = rows / cc.clamp_min(1)[..., None]  # row j: E[m_i P(m_j = 1 | m_-j)]
-    mi = pairwise_information_bits(imp, (rows + rows.transpose(1, 2)) / 2, reduce=False)
-    # I(m_i; m_j) <= I(m_j; m_-j) = H(m_j) - E[H(m_j | m_-j)], which the conditionals give with little
-    # noise (exactly 0 for a unit no task uses)
     h = _binary_entropy_bits(imp)
     dependence = (h - torch.where(cc > 0, ch / cc.clamp_min(1), h)).clamp_min(0)
-    return imp, mi, torch.minimum(dependence[:, :, None], dependence[:, None, :])
+    return imp, dependence, cc
 
 
-def _pairwise_total(mi: Tensor, cap: Tensor) -> Tensor:
-    """``sum_{i<j}`` of the pairwise informations ``[T, d, d]``, a pair counting only where its cap is positive."""
-    return torch.triu(torch.where(cap > 0, mi, torch.zeros_like(mi)), diagonal=1).sum(dim=(-2, -1))
+def _pair_information(importance: Tensor, count: Tensor, joint: Tensor, i: Tensor, j: Tensor) -> Tensor:
+    """Plug-in ``I(m_i; m_j)`` in bits of the pairs ``(i[k], j[k])`` of one task ``[P]``.
+
+    ``joint`` row ``u``: the sum, over the steps proposing unit ``u``, of ``m_v P(m_u = 1 | m_-u)``, whose mean
+    estimates ``P(m_u = 1, m_v = 1)``; ``count``: those steps per unit. The two estimates of a pair's joint
+    (rows ``i`` and ``j``) are averaged and clipped to the range the marginals allow.
+    """
+    n = count.clamp_min(1)
+    pi, pj = importance[i], importance[j]
+    j11 = (joint[j, i] / n[j] + joint[i, j] / n[i]) / 2
+    j11 = torch.maximum(torch.minimum(j11, torch.minimum(pi, pj)), (pi + pj - 1).clamp_min(0))
+    cells = torch.stack([j11, pi - j11, pj - j11, 1 - pi - pj + j11]).clamp_min(0)
+    p = importance.clamp(0, 1)
+    negentropy = torch.special.xlogy(p, p) + torch.special.xlogy(1 - p, 1 - p)  # -H(m_u) in nats
+    mi = torch.special.xlogy(cells, cells).sum(dim=0) - negentropy[i] - negentropy[j]  # H(m_i) + H(m_j) - H(m_i, m_j)
+    return (mi / _LOG2).clamp_min(0)  # rounding can give -1e-17
+
+
+@dataclass
+class _Complexity:
+    """The MCMC manifold complexity ``[T]``, its jackknife replicates ``[C, T]``, the pairs counted and left out."""
+
+    value: Tensor
+    replicates: Tensor | None
+    pairs: Tensor
+    left_out_bits: Tensor
+
+
+def _pairwise_complexity(sums: _ChainSums, kept: int) -> _Complexity:
+    """Sum of the pairwise informations ``I(m_i; m_j)`` of the mask posterior per task, resolved pairs only.
+
+    Every pair's plug-in information is jackknife bias-corrected over the chains (it is biased upwards by
+    ``O(1 / samples)``). On a wide layer most of the ``d (d - 1) / 2`` pairs carry almost no information
+    while each corrected estimate keeps a noise of its own, and their sum is then noise (hundreds of bits,
+    of either sign, at a few proposals per unit and chain). So a pair counts only where its information
+    can be resolved: where its bound ``min(I(m_i; m_-i), I(m_j; m_-j))`` (the units' dependence on the rest,
+    measured with little noise from the conditionals) exceeds the typical noise of a pair's estimate, the
+    median jackknife standard error over the dependent pairs. A left-out pair's information is at most its
+    bound, below that noise: leaving it out biases the sum downwards by at most ``left_out_bits`` (the sum
+    of those bounds) and removes its noise. Where every dependent pair is resolved, as on small layers run
+    long enough, nothing is left out and the sum is the jackknifed sum over all pairs. The replicates
+    recompute the sum over the same pairs with one chain left out.
+    """
+    num_tasks, c, d = sums.cond_sum.shape
+    device = sums.cond_sum.device
+    value = torch.zeros(num_tasks, dtype=torch.float64, device=device)
+    pairs = torch.zeros(num_tasks, dtype=torch.long, device=device)
+    left_out = torch.zeros(num_tasks, dtype=torch.float64, device=device)
+    replicates = torch.zeros(c, num_tasks, dtype=torch.float64, device=device) if c >= 2 else None
+    if d * d > _MAX_JOINT_ELEMENTS:  # [d, d] matrices do not fit: no estimate
+        nan = torch.full((num_tasks,), math.nan, dtype=torch.float64, device=device)
+        return _Complexity(nan, None if replicates is None else replicates.fill_(math.nan), pairs, nan.clone())
+    imp, dep, cc = _chain_marginals(sums, range(c), c * kept)
+    loo = [_chain_marginals(sums, _others(c, k), (c - 1) * kept) for k in range(c)] if c >= 2 else []
+    for t in range(num_tasks):
+        # the dependent pairs: a unit that depends on no other unit (I(m_u; m_-u) = 0) shares no information
+        i, j = torch.nonzero(dep[t, :, None].gt(0) & dep[t, None, :].gt(0)).T
+        i, j = i[i < j], j[i < j]
+        bound = torch.minimum(dep[t, i], dep[t, j])
+        total = sum((sums.chain_joint(t, k) for k in range(c)), torch.zeros(d, d, dtype=torch.float64, device=device))
+        mi = _pair_information(imp[t], cc[t], total, i, j)
+        if replicates is None:  # one chain: the plug-in sum, with no error bar
+            value[t], pairs[t] = mi.sum(), i.numel()
+            continue
+
+        def left_one_out(k: int, i: Tensor, j: Tensor, t: int = t, total: Tensor = total) -> Tensor:
+            imp_k, dep_k, cc_k = loo[k]
+            mi_k = _pair_information(imp_k[t], cc_k[t], total - sums.chain_joint(t, k), i, j)
+            return torch.where((dep_k[t, i] > 0) & (dep_k[t, j] > 0), mi_k, torch.zeros_like(mi_k))
+
+        s1, s2 = torch.zeros_like(mi), torch.zeros_like(mi)
+        for k in range(c):
+            mi_k = left_one_out(k, i, j)
+            s1 += mi_k
+            s2 += mi_k * mi_k
+        corrected = c * mi - (c - 1) * s1 / c
+        se = ((c - 1) / c * (s2 - s1 * s1 / c)).clamp_min(0).sqrt()  # the jackknife SE of each pair
+        counted = bound > (se.median() if se.numel() else 0.0)
+        value[t], pairs[t], left_out[t] = corrected[counted].sum(), counted.sum(), bound[~counted].sum()
+        for k in range(c):
+            replicates[k, t] = left_one_out(k, i[counted], j[counted]).sum()
+    return _Complexity(value, replicates, pairs, left_out)

@@ -193,7 +193,11 @@ def split_chain(w: Tensor, side: Literal["+", "-"] = "+", min_size: int = 20) ->
         min_size: a subset with fewer channels is not split further.
 
     Returns:
-        Channel indices (``LongTensor``, increasing) of every level, from all channels to the last.
+        Channel indices (``LongTensor``, increasing, on ``w``'s device) of every level, from all channels to
+        the last.
+
+    Raises:
+        ValueError: an unknown ``side``, an empty or non-vector ``w``, or ``min_size < 1``.
 
     Example:
         >>> [c.tolist() for c in split_chain(torch.tensor([0.0, 1.0, 2.0, 3.0, 10.0]), "+", min_size=2)]
@@ -205,7 +209,9 @@ def split_chain(w: Tensor, side: Literal["+", "-"] = "+", min_size: int = 20) ->
         raise ValueError(f"w must be a non-empty vector [D], got shape {list(w.shape)}")
     if min_size < 1:
         raise ValueError(f"min_size must be >= 1, got {min_size}")
-    return [torch.nonzero(level[0])[:, 0] for level in _chain_levels(w.detach()[None], side, min_size, every=True)]
+    # on the CPU whatever the device: the sums then run in the same order as for the cached masks of many classes
+    levels = _chain_levels(w.detach().cpu()[None], side, min_size, every=True)
+    return [torch.nonzero(level[0])[:, 0].to(w.device) for level in levels]
 
 
 def _chain_levels(values: Tensor, side: str, min_size: int, every: bool = False) -> list[Tensor]:
@@ -275,7 +281,7 @@ def _minmax(maps: Tensor) -> Tensor:
 
 def _chain_masks(rows: Tensor, side: str, min_size: int) -> Tensor:
     """Membership ``[M, D]`` (bool, on ``rows``' device) of the last chain subset of each row of ``rows`` ``[M, D]``."""
-    # on a CPU copy, as split_chain of a CPU row: the cumulative sums then run in the same order
+    # on a CPU copy, as split_chain: the cumulative sums then run in the same order
     return _chain_levels(rows.detach().cpu(), side, min_size)[-1].to(rows.device)
 
 
@@ -325,7 +331,8 @@ def _gap_transform(summary: _Summary, pooled: Tensor) -> str | None:
 #: The chain side behind each channel-set map.
 _SIDES = {"discriminative": "+", "confusing": "-"}
 
-#: ``(method, classes)`` -> per-class coefficients ``[N, k, D]`` on the channels of the feature map.
+#: ``(method, classes)`` -> per-class coefficients on the channels of the feature map: ``[k, D]`` shared by
+#: every sample, or ``[N, k, D]``.
 Coefficients = Callable[[str, slice], Tensor]
 
 
@@ -336,12 +343,13 @@ class FinalLayerSaliency(Attribution):
     that is globally average-pooled into it are found on the first batch, or taken by
     ``named_modules()`` path, and the relation ``mean_ij A = classifier input`` is checked (also after a
     ReLU, as in torchvision's DenseNet). Where it holds, every map costs one forward pass and no
-    backward pass: the maps of ``k`` classes are one batched product of per-class channel coefficients
-    ``[N, k, D]`` with the feature map ``[N, D, h * w]``, so the maps of every class cost little more
-    than the forward pass. Where it does not (a flatten + Linear head, an MLP after the pool, a token
-    model), the same quantities are computed from gradients at the feature layer (one warning; one
-    backward pass per target column plus one); without a ``feature_layer`` the fallback picks the last
-    layer with a spatial or token output whose gradient reaches the spatial positions.
+    backward pass: the maps of ``k`` classes are one matrix product of per-class channel coefficients
+    (``[k, D]`` when every sample has the same classes, as for all classes; else ``[N, k, D]``) with the
+    feature map ``[N, D, h * w]``, so the maps of every class cost little more than the forward pass.
+    Where it does not (a flatten + Linear head, an MLP after the pool, a token model), the same
+    quantities are computed from gradients at the feature layer (one warning; one backward pass per
+    target column plus one); without a ``feature_layer`` the fallback picks the last layer with a
+    spatial or token output whose gradient reaches the spatial positions.
 
     Args:
         model: a classifier returning logits ``[N, K]`` for image-like inputs.
@@ -350,10 +358,10 @@ class FinalLayerSaliency(Attribution):
         min_size: ``min_size`` of the recursive split (:func:`split_chain`).
 
     Attributes:
-        chunk_elements: classes are rendered in chunks of at most this many elements of per-class
-            coefficients ``[N, k, D]`` plus maps ``[N, k, h, w]``, so that many targets (all classes of
-            ImageNet, say) do not hold ``[N, k, D]`` at once. The maps are upsampled (``upsample=True``)
-            in one call once all are computed.
+        chunk_elements: classes are rendered in chunks of at most about this many elements of per-class
+            intermediates (coefficients and maps, ``N * k * (D + h * w)``), so that many targets (all
+            classes of ImageNet for many images, say) are never held as ``[N, k, D]`` at once. The maps
+            are upsampled (``upsample=True``) in one call once all are computed.
 
     Raises:
         ValueError: unknown layer names, a model without an ``nn.Linear`` producing its output, a
@@ -636,10 +644,11 @@ class FinalLayerSaliency(Attribution):
         """The maps of ``methods`` (resolved model), squeezed to ``[N, h, w]`` unless the target is ``[N, k]``."""
         with torch.no_grad():
             if self.uses_closed_form:
-                feats, logits, tgt, coefs = self._closed_form_coefficients(inputs, target, methods)
+                feats, logits, tgt, coefs, offset = self._closed_form_coefficients(inputs, target, methods)
             else:
-                feats, logits, tgt, coefs = self._fallback_coefficients(inputs, target, methods)
-            out = self._render(feats, coefs, tgt.shape[1], methods, tuple(inputs.shape[-2:]) if upsample else None)
+                feats, logits, tgt, coefs, offset = self._fallback_coefficients(inputs, target, methods)
+            size = tuple(inputs.shape[-2:]) if upsample else None
+            out = self._render(feats, coefs, tgt.shape[1], methods, size, offset)
         squeeze = not (isinstance(target, Tensor) and target.ndim == 2) and not (
             isinstance(target, Sequence) and target and isinstance(target[0], Sequence)
         )
@@ -651,58 +660,79 @@ class FinalLayerSaliency(Attribution):
 
     def _closed_form_coefficients(
         self, inputs: Tensor, target: int | Sequence | Tensor | None, methods: Sequence[str]
-    ) -> tuple[Tensor, Tensor, Tensor, Coefficients]:
-        """One forward pass; coefficients read from the classifier's weight (``g = W[c] - q W`` for the policy)."""
+    ) -> tuple[Tensor, Tensor, Tensor, Coefficients, Tensor | None]:
+        """One forward pass; coefficients are rows of the classifier's weight or of the cached chain masks.
+
+        The policy-gradient map ``sum_k (W[c, k] - (q W)_k) A_k`` is the CAM of ``c`` minus the map of the
+        expected weights ``q W``, which is the same for every class: it is returned as the offset ``q W``.
+        """
         feats, logits = self._forward_features(inputs)
         param = get_module(self.model, self.classifier).weight  # type: ignore[arg-type]
         weight = param.detach().to(feats.dtype)
         tgt = self._targets(target, logits)
         tables = {m: self._chain_table(tgt, _SIDES[m], param) for m in methods if m in _SIDES}
-        expected = (logits.softmax(dim=1).to(feats.dtype) @ weight)[:, None, :] if "policy_gradient" in methods else None
+        # the same classes for every sample (all classes, say): rows [k, D] shared by the batch, no [N, k, D] copies
+        rows = tgt[0] if tgt.shape[1] > 1 and bool((tgt == tgt[:1]).all()) else tgt
+        offset = logits.softmax(dim=1).to(feats.dtype) @ weight if "policy_gradient" in methods else None
 
         def coefs(method: str, classes: slice) -> Tensor:
-            if method in tables:
-                return tables[method][tgt[:, classes]]
-            w_c = weight[tgt[:, classes]]  # [N, k, D]
-            return w_c - expected if method == "policy_gradient" else w_c
+            chosen = rows[..., classes]
+            return tables[method][chosen] if method in tables else weight[chosen]
 
-        return feats, logits, tgt, coefs
+        return feats, logits, tgt, coefs, offset
 
     def _fallback_coefficients(
         self, inputs: Tensor, target: int | Sequence | Tensor | None, methods: Sequence[str]
-    ) -> tuple[Tensor, Tensor, Tensor, Coefficients]:
+    ) -> tuple[Tensor, Tensor, Tensor, Coefficients, None]:
         """Coefficients from gradients at the feature layer: effective weights and policy gradients per sample."""
         feats, logits, eff, pg, tgt = self._fallback(inputs, target)
         per_method = {"policy_gradient": pg, "cam": eff}
         for m in methods:
             if m in _SIDES:
                 per_method[m] = _chain_masks(eff.flatten(0, 1), _SIDES[m], self.min_size).view(eff.shape)
-        return feats, logits, tgt, lambda method, classes: per_method[method][:, classes]
+        return feats, logits, tgt, lambda method, classes: per_method[method][:, classes], None
 
     def _render(
-        self, feats: Tensor, coefs: Coefficients, k: int, methods: Sequence[str], size: tuple[int, ...] | None
+        self,
+        feats: Tensor,
+        coefs: Coefficients,
+        k: int,
+        methods: Sequence[str],
+        size: tuple[int, ...] | None,
+        offset: Tensor | None,
     ) -> dict[str, Tensor]:
         """Maps ``[N, k, h, w]`` (``size`` given: upsampled to it) of each method, in chunks of classes.
 
-        ``policy_gradient`` / ``cam``: ``coefs @ A``. Channel sets: ``relu(sum_{k in S} HW / (2 + sum A_k) A_k)``
-        of ``A = relu(feats)`` (:func:`channel_set_map`), min-max normalised.
+        ``policy_gradient`` / ``cam``: ``coefs @ A`` (minus ``offset @ A`` ``[N, D]`` for the policy gradient
+        where given). Channel sets: ``relu(sum_{k in S} HW / (2 + sum A_k) A_k)`` of ``A = relu(feats)``
+        (:func:`channel_set_map`), min-max normalised. ``coefs`` returns rows ``[k, D]`` shared by every
+        sample or ``[N, k, D]`` per sample.
         """
         n, d, h, w = feats.shape
         flat = feats.reshape(n, d, h * w)
+        sources = {"policy_gradient": flat, "cam": flat}
         if any(m in _SIDES for m in methods):
             relu_flat = F.relu(flat)
-            scale = ((h * w) / (2.0 + relu_flat.sum(dim=2)))[:, None, :]  # [N, 1, D]
+            # the channel-set coefficient HW / (2 + sum_ab A_k) folded into the features, once for every class
+            sources["discriminative"] = sources["confusing"] = relu_flat * ((h * w) / (2.0 + relu_flat.sum(dim=2)))[:, :, None]
         step = max(1, self.chunk_elements // (n * (d + h * w)))
         out: dict[str, Tensor] = {}
         for m in methods:
+            source, by_position = sources[m], None
             chunks = []
             for start in range(0, k, step):
-                c = coefs(m, slice(start, start + step))
-                if m in _SIDES:
-                    chunks.append(_minmax(F.relu(torch.bmm(c.to(feats.dtype) * scale, relu_flat)).view(n, -1, h, w)))
+                c = coefs(m, slice(start, start + step)).to(feats.dtype)
+                if c.ndim == 2:  # shared rows: one matrix product over every (sample, position)
+                    if by_position is None:
+                        by_position = source.transpose(1, 2).reshape(n * h * w, d)
+                    maps = (by_position @ c.T).view(n, h * w, -1).transpose(1, 2)
                 else:
-                    chunks.append(torch.bmm(c, flat).view(n, -1, h, w))
+                    maps = torch.bmm(c, source)
+                maps = maps.reshape(n, -1, h, w)
+                chunks.append(_minmax(F.relu(maps)) if m in _SIDES else maps)
             maps = chunks[0] if len(chunks) == 1 else torch.cat([feats.new_empty(n, 0, h, w), *chunks], dim=1)
+            if m == "policy_gradient" and offset is not None:
+                maps = maps - torch.bmm(offset[:, None, :], flat).view(n, 1, h, w)
             # one call on all maps at the feature resolution: the upsampled output is allocated once
             out[m] = maps if size is None else F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
         return out

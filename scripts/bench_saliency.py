@@ -53,7 +53,10 @@ Measured, per method (``top-k``):
   calls (``target[:, j]``), each result detached (LayerGradCam's result otherwise keeps the autograd
   graph of its forward pass, all saved activations, alive: five kept results hold five graphs).
 
-Wall time: ``time.perf_counter`` (``torch.cuda.synchronize`` on CUDA); ``--warmup`` untimed calls of
+Wall time: ``time.perf_counter`` (``torch.cuda.synchronize`` on CUDA); with ``--clock cpu``,
+``time.process_time`` instead: the CPU seconds of this process, which other processes on a busy machine
+inflate far less than wall time (use it with ``--threads 1``: with more threads, one that waits for a
+preempted one spins and counts); ``--warmup`` untimed calls of
 every method (one more of the forward pass, before the first call of ours), then ``--repeats``
 timed calls per method, interleaved round-robin (one call of each method per round, the order
 rotated every round) so that machine noise hits every method alike; the median is reported.
@@ -148,6 +151,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--device", choices=["cpu", "cuda"], default=default_device, help="device to run on")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
+    parser.add_argument(
+        "--clock", choices=sorted(CLOCKS), default="wall", help="wall time, or CPU time of this process (cpu only)"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per batch (top-k section)")
     parser.add_argument("--all-batch-size", type=int, default=4, help="images per batch (all-class section)")
     parser.add_argument("--image-size", type=int, default=224, help="input height and width")
@@ -186,6 +193,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("warmup", "ig_repeats", "ig_top5_repeats"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0")
+    if args.clock == "cpu" and args.device != "cpu":
+        parser.error("--clock cpu measures CPU time: use it with --device cpu")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
     if args.gpu_tflops <= 0:
         parser.error("--gpu-tflops must be > 0")
     args.sections = [part.strip() for part in args.sections.split(",") if part.strip()]
@@ -320,12 +331,19 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn: Callable[[], object], device: str) -> float:
+#: ``--clock``: wall time, or the CPU time of this process (all its threads), which other processes on a
+#: busy machine inflate far less (with ``--threads 1`` nothing spins waiting for a preempted thread).
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def timed(fn: Callable[[], object], device: str, clock: str = "wall") -> float:
+    """Seconds of one call of ``fn`` on ``clock`` (``CLOCKS``)."""
+    now = CLOCKS[clock]
     sync(device)
-    start = time.perf_counter()
+    start = now()
     fn()
     sync(device)
-    return time.perf_counter() - start
+    return now() - start
 
 
 # ---------------------------------------------------------------------------------------------
@@ -477,17 +495,17 @@ def measure_time(
     forwards = [k for k in calls if k.endswith("/forward")]
     for _ in tqdm(range(args.warmup + 1), desc="warm-up forward", unit="call"):
         for k in forwards:
-            timed(calls[k], dev)
+            timed(calls[k], dev, args.clock)
     # the first call of ours resolves the layers; with every class as target it also computes (and caches)
     # the recursive splits of every class
     for k in ("top1/ours:policy_gradient", "all/ours:attribute_all"):
         if k in calls:
-            timed(calls[k], dev)
+            timed(calls[k], dev, args.clock)
     warm = [k for k in fast for _ in range(args.warmup) if not k.endswith(FIRST_CALL)]
     if "top-k" in args.sections and (args.ig_repeats or args.ig_top5_repeats):
         warm.append("ig-short/top1")
     for k in tqdm(warm, desc="warm-up methods", unit="call"):
-        timed(calls[k], dev)
+        timed(calls[k], dev, args.clock)
 
     order = list(repeats)
     total = sum(repeats.values())
@@ -497,7 +515,7 @@ def measure_time(
             for k in order[shift:] + order[:shift]:
                 if len(times[k]) < repeats[k]:
                     bar.set_postfix_str(k)
-                    times[k].append(timed(calls[k], dev))
+                    times[k].append(timed(calls[k], dev, args.clock))
                     bar.update()
     resolved = {"feature_layer": saliency.feature_layer, "classifier": saliency.classifier}
     resolved["feature_transform"] = saliency.feature_transform
@@ -511,10 +529,12 @@ def measure_one_time_cost(model: nn.Module, x: Tensor, every: Tensor, args: argp
         ``first_call_s`` (resolution + recursive splits of every class on both sides + all four maps),
         ``splits_s`` (the splits alone, on another new instance) and ``splits_per_class_ms``.
     """
-    first_call_s = timed(functools.partial(FinalLayerSaliency(model).attribute_all, x, target=every), args.device)
+    first_call_s = timed(functools.partial(FinalLayerSaliency(model).attribute_all, x, target=every), args.device, args.clock)
     fresh, weight = FinalLayerSaliency(model), model.fc.weight
     classes = every[0]
-    splits_s = sum(timed(functools.partial(fresh.class_chain_mask, classes, side, weight), args.device) for side in "+-")
+    splits_s = sum(
+        timed(functools.partial(fresh.class_chain_mask, classes, side, weight), args.device, args.clock) for side in "+-"
+    )
     return {"first_call_s": first_call_s, "splits_s": splits_s, "splits_per_class_ms": 1000 * splits_s / classes.numel()}
 
 
@@ -551,7 +571,7 @@ def measure_scale(model: nn.Module, args: argparse.Namespace) -> dict[str, Any]:
     dev = args.device
     first = torch.randn(1, 3, args.image_size, args.image_size, generator=gen).to(dev)
     # one-time: resolution and the recursive splits of the classes (cached), not part of the per-image cost
-    one_time_s = timed(functools.partial(saliency.attribute_all, first, target=classes.expand(1, count)), dev)
+    one_time_s = timed(functools.partial(saliency.attribute_all, first, target=classes.expand(1, count)), dev, args.clock)
     totals = {"forward": 0.0, "ours:policy_gradient": 0.0, "ours:attribute_all": 0.0}
     images = 0
     for start in tqdm(range(0, args.scale_images, args.scale_batch), desc="scale", unit="batch"):
@@ -571,7 +591,7 @@ def measure_scale(model: nn.Module, args: argparse.Namespace) -> dict[str, Any]:
         order = list(calls)
         shift = (start // args.scale_batch) % len(order)
         for name in order[shift:] + order[:shift]:
-            totals[name] += timed(calls[name], dev)
+            totals[name] += timed(calls[name], dev, args.clock)
         images += b
     flops = count_flops(model, args)
     n_img, n_cls = EXTRAPOLATE
@@ -857,7 +877,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     header = (
         f"ResNet-50 (random weights, eval), {args.device} ({config['device_name']}, {machine['threads']} threads), "
-        f"torch {torch.__version__}; median of {args.repeats} round-robin repeats; ratios to the plain no-grad forward "
+        f"torch {torch.__version__}; times on the {args.clock} clock"
+        + (" (CPU seconds of this process, all threads)" if args.clock == "cpu" else "")
+        + f"; median of {args.repeats} round-robin repeats; ratios to the plain no-grad forward "
         f"pass of the same batch. Load average start/end: {harness.fmt_load(machine['loadavg_start'])} / "
         f"{harness.fmt_load(machine['loadavg_end'])}. Wall time {machine['wall_s']:.0f} s "
         f"(setup {phases['setup_s']:.0f}, timing {phases['timing_s']:.0f}, memory {phases['memory_s']:.0f}, "

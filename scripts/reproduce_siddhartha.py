@@ -61,7 +61,7 @@ PAPER_JOINT_R2 = (0.75, 0.89)
 #: ImageNet classes whose per-class R^2 is reported for ResNet-18, and that range
 PAPER_CLASSES = ("tricycle", "web site", "whiptail")
 PAPER_CLASS_R2 = (0.88, 0.90)
-#: ``--quick`` without ``--weights``: (architecture, builder of a random-weight model, file name)
+#: ``--quick`` without ``--weights``: (architecture, library that builds it, file name) of the random-weight models
 QUICK_MODELS = (
     ("timm:test_vit", "timm", "test_vit_random.pth"),
     ("mobilenet_v3_small", "torchvision", "mobilenet_v3_small_random_10.pth"),
@@ -69,6 +69,7 @@ QUICK_MODELS = (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (module docstring); without ``--quick``, ``--weights`` and ``--arch`` are required."""
     parser = harness.parser(__doc__, "outputs/reproduce_siddhartha", seed="seed of the --quick random weights")
     parser.add_argument(
         "--weights", nargs="+", type=Path, default=None, help="local weight files (.pth, .pt, .ckpt, .safetensors)"
@@ -251,6 +252,12 @@ def tables(models: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Fit the final layer of every weight file, print and write the tables; return the data.
+
+    Raises:
+        SystemExit: bad arguments (argparse), or a file that cannot be loaded or classes that do not resolve (the
+            message names the file).
+    """
     args = parse_args(argv)
     run = harness.start(args)
     with tempfile.TemporaryDirectory() as scratch:
