@@ -31,10 +31,11 @@ fixed sample of ``rest_per_chain`` other examples. MCMC read-outs are Rao-Blackw
 proposes flipping unit ``j`` knows ``P(m_j = 1 | m_-j)`` exactly, and importances and pairwise joints
 average those conditionals instead of 0/1 samples; the pairwise information is jackknife bias-corrected
 over the chains (the plug-in information of every pair is biased upwards by ``O(1/samples)``, and
-``d(d-1)/2`` pairs add up). Error bars: jackknife over chains (MCMC), bootstrap over probe examples
-(exact). Many masks are evaluated in one forward pass (the mask index folded into the batch), and where
-the model can be split at the layer with ``torch.fx`` the part before it runs once per probe batch. The
-module is pure torch: it never imports Lightning.
+``d(d-1)/2`` pairs add up) and summed over the pairs whose information the run resolves (on a wide layer
+the many pairs below its noise would add up to noise; docs/ablation.md). Error bars: jackknife over
+chains (MCMC), bootstrap over probe examples (exact). Many masks are evaluated in one forward pass (the
+mask index folded into the batch), and where the model can be split at the layer with ``torch.fx`` the
+part before it runs once per probe batch. The module is pure torch: it never imports Lightning.
 """
 
 from __future__ import annotations
@@ -327,7 +328,9 @@ class AblationResult:
         importance: ``P(m_i = 1 | t, correct)`` ``[T, d]``.
         information_bits: ``KL(Bern(importance) || Bern(prior_keep))`` in bits ``[T, d]``.
         distributedness: ``exp(H(information / sum information)) / d`` ``[T]`` (NaN without information).
-        manifold_complexity: total correlation of the mask posterior in bits ``[T]``.
+        manifold_complexity: total correlation of the mask posterior in bits ``[T]`` (exact); under MCMC the
+            jackknife bias-corrected sum of the pairwise informations of the pairs it resolves
+            (``complexity_pairs``; an estimate, which can come out slightly negative).
         complexity_kind: ``"total_correlation"`` (exact) or ``"pairwise_mutual_information"`` (MCMC).
         polysemanticity: effective number of class tasks each unit informs about ``[d]``.
         mask_entropy_bits: ``H(M)`` per task ``[T]`` (exact runs; NaN under MCMC).
@@ -357,6 +360,11 @@ class AblationResult:
         manifold_complexity_se: standard error of ``manifold_complexity`` ``[T]``.
         polysemanticity_se: standard error of ``polysemanticity`` ``[d]``.
         seconds_per_step: wall time of one MCMC step of all chains (MCMC; for cost estimates).
+        complexity_pairs: unit pairs the MCMC manifold complexity counts, per task ``[T]`` (MCMC): the
+            dependent pairs whose information this run resolves (all of them on a small layer run long enough).
+        complexity_left_out_bits: the information the dependent pairs left out could carry at most, per task
+            ``[T]`` (MCMC): the sum of their bounds ``min(I(m_i; m_-i), I(m_j; m_-j))``, an upper bound (often
+            loose) on how much the manifold complexity is biased downwards by leaving them out.
     """
 
     tasks: list[str]

@@ -40,10 +40,13 @@ probe examples, methods timed round-robin (one call of each per round, order rot
   by the mask, argmax, stored in an ``[M, N]`` tensor. At 1024 samples it gets only ``--loop-repeats``
   timed calls (the first rounds of the round-robin), as it is the slowest call.
 
-MCMC part (a ``--mcmc-hidden`` = 256-unit layer, ``--mcmc-samples`` probe examples, ``tasks="classes"``):
-``BayesianAblation(method="mcmc").fit`` throughput in (mask, sample) rows per second (each chain's mask is
-evaluated on its own task's examples only, so a fit is ``chains x (steps + 1) x N`` rows for class tasks, and
-``num_evaluations = tasks x chains x (steps + 1)`` masks) with the default
+MCMC part (a ``--mcmc-hidden`` = 256-unit layer, ``--mcmc-samples`` probe examples, ``tasks="classes"``, the
+default balanced likelihood): ``BayesianAblation(method="mcmc").fit`` throughput in (mask, sample) rows per
+second. Each chain's mask is evaluated on its own task's examples and on its own fixed sample of
+``rest_per_chain`` (64) examples of the other classes, so a fit evaluates ``result.num_rows`` =
+``chains x (steps + 1) x (N + T x min(64, n_rest))`` rows for ``T`` class tasks (``n_rest``: a task's
+examples of other classes; the rows are taken from the fit's result), and ``num_evaluations = T x chains x
+(steps + 1)`` masks. Timed with the default
 ``max_batch`` and with ``max_batch=--mcmc-small-batch`` (a public argument: the library as is), each also as
 a what-if copy without the unused boundary value; the raw batched ``predictions`` on ``--mcmc-masks`` random
 masks; and the per-mask Python loop on the same masks (each mask on all N examples). ``--mcmc-repeats`` timed
@@ -374,9 +377,8 @@ def bench_mcmc(args: argparse.Namespace) -> dict[str, Any]:
     evals = result.num_evaluations
     med = {k: _median(v) for k, v in times.items()}
     counts = torch.bincount(y, minlength=args.classes)
-    present = counts[counts > 0]
-    # each chain's mask is evaluated on its own task's examples: chains x (steps + 1) x N rows per fit
-    rows_fit = args.mcmc_chains * (args.mcmc_steps + 1) * int(present.sum())
+    # each chain's mask is evaluated on its own task's examples and its sample of the others: the fit counts them
+    rows_fit = result.num_rows
     rate = {k: rows_fit / med[k] for k in fits}
     rate[MC_RAW] = args.mcmc_masks * args.mcmc_samples / med[MC_RAW]
     rate[MC_LOOP] = args.mcmc_masks * args.mcmc_samples / med[MC_LOOP]
@@ -404,6 +406,8 @@ def bench_mcmc(args: argparse.Namespace) -> dict[str, Any]:
         "fixed_over_fit_rate": rate[MC_FIXED] / rate[MC_FIT],
         "small_over_fit_rate": rate[MC_SMALL.format(small=small)] / rate[MC_FIT],
         "rows_per_fit": rows_fit,
+        "rest_per_chain": ablation.rest_per_chain,
+        "likelihood": ablation.likelihood,
         "rows_per_fit_all_examples": rows_all,
         "mask_evals_per_s": {k: evals / med[k] for k in fits},
         "acceptance_rate_mean": float(result.acceptance_rate.mean()) if result.acceptance_rate is not None else None,
@@ -488,7 +492,8 @@ def render(exact: list[dict[str, Any]], mcmc: dict[str, Any], run: harness.Run) 
         f"layer `{m['layer']}`",
         "",
         f"{m['tasks']} class tasks x {m['chains']} chains x ({m['steps']} steps + 1) = {m['num_evaluations']} mask "
-        f"evaluations per fit, each on its own task's samples ({m['rows_per_fit']} (mask, sample) rows; "
+        f"evaluations per fit, each on its own task's samples and {m['rest_per_chain']} of the others "
+        f"({m['rows_per_fit']} (mask, sample) rows; "
         f"{m['rows_per_fit_all_examples']} if every mask ran on all N samples); raw and loop references: "
         f"{m['random_masks']} random masks on all N samples; "
         f"{m['repeats']} repeats each; loadavg {harness.fmt_load(m['loadavg_start'])} -> {harness.fmt_load(m['loadavg_end'])}.",
@@ -510,7 +515,8 @@ def render(exact: list[dict[str, Any]], mcmc: dict[str, Any], run: harness.Run) 
         "",
         f"- what-if (no unused boundary value) / as is: {m['fixed_over_fit_rate']:.2f}x rows per second; "
         f"max_batch={m['small_batch']} / max_batch={m['max_batch']} (library as is): {m['small_over_fit_rate']:.2f}x",
-        f"- class counts {m['class_counts']}: a chain's odds need only its own class's samples, so it is scored on those",
+        f"- class counts {m['class_counts']}: a chain's odds need its own class's samples and (balanced likelihood) "
+        f"its fixed sample of at most {m['rest_per_chain']} of the others, so it is scored on those",
         f"- acceptance rate {m['acceptance_rate_mean']:.3f}, min ESS {m['ess_min']:.1f} (throughput run, not a converged fit)",
         "",
     ]

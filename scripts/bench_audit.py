@@ -50,7 +50,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--size", type=int, default=224, help="image side")
     parser.add_argument("--tasks", type=int, default=10, help="ablation class tasks (max_tasks)")
     parser.add_argument("--ablation-steps", type=int, default=1000, help="MCMC steps per chain")
-    args = harness.parse(parser, argv, quick={"arch": "resnet18", "images": 4, "size": 64, "tasks": 2, "ablation_steps": 20})
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated audit methods")
+    args = harness.parse(
+        parser,
+        argv,
+        quick={"arch": "resnet18", "images": 2, "size": 32, "tasks": 1, "ablation_steps": 10, "methods": "weights,ablation"},
+    )
     run = harness.start(args)
     harness.quiet_lightning()
     torch.manual_seed(args.seed)
@@ -67,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             image_size=args.size,
             max_tasks=args.tasks,
             ablation_steps=args.ablation_steps,
+            methods=args.methods.split(","),
             progress=False,
             seed=args.seed,
         )

@@ -57,8 +57,11 @@ class AblationProbeCallback(InterpretabilityCallback):
     ``ablation/<L>/full_accuracy`` and, for MCMC runs, ``acceptance_rate``, ``ess`` and ``ess_median``
     (the smallest and median effective sample size of the importance estimates over tasks and units:
     :func:`~lightning_interp.ablation.effective_sample_size`; a warning fires when ``ess`` is below
-    ``min_ess``) and ``ess_indicator`` (the chains' smallest ESS of a 0/1 keep indicator: how well they
-    mix; the Rao-Blackwellised estimates are more precise than it suggests); an image of unit importance (units x tasks)
+    ``min_ess``), ``ess_indicator`` (the chains' smallest ESS of a 0/1 keep indicator: how well they
+    mix; the Rao-Blackwellised estimates are more precise than it suggests) and
+    ``manifold_complexity_left_out`` (bits the unit pairs left out of the MCMC manifold complexity, whose
+    information is below the run's noise, could carry at most: a loose bound, mean over tasks; a warning
+    fires when it exceeds 0.05 bits and the complexity's SE); an image of unit importance (units x tasks)
     per layer, a plot of the importances with error bars, and a table of the most informative units.
     The MCMC generator is seeded from ``seed`` and the step, so
     every rank (and a resumed run) draws the same chains.
@@ -339,6 +342,19 @@ class AblationProbeCallback(InterpretabilityCallback):
                 scalars[f"{layer}/ess"] = ess.min()
                 scalars[f"{layer}/ess_median"] = ess.median()
                 scalars[f"{layer}/ess_indicator"] = r.ess_per_unit.min()  # type: ignore[union-attr]
+                if r.complexity_left_out_bits is not None and r.complexity_pairs is not None:
+                    left_out = r.complexity_left_out_bits.mean()
+                    scalars[f"{layer}/manifold_complexity_left_out"] = left_out
+                    if float(left_out) > max(0.05, float(scalars[f"{layer}/manifold_complexity_se"])):
+                        self._warn_once(
+                            f"complexity-{layer}",
+                            f"AblationProbeCallback: layer {layer!r}: the manifold complexity counts "
+                            f"{float(r.complexity_pairs.double().mean()):.0f} unit pairs (mean over tasks); the "
+                            f"dependent pairs whose information is below the noise of {self.num_chains} chains x "
+                            f"{ablation.num_steps} steps are left out, and could add up to {float(left_out):.3g} bits "
+                            "(manifold_complexity_left_out, a loose upper bound): read the value as a lower estimate, "
+                            "or raise num_steps.",
+                        )
                 if float(ess.min()) < self.min_ess:
                     self._warn_once(
                         f"ess-{layer}",
