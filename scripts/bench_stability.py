@@ -19,7 +19,7 @@ differences within 3 reported SEs.
 
 Run (from the repository root)::
 
-    .venv/bin/python scripts/bench_stability.py             # about 2 minutes on 2 CPU cores
+    .venv/bin/python scripts/bench_stability.py             # 16 CPU-minutes (22 minutes on a busy 2-core machine)
     .venv/bin/python scripts/bench_stability.py --quick     # a smoke run of a few seconds (its checks mean nothing)
 
 (defaults: ``--epochs 10 --layers features.3 head.2 --ref-chains 16 --ref-steps 3000 --ref-burn-in 300

@@ -52,23 +52,22 @@ per seed, with the final importance matrices), and per experiment ``<exp>_over_t
 distributedness, manifold complexity and polysemanticity per layer over training) and
 ``<exp>_importance_final.png`` (final ``P(unit kept | task correct)``, tasks x units, per layer, seed 0).
 
-Observed in the default run (see the printed "Observations" lines, computed from the numbers, for the run at
-hand):
+Observed in the default run (balanced likelihood, the callback's default; see the printed "Observations" lines,
+computed from the numbers, for the run at hand; docs/ablation.md has the table and the one-sided run before it):
 * Both networks reach 100% probe accuracy by epoch 2-3, and the read-outs settle with the accuracy: after epoch 3
   nothing changes by more than the spread between seeds.
-* MLP: the mask posterior carries little information once trained (about 0.1 bits per task summed over the 12
+* MLP: the mask posterior carries little information once trained (about 0.15 bits per task summed over the 12
   units, 2-3 informative units per layer): 12 units are far more than this task needs, so most masks keep it
-  correct. Distributedness drops in the first 1-2 epochs (net.1 0.42 -> 0.28, net.3 0.31 -> 0.24) and then stays
-  flat; net.3 ends a little less distributed than net.1 in 2 of 3 seeds (0.24 vs 0.28, sd 0.04: not a clear
-  effect). The informative units are nearly monosemantic in both layers (1.15-1.17 effective classes);
-  net.3's polysemanticity falls from 1.69 after epoch 1 to 1.15.
-* CNN: the second conv layer (features.4) is less distributed than the first (0.32 vs 0.51, 3 of 3 seeds) and
-  more polysemantic (2.82 vs 2.23 effective classes per informative channel, 3 of 3 seeds); features.1's
-  polysemanticity falls over training (2.73 -> 2.23, 3 of 3 seeds). Caveat: information counts both signs, and
-  several features.4 channels must be kept for some classes and ablated for others (importance < 0.5: they are
-  evidence against those classes), so one class-discriminating channel scores as several "tasks".
-* Manifold complexity (total correlation) rises from about 0.05 bits at initialisation to 0.2 (MLP) and 0.6-0.7
-  bits (CNN) in the first epochs and is flat afterwards; no consistent difference between layers.
+  correct. Distributedness ends at 0.45 (net.1) and 0.46 (net.3); the informative units inform about 2.4 (net.1)
+  and 2.1 (net.3) of the 4 class tasks (one-sided: 1.15-1.17, nearly monosemantic), net.3 the lower in 3 of 3
+  seeds.
+* CNN: the second conv layer (features.4) is less distributed than the first (0.52 vs 0.73, 3 of 3 seeds); the
+  polysemanticity of the informative channels is 3.5-3.6 in both (features.4 lower in 2 of 3 seeds; one-sided
+  2.82 vs 2.23) and rises over training (features.1 2.77 -> 3.59, features.4 2.44 -> 3.49 after epoch 1, 3 of
+  3 seeds). Caveat: information counts both signs, and a channel that must be kept for some classes and
+  ablated for others (importance < 0.5: evidence against those classes) scores as several "tasks".
+* Manifold complexity (total correlation) rises from about 0 at initialisation to 0.36-0.38 bits (MLP) and
+  0.9-1.1 bits (CNN) and is flat after epoch 3-4; no consistent difference between layers.
 """
 
 from __future__ import annotations
