@@ -32,8 +32,8 @@ Sections (``--sections``):
   1000 of the head (``[B, C]`` targets, one call per batch), against the forward pass of the same
   batches (interleaved, rotating the order per batch). Reported: seconds per image, the cost of one
   class task (the maps of one class for one image: ``(T_method - T_forward) / (images x classes)``),
-  the one-time split per class, and the extrapolation to 50 images x 1000 classes on this CPU,
-  ``T = 50 x (T_forward / images + 1000 x t_task) + 1000 x t_split``. The GPU line is an
+  the one-time recursive split per class ``t_split`` (both sides, cached), and the extrapolation to 50
+  images x 1000 classes on this CPU, ``T = 50 x (T_forward / images + 1000 x t_task) + 1000 x t_split``. The GPU line is an
   EXTRAPOLATION, not a measurement: ``T_gpu = 50 x (F_forward + 1000 x F_task) / R_gpu``, with the
   FLOPs ``F`` counted by ``torch.utils.flop_counter`` on this machine and ``R_gpu`` the ASSUMED
   achieved float32 rate ``--gpu-tflops`` (default 20 TFLOP/s; kernel launches and transfers ignored).
@@ -569,9 +569,10 @@ def measure_scale(model: nn.Module, args: argparse.Namespace) -> dict[str, Any]:
     saliency = FinalLayerSaliency(model)
     gen = torch.Generator().manual_seed(args.seed + 3)
     dev = args.device
-    first = torch.randn(1, 3, args.image_size, args.image_size, generator=gen).to(dev)
-    # one-time: resolution and the recursive splits of the classes (cached), not part of the per-image cost
-    one_time_s = timed(functools.partial(saliency.attribute_all, first, target=classes.expand(1, count)), dev, args.clock)
+    saliency.resolve(torch.randn(1, 3, args.image_size, args.image_size, generator=gen).to(dev))
+    # one-time: the recursive splits of the classes on both sides, cached, not part of the per-image cost
+    weight = model.fc.weight
+    split_s = sum(timed(functools.partial(saliency.class_chain_mask, classes, side, weight), dev, args.clock) for side in "+-")
     totals = {"forward": 0.0, "ours:policy_gradient": 0.0, "ours:attribute_all": 0.0}
     images = 0
     for start in tqdm(range(0, args.scale_images, args.scale_batch), desc="scale", unit="batch"):
@@ -600,7 +601,7 @@ def measure_scale(model: nn.Module, args: argparse.Namespace) -> dict[str, Any]:
     for name, total in totals.items():
         task = None if name == "forward" else (total - totals["forward"]) / (images * count)
         # a difference of two measured totals: on a noisy machine it can come out below zero (then 0 is used)
-        cpu = None if task is None else n_img * (fwd_per_image + n_cls * max(task, 0.0))
+        cpu = None if task is None else n_img * (fwd_per_image + n_cls * max(task, 0.0)) + n_cls * split_s / count
         rows.append(
             {
                 "method": name,
@@ -613,13 +614,12 @@ def measure_scale(model: nn.Module, args: argparse.Namespace) -> dict[str, Any]:
                 "extrapolated_cpu_s": cpu,
             }
         )
-    splits_ms = 1000 * one_time_s / count  # an upper bound: also holds the resolution and one small call
     rate = args.gpu_tflops * 1e12
     gpu_s = n_img * (flops["forward"] + n_cls * flops["task"]) / rate
     return {
         "rows": rows,
-        "one_time_s": one_time_s,
-        "one_time_per_class_ms": splits_ms,
+        "split_s": split_s,
+        "split_per_class_ms": 1000 * split_s / count,
         "flops": flops,
         "cpu_rate_tflops": flops["forward"] * images / totals["forward"] / 1e12,
         "gpu_tflops_assumed": args.gpu_tflops,
@@ -659,12 +659,12 @@ def scale_text(scale: dict[str, Any], device: str) -> str:
     lines = [
         harness.markdown_table(head, rows, align="lrrrrrrr"),
         "",
-        f"One-time (new FinalLayerSaliency: resolution, recursive splits of the {pg['classes']} classes, one small call): "
-        f"{scale['one_time_s']:.2f} s, <= {scale['one_time_per_class_ms']:.2f} ms per class; cached afterwards.",
-        f"Extrapolation to {n_img} images x {n_cls} classes on this {device} (policy_gradient): "
-        f"{n_img} x (T_forward / image + {n_cls} x t_task) = {n_img} x ({pg['per_image_s'] / pg['time_ratio']:.4f} + "
-        f"{n_cls} x {max(pg['per_task_ms'], 0.0) / 1000:.2e}) = {pg['extrapolated_cpu_s']:.1f} s "
-        f"(+ {n_cls} x the one-time split per class).",
+        f"One-time: the recursive splits of the {pg['classes']} classes on both sides, {scale['split_s']:.3f} s "
+        f"(t_split = {scale['split_per_class_ms']:.3f} ms per class), cached per class afterwards.",
+        f"Extrapolation to {n_img} images x {n_cls} classes on this {device} (policy_gradient; t_task below 0, "
+        f"noise, counts as 0): {n_img} x (T_forward / image + {n_cls} x t_task) + {n_cls} x t_split = "
+        f"{n_img} x ({pg['per_image_s'] / pg['time_ratio']:.4f} + {n_cls} x {max(pg['per_task_ms'], 0.0) / 1000:.2e}) + "
+        f"{n_cls} x {scale['split_per_class_ms'] / 1000:.2e} = {pg['extrapolated_cpu_s']:.1f} s.",
         f"GPU: EXTRAPOLATION, not a measurement: T_gpu = {n_img} x (F_forward + {n_cls} x F_task) / R_gpu with "
         f"F_forward = {f['forward'] / 1e9:.2f} GFLOP / image and F_task = {f['task'] / 1e6:.3f} MFLOP (counted here, "
         f"map {f['map_hw'][0]}x{f['map_hw'][1]}), R_gpu = {scale['gpu_tflops_assumed']:g} TFLOP/s ASSUMED achieved float32 "
