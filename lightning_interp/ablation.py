@@ -702,6 +702,12 @@ class _MaskOutcomes:
         return correct_probability(tp, n_task, n_rest - (predicted[:, :t] - tp), n_rest)
 
 
+def _rest_per_task(tasks: _TaskSet, rest_per_chain: int, two_sided: bool) -> Tensor:
+    """Other examples each chain of a task scores ``[T]``: at most ``rest_per_chain``, none one-sided."""
+    others = tasks.member.shape[0] - tasks.member.sum(dim=0)
+    return others.clamp_max(rest_per_chain) if two_sided else torch.zeros_like(others)
+
+
 class _ChainScorer:
     """``log O_t(m)`` ``[T, C]`` of the current mask of every MCMC chain, from the probe rows each chain scores.
 
@@ -729,10 +735,11 @@ class _ChainScorer:
         self.num_task = tasks.member.sum(dim=0).to(torch.float64)[:, None]  # [T, 1]
         self.num_rest = torch.zeros(num_tasks, 1, dtype=torch.float64, device=device)
         rows, chains, rest_flags, targets = [], [], [], []
+        rest_counts = _rest_per_task(tasks, rest_per_chain, two_sided)
         for t in range(num_tasks):
             own = torch.nonzero(tasks.member[:, t]).flatten()
             others = torch.nonzero(~tasks.member[:, t]).flatten() if two_sided else own[:0]
-            k = min(rest_per_chain, others.numel())
+            k = int(rest_counts[t])
             self.num_rest[t] = k
             for c in range(num_chains):
                 if k < others.numel():
@@ -946,6 +953,23 @@ class BayesianAblation:
             )
             estimate = self._mcmc(scorer, len(task_set.names), d, x.device)
         return self._result(estimate, task_set, full_accuracy)
+
+    def rows_per_step(self, labels: Tensor, tasks: Literal["classes", "all"] | Sequence[int] = "classes") -> int:
+        """(example, mask) rows one MCMC step evaluates on a probe with these labels, all chains together.
+
+        The cost of a step is proportional to it (each row is a pass through the part after the layer): a
+        pilot on one task scales to the full run by the ratio of the rows.
+
+        Example:
+            >>> model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 2))
+            >>> BayesianAblation(model, "1", num_chains=2).rows_per_step(torch.tensor([0, 0, 1]))
+            12
+        """
+        labels = torch.as_tensor(labels).long()
+        task_set = self._tasks(labels, tasks, int(labels.max()) + 1 if labels.numel() else 1)
+        two_sided = self.likelihood == "balanced" and task_set.has_classes
+        own = task_set.member.sum(dim=0)
+        return self.num_chains * int((own + _rest_per_task(task_set, self.rest_per_chain, two_sided)).sum())
 
     def _probe(self, inputs: Tensor | Iterable, labels: Tensor | None) -> tuple[Tensor, Tensor]:
         """Probe inputs and long labels on the model's device, from tensors or a dataloader."""

@@ -200,6 +200,10 @@ def test_mcmc_per_task_rows_match_whole_forward() -> None:
         # rows per step: every chain on its task's 20 examples, plus (balanced) min(rest, 40) others
         others = min(rest, 40) if likelihood == "balanced" else 0
         assert runs[0].num_rows == 61 * 3 * 4 * (20 + others) and runs[0].num_evaluations == 61 * 3 * 4
+        ablation = BayesianAblation(model, "1", num_chains=4, likelihood=likelihood, rest_per_chain=rest)
+        assert ablation.rows_per_step(y) == runs[0].num_rows // 61  # what the budget's pilot scales by
+        assert ablation.rows_per_step(y, [2]) == 4 * (20 + others)
+        assert ablation.rows_per_step(y, "all") == 4 * 60
 
 
 def test_mcmc_agrees_with_exact_on_ten_units() -> None:

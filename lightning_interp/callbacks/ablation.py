@@ -239,10 +239,12 @@ class AblationProbeCallback(InterpretabilityCallback):
                 )
 
     def estimate_cost(self, pl_module: nn.Module) -> float | None:
-        """Seconds of one measurement, from a two-step, one-chain MCMC pilot per layer.
+        """Seconds of one measurement, from a two-step, one-chain MCMC pilot on one task per layer.
 
-        The pilot's own timing of a step, times ``num_chains * num_steps`` (a step's masks x examples grow
-        with the chains), plus the rest of the pilot (preparing the probe, read-outs): the fixed cost.
+        The pilot's own timing of a step, scaled by the (example, mask) rows a step of the full run
+        evaluates (all tasks and chains, :meth:`BayesianAblation.rows_per_step`) over the pilot's, times the
+        steps, plus the rest of the pilot (preparing the probe, read-outs): the fixed cost. One task keeps
+        the pilot itself cheap: its cost counts against the budget too.
 
         ``None`` when a layer is enumerated exactly (``d <= 12`` under ``"auto"``: at most 4096 masks).
         """
@@ -252,8 +254,10 @@ class AblationProbeCallback(InterpretabilityCallback):
         x, y = self._probe
         x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
         total = 0.0
+        one_task = "all" if self.tasks == "all" else [int(y.min()) if self.tasks == "classes" else int(self.tasks[0])]
         for layer in self.layers:
             ablation = self._ablation(pl_module, layer)  # traced and split already: the pilot times the chains
+            full_rows = ablation.rows_per_step(y, self.tasks)
             d = self._units.get(layer) or ablation.forward.num_units(ablation.forward.prepare(x[:2]))
             if self.method == "exact" or (self.method == "auto" and d <= MAX_EXACT_UNITS and 2**d <= self._exact_masks()):
                 return None
@@ -262,12 +266,13 @@ class AblationProbeCallback(InterpretabilityCallback):
                 ablation.method, ablation.num_chains, ablation.num_steps, ablation.burn_in = "mcmc", 1, 2, 0
                 ablation.generator = torch.Generator().manual_seed(self.seed)
                 start = time.perf_counter()
-                pilot = ablation.fit(x, y, tasks=self.tasks)
+                pilot = ablation.fit(x, y, tasks=one_task)
                 seconds = time.perf_counter() - start
+                pilot_rows = ablation.rows_per_step(y, one_task)
             finally:
                 ablation.method, ablation.num_chains, ablation.num_steps, ablation.burn_in, ablation.generator = saved
-            per_step = pilot.seconds_per_step or 0.0
-            total += max(0.0, seconds - 3 * per_step) + per_step * self.num_chains * (self.num_steps + 1)
+            per_step = (pilot.seconds_per_step or 0.0) * full_rows / max(1, pilot_rows)
+            total += max(0.0, seconds - 3 * (pilot.seconds_per_step or 0.0)) + per_step * (self.num_steps + 1)
         return total
 
     def reduce_work(self, fraction: float) -> float | None:
