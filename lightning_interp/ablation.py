@@ -51,6 +51,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 from torch.nn import functional as F
+from tqdm import tqdm
 
 from lightning_interp.hooks import LayerSplit, as_list, forward_hooks, get_module, replace, same_logits, split_graph
 from lightning_interp.stats import replicate_standard_error as replicate_se
@@ -85,6 +86,9 @@ AUTO_EXACT_MASKS = 4096
 _MAX_ELEMENTS = 4_000_000
 #: bound on the elements of the MCMC pairwise matrices [d, d] (above it, no manifold complexity)
 _MAX_JOINT_ELEMENTS = 16_000_000
+#: bounds on what one block of class tasks holds during MCMC: the chains' masks (bool) and the rows' logits
+_MAX_TRACE_BYTES = 1 << 28
+_MAX_LOGIT_BYTES = 1 << 28
 _LOG2 = math.log(2.0)
 
 
@@ -115,6 +119,30 @@ _MASK_COMMUTING_FUNCTIONS = {
     F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
 }  # fmt: skip
 _MASK_COMMUTING_METHODS = {"relu", "tanh", "flatten"}
+
+
+#: What a head after pooled features may consist of for the logits to be affine in the mask.
+_AFFINE_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Identity, nn.Flatten)
+_AFFINE_FUNCTIONS = {torch.flatten, F.linear}
+_AFFINE_METHODS = {"flatten", "view", "reshape", "contiguous", "size"}
+
+
+def _is_affine_head(model: nn.Module, graph: torch.fx.Graph) -> bool:
+    """Whether every op of ``graph`` (the part after the mask) is a linear layer, a reshape or a no-op."""
+    for node in graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        if node.op == "call_module":
+            module = model.get_submodule(str(node.target))
+            dropout = isinstance(module, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)) and not module.training
+            if not (isinstance(module, _AFFINE_MODULES) or dropout):
+                return False
+        elif not (
+            (node.op == "call_function" and node.target in _AFFINE_FUNCTIONS)
+            or (node.op == "call_method" and node.target in _AFFINE_METHODS)
+        ):
+            return False
+    return True
 
 
 def _commutes_with_mask(model: nn.Module, node: torch.fx.Node) -> bool:
@@ -289,6 +317,40 @@ class MaskedForward:
                     logits = self.model(prepared[0].index_select(0, idx))
             out.append(logits.argmax(dim=-1))
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=rows.device)
+
+    @torch.no_grad()
+    def linear_head(self, prepared: list[Tensor]) -> tuple[Tensor, Tensor] | None:
+        """``(W, b)`` (float64, ``[d, K]`` and ``[K]``) when the logits are ``(h * m) @ W + b`` for every mask.
+
+        That holds when the mask sits on ``[N, d]`` features (pushed past the pool and flatten) and the
+        rest of the network consists of linear layers and reshapes (a torchvision ResNet's ``fc``): then
+        flipping unit ``j`` moves a row's logits by ``+-h_j W[j]``, and an MCMC step costs ``K`` additions
+        per row instead of a pass through the head. ``W`` and ``b`` are read off a float64 copy of the
+        head and checked against the model's own logits on random masks of the probe; ``None`` otherwise.
+        """
+        if self.suffix is None or len(prepared) != 1 or prepared[0].ndim != 2 or not prepared[0].is_floating_point():
+            return None
+        if not _is_affine_head(self.suffix, self.suffix.graph):
+            return None
+        import copy
+
+        head = copy.deepcopy(self.suffix).to(torch.float64)
+        h = prepared[0]
+        d = h.shape[1]
+        eye = torch.eye(d, dtype=torch.float64, device=h.device)
+        b = head(torch.zeros(1, d, dtype=torch.float64, device=h.device))
+        if b.ndim != 2:
+            return None
+        weight = head(eye) - b
+        b = b[0]
+        sample = h[:16]
+        masks = torch.rand(4, d, generator=torch.Generator().manual_seed(0)).to(h.device) < 0.5
+        direct = self.suffix(_apply_mask(sample, masks))
+        affine = (_apply_mask(sample, masks).to(torch.float64) @ weight + b).to(direct.dtype)
+        scale = float(direct.abs().max()) if direct.numel() else 1.0
+        if direct.shape != affine.shape or not torch.allclose(direct, affine, rtol=1e-4, atol=1e-4 * max(scale, 1e-6)):
+            return None
+        return weight, b
 
     def num_units(self, prepared: list[Tensor]) -> int:
         """Number of units ``d`` of the layer."""
@@ -524,10 +586,11 @@ def all_masks(d: int, device: torch.device) -> Tensor:
 def _ess(traces: Tensor) -> Tensor:
     """Multi-chain effective sample size of ``traces`` ``[C, S, d]`` (Geyer's initial positive sequence)."""
     c, s, _ = traces.shape
-    x = traces.double() - traces.double().mean(dim=(0, 1), keepdim=True)
-    var = (x * x).mean(dim=(0, 1))
-    f = torch.fft.rfft(x, n=2 * s, dim=1)
-    acov = torch.fft.irfft(f * f.conj(), n=2 * s, dim=1)[:, :s].mean(dim=0) / s  # [s, d]
+    x = traces.transpose(1, 2).double()  # [C, d, S]: the FFT runs over contiguous steps
+    x = x - x.mean(dim=(0, 2), keepdim=True)
+    var = (x * x).mean(dim=(0, 2))
+    f = torch.fft.rfft(x, n=2 * s, dim=2)
+    acov = torch.fft.irfft(f * f.conj(), n=2 * s, dim=2)[..., :s].mean(dim=0).T / s  # [s, d]
     rho = acov / var.clamp_min(1e-300)
     # pairs rho_k + rho_{k+1} for k = 1, 3, 5, ..., summed up to (excluding) the first negative pair
     m = len(range(1, s - 1, 2))
@@ -672,6 +735,11 @@ class _TaskSet:
     def has_classes(self) -> bool:
         return bool(self.classes)
 
+    def subset(self, index: Sequence[int]) -> _TaskSet:
+        """The tasks ``index`` alone, on the same probe."""
+        classes = [self.classes[i] for i in index] if self.classes else []
+        return _TaskSet([self.names[i] for i in index], self.member[:, list(index)], classes, self.labels, self.num_classes)
+
 
 class _MaskOutcomes:
     """Every mask's predictions on every probe example ``[M, N]``, reduced to the likelihood's counts."""
@@ -716,6 +784,10 @@ class _ChainScorer:
     ``generator``; all of them when there are no more): every step evaluates the same rows, so each chain
     targets a fixed posterior, and the cost per step is bounded by ``chains * (N + T * rest_per_chain)``
     rows. All chains' rows run as one batch of (example, mask) pairs.
+
+    Where the logits are affine in the mask (:meth:`MaskedForward.linear_head`), the scorer keeps every
+    row's logits (float64) for the chains' current masks, and a proposal that flips unit ``j`` adds
+    ``+-h_j W[j]`` to them: ``K`` additions per row rather than a pass through the head.
     """
 
     def __init__(
@@ -754,16 +826,60 @@ class _ChainScorer:
         self.rows, self.chain = torch.cat(rows), torch.cat(chains)
         self.rest, self.target = torch.cat(rest_flags), torch.cat(targets)
         self.slot = self.chain * 2 + self.rest.long()  # [task-major chain, own / rest]
+        self.head = forward.linear_head(prepared)
+        self.logits: Tensor | None = None  # affine head: the rows' logits under the current masks
+        self.proposed: Tensor | None = None
 
     @property
     def rows_per_step(self) -> int:
         """(example, mask) rows one step evaluates, all chains together."""
         return int(self.rows.numel())
 
-    def __call__(self, states: Tensor) -> Tensor:
-        """``log O_t(m)`` ``[T, C]`` of the masks ``states`` ``[T, C, d]``."""
+    def start(self, states: Tensor) -> Tensor:
+        """``log O_t(m)`` ``[T, C]`` of the chains' first masks ``states`` ``[T, C, d]``."""
+        if self.head is None:
+            return self(states)
+        weight, bias = self.head
         masks = states.reshape(-1, states.shape[-1])[self.chain]
-        pred = self.forward.paired_predictions(self.prepared, self.rows, masks)
+        h = self.prepared[0]
+        per = max(1, _MAX_ELEMENTS // max(1, h.shape[1]))
+        self.logits = torch.cat(
+            [
+                (h.index_select(0, self.rows[i : i + per]) * masks[i : i + per].to(h.dtype)).to(torch.float64) @ weight + bias
+                for i in range(0, self.rows.numel(), per)
+            ]
+        ) if self.rows.numel() else torch.zeros(0, bias.numel(), dtype=torch.float64, device=h.device)  # fmt: skip
+        return self.log_odds(self.logits.argmax(dim=-1))
+
+    def propose(self, proposal: Tensor, flip: Tensor) -> Tensor:
+        """``log O_t(m)`` ``[T, C]`` of ``proposal`` ``[T, C, d]``: the current masks with unit ``flip`` ``[T, C]`` flipped."""
+        if self.head is None or self.logits is None:
+            return self(proposal)
+        weight = self.head[0]
+        flat = flip.reshape(-1)
+        kept = proposal.reshape(-1, proposal.shape[-1]).gather(1, flat[:, None])[:, 0]  # the flipped unit is now kept
+        unit = flat[self.chain]
+        coef = self.prepared[0][self.rows, unit].to(torch.float64) * (kept[self.chain].to(torch.float64) * 2 - 1)
+        out = self.proposed if self.proposed is not None and self.proposed.shape == self.logits.shape else None
+        self.proposed = torch.addcmul(self.logits, coef[:, None], weight.index_select(0, unit), out=out)
+        return self.log_odds(self.proposed.argmax(dim=-1))
+
+    def accept(self, accepted: Tensor) -> None:
+        """Move the chains where ``accepted`` ``[T, C]`` to their proposals."""
+        if self.logits is not None and self.proposed is not None:
+            # take the proposals' logits and copy back the rejected rows only (most proposals are accepted)
+            rejected = torch.nonzero(~accepted.reshape(-1)[self.chain]).flatten()
+            current, self.logits = self.logits, self.proposed
+            self.logits.index_copy_(0, rejected, current.index_select(0, rejected))
+            self.proposed = current  # the next proposal's buffer
+
+    def __call__(self, states: Tensor) -> Tensor:
+        """``log O_t(m)`` ``[T, C]`` of the masks ``states`` ``[T, C, d]``, each row through the head."""
+        masks = states.reshape(-1, states.shape[-1])[self.chain]
+        return self.log_odds(self.forward.paired_predictions(self.prepared, self.rows, masks))
+
+    def log_odds(self, pred: Tensor) -> Tensor:
+        """``log O_t(m)`` ``[T, C]`` from the predicted class of every row ``[R]``."""
         # own rows: correct (predicted as labelled); rest rows: not predicted as the task's class
         hit = (pred == self.target) != self.rest
         counts = torch.zeros(2 * self.shape[0] * self.shape[1], dtype=torch.float64, device=pred.device)
@@ -853,6 +969,8 @@ class BayesianAblation:
             everything). Task ``"all"`` uses the smoothed multi-class accuracy either way.
         rest_per_chain: MCMC with the balanced likelihood: the other examples each chain of a class task
             scores, a sample drawn once per chain without replacement (all of them when there are no more).
+        progress: a progress bar over the blocks of class tasks when MCMC runs them in several (many
+            tasks on a wide layer: each block's chains and logits stay within a few hundred MB).
 
     Error bars: MCMC read-outs come with jackknife standard errors over the chains (the Monte-Carlo error
     for this probe set); exact ones with bootstrap standard errors over the probe examples.
@@ -886,6 +1004,7 @@ class BayesianAblation:
         num_bootstrap: int = 20,
         likelihood: Likelihood = "balanced",
         rest_per_chain: int = REST_PER_CHAIN,
+        progress: bool = False,
     ) -> None:
         if method not in ("auto", "exact", "mcmc"):
             raise ValueError(f"method must be 'auto', 'exact' or 'mcmc', got {method!r}")
@@ -904,6 +1023,7 @@ class BayesianAblation:
         self.prior_keep, self.num_chains, self.num_steps, self.burn_in = prior_keep, num_chains, num_steps, burn_in
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.max_batch, self.top_k, self.num_bootstrap, self.rest_per_chain = max_batch, top_k, num_bootstrap, rest_per_chain
+        self.progress = progress
         self.forward = MaskedForward(model, layer, max_batch=max_batch, split=split)
 
     # ------------------------------------------------------------------ fit
@@ -948,11 +1068,37 @@ class BayesianAblation:
         if method == "exact":
             estimate = self._exact(prepared, task_set, two_sided, d)
         else:
-            scorer = _ChainScorer(
-                self.forward, prepared, task_set, self.num_chains, self.rest_per_chain, two_sided, self.generator
-            )
-            estimate = self._mcmc(scorer, len(task_set.names), d, x.device)
+            blocks = self._task_blocks(task_set, two_sided, d)
+            parts = []
+            for block in tqdm(blocks, desc=f"ablation {self.layer}", unit="block", disable=not self.progress or len(blocks) < 2):
+                tasks_now = task_set.subset(block) if len(blocks) > 1 else task_set
+                scorer = _ChainScorer(
+                    self.forward, prepared, tasks_now, self.num_chains, self.rest_per_chain, two_sided, self.generator
+                )
+                parts.append(self._mcmc(scorer, len(tasks_now.names), d, x.device))
+            estimate = parts[0] if len(parts) == 1 else _concat_estimates(parts)
         return self._result(estimate, task_set, full_accuracy)
+
+    def _task_blocks(self, tasks: _TaskSet, two_sided: bool, d: int) -> list[list[int]]:
+        """Consecutive groups of tasks whose chains run together, each within the memory bounds.
+
+        A block holds its chains' masks after every kept step (``chains * steps * d`` bytes per task) and,
+        with an affine head, its rows' logits (``rows * K`` float64, three copies at a step).
+        """
+        kept = self.num_steps - self.burn_in
+        per_task_trace = self.num_chains * kept * d
+        rows = self.num_chains * (tasks.member.sum(dim=0) + _rest_per_task(tasks, self.rest_per_chain, two_sided))
+        per_task_logits = rows * tasks.num_classes * 8 * 3
+        blocks: list[list[int]] = [[]]
+        trace_bytes, logit_bytes = 0, 0
+        for t in range(len(tasks.names)):
+            add = int(per_task_logits[t])
+            if blocks[-1] and (trace_bytes + per_task_trace > _MAX_TRACE_BYTES or logit_bytes + add > _MAX_LOGIT_BYTES):
+                blocks.append([])
+                trace_bytes, logit_bytes = 0, 0
+            blocks[-1].append(t)
+            trace_bytes, logit_bytes = trace_bytes + per_task_trace, logit_bytes + add
+        return blocks
 
     def rows_per_step(self, labels: Tensor, tasks: Literal["classes", "all"] | Sequence[int] = "classes") -> int:
         """(example, mask) rows one MCMC step evaluates on a probe with these labels, all chains together.
@@ -1098,10 +1244,7 @@ class BayesianAblation:
         c, g = self.num_chains, self.generator
         state = (torch.rand(num_tasks, c, d, generator=g) < self.prior_keep).to(device)  # prior draws
 
-        def score(masks: Tensor) -> Tensor:  # [T, C]
-            return scorer(masks) + log_prior(masks, self.prior_keep)
-
-        current = score(state)
+        current = scorer.start(state) + log_prior(state, self.prior_keep)  # [T, C]
         kept = self.num_steps - self.burn_in
         traces = torch.zeros(num_tasks, c, kept, d, dtype=torch.bool, device=device)
         flips = torch.zeros(num_tasks, c, kept, dtype=torch.long, device=device)
@@ -1118,13 +1261,14 @@ class BayesianAblation:
             was = state.gather(2, flip[..., None])
             proposal = state.clone()
             proposal.scatter_(2, flip[..., None], ~was)
-            new = score(proposal)
+            new = scorer.propose(proposal, flip) + log_prior(proposal, self.prior_keep)
             u = torch.rand(num_tasks, c, generator=g, dtype=torch.float64).to(device)
             if step >= self.burn_in:
                 sign = was[..., 0].to(torch.float64) * 2 - 1  # +1 where the current state keeps unit j
                 conds[:, :, step - self.burn_in] = torch.sigmoid((current - new) * sign)  # P(m_j = 1 | m_-j)
                 flips[:, :, step - self.burn_in] = flip
             accept = u.log() < (new - current)
+            scorer.accept(accept)
             state = torch.where(accept[..., None], proposal, state)
             current = torch.where(accept, new, current)
             if step >= self.burn_in:
@@ -1182,6 +1326,30 @@ class BayesianAblation:
             manifold_complexity_se=se(estimate.replicate_complexity),
             polysemanticity_se=se(torch.stack([poly(i) for i in rep_info])) if rep_info is not None else None,
         )
+
+
+def _concat_estimates(parts: list[_Estimate]) -> _Estimate:
+    """One MCMC estimate of all tasks from those of consecutive blocks of tasks."""
+
+    def cat(name: str, dim: int = 0) -> Tensor | None:
+        values = [getattr(p, name) for p in parts]
+        return None if any(v is None for v in values) else torch.cat(values, dim=dim)
+
+    first = parts[0]
+    per_task = ("importance", "manifold_complexity", "mask_entropy_bits", "acceptance_rate", "ess", "ess_per_unit")
+    return _Estimate(
+        **{name: cat(name) for name in per_task},  # type: ignore[arg-type]
+        complexity_kind=first.complexity_kind,
+        method=first.method,
+        num_evaluations=sum(p.num_evaluations for p in parts),
+        num_rows=sum(p.num_rows for p in parts),
+        replicate_kind=first.replicate_kind,
+        replicate_importance=cat("replicate_importance", dim=1),
+        replicate_complexity=cat("replicate_complexity", dim=1),
+        seconds_per_step=sum(p.seconds_per_step or 0.0 for p in parts),
+        complexity_pairs=cat("complexity_pairs"),
+        complexity_left_out_bits=cat("complexity_left_out_bits"),
+    )
 
 
 def _posterior_importance(p: Tensor, masks: Tensor) -> Tensor:
@@ -1265,16 +1433,21 @@ def _pairwise_complexity(sums: _ChainSums, kept: int) -> _Complexity:
         # the dependent pairs: a unit that depends on no other unit (I(m_u; m_-u) = 0) shares no information
         i, j = torch.nonzero(dep[t, :, None].gt(0) & dep[t, None, :].gt(0)).T
         i, j = i[i < j], j[i < j]
+        if not i.numel():  # no unit depends on another: no pair carries information
+            if replicates is not None:
+                replicates[:, t] = 0.0
+            continue
         bound = torch.minimum(dep[t, i], dep[t, j])
-        total = sum((sums.chain_joint(t, k) for k in range(c)), torch.zeros(d, d, dtype=torch.float64, device=device))
+        joints = [sums.chain_joint(t, k) for k in range(c)]
+        total = sum(joints, torch.zeros(d, d, dtype=torch.float64, device=device))
         mi = _pair_information(imp[t], cc[t], total, i, j)
         if replicates is None:  # one chain: the plug-in sum, with no error bar
             value[t], pairs[t] = mi.sum(), i.numel()
             continue
 
-        def left_one_out(k: int, i: Tensor, j: Tensor, t: int = t, total: Tensor = total) -> Tensor:
+        def left_one_out(k: int, i: Tensor, j: Tensor, t: int = t, total: Tensor = total, joints: list = joints) -> Tensor:
             imp_k, dep_k, cc_k = loo[k]
-            mi_k = _pair_information(imp_k[t], cc_k[t], total - sums.chain_joint(t, k), i, j)
+            mi_k = _pair_information(imp_k[t], cc_k[t], total - joints[k], i, j)
             return torch.where((dep_k[t, i] > 0) & (dep_k[t, j] > 0), mi_k, torch.zeros_like(mi_k))
 
         s1, s2 = torch.zeros_like(mi), torch.zeros_like(mi)

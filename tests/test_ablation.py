@@ -818,3 +818,79 @@ def test_callback_checks_passes_and_keys_the_likelihood() -> None:
     model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2))
     ablation = one_sided._ablation(model, "1")
     assert (ablation.likelihood, ablation.rest_per_chain) == ("sensitivity", 9)
+
+
+class _ScaledHead(nn.Module):
+    """A linear head whose logits are multiplied by 1.0: the same numbers, but not a structurally affine head."""
+
+    def __init__(self, fc: nn.Linear) -> None:
+        super().__init__()
+        self.fc = fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * 1.0
+
+
+def _pooled_cnn(head: nn.Module) -> nn.Module:
+    torch.manual_seed(5)
+    return nn.Sequential(nn.Conv2d(1, 24, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), head).eval()
+
+
+def test_affine_head_steps_add_one_column_and_match_the_head() -> None:
+    """A Linear head after the pool: logits read off as (h * m) @ W + b; each step's update equals a pass through the head."""
+    fc = nn.Linear(24, 7)
+    model = _pooled_cnn(fc)
+    x = torch.randn(70, 1, 6, 6)
+    y = torch.where(torch.arange(70) < 35, model(x).argmax(1), torch.arange(70) % 7)  # half agree with the model
+    forward = MaskedForward(model, "1")
+    prepared = forward.prepare(x)
+    assert forward.mask_after == "3" and prepared[0].shape == (70, 24)  # pushed past the pool and flatten
+    head = forward.linear_head(prepared)
+    assert head is not None
+    torch.testing.assert_close(head[0], fc.weight.detach().double().T)
+    torch.testing.assert_close(head[1], fc.bias.detach().double())
+    # not affine: a ReLU in the head, or an op outside the linear ones
+    mlp = _pooled_cnn(nn.Sequential(nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 7)))
+    scaled = _pooled_cnn(_ScaledHead(nn.Linear(24, 7)))
+    for other in (mlp, scaled):
+        f = MaskedForward(other, "1")
+        assert f.linear_head(f.prepare(x)) is None
+    f = MaskedForward(model, "0")  # the conv output: the mask commutes with the ReLU and the pool, the head is affine
+    assert f.linear_head(f.prepare(x)) is not None and f.mask_after == "3"
+    # the incremental chains give the same fit as passing every row through the head
+    twin = _pooled_cnn(_ScaledHead(nn.Linear(24, 7)))
+    twin.load_state_dict({k.replace("4.", "4.fc."): v for k, v in model.state_dict().items()})
+    runs = [
+        BayesianAblation(m, "1", method="mcmc", num_chains=4, num_steps=300, burn_in=50, rest_per_chain=9,
+                         generator=torch.Generator().manual_seed(1)).fit(x, y)
+        for m in (model, twin)
+    ]  # fmt: skip
+    assert len(runs[0].tasks) >= 4
+    assert torch.equal(runs[0].acceptance_rate, runs[1].acceptance_rate)
+    assert torch.equal(runs[0].importance, runs[1].importance)
+    assert runs[0].num_rows == runs[1].num_rows
+
+
+def test_many_tasks_run_in_blocks_that_equal_separate_fits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of class tasks (memory bounds) give, per block, exactly the fit of that block's tasks alone."""
+    import lightning_interp.ablation as ablation_module
+
+    model = _pooled_cnn(nn.Linear(24, 5))
+    x = torch.randn(60, 1, 6, 6)
+    y = torch.arange(60) % 3
+
+    def fit(tasks: list[int]) -> object:
+        return BayesianAblation(model, "1", method="mcmc", num_chains=3, num_steps=80, burn_in=20,
+                                generator=torch.Generator().manual_seed(2)).fit(x, y, tasks=tasks)  # fmt: skip
+
+    alone = fit([0])
+    together = fit([0, 1, 2])
+    monkeypatch.setattr(ablation_module, "_MAX_TRACE_BYTES", 3 * 60 * 24)  # one task per block
+    blocked = fit([0, 1, 2])
+    assert blocked.tasks == together.tasks == ["class 0", "class 1", "class 2"]
+    assert torch.equal(blocked.importance[0], alone.importance[0])
+    assert torch.equal(blocked.acceptance_rate[:1], alone.acceptance_rate)
+    for name in ("importance", "manifold_complexity", "ess", "acceptance_rate", "information_bits", "importance_se"):
+        assert getattr(blocked, name).shape == getattr(together, name).shape, name
+    assert blocked.num_rows == together.num_rows and blocked.num_evaluations == together.num_evaluations
+    assert blocked.manifold_complexity_se is not None and blocked.manifold_complexity_se.shape == (3,)
