@@ -387,6 +387,7 @@ class AblationResult:
 
     Attributes:
         tasks: task names (``"class <c>"`` or ``"all"``).
+        task_classes: the class index of each class task (empty for task ``"all"``).
         importance: ``P(m_i = 1 | t, correct)`` ``[T, d]``.
         information_bits: ``KL(Bern(importance) || Bern(prior_keep))`` in bits ``[T, d]``.
         distributedness: ``exp(H(information / sum information)) / d`` ``[T]`` (NaN without information).
@@ -459,6 +460,7 @@ class AblationResult:
     seconds_per_step: float | None = None
     complexity_pairs: Tensor | None = None
     complexity_left_out_bits: Tensor | None = None
+    task_classes: list[int] = field(default_factory=list)
 
 
 def _binary_entropy_bits(p: Tensor) -> Tensor:
@@ -1314,6 +1316,7 @@ class BayesianAblation:
         return AblationResult(
             **{f.name: getattr(estimate, f.name) for f in fields(estimate)},
             tasks=tasks.names,
+            task_classes=list(tasks.classes),
             information_bits=info,
             distributedness=distributedness(info),
             polysemanticity=poly(info),

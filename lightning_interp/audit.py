@@ -228,6 +228,7 @@ class _FolderAudit:
                 probe=(x, labels),
                 probe_size=n,
                 min_size=self.options["min_size"],
+                deletion_images=self.options["deletion_images"],
                 class_names=self.names,
                 figure_dir=self.figure_dir("saliency"),
                 **once,
@@ -248,6 +249,7 @@ class _FolderAudit:
                 probe=(x, labels),
                 probe_size=n,
                 tasks=tasks,
+                class_names=self.names,
                 figure_dir=self.figure_dir("ablation"),
                 **once,
             )
@@ -408,6 +410,7 @@ def run_audit(
     max_tasks: int = 20,
     ablation_steps: int = 1000,
     min_per_class: int = 5,
+    deletion_images: int | None = 50,
     image_size: int | None = None,
     channels: int | None = None,
     use_wandb: bool = False,
@@ -431,6 +434,8 @@ def run_audit(
         max_tasks: most ablation class tasks (the most frequent classes among the images).
         ablation_steps: MCMC steps per chain of the ablation (8 chains; a tenth is burn-in).
         min_per_class: fewest images a class needs for the correlation orders.
+        deletion_images: the saliency faithfulness (deletion curves, 33 forward passes per image) on the first
+            this many images (``None``: all); the maps themselves cover every image.
         image_size: override the input size of the preprocessing.
         channels: 1 for grey-scale models (with ``image_size``).
         use_wandb: also log into an offline wandb run (under ``out/wandb``).
@@ -477,6 +482,7 @@ def run_audit(
             max_tasks=max_tasks,
             min_per_class=min_per_class,
             ablation_steps=ablation_steps,
+            deletion_images=deletion_images,
             progress=progress,
             seed=seed,
         )

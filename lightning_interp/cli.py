@@ -90,6 +90,7 @@ def _audit(argv: Sequence[str]) -> None:
     parser.add_argument("--min-size", type=int, default=20, help="min_size of the saliency channel split")
     parser.add_argument("--max-tasks", type=int, default=20, help="most ablation class tasks")
     parser.add_argument("--ablation-steps", type=int, default=1000, help="MCMC steps per chain of the ablation")
+    parser.add_argument("--deletion-images", type=int, default=50, help="images with saliency deletion curves (0: all images)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--wandb", action="store_true", help="also log to wandb (offline unless WANDB_MODE=online)")
     parser.add_argument("--seed", type=int, default=0)
@@ -111,6 +112,7 @@ def _audit(argv: Sequence[str]) -> None:
                 min_size=args.min_size,
                 max_tasks=args.max_tasks,
                 ablation_steps=args.ablation_steps,
+                deletion_images=args.deletion_images or None,
                 image_size=args.image_size,
                 channels=1 if args.grayscale else None,
                 use_wandb=args.wandb,

@@ -52,6 +52,7 @@ __all__ = [
     "ALDFit",
     "ALDSide",
     "FinalLayerSaliency",
+    "bilinear_upsample",
     "channel_set_map",
     "deletion_curve",
     "fit_ald",
@@ -269,6 +270,23 @@ def channel_set_map(features: Tensor, mask: Tensor, normalize: bool = True) -> T
     coef = mask * (h * w) / (2.0 + features.sum(dim=(2, 3)))
     maps = F.relu(torch.einsum("nd,ndhw->nhw", coef, features))
     return _minmax(maps) if normalize else maps
+
+
+def bilinear_upsample(maps: Tensor, size: Sequence[int]) -> Tensor:
+    """``F.interpolate(maps, size, mode="bilinear", align_corners=False)`` as two small matrix products.
+
+    Bilinear interpolation is separable: ``A_h @ map @ A_w^T`` with the ``[H, h]`` and ``[W, w]`` matrices of
+    1-d linear interpolation. For many small maps (a ResNet's 7x7 maps of 1000 classes to 224x224) the two
+    products run at matrix-multiply speed, several times faster than the per-pixel kernel.
+    """
+    h, w = maps.shape[-2:]
+    big_h, big_w = int(size[0]), int(size[1])
+
+    def matrix(n: int, big: int) -> Tensor:  # [big, n]: column i is the interpolation of the unit vector e_i
+        eye = torch.eye(n, dtype=maps.dtype, device=maps.device)[:, None, :]
+        return F.interpolate(eye, size=big, mode="linear", align_corners=False)[:, 0, :].T
+
+    return torch.matmul(matrix(h, big_h), torch.matmul(maps, matrix(w, big_w).T))
 
 
 def _minmax(maps: Tensor) -> Tensor:
@@ -734,7 +752,7 @@ class FinalLayerSaliency(Attribution):
             if m == "policy_gradient" and offset is not None:
                 maps = maps - torch.bmm(offset[:, None, :], flat).view(n, 1, h, w)
             # one call on all maps at the feature resolution: the upsampled output is allocated once
-            out[m] = maps if size is None else F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+            out[m] = maps if size is None else bilinear_upsample(maps, size)
         return out
 
     def _targets(self, target: int | Sequence | Tensor | None, logits: Tensor) -> Tensor:

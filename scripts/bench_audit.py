@@ -1,11 +1,12 @@
 """The audit's cost at ImageNet scale: ResNet-50 (random weights, 1000 classes) on synthetic 224x224 images.
 
-Runs ``lightning_interp.audit.run_audit`` on a flat folder of generated images (no labels: the methods use the
-model's predictions) and reports the seconds of every method, per image and per class task, next to one forward
-pass of the same images, then extrapolates to 50 images x 1000 classes on this CPU. A GPU figure is an
-extrapolation from the measured forward-pass ratio (stated as such), never a measurement.
+Runs ``lightning_interp.audit.run_audit`` on a folder of generated images with one sub-folder per class, named
+like the model's (ImageNet) classes so that the images are labelled, and reports the seconds of every method,
+per image and per class task, next to one forward pass of the same images. It then extrapolates to an
+ImageNet-validation-like audit of 1000 class tasks with 50 images each on this CPU. A GPU figure is an
+extrapolation (stated as such), never a measurement.
 
-    .venv/bin/python scripts/bench_audit.py --images 24 --tasks 10
+    .venv/bin/python scripts/bench_audit.py --classes 10 --per-class 5
 """
 
 from __future__ import annotations
@@ -24,14 +25,18 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py, also when imported by path (tests)
 import harness
 
+from lightning_interp.ablation import REST_PER_CHAIN
 from lightning_interp.audit import METHODS, run_audit
 
 
-def write_images(folder: Path, n: int, size: int, seed: int) -> None:
+def write_images(folder: Path, names: list[str], per_class: int, size: int, seed: int) -> None:
+    """``per_class`` random RGB images in a sub-folder per class name."""
     rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (size + 32, size + 16, 3), dtype=np.uint8)).save(folder / f"img{i:04d}.png")
+    for name in names:
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 255, (size + 32, size + 16, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / name / f"img{i:04d}.png")
 
 
 def forward_seconds(model: torch.nn.Module, x: torch.Tensor, batch: int) -> float:
@@ -43,26 +48,35 @@ def forward_seconds(model: torch.nn.Module, x: torch.Tensor, batch: int) -> floa
     return time.perf_counter() - start
 
 
+def class_folders(weights_meta: dict[str, Any], count: int) -> list[str]:
+    """The first ``count`` class names usable as folder names (unique, no path separator)."""
+    names = [n for n in weights_meta["categories"] if "/" not in n]
+    unique = [n for i, n in enumerate(names) if n not in names[:i]]
+    return unique[:count]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = harness.parser(__doc__, "outputs/bench_audit", seed="seed of the weights and images", threads="torch threads")
-    parser.add_argument("--arch", default="resnet50", help="torchvision architecture (random weights)")
-    parser.add_argument("--images", type=int, default=24, help="synthetic images")
+    parser.add_argument("--arch", default="resnet50", help="torchvision architecture (random weights, 1000 classes)")
+    parser.add_argument("--classes", type=int, default=10, help="class sub-folders (= ablation class tasks)")
+    parser.add_argument("--per-class", type=int, default=5, help="synthetic images per class")
     parser.add_argument("--size", type=int, default=224, help="image side")
-    parser.add_argument("--tasks", type=int, default=10, help="ablation class tasks (max_tasks)")
     parser.add_argument("--ablation-steps", type=int, default=1000, help="MCMC steps per chain")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated audit methods")
     args = harness.parse(
         parser,
         argv,
-        quick={"arch": "resnet18", "images": 2, "size": 32, "tasks": 1, "ablation_steps": 10, "methods": "weights,ablation"},
+        quick={"arch": "resnet18", "classes": 2, "per_class": 1, "size": 32, "ablation_steps": 10, "methods": "weights,ablation"},
     )
     run = harness.start(args)
     harness.quiet_lightning()
     torch.manual_seed(args.seed)
     model = torchvision.models.get_model(args.arch, weights=None, num_classes=1000).eval()
+    names = class_folders(torchvision.models.get_model_weights(args.arch).DEFAULT.meta, args.classes)
+    images = len(names) * args.per_class
     with tempfile.TemporaryDirectory() as tmp:
         folder, weights = Path(tmp) / "images", Path(tmp) / "weights.pth"
-        write_images(folder, args.images, args.size, args.seed)
+        write_images(folder, names, args.per_class, args.size, args.seed)
         torch.save(model.state_dict(), weights)
         report = run_audit(
             arch=args.arch,
@@ -70,14 +84,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             images=str(folder),
             out=str(args.out / "audit"),
             image_size=args.size,
-            max_tasks=args.tasks,
+            max_tasks=len(names),
+            min_per_class=min(5, args.per_class),
             ablation_steps=args.ablation_steps,
             methods=args.methods.split(","),
             progress=False,
             seed=args.seed,
         )
-    x = torch.randn(args.images, 3, args.size, args.size)
-    fwd = forward_seconds(model, x, 16)
+    x = torch.randn(min(images, 64), 3, args.size, args.size)
+    fwd = forward_seconds(model, x, 16) * images / len(x)
     seconds = report["meta"]["method_seconds"]
     tasks = max(1, len(report["meta"]["ablation_tasks"]))
     rows = []
@@ -85,23 +100,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if method not in seconds:
             continue
         s = seconds[method]
-        per_task = f"{s / tasks:.3f}" if method == "ablation" else ""
-        rows.append([method, f"{s:.2f}", f"{s / args.images:.3f}", per_task, f"{s / fwd:.1f}"])
-    rows.append(["one forward pass", f"{fwd:.2f}", f"{fwd / args.images:.3f}", "", "1.0"])
-    # 50 images x 1000 class tasks: saliency and correlation scale with the images, the ablation with the images
-    # and the class tasks (every chain scores its task's images plus a fixed sample of others)
-    scale = 50 / args.images
-    cpu = seconds.get("saliency", 0.0) * scale + seconds.get("correlation", 0.0) * scale
-    cpu += seconds.get("ablation", 0.0) * scale * 1000 / tasks
+        per_task = f"{s / tasks:.2f}" if method == "ablation" else ""
+        rows.append([method, f"{s:.2f}", f"{s / images:.3f}", per_task, f"{s / fwd:.1f}"])
+    rows.append(["one forward pass", f"{fwd:.2f}", f"{fwd / images:.3f}", "", "1.0"])
+    # ImageNet validation: 1000 classes x 50 images. Saliency, weights and correlation scale with the images; a
+    # class task's chains score its own images plus a fixed sample of the others, so the ablation scales with
+    # the tasks times (own + rest) rows per chain.
+    target_images, target_tasks = 50_000, 1000
+    rest = min(REST_PER_CHAIN, images - args.per_class)
+    row_scale = (50 + REST_PER_CHAIN) / (args.per_class + rest)
+    per_image = sum(seconds.get(m, 0.0) for m in ("saliency", "correlation")) / images
+    ablation_cpu = seconds.get("ablation", 0.0) / tasks * row_scale * target_tasks
     table = harness.markdown_table(
         ["method", "seconds", "per image", "per class task", "x one forward pass"], rows, align="lrrrr"
     )
     table += (
-        f"\n\n{args.images} images of {args.size}x{args.size}, {args.arch} (random weights, 1000 classes), "
-        f"{tasks} ablation class tasks x 8 chains x {args.ablation_steps} steps. Extrapolation to 50 images x 1000 class "
-        f"tasks on this CPU: {cpu / 60:.1f} min (saliency and correlation linear in the images, the ablation linear in "
-        "images x tasks). On one GPU the same work is expected to scale with the forward pass: divide by the GPU's "
-        "forward-pass speed-up over this CPU (an extrapolation, not a measurement)."
+        f"\n\n{images} images ({len(names)} classes x {args.per_class}) of {args.size}x{args.size}, {args.arch} (random "
+        f"weights, 1000 classes); {tasks} ablation class tasks x 8 chains x {args.ablation_steps} steps. Extrapolated "
+        f"to an ImageNet-validation audit (1000 classes x 50 images) on this CPU: saliency and correlation "
+        f"{per_image * target_images / 3600:.1f} h (linear in the images); ablation of all 1000 class tasks "
+        f"{ablation_cpu / 3600:.1f} h (linear in tasks x rows per chain, {50 + REST_PER_CHAIN} rows there against "
+        f"{args.per_class + rest} here). A GPU run is not measured here."
     )
     print(table)
     data = {
@@ -109,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": run.stop(),
         "meta": report["meta"],
         "forward_s": fwd,
-        "extrapolated_cpu_s": cpu,
+        "extrapolated_cpu_s": {"saliency_correlation": per_image * target_images, "ablation_1000_tasks": ablation_cpu},
     }
     return harness.write_results(args.out, table, data)
 

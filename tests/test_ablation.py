@@ -894,3 +894,28 @@ def test_many_tasks_run_in_blocks_that_equal_separate_fits(monkeypatch: pytest.M
         assert getattr(blocked, name).shape == getattr(together, name).shape, name
     assert blocked.num_rows == together.num_rows and blocked.num_evaluations == together.num_evaluations
     assert blocked.manifold_complexity_se is not None and blocked.manifold_complexity_se.shape == (3,)
+
+
+def test_callback_names_tasks_by_class_and_keeps_wide_figures_readable() -> None:
+    """Class names label the tasks in figures and tables; a 300-unit layer's figures stay a readable size."""
+    from lightning_interp.callbacks import AblationProbeCallback
+    from lightning_interp.callbacks.base import Measurement
+
+    with pytest.raises(TypeError, match="class_names must be a list of strings"):
+        AblationProbeCallback(layers="1", class_names="cat")  # type: ignore[arg-type]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 300), nn.ReLU(), nn.Linear(300, 4)).eval()
+    x = torch.randn(40, 6)
+    y = torch.arange(40) % 4
+    r = BayesianAblation(model, "1", method="mcmc", num_chains=2, num_steps=30, burn_in=5).fit(x, y, tasks=[1, 3])
+    assert r.task_classes == [1, 3]
+    cb = AblationProbeCallback(layers="1", class_names=["ant", "bee", "cat", "dog"])
+    assert cb.task_labels(r) == ["bee", "dog"]
+    assert AblationProbeCallback(layers="1").task_labels(r) == ["class 1", "class 3"]
+    measurement = Measurement(scalars={}, data={"results": {"1": r}})
+    figs = cb.figures(measurement)
+    heat, bars = figs["1/importance"], figs["1/importance_errors"]
+    assert [t.get_text() for t in heat.axes[0].get_yticklabels()] == ["bee", "dog"]
+    assert max(heat.get_size_inches()) <= 14 and max(bars.get_size_inches()) <= 14
+    assert len(bars.axes[0].get_xticklabels()) == 64 and "64 most informative of 300 units" in bars.axes[0].get_title()
+    assert {row[2] for row in cb.tables(measurement)["top_units"][1]} <= {"bee", "dog"}

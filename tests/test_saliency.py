@@ -445,3 +445,41 @@ def test_saliency_callback_with_label_targets_and_explicit_probe() -> None:
         pl.Trainer(max_steps=1, callbacks=[explicit], logger=False, enable_checkpointing=False, enable_progress_bar=False).fit(
             SmallCNN(in_channels=1, num_classes=4, channels=(8, 16)), dm
         )
+
+
+def test_saliency_callback_deletion_curves_on_the_first_images_only() -> None:
+    """deletion_images=k: faithfulness from the first k probe images (NaN for the rest), equal to the curves of those."""
+    import lightning.pytorch as pl
+
+    from lightning_interp.callbacks import FinalLayerSaliencyCallback
+    from lightning_interp.saliency import bilinear_upsample, deletion_curve
+    from lightning_interp.stats import mean_and_se
+    from tests.contract import ImageDataModule
+
+    cb = FinalLayerSaliencyCallback(probe_size=6, min_size=4, deletion_steps=3, deletion_images=2, log_images=False)
+    model = SmallCNN(in_channels=1, num_classes=4, channels=(8, 16))
+    trainer = pl.Trainer(max_steps=2, callbacks=[cb], logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(model, ImageDataModule())
+    per_image = cb.last.data["per_image"]
+    faithful = per_image["faithfulness_pg"]
+    assert faithful.shape == (6,) and not faithful[:2].isnan().any() and faithful[2:].isnan().all()
+    assert not per_image["target_prob"].isnan().any()
+    x, maps = cb.last.data["inputs"], cb.last.data["maps"]
+    model.eval()
+    with torch.no_grad():
+        up = bilinear_upsample(maps["policy_gradient"][:2, None], x.shape[-2:])[:, 0]
+        auc = deletion_curve(model, x[:2], up, maps["target"][:2], 3).mean(dim=1)
+    torch.testing.assert_close(per_image["deletion_auc_pg"][:2], auc)
+    mean, se = mean_and_se(faithful[:2])
+    assert cb.history[-1]["faithfulness_pg"] == pytest.approx(float(mean))
+    assert cb.history[-1]["faithfulness_pg_se"] == pytest.approx(float(se))
+
+
+def test_bilinear_upsample_equals_interpolate() -> None:
+    from lightning_interp.saliency import bilinear_upsample
+
+    torch.manual_seed(0)
+    for shape, size in (((2, 30, 7, 7), (224, 224)), ((2, 3, 5, 6), (17, 23)), ((1, 2, 7, 7), (7, 7)), ((3, 4, 8, 8), (4, 5))):
+        maps = torch.randn(*shape)
+        ref = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+        torch.testing.assert_close(bilinear_upsample(maps, size), ref)

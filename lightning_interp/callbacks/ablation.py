@@ -33,6 +33,7 @@ from lightning_interp.callbacks.base import (
     Measurement,
     RunOn,
     check_choice,
+    check_class_names,
     check_int,
     check_logits,
     check_number,
@@ -85,6 +86,7 @@ class AblationProbeCallback(InterpretabilityCallback):
         max_batch: bound on ``masks * examples`` rows per forward pass.
         informative_bits: threshold for ``informative_units``.
         top_units: rows of the table of most informative units.
+        class_names: names of the classes, to label the tasks in the figures and tables (default ``"class <k>"``).
         min_ess: warn (once per layer) when the smallest effective sample size of an importance estimate
             falls below this.
         every_n_epochs: see :class:`~lightning_interp.callbacks.base.InterpretabilityCallback` (default 5).
@@ -130,6 +132,7 @@ class AblationProbeCallback(InterpretabilityCallback):
         max_batch: int = 65536,
         informative_bits: float = 0.05,
         top_units: int = 20,
+        class_names: Sequence[str] | None = None,
         min_ess: float = 100.0,
         every_n_epochs: int | None = 5,
         every_n_steps: int | None = None,
@@ -191,6 +194,7 @@ class AblationProbeCallback(InterpretabilityCallback):
         self.likelihood, self.rest_per_chain = likelihood, rest_per_chain
         self.prior_keep, self.num_chains, self.num_steps, self.burn_in = prior_keep, num_chains, num_steps, burn_in
         self.max_batch, self.informative_bits, self.top_units = max_batch, informative_bits, top_units
+        self.class_names = check_class_names(class_names)
         self._probe: tuple[Tensor, Tensor] | None = None
         self._ablations: dict[str, BayesianAblation] = {}
         self._model_ref: Any = None  # weak reference: a new model (even at a reused address) gets new ablations
@@ -374,45 +378,67 @@ class AblationProbeCallback(InterpretabilityCallback):
         return Measurement(scalars=scalars, data={"results": results})
 
     # ------------------------------------------------------------------ figures and tables
+    def task_labels(self, r: AblationResult) -> list[str]:
+        """The tasks of a result as figures and tables name them: class names where ``class_names`` has them."""
+        if not self.class_names or not r.task_classes:
+            return list(r.tasks)
+        return [
+            self.class_names[c] if c < len(self.class_names) else name for c, name in zip(r.task_classes, r.tasks, strict=True)
+        ]
+
     def figures(self, measurement: Measurement) -> dict[str, Any]:
         figs = {}
         for layer, r in measurement.data["results"].items():
             imp = r.importance.double().cpu()
-            fig, ax = subplots(figsize=(max(4, 0.25 * imp.shape[1] + 2), max(2.5, 0.3 * imp.shape[0] + 1.5)))
+            labels = self.task_labels(r)
+            # wide layers (a ResNet's 2048 channels) and many tasks: the figure stays a readable size
+            width, height = min(14.0, max(4, 0.25 * imp.shape[1] + 2)), min(12.0, max(2.5, 0.3 * imp.shape[0] + 1.5))
+            fig, ax = subplots(figsize=(width, height))
             im = ax.imshow(imp, cmap="RdBu_r", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
-            ax.set_yticks(range(len(r.tasks)), r.tasks, fontsize=7)
+            if len(labels) <= 40:
+                ax.set_yticks(range(len(labels)), labels, fontsize=7)
+            ax.set_ylabel("task")
             ax.set_xlabel("unit")
             ax.set_title(f"{layer}: P(unit kept | task correct) ({r.method})", fontsize=9)
             fig.colorbar(im, ax=ax, fraction=0.05, label="importance")
             figs[f"{layer}/importance"] = fig
             if r.importance_se is not None:
-                figs[f"{layer}/importance_errors"] = _importance_errorbars(layer, r)
+                figs[f"{layer}/importance_errors"] = _importance_errorbars(layer, r, labels)
         return figs
 
     def tables(self, measurement: Measurement) -> dict[str, tuple[list[str], list[list[Any]]]]:
         rows = []
         for layer, r in measurement.data["results"].items():
             info = r.information_bits.double().cpu()
+            labels = self.task_labels(r)
             flat = info.flatten()
             for idx in flat.argsort(descending=True)[: self.top_units].tolist():
                 t, unit = divmod(idx, info.shape[1])
-                rows.append([layer, unit, r.tasks[t], float(r.importance[t, unit]), float(info[t, unit])])
+                rows.append([layer, unit, labels[t], float(r.importance[t, unit]), float(info[t, unit])])
         return {"top_units": (["layer", "unit", "task", "importance", "information_bits"], rows)}
 
 
-def _importance_errorbars(layer: str, r: AblationResult) -> Any:
-    """Importance of every unit with +-2 SE bars, one line per task (at most 10 tasks)."""
+def _importance_errorbars(layer: str, r: AblationResult, labels: list[str], max_units: int = 64) -> Any:
+    """Importance with +-2 SE bars, one line per task (at most 10 tasks); on a wide layer the ``max_units``
+    units with the most information (summed over the tasks), labelled by their index."""
     imp, se = r.importance.double().cpu(), r.importance_se.double().cpu()  # type: ignore[union-attr]
-    fig, ax = subplots(figsize=(max(5, 0.12 * imp.shape[1] + 3), 3.2))
-    units = torch.arange(imp.shape[1])
+    shown = torch.arange(imp.shape[1])
+    if imp.shape[1] > max_units:
+        shown = r.information_bits.double().cpu().nan_to_num().sum(0).argsort(descending=True)[:max_units].sort().values
+    fig, ax = subplots(figsize=(max(5, 0.12 * len(shown) + 3), 3.2))
+    units = torch.arange(len(shown))
     for t in range(min(10, imp.shape[0])):
         offset = 0.6 * (t / max(1, imp.shape[0]) - 0.3)
-        ax.errorbar(units + offset, imp[t], yerr=2 * se[t], fmt=".", ms=3, lw=0.8, label=r.tasks[t])
+        ax.errorbar(units + offset, imp[t, shown], yerr=2 * se[t, shown], fmt=".", ms=3, lw=0.8, label=labels[t])
+    which = ""
+    if len(shown) < imp.shape[1]:
+        ax.set_xticks(units.tolist(), [str(u) for u in shown.tolist()], fontsize=5, rotation=90)
+        which = f", the {len(shown)} most informative of {imp.shape[1]} units"
     ax.axhline(0.5, color="grey", lw=0.6, ls="--")
     ax.set_xlabel("unit")
     ax.set_ylabel("P(unit kept | task correct)")
     kind = {"jackknife": "jackknife over chains", "bootstrap": "bootstrap over probe"}.get(r.replicate_kind, r.replicate_kind)
-    ax.set_title(f"{layer}: importance +- 2 SE ({kind})", fontsize=9)
+    ax.set_title(f"{layer}: importance +- 2 SE ({kind}){which}", fontsize=9)
     ax.legend(fontsize=6, ncol=5, loc="lower right")
     fig.tight_layout()
     return fig

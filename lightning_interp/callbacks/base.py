@@ -70,6 +70,7 @@ __all__ = [
     "InterpretabilityCallback",
     "Measurement",
     "check_choice",
+    "check_class_names",
     "check_int",
     "check_logits",
     "check_number",
@@ -181,6 +182,15 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
     """Raise ``ValueError`` unless ``value`` is one of ``choices`` (the message lists them)."""
     if not isinstance(value, (str, int, float, type(None))) or value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+
+
+def check_class_names(value: Any) -> list[str] | None:
+    """``value`` as a list of class names (``None`` stays ``None``); ``TypeError`` unless a sequence of strings."""
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, Sequence) or not all(isinstance(c, str) for c in value):
+        raise TypeError(f"class_names must be a list of strings, got {value!r}")
+    return list(value)
 
 
 def check_logits(out: Any, who: str, model: nn.Module) -> Tensor:

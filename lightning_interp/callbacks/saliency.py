@@ -12,7 +12,6 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_interp.callbacks.base import (
@@ -20,13 +19,14 @@ from lightning_interp.callbacks.base import (
     Measurement,
     RunOn,
     check_choice,
+    check_class_names,
     check_int,
     check_logits,
     model_device_dtype,
 )
 from lightning_interp.callbacks.probe import ProbeSource, Unpack
 from lightning_interp.plotting import saliency_grid
-from lightning_interp.saliency import FinalLayerSaliency, deletion_curve, negative_share
+from lightning_interp.saliency import FinalLayerSaliency, bilinear_upsample, deletion_curve, negative_share
 from lightning_interp.stats import mean_and_se
 
 __all__ = ["FinalLayerSaliencyCallback"]
@@ -65,6 +65,9 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
         classifier: ``named_modules()`` path of the final ``nn.Linear`` (found when ``None``).
         min_size: ``min_size`` of the recursive channel split.
         deletion_steps: deletion-curve resolution (0 disables the faithfulness scalars).
+        deletion_images: measure the deletion curves on the first this many probe images only (``None``: all).
+            Each of the three curves costs ``deletion_steps + 1`` forward passes of those images, the bulk of
+            a measurement on a large probe (an audit of many images); the per-image values of the others are NaN.
         class_names: names of the classes, to label the figure's rows (default ``"class <k>"``).
         every_n_epochs: see :class:`~lightning_interp.callbacks.base.InterpretabilityCallback`.
         every_n_steps: see the base class.
@@ -102,6 +105,7 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
         classifier: str | None = None,
         min_size: int = 20,
         deletion_steps: int = 10,
+        deletion_images: int | None = None,
         class_names: Sequence[str] | None = None,
         every_n_epochs: int | None = 1,
         every_n_steps: int | None = None,
@@ -136,6 +140,7 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
         check_int("probe_size", probe_size, 1)
         check_int("min_size", min_size, 1)
         check_int("deletion_steps", deletion_steps, 0)
+        check_int("deletion_images", deletion_images, 1, allow_none=True)
         for name, layer in (("feature_layer", feature_layer), ("classifier", classifier)):
             if layer is not None and not isinstance(layer, str):
                 raise TypeError(f"{name} must be a named_modules() path (a string) or None, got {layer!r}")
@@ -144,10 +149,8 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
         self.feature_layer = feature_layer
         self.classifier = classifier
         self.min_size = min_size
-        self.deletion_steps = deletion_steps
-        if class_names is not None and (isinstance(class_names, str) or not all(isinstance(c, str) for c in class_names)):
-            raise TypeError(f"class_names must be a list of strings, got {class_names!r}")
-        self.class_names = list(class_names) if class_names is not None else None
+        self.deletion_steps, self.deletion_images = deletion_steps, deletion_images
+        self.class_names = check_class_names(class_names)
         self._probe: Tensor | None = None
         self._labels: Tensor | None = None
         self._saliency: FinalLayerSaliency | None = None
@@ -217,15 +220,21 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
             "target_prob": out["logits"].softmax(dim=1).gather(1, tgt[:, None])[:, 0],
         }
         if self.deletion_steps:
-            rand = deletion_curve(pl_module, x, self._random_map.to(x.device), tgt, self.deletion_steps).mean(dim=1)  # type: ignore[union-attr]
-            per_image["deletion_auc_random"] = rand
+            k = len(x) if self.deletion_images is None else min(len(x), self.deletion_images)
+
+            def padded(values: Tensor) -> Tensor:  # NaN for the images without deletion curves
+                return torch.cat([values, values.new_full((len(x) - k,), float("nan"))])
+
+            xs, ts = x[:k], tgt[:k]
+            rand = deletion_curve(pl_module, xs, self._random_map[:k].to(x.device), ts, self.deletion_steps).mean(dim=1)  # type: ignore[index]
+            per_image["deletion_auc_random"] = padded(rand)
             for method, short in (("policy_gradient", "pg"), ("discriminative", "disc")):
-                up = F.interpolate(out[method][:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-                auc = deletion_curve(pl_module, x, up, tgt, self.deletion_steps).mean(dim=1)
-                per_image[f"deletion_auc_{short}"] = auc
-                per_image[f"faithfulness_{short}"] = rand - auc  # paired on the same image
+                up = bilinear_upsample(out[method][:k, None], x.shape[-2:])[:, 0]
+                auc = deletion_curve(pl_module, xs, up, ts, self.deletion_steps).mean(dim=1)
+                per_image[f"deletion_auc_{short}"] = padded(auc)
+                per_image[f"faithfulness_{short}"] = padded(rand - auc)  # paired on the same image
         for name, values in per_image.items():
-            scalars[name], scalars[f"{name}_se"] = mean_and_se(values)
+            scalars[name], scalars[f"{name}_se"] = mean_and_se(values[~values.isnan()])
         return Measurement(scalars=scalars, data={"maps": out, "inputs": x, "per_image": per_image})
 
     def _saliency_weight(self, module: nn.Module) -> Tensor | None:
