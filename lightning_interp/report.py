@@ -143,8 +143,15 @@ def callback_section(callback: Any, out: str | os.PathLike, key: str | None = No
         for path in latest_figures(callback.figure_dir):
             caption = os.path.basename(path).rsplit("_step", 1)[0].replace("_", " ")
             figures.append((os.path.relpath(path, out), caption))
-    notes = [] if callback.history else [f"{name} did not measure (see the warnings of the run)."]
-    return Section(key or callback.prefix, title or f"{name} ({callback.prefix}/...)", intro, scalars, figures, notes=notes)
+    notes = [] if callback.history else [f"{name} did not measure."]
+    notes += [f"Warning: {message}" for message in getattr(callback, "warning_log", [])]
+    tables = []
+    if getattr(callback, "last", None) is not None:
+        for table, (columns, rows) in callback.tables(callback.last).items():
+            tables.append((table.replace("_", " "), list(columns), [list(r) for r in rows]))
+    section = Section(key or callback.prefix, title or f"{name} ({callback.prefix}/...)", intro, scalars, figures, tables)
+    section.notes = notes
+    return section
 
 
 def _fmt(value: Any) -> str:

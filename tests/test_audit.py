@@ -78,6 +78,12 @@ def test_torchvision_audit_runs_every_method_with_error_bars(
     for method, name in (("saliency", "neg_pg_share"), ("ablation", "layer4/distributedness")):
         scalars = report[method]["scalars"]
         assert name in scalars and f"{name}_se" in scalars, sorted(scalars)
+    # a callback's warnings reach the report: 200 MCMC steps on 512 channels cannot mix
+    assert any(
+        n.startswith("Warning: AblationProbeCallback") and "effective sample size" in n for n in report["ablation"]["notes"]
+    )
+    top_units = next(rows for caption, rows in report["ablation"]["tables"].items() if "top" in caption.lower())
+    assert top_units and {r["task"] for r in top_units} <= set(CLASSES)  # tasks named by class, not "class 1"
     corr = report["correlation"]["scalars"]
     assert "layer4/acc_order2" in corr and "layer4/acc_order2_se" in corr
     assert any(k.startswith("layer3/") for k in corr)  # the input of the last stage, too

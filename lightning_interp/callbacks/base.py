@@ -375,6 +375,8 @@ class InterpretabilityCallback(Callback, ABC):
         #: The most recent :class:`Measurement` (tensors on the model's device).
         self.last: Measurement | None = None
         self._warned: set[str] = set()
+        #: The warnings this callback issued (each once), for reports.
+        self.warning_log: list[str] = []
         self._last_step: int | None = None
         self._prepared_for: Any = None  # weak reference to the module validate() last ran on
         #: The drawn probe inputs and labels (``None`` until drawn; labels ``None`` for unlabelled data).
@@ -840,6 +842,7 @@ class InterpretabilityCallback(Callback, ABC):
     def _warn_once(self, tag: str, message: str) -> None:
         if tag not in self._warned:
             self._warned.add(tag)
+            self.warning_log.append(message)
             rank_zero_warn(message)
 
     def _log_scalars(self, trainer: pl.Trainer, scalars: dict[str, float], step: int) -> None:

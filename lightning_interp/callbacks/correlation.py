@@ -204,9 +204,12 @@ class CorrelationOrderCallback(InterpretabilityCallback):
         accs: dict[str, list[float]] = {}
         if self._model_ref is None or self._model_ref() is not pl_module:
             self._replacements, self._model_ref = {}, weakref.ref(pl_module)
+        # the moments of the classes present only: [K, D] sums for all 1000 ImageNet classes of a wide early
+        # layer would take gigabytes for nothing
+        present, compact = torch.unique(y, return_inverse=True)
         for layer in self.layers:
-            moments = ClassMoments(self._num_classes, covariances=False)  # per-unit moments: kurtosis
-            moments.update(outputs[layer], y)
+            moments = ClassMoments(len(present), covariances=False)  # per-unit moments: kurtosis
+            moments.update(outputs[layer], compact)
             if layer not in self._replacements:
                 self._replacements[layer] = LayerReplacement(pl_module, layer)
             run = self._replacements[layer]
