@@ -114,6 +114,26 @@ def _logits(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
         return torch.cat([model(x[i : i + batch_size].to(device)) for i in range(0, len(x), batch_size)])
 
 
+def _balanced_subset(labels: Tensor, keep: Tensor, cap: int | None) -> Tensor:
+    """``keep`` thinned to at most ``cap`` images, the same number (the first ones) from each kept class.
+
+    Each class keeps ``cap // classes`` images (at least its own minimum: the classes' smallest count
+    when that is more); when that is over the cap, the most frequent classes come first.
+    """
+    if cap is None or int(keep.sum()) <= cap:
+        return keep
+    classes, counts = labels[keep].unique(return_counts=True)
+    order = counts.argsort(descending=True, stable=True)
+    classes, counts = classes[order], counts[order]
+    per = max(int(counts.min()), cap // len(classes))
+    classes = classes[: max(1, cap // per)]  # the most frequent classes that fit
+    out = torch.zeros_like(keep)
+    for c in classes.tolist():
+        idx = torch.nonzero(keep & (labels == c)).flatten()[:per]
+        out[idx] = True
+    return out
+
+
 def _publish(staging: str, out: str) -> None:
     """Replace ``out`` by ``staging`` (an old report never survives next to new files)."""
     old = None
@@ -262,9 +282,12 @@ class _FolderAudit:
                     f"the largest classes here have {sorted(present.tolist(), reverse=True)[:3]} images."
                 )
             else:
+                keep = _balanced_subset(labels, keep, self.options["correlation_images"])
                 if not bool(keep.all()):
                     self.notes["correlation"].append(
-                        f"Measured on the {int(keep.sum())} images of the classes with at least {need} images."
+                        f"Measured on {int(keep.sum())} images of {len(labels[keep].unique())} classes: classes with at "
+                        f"least {need} images (min_per_class), at most {self.options['correlation_images']} images in "
+                        "all (correlation_images), the same number from each class."
                     )
                 out["correlation"] = cbs.CorrelationOrderCallback(
                     layers=stage_inputs(self.module, feature_layer),
@@ -411,6 +434,7 @@ def run_audit(
     ablation_steps: int = 1000,
     min_per_class: int = 5,
     deletion_images: int | None = 50,
+    correlation_images: int | None = 500,
     image_size: int | None = None,
     channels: int | None = None,
     use_wandb: bool = False,
@@ -436,6 +460,8 @@ def run_audit(
         min_per_class: fewest images a class needs for the correlation orders.
         deletion_images: the saliency faithfulness (deletion curves, 33 forward passes per image) on the first
             this many images (``None``: all); the maps themselves cover every image.
+        correlation_images: the correlation orders on at most this many images, the same number per class
+            (``None``: all); each costs about ten forward passes (three surrogate orders at every stage input).
         image_size: override the input size of the preprocessing.
         channels: 1 for grey-scale models (with ``image_size``).
         use_wandb: also log into an offline wandb run (under ``out/wandb``).
@@ -483,6 +509,7 @@ def run_audit(
             min_per_class=min_per_class,
             ablation_steps=ablation_steps,
             deletion_images=deletion_images,
+            correlation_images=correlation_images,
             progress=progress,
             seed=seed,
         )

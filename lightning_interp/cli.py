@@ -113,6 +113,7 @@ def _audit(argv: Sequence[str]) -> None:
                 max_tasks=args.max_tasks,
                 ablation_steps=args.ablation_steps,
                 deletion_images=args.deletion_images or None,
+                correlation_images=args.correlation_images or None,
                 image_size=args.image_size,
                 channels=1 if args.grayscale else None,
                 use_wandb=args.wandb,

@@ -27,6 +27,7 @@ import harness
 
 from lightning_interp.ablation import REST_PER_CHAIN
 from lightning_interp.audit import METHODS, run_audit
+from lightning_interp.saliency import FinalLayerSaliency
 
 
 def write_images(folder: Path, names: list[str], per_class: int, size: int, seed: int) -> None:
@@ -48,6 +49,25 @@ def forward_seconds(model: torch.nn.Module, x: torch.Tensor, batch: int) -> floa
     return time.perf_counter() - start
 
 
+def maps_seconds(model: torch.nn.Module, x: torch.Tensor, batch: int) -> tuple[float, float]:
+    """Seconds of the four maps of every class (``attribute_all``) of ``x``, and of the one-time resolution.
+
+    The first call on all classes resolves every class's channel chains (cached afterwards); the timed
+    calls are the maps alone.
+    """
+    saliency = FinalLayerSaliency(model)
+    every = torch.arange(1000)[None]
+    with torch.no_grad():
+        start = time.perf_counter()
+        saliency.attribute_all(x[:2], target=every.expand(2, -1))  # resolution of every class, and a warm-up
+        one_time = time.perf_counter() - start
+        start = time.perf_counter()
+        for i in range(0, len(x), batch):
+            chunk = x[i : i + batch]
+            saliency.attribute_all(chunk, target=every.expand(len(chunk), -1))
+    return time.perf_counter() - start, one_time
+
+
 def class_folders(weights_meta: dict[str, Any], count: int) -> list[str]:
     """The first ``count`` class names usable as folder names (unique, no path separator)."""
     names = [n for n in weights_meta["categories"] if "/" not in n]
@@ -66,7 +86,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = harness.parse(
         parser,
         argv,
-        quick={"arch": "resnet18", "classes": 2, "per_class": 1, "size": 32, "ablation_steps": 10, "methods": "weights,ablation"},
+        quick={
+            "arch": "resnet18",
+            "classes": 2,
+            "per_class": 1,
+            "size": 64,
+            "ablation_steps": 10,
+            "methods": "weights,ablation,saliency",
+        },
     )
     run = harness.start(args)
     harness.quiet_lightning()
@@ -93,6 +120,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     x = torch.randn(min(images, 64), 3, args.size, args.size)
     fwd = forward_seconds(model, x, 16) * images / len(x)
+    maps, resolution = maps_seconds(model, x, 16) if "saliency" in args.methods else (0.0, 0.0)
+    maps *= images / len(x)
     seconds = report["meta"]["method_seconds"]
     tasks = max(1, len(report["meta"]["ablation_tasks"]))
     rows = []
@@ -103,24 +132,47 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         per_task = f"{s / tasks:.2f}" if method == "ablation" else ""
         rows.append([method, f"{s:.2f}", f"{s / images:.3f}", per_task, f"{s / fwd:.1f}"])
     rows.append(["one forward pass", f"{fwd:.2f}", f"{fwd / images:.3f}", "", "1.0"])
-    # ImageNet validation: 1000 classes x 50 images. Saliency, weights and correlation scale with the images; a
-    # class task's chains score its own images plus a fixed sample of the others, so the ablation scales with
-    # the tasks times (own + rest) rows per chain.
+    # ImageNet validation: 1000 classes x 50 images. The maps and the report's forward pass scale with the images;
+    # the deletion curves run on the first 50 images (deletion_images) and the correlation orders on at most 500
+    # (correlation_images) whatever the folder's size; a class task's chains score its own images plus a fixed
+    # sample of the others, so the ablation scales with the tasks times (own + rest) rows per chain.
     target_images, target_tasks = 50_000, 1000
     rest = min(REST_PER_CHAIN, images - args.per_class)
     row_scale = (50 + REST_PER_CHAIN) / (args.per_class + rest)
-    per_image = sum(seconds.get(m, 0.0) for m in ("saliency", "correlation")) / images
-    ablation_cpu = seconds.get("ablation", 0.0) / tasks * row_scale * target_tasks
+    deletion = max(0.0, seconds.get("saliency", 0.0) - maps)
+    parts = {
+        "forward pass (rows)": fwd / images * target_images,
+        "saliency maps of every class": maps / images * target_images + resolution,
+        "deletion curves (50 images)": deletion * 50 / min(images, 50) if "saliency" in seconds else 0.0,
+        "correlation (500 images)": seconds.get("correlation", 0.0) / images * min(500, target_images),
+        "ablation (1000 class tasks)": seconds.get("ablation", 0.0) / tasks * row_scale * target_tasks,
+    }
+    rows.append(
+        [
+            "saliency maps of every class (attribute_all, 1000 classes)",
+            f"{maps:.2f}",
+            f"{maps / images:.3f}",
+            "",
+            f"{maps / fwd:.2f}",
+        ]
+    )
+    rows.append(["one-time resolution of every class's channel chains", f"{resolution:.2f}", "", "", ""])
     table = harness.markdown_table(
         ["method", "seconds", "per image", "per class task", "x one forward pass"], rows, align="lrrrr"
     )
+    extrapolated = harness.markdown_table(
+        ["part", "CPU hours"],
+        [[k, f"{v / 3600:.2f}"] for k, v in parts.items()] + [["total", f"{sum(parts.values()) / 3600:.2f}"]],
+        align="lr",
+    )
     table += (
         f"\n\n{images} images ({len(names)} classes x {args.per_class}) of {args.size}x{args.size}, {args.arch} (random "
-        f"weights, 1000 classes); {tasks} ablation class tasks x 8 chains x {args.ablation_steps} steps. Extrapolated "
-        f"to an ImageNet-validation audit (1000 classes x 50 images) on this CPU: saliency and correlation "
-        f"{per_image * target_images / 3600:.1f} h (linear in the images); ablation of all 1000 class tasks "
-        f"{ablation_cpu / 3600:.1f} h (linear in tasks x rows per chain, {50 + REST_PER_CHAIN} rows there against "
-        f"{args.per_class + rest} here). A GPU run is not measured here."
+        f"weights, 1000 classes), {torch.get_num_threads()} torch thread(s); {tasks} ablation class tasks x 8 chains x "
+        f"{args.ablation_steps} steps. Saliency includes its deletion curves (33 forward passes of each of the first 50 "
+        "images). Extrapolated to an ImageNet-validation audit (1000 classes x 50 images, `--max-tasks 1000`) on this "
+        f"CPU (the ablation linear in tasks x rows per chain, {50 + REST_PER_CHAIN} rows there against "
+        f"{args.per_class + rest} here; the correlation linear in its images):\n\n{extrapolated}\n\nA GPU run is not "
+        "measured here."
     )
     print(table)
     data = {
@@ -128,7 +180,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": run.stop(),
         "meta": report["meta"],
         "forward_s": fwd,
-        "extrapolated_cpu_s": {"saliency_correlation": per_image * target_images, "ablation_1000_tasks": ablation_cpu},
+        "maps_s": maps,
+        "maps_s": maps,
+        "resolution_s": resolution,
+        "extrapolated_cpu_s": parts,
     }
     return harness.write_results(args.out, table, data)
 
