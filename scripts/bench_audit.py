@@ -181,7 +181,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "meta": report["meta"],
         "forward_s": fwd,
         "maps_s": maps,
-        "maps_s": maps,
         "resolution_s": resolution,
         "extrapolated_cpu_s": parts,
     }
