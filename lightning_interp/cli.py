@@ -91,6 +91,7 @@ def _audit(argv: Sequence[str]) -> None:
     parser.add_argument("--max-tasks", type=int, default=20, help="most ablation class tasks")
     parser.add_argument("--ablation-steps", type=int, default=1000, help="MCMC steps per chain of the ablation")
     parser.add_argument("--deletion-images", type=int, default=50, help="images with saliency deletion curves (0: all images)")
+    parser.add_argument("--correlation-images", type=int, default=500, help="most images of the correlation orders (0: all)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--wandb", action="store_true", help="also log to wandb (offline unless WANDB_MODE=online)")
     parser.add_argument("--seed", type=int, default=0)
