@@ -801,6 +801,7 @@ class _ChainScorer:
         rest_per_chain: int,
         two_sided: bool,
         generator: torch.Generator,
+        head: tuple[Tensor, Tensor] | None = None,
     ) -> None:
         device = tasks.labels.device
         num_tasks = len(tasks.names)
@@ -828,7 +829,7 @@ class _ChainScorer:
         self.rows, self.chain = torch.cat(rows), torch.cat(chains)
         self.rest, self.target = torch.cat(rest_flags), torch.cat(targets)
         self.slot = self.chain * 2 + self.rest.long()  # [task-major chain, own / rest]
-        self.head = forward.linear_head(prepared)
+        self.head = head  # (W, b) of an affine head (MaskedForward.linear_head), read once per fit
         self.logits: Tensor | None = None  # affine head: the rows' logits under the current masks
         self.proposed: Tensor | None = None
 
@@ -1071,11 +1072,12 @@ class BayesianAblation:
             estimate = self._exact(prepared, task_set, two_sided, d)
         else:
             blocks = self._task_blocks(task_set, two_sided, d)
+            head = self.forward.linear_head(prepared)
             parts = []
             for block in tqdm(blocks, desc=f"ablation {self.layer}", unit="block", disable=not self.progress or len(blocks) < 2):
                 tasks_now = task_set.subset(block) if len(blocks) > 1 else task_set
                 scorer = _ChainScorer(
-                    self.forward, prepared, tasks_now, self.num_chains, self.rest_per_chain, two_sided, self.generator
+                    self.forward, prepared, tasks_now, self.num_chains, self.rest_per_chain, two_sided, self.generator, head
                 )
                 parts.append(self._mcmc(scorer, len(tasks_now.names), d, x.device))
             estimate = parts[0] if len(parts) == 1 else _concat_estimates(parts)
