@@ -40,6 +40,7 @@ part before it runs once per probe batch. The module is pure torch: it never imp
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 import warnings
@@ -332,8 +333,6 @@ class MaskedForward:
             return None
         if not _is_affine_head(self.suffix, self.suffix.graph):
             return None
-        import copy
-
         head = copy.deepcopy(self.suffix).to(torch.float64)
         h = prepared[0]
         d = h.shape[1]
