@@ -23,7 +23,7 @@ Sections (``--sections``):
 * ``all-class``: the maps of all 1000 classes for batch 4 in ONE call per method, against a no-grad
   forward pass of the same batch (the issue's target: <= 1.2x for ``policy_gradient``), also
   ``attribute_all`` (all four kinds) and ``policy_gradient`` with ``upsample=True`` (the output alone is
-  ``[4, 1000, 224, 224]``, 800 MB in float32; ``upsampling alone``: that one ``F.interpolate`` call on
+  ``[4, 1000, 224, 224]``, 800 MB in float32; ``upsampling alone``: that one ``bilinear_upsample`` call on
   ready maps, the floor of any upsampled all-class maps); the one-time cost of a new ``FinalLayerSaliency``
   (layer resolution, and the recursive splits of all 1000 classes on each side, cached per class) is
   measured once on its own;
@@ -118,13 +118,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from captum.attr import IntegratedGradients, LayerGradCam, Saliency
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from lightning_interp.saliency import METHODS, FinalLayerSaliency
+from lightning_interp.saliency import METHODS, FinalLayerSaliency, bilinear_upsample
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py, also when imported by path (tests)
 import harness
@@ -302,9 +301,7 @@ def all_class_calls(model: nn.Module, x: Tensor, every: Tensor, saliency: FinalL
     calls["all/ours:policy_gradient upsampled"] = functools.partial(saliency.attribute, x, target=every, upsample=True)
     # the floor of any upsampled all-class maps: the one interpolation call that writes the [N, K, H, W] output
     feature_maps = torch.zeros(*every.shape, *saliency_map_size(model, x), device=x.device)
-    calls["all/upsampling alone"] = functools.partial(
-        F.interpolate, feature_maps, size=x.shape[-2:], mode="bilinear", align_corners=False
-    )
+    calls["all/upsampling alone"] = functools.partial(bilinear_upsample, feature_maps, x.shape[-2:])
     return calls
 
 
