@@ -61,7 +61,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 
 from lightning_interp.callbacks.probe import ProbeSource, Unpack, draw_probe
-from lightning_interp.hooks import uncompiled
+from lightning_interp.hooks import capture, uncompiled
 from lightning_interp.plotting import figure_to_png, png_to_array
 
 __all__ = [
@@ -72,6 +72,7 @@ __all__ = [
     "check_choice",
     "check_class_names",
     "check_int",
+    "check_layers_run",
     "check_logits",
     "check_number",
     "default_budget",
@@ -217,6 +218,23 @@ def check_logits(out: Any, who: str, model: nn.Module) -> Tensor:
             "equals (1 - sigmoid(z), sigmoid(z))."
         )
     return out
+
+
+def check_layers_run(model: nn.Module, layers: Sequence[str], inputs: Tensor, who: str) -> None:
+    """Raise ``ValueError`` when a layer in ``layers`` does not run in ``model(inputs)``.
+
+    A module that exists but is never called in ``forward`` (an unused head, a layer only used in
+    ``training_step``) has no output to measure: catch it before the first training step rather than
+    with a ``KeyError`` at the first measurement.
+    """
+    with capture(model, list(layers)) as seen:
+        model(inputs)
+    missing = [name for name in layers if name not in seen]
+    if missing:
+        raise ValueError(
+            f"{who}: layer(s) {missing} exist in {type(model).__name__} but do not run in its forward(), so there is "
+            "nothing to measure; choose layers that forward() calls (their named_modules() paths)."
+        )
 
 
 def _to_float(value: Tensor | float) -> float:
