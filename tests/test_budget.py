@@ -6,6 +6,7 @@ anything runs.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_interp.callbacks import CorrelationOrderCallback, InterpretabilityCallback, Measurement
 from lightning_interp.callbacks.base import BUDGET_ENV, default_budget
+from lightning_interp.callbacks.budget import Plan, expected_training_time, plan_point
 
 
 class SlowProbe(InterpretabilityCallback):
@@ -73,29 +75,72 @@ def _fit(callbacks: list[Any], steps: int = 120, model: pl.LightningModule | Non
     return trainer
 
 
-def test_a_slow_measurement_is_kept_under_its_budget() -> None:
+# ---------------------------------------------------------------------- the planner, on its own
+def test_the_planner_always_runs_the_final_measurement_at_the_size_left() -> None:
+    # 100 s of training, a 10% share: 10 s of budget; 4 s spent so far
+    plan = plan_point(share=0.1, cost=2.0, floor=0.25, training_time=100, expected_time=100, spent=4.0, final=True)
+    assert plan.run and plan.work == 1.0 and not plan.over_budget
+    plan = plan_point(share=0.1, cost=12.0, floor=0.25, training_time=100, expected_time=100, spent=4.0, final=True)
+    assert plan.run and plan.work == pytest.approx(6 / 12) and not plan.over_budget, "what is left: 6 of 12 s"
+    plan = plan_point(share=0.1, cost=100.0, floor=0.25, training_time=100, expected_time=100, spent=4.0, final=True)
+    assert plan.run and plan.work == 0.25 and plan.over_budget and plan.allowance == pytest.approx(6.0)
+
+
+def test_the_planner_reserves_the_final_measurement_and_paces_the_rest() -> None:
+    # whole fit: 100 s expected, 10% share = 10 s; a full measurement costs 8 s, floor 0.25 (2 s):
+    # the final one is reserved min(8, max(2, 5)) = 5 s, so points in between share 5 s in proportion to time
+    kw = {"share": 0.1, "cost": 8.0, "floor": 0.25, "expected_time": 100.0}
+    assert not plan_point(training_time=30, spent=0.0, **kw).run, "1.5 s paced: below the 2 s floor"
+    plan = plan_point(training_time=50, spent=0.0, **kw)
+    assert plan.run and plan.work == pytest.approx(2.5 / 8) and plan.allowance == pytest.approx(2.5)
+    assert not plan_point(training_time=60, spent=2.5, **kw).run
+    plan = plan_point(training_time=100, spent=2.5, **kw)
+    assert plan.run and plan.work == pytest.approx(2.5 / 8)
+    # with nothing reserved the same points could have spent 10 s: the reserve is what the final one keeps
+    final = plan_point(training_time=100, spent=5.0, final=True, **kw)
+    assert final.run and final.work == pytest.approx(5 / 8) and not final.over_budget
+    # a cheap measurement: the reserve is its full cost, the rest paced
+    plan = plan_point(share=0.1, cost=1.0, floor=0.25, training_time=20, expected_time=100, spent=0.0)
+    assert plan.run and plan.work == 1.0 and plan.allowance == pytest.approx(0.1 * 20 * 0.9)
+
+
+def test_the_planner_runs_monitored_points_and_has_no_limit_without_a_budget_or_cost() -> None:
+    kw = {"cost": 50.0, "floor": 0.5, "training_time": 10.0, "expected_time": 100.0, "spent": 0.0}
+    assert not plan_point(share=0.05, **kw).run
+    plan = plan_point(share=0.05, monitored=True, **kw)
+    assert plan.run and plan.work == 0.5 and plan.over_budget
+    assert plan_point(share=None, **kw) == Plan(run=True, work=1.0)
+    assert plan_point(share=0.05, **{**kw, "cost": None}) == Plan(run=True, work=1.0)
+    with pytest.raises(ValueError, match="floor must be a fraction"):
+        plan_point(share=0.05, **{**kw, "floor": 0.0})
+
+
+def test_expected_training_time_extrapolates_by_steps() -> None:
+    assert expected_training_time(10.0, 25, 100) == 40.0
+    assert expected_training_time(10.0, 25, None) == 10.0 and expected_training_time(10.0, 25, math.inf) == 10.0
+    assert expected_training_time(10.0, 0, 100) == 10.0 and expected_training_time(10.0, 200, 100) == 10.0
+
+
+# ---------------------------------------------------------------------- the plan in a fit
+def test_a_slow_measurement_is_kept_under_its_budget_and_still_measures_at_the_end() -> None:
     cb = SlowProbe(0.05, every_n_steps=1, budget=0.1)  # wanted: 120 x 50 ms = 6 s against ~1.2 s of training
     _fit([cb])
+    assert cb.history[-1]["step"] == 120.0, "the final measurement always runs"
     assert cb.overhead <= 0.1, "the budget holds, also at the end of training"
     measured = len(cb.history)
-    # 120 step cadence points, plus the epoch end and the end of training when the last step was skipped
-    assert 2 <= measured <= 6 and cb.skipped >= 100 and 120 <= measured + cb.skipped <= 122
+    assert 2 <= measured <= 6 and cb.skipped >= 100 and measured + cb.skipped == 120 == cb.measured + cb.skipped
     assert [h["skipped"] for h in cb.history] == sorted(h["skipped"] for h in cb.history)  # a running count
-    overheads = [h["overhead"] for h in cb.history]
-    assert all(0 <= o <= 0.1 for o in overheads)
+    assert all(0 <= h["overhead"] <= 0.1 for h in cb.history)
     unlimited = SlowProbe(0.002, every_n_steps=1, budget=None)
     _fit([unlimited])
     assert len(unlimited.history) == 120 and "overhead" not in unlimited.history[-1]
 
 
-def test_a_measurement_that_can_never_fit_is_skipped_with_the_numbers() -> None:
-    cb = SlowProbe(5.0, every_n_epochs=1, budget=0.05)
-    with pytest.warns(
-        UserWarning,
-        match=r"SlowProbe: skipped the measurement at step 20: it would take about 5\.00 s.*share of the training time is 5\.0%",
-    ):
+def test_a_final_measurement_over_the_budget_runs_with_one_warning_giving_the_numbers() -> None:
+    cb = SlowProbe(1.0, every_n_epochs=1, budget=0.05)
+    with pytest.warns(UserWarning, match=r"SlowProbe: the final measurement at step 20 runs at its smallest size \(full size: it cannot"):
         _fit([cb], steps=20)
-    assert cb.history == [] and cb.overhead < 0.05
+    assert [h["step"] for h in cb.history] == [20.0] and cb.skipped == 0
 
 
 class ReducibleProbe(SlowProbe):
@@ -103,53 +148,36 @@ class ReducibleProbe(SlowProbe):
 
     def __init__(self, seconds: float, floor: float, **kw: Any) -> None:
         super().__init__(seconds, **kw)
-        self.floor, self.work, self.works = floor, 1.0, []
+        self.floor, self.works = floor, []
 
-    def reduce_work(self, fraction: float) -> float | None:
-        if fraction < self.floor:
-            return None
-        self.work = fraction
-        return fraction
-
-    def restore_work(self) -> None:
-        self.works.append(self.work)
-        self.work = 1.0
+    def work_floor(self) -> float:
+        return self.floor
 
     def measure(self, pl_module: nn.Module) -> Measurement:
+        self.works.append(self.work)
         time.sleep(self.seconds * self.work)
-        return Measurement(scalars={"value": self.work})
+        return Measurement(scalars={"value": self.work, "probe_size": self.scaled(100, 25)})
 
 
-def test_the_budget_lowers_the_work_before_it_skips() -> None:
+def test_the_budget_scales_the_size_before_it_skips() -> None:
     fixed = SlowProbe(0.05, every_n_steps=5, budget=0.1, key_prefix="fixed")
     _fit([fixed])
     reducible = ReducibleProbe(0.05, floor=0.25, every_n_steps=5, budget=0.1)
     _fit([reducible])
     assert reducible.overhead <= 0.1
-    assert reducible.works and all(0.25 <= w < 1 for w in reducible.works), "reduced, never below the floor"
+    assert reducible.works and all(0.25 <= w <= 1 for w in reducible.works), "reduced, never below the floor"
+    assert any(w < 1 for w in reducible.works)
     assert len(reducible.history) > len(fixed.history), "cheaper measurements: more of them fit"
     assert [h["work"] for h in reducible.history] == [h["value"] for h in reducible.history]
-    assert all(h["work"] == 1.0 for h in fixed.history)
-
-
-def test_ablation_lowers_its_mcmc_steps_to_a_floor() -> None:
-    from lightning_interp.callbacks import AblationProbeCallback
-
-    cb = AblationProbeCallback(layers=["0"], num_steps=1100, burn_in=100)
-    cb._units = {"0": 40}  # an MCMC layer
-    assert cb.reduce_work(0.5) == pytest.approx(600 / 1100) and cb._steps_now == 600
-    cb.restore_work()
-    assert cb._steps_now is None
-    assert cb.reduce_work(0.2) is None, "a quarter of the kept steps (250) is the floor"
-    cb._units = {"0": 10}  # enumerated exactly: a fixed cost
-    assert cb.reduce_work(0.9) is None
+    assert [h["probe_size"] for h in reducible.history] == [min(100, max(25, math.ceil(100 * w))) for w in reducible.works]
+    assert all(h["work"] == 1.0 for h in fixed.history) and reducible.work == 1.0, "full size outside the budgeted run"
 
 
 def test_without_a_pilot_the_first_measurement_teaches_the_cost() -> None:
     cb = SlowProbe(0.1, pilot=False, every_n_steps=1, budget=0.2)
     _fit([cb], steps=60)
-    assert 1 <= len(cb.history) <= 3
-    assert cb.history[0]["step"] == 1.0 and cb.history[0]["skipped"] == 0.0
+    assert 2 <= len(cb.history) <= 4
+    assert cb.history[0]["step"] == 1.0 and cb.history[0]["skipped"] == 0.0 and cb.history[-1]["step"] == 60.0
 
 
 def test_auto_budgets_share_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -169,12 +197,12 @@ def test_auto_budgets_share_the_default(monkeypatch: pytest.MonkeyPatch) -> None
         CorrelationOrderCallback(budget=0)
 
 
-def test_the_default_budget_skips_what_a_short_fit_cannot_afford(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_default_budget_thins_a_short_fit_to_its_final_measurement(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(BUDGET_ENV, raising=False)
-    cb = SlowProbe(0.2, every_n_steps=10)  # budget="auto": 5% of ~0.4 s of training cannot pay for 0.2 s
-    with pytest.warns(UserWarning, match="skipped the measurement"):
+    cb = SlowProbe(0.8, every_n_steps=10)  # budget="auto": 5% of ~0.4 s of training cannot pay for 0.8 s
+    with pytest.warns(UserWarning, match="final measurement at step 40 runs at its smallest size"):
         _fit([cb], steps=40)
-    assert cb.history == [] and cb.skipped == 6  # steps 10, 20, 30, 40, the epoch's end and the end of training
+    assert [h["step"] for h in cb.history] == [40.0] and cb.skipped == 3  # steps 10, 20, 30
 
 
 class _DumpSteps(pl.Callback):
@@ -228,14 +256,13 @@ def test_the_first_measurement_of_saliency_and_correlation_is_judged_by_a_pilot(
     from lightning_interp.callbacks import FinalLayerSaliencyCallback
 
     data = TensorDataset(torch.randn(160, 1, 8, 8), torch.randint(0, 2, (160,)))
-    # a measurement makes 3 + 3 x 11 (saliency) or 1 + 3 (correlation) passes of 5 ms at least: more than
-    # 5% of ~0.3 s of training, so the pilots (one pass each) stop even the first measurement
+    # a measurement makes several passes of 5 ms at least: more than 5% of ~0.3 s of training, so the pilots
+    # (one pass each) skip the points in between; the end of the fit is measured all the same
     cbs = [
-        FinalLayerSaliencyCallback(probe_size=64, budget=0.05),
-        CorrelationOrderCallback(probe_size=64, layers=["features.1"], budget=0.05),
+        FinalLayerSaliencyCallback(probe_size=64, budget=0.05, every_n_steps=10),
+        CorrelationOrderCallback(probe_size=64, layers=["features.1"], budget=0.05, every_n_steps=10),
     ]
-    with pytest.warns(UserWarning, match="skipped the measurement"):
-        _fit(cbs, model=SlowCNN(), data=data)
+    _fit(cbs, model=SlowCNN(), data=data)
     for cb in cbs:
-        assert cb.history == [] and cb.skipped >= 1, type(cb).__name__
+        assert cb.skipped >= 1 and cb.history[-1]["step"] == 40.0, type(cb).__name__
         assert cb._cost is not None and cb._cost >= 0.005 * cb.forward_passes()

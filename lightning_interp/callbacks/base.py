@@ -60,6 +60,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 
+from lightning_interp.callbacks.budget import expected_training_time, plan_point
 from lightning_interp.callbacks.probe import ProbeSource, Unpack, draw_probe
 from lightning_interp.hooks import capture, uncompiled
 from lightning_interp.plotting import figure_to_png, png_to_array
@@ -78,6 +79,7 @@ __all__ = [
     "default_budget",
     "isolate",
     "model_device_dtype",
+    "nonfinite_parameters",
 ]
 
 RunOn = Literal["train_epoch_end", "validation_epoch_end"]
@@ -86,6 +88,10 @@ RunOn = Literal["train_epoch_end", "validation_epoch_end"]
 DEFAULT_BUDGET = 0.05
 #: The part of a callback's share its timed measurements may use (the rest covers the per-step hook calls).
 BUDGET_TIMED = 0.9
+#: Seconds by which a measurement that must run (the final one, a monitored one) may exceed the budget unannounced.
+BUDGET_SLACK = 0.5
+#: Scalars that describe a measurement's bookkeeping rather than the model: kept finite when weights are not.
+SIZE_KEYS = ("overhead", "skipped", "work", "probe_size", "num_steps")
 
 #: Environment variable overriding :data:`DEFAULT_BUDGET` for ``budget="auto"`` callbacks (a share, or ``off``).
 BUDGET_ENV = "LIGHTNING_INTERP_BUDGET"
@@ -237,6 +243,16 @@ def check_layers_run(model: nn.Module, layers: Sequence[str], inputs: Tensor, wh
         )
 
 
+def nonfinite_parameters(module: nn.Module) -> list[str]:
+    """Names of the parameters and floating buffers of ``module`` that hold a NaN or an infinity."""
+    named = [*module.named_parameters(), *((n, b) for n, b in module.named_buffers() if b.is_floating_point())]
+    if not named:
+        return []
+    # one reduction per tensor, one device-to-host copy in all: cheap next to any measurement
+    finite = torch.stack([torch.isfinite(t.detach()).all() for _, t in named]).cpu().tolist()
+    return [name for (name, _), ok in zip(named, finite, strict=True) if not ok]
+
+
 def _to_float(value: Tensor | float) -> float:
     return float(value.detach().cpu().item()) if isinstance(value, Tensor) else float(value)
 
@@ -309,16 +325,18 @@ class InterpretabilityCallback(Callback, ABC):
             ``input``/``inputs``/``x``/``image``/``images``/... and ``label``/``labels``/``y``/``target``/...
             (:data:`~lightning_interp.callbacks.probe.INPUT_KEYS`, :data:`~lightning_interp.callbacks.probe.LABEL_KEYS`).
         prog_bar: names (without the prefix) of scalars to show in the progress bar.
-        budget: the share of training wall time this callback's scheduled measurements may use (figures
-            and tables included). ``"auto"``: an equal part of :data:`DEFAULT_BUDGET` (0.05, or
+        budget: the share of training wall time this callback's measurements may use (pilots, figures and
+            tables included). ``"auto"``: an equal part of :data:`DEFAULT_BUDGET` (0.05, or
             ``LIGHTNING_INTERP_BUDGET``) shared by all ``"auto"`` callbacks on the trainer; a number: this
-            callback's own share; ``None``: no limit. A cadence point whose measurement would take the
-            callback over its share is first made cheaper where the callback can do so without losing its
-            stated precision (:meth:`reduce_work`: fewer MCMC steps for the ablation, logged as ``work``,
-            the fraction of the full measurement), and otherwise skipped (counted in ``skipped``, one
-            warning with the numbers). The cost is the last measurement's (scaled to the full work), or for
-            the first a small pilot where the callback has one (:meth:`estimate_cost`).
-            ``trainer.validate`` and explicit :meth:`run` calls are not limited.
+            callback's own share; ``None``: no limit. The plan (:func:`~lightning_interp.callbacks.budget.plan_point`):
+            the measurement at the end of ``fit`` always runs, its cost reserved from the start; a point in
+            between runs at full size when its paced part of the share allows, at a reduced size (fewer probe
+            examples or MCMC steps, down to the callback's floor: :meth:`work_floor`, logged as ``work`` and
+            the sizes used) when only that fits, and is skipped otherwise (counted in ``skipped``). A point
+            whose metric an ``EarlyStopping`` or ``ModelCheckpoint`` monitors always runs (at least at the
+            floor). The cost of a full measurement is the last measurement's (scaled to full size), or for the
+            first a small pilot (:meth:`estimate_cost`). ``trainer.validate`` and explicit :meth:`run` calls
+            are not limited and measure at full size.
 
     Raises:
         ValueError: a malformed shared argument (negative cadence, unknown ``run_on``, ...).
@@ -387,6 +405,10 @@ class InterpretabilityCallback(Callback, ABC):
         self._share: float | None = None
         self._clock = time.perf_counter()
         self._spent, self._cost, self._skipped = 0.0, None, 0
+        self._measured = 0
+        self._monitored: list[tuple[str, int]] = []  # (metric, every n epochs) read by EarlyStopping / ModelCheckpoint
+        #: The fraction of a full measurement the measurement in progress does (< 1 only when the budget scaled it).
+        self.work = 1.0
         self.generator = torch.Generator().manual_seed(seed)
         #: One dict per measurement: ``step``, ``epoch`` and the scalars (without prefix).
         self.history: list[dict[str, float]] = []
@@ -470,19 +492,17 @@ class InterpretabilityCallback(Callback, ABC):
         return None
 
     # ------------------------------------------------------------------ probe data
-    def reduce_work(self, fraction: float) -> float | None:
-        """Make the next measurement cost about ``fraction`` (< 1) of a full one, if the precision allows.
+    def work_floor(self) -> float:
+        """The smallest fraction of a full measurement this callback can make (its documented size floors).
 
-        Called by the overhead budget when a full measurement does not fit. Returns the fraction of the
-        full work the next measurement will do (at most ``fraction``; the budget scales its cost estimate
-        by it), or ``None`` when the callback cannot go that low without losing its stated precision (the
-        measurement is then skipped). :meth:`restore_work` undoes it after the measurement. The base class
-        never reduces.
+        The budget never scales a measurement below it. The base class cannot scale (``1.0``); a subclass
+        that reads :attr:`work` in :meth:`measure` (through :meth:`scaled`) returns the fraction its floors allow.
         """
-        return None
+        return 1.0
 
-    def restore_work(self) -> None:
-        """Undo :meth:`reduce_work` (called after the reduced measurement)."""
+    def scaled(self, full: int, floor: int) -> int:
+        """The size to use for a quantity of full size ``full`` at the current :attr:`work`, never below ``floor``."""
+        return min(full, max(floor, math.ceil(full * self.work)))
 
     def probe_source(self, trainer: pl.Trainer) -> tuple[Any, str] | None:
         """Where the probe comes from, ``(source, description)``, in the order of the module docstring.
@@ -559,6 +579,24 @@ class InterpretabilityCallback(Callback, ABC):
                 f"{name}: probe_size={size} but {where} has only {len(probe.inputs)} items; the probe uses those "
                 f"{len(probe.inputs)} (lower probe_size to silence this warning).",
             )
+        if probe.inputs.is_floating_point():
+            # a NaN pixel in one probe example would turn every pooled statistic NaN (or silently shift it)
+            clean = torch.isfinite(probe.inputs.reshape(len(probe.inputs), -1)).all(dim=1)
+            if not bool(clean.all()):
+                kept = int(clean.sum())
+                if kept == 0:
+                    raise ValueError(
+                        f"{name}: every one of the {len(clean)} probe examples from {where} has non-finite (NaN or "
+                        "infinite) inputs; check the data's preprocessing, or pass probe=... with finite inputs."
+                    )
+                self._warn_once(
+                    "probe-nonfinite",
+                    f"{name}: {len(clean) - kept} of {len(clean)} probe examples from {where} have non-finite (NaN or "
+                    f"infinite) inputs and are left out; the read-outs are those of the other {kept}.",
+                )
+                probe.inputs = probe.inputs[clean]
+                probe.labels = None if probe.labels is None else probe.labels[clean]
+                probe.indices = None if probe.indices is None else probe.indices[clean]
         self.probe_inputs, self.probe_labels, self.probe_indices = probe.inputs, probe.labels, probe.indices
         return probe.inputs, probe.labels
 
@@ -603,36 +641,26 @@ class InterpretabilityCallback(Callback, ABC):
         if stage == "fit":
             # a callback reused for another fit starts a new history (a resumed fit restores its own after this)
             self.history, self.last, self._last_step = [], None, None
-            self._check_monitors(trainer)
+            self._find_monitors(trainer)
 
-    def _check_monitors(self, trainer: pl.Trainer) -> None:
-        """Refuse an EarlyStopping / ModelCheckpoint on our metrics that would check at epochs we do not measure."""
+    def _find_monitors(self, trainer: pl.Trainer) -> None:
+        """Note the EarlyStopping / ModelCheckpoint monitors that read this callback's metrics.
+
+        Their epochs are measured whatever the budget and the cadence: a monitor that finds its metric
+        missing stops the fit ("metric ... which is not available").
+        """
         from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-        if self.every_n_epochs == 1 or self.every_n_steps:
-            return
-        name = type(self).__name__
+        self._monitored = []
         for cb in trainer.callbacks:
             monitor = getattr(cb, "monitor", None)
-            if not isinstance(cb, (EarlyStopping, ModelCheckpoint)) or not isinstance(monitor, str):
-                continue
-            if not monitor.startswith(self.prefix + "/"):
-                continue
-            if isinstance(cb, EarlyStopping) and not cb.strict:
-                continue  # it skips the epochs without a measurement
-            every = getattr(cb, "_every_n_epochs", 1) if isinstance(cb, ModelCheckpoint) else 1
-            if self.every_n_epochs and every % self.every_n_epochs == 0:
-                continue
-            fix = (
-                "EarlyStopping(..., strict=False) to skip the epochs without one"
-                if isinstance(cb, EarlyStopping)
-                else f"ModelCheckpoint(..., every_n_epochs={self.every_n_epochs or 'N'})"
-            )
-            raise ValueError(
-                f"{type(cb).__name__} monitors {monitor!r} every epoch, but {name} measures "
-                f"{f'every {self.every_n_epochs} epochs' if self.every_n_epochs else 'only at the start and end'}: "
-                f"set {name}(every_n_epochs=1), or {fix}."
-            )
+            if isinstance(cb, (EarlyStopping, ModelCheckpoint)) and isinstance(monitor, str):
+                if monitor.startswith(self.prefix + "/"):
+                    every = getattr(cb, "_every_n_epochs", 1) if isinstance(cb, ModelCheckpoint) else 1
+                    self._monitored.append((monitor, max(1, every or 1)))
+
+    def _monitor_due(self, trainer: pl.Trainer) -> bool:
+        return any((trainer.current_epoch + 1) % every == 0 for _, every in self._monitored)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # a metric is in callback_metrics only in an epoch that measured it: monitors never see stale values
@@ -701,32 +729,35 @@ class InterpretabilityCallback(Callback, ABC):
         return bool(self.every_n_epochs) and (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.run_on == "train_epoch_end" and self._epoch_due(trainer) and trainer.global_step != self._last_step:
-            self.scheduled_run(trainer, pl_module)
+        if not self._active or trainer.global_step == self._last_step:
+            return
+        monitored = self._monitor_due(trainer)
+        if monitored or (self.run_on == "train_epoch_end" and self._epoch_due(trainer)):
+            self.scheduled_run(trainer, pl_module, monitored=monitored)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._active or trainer.sanity_checking:
             return
         if trainer.state.fn == "validate":  # trainer.validate(): one measurement of the (restored) weights
             self.run(trainer, pl_module)
-        elif (
-            self.run_on == "validation_epoch_end"
-            and trainer.state.fn == "fit"
-            and self._epoch_due(trainer)
-            and trainer.global_step != self._last_step
-        ):
-            self.scheduled_run(trainer, pl_module)
+        elif trainer.state.fn == "fit" and trainer.global_step != self._last_step:
+            # a monitored metric is measured here when validation runs: before the monitor reads it, whether it
+            # checks at the end of validation or of the training epoch
+            monitored = self._monitor_due(trainer)
+            if monitored or (self.run_on == "validation_epoch_end" and self._epoch_due(trainer)):
+                self.scheduled_run(trainer, pl_module, monitored=monitored)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # the budget holds at the end of training too: a final measurement it cannot afford is skipped
-        if self.measure_at_end and trainer.global_step != self._last_step:
-            self.scheduled_run(trainer, pl_module)
+        # the final measurement always runs (its cost was reserved in the budget from the start)
+        if self._active and self.measure_at_end and trainer.global_step != self._last_step:
+            self.scheduled_run(trainer, pl_module, final=True)
 
     # ------------------------------------------------------------------ the overhead budget
     def _start_budget(self, trainer: pl.Trainer) -> None:
         # the checks and probe draw of this fit (at on_fit_start / on_train_start) count as spent
         spent, self._prep_seconds = self.__dict__.get("_prep_seconds", 0.0), 0.0
         self._clock, self._spent, self._cost, self._skipped = time.perf_counter() - spent, spent, None, 0
+        self._measured, self._step0 = 0, trainer.global_step
         if self.budget is None:
             self._share = None
         elif self.budget == "auto":
@@ -742,57 +773,96 @@ class InterpretabilityCallback(Callback, ABC):
         return self._skipped
 
     @property
+    def measured(self) -> int:
+        """Measurements made at cadence points (and the end) of the current fit."""
+        return self._measured
+
+    @property
+    def spent(self) -> float:
+        """Seconds this callback's measurements, pilots and checks used in the current fit."""
+        return self._spent
+
+    @property
     def overhead(self) -> float:
         """Share of the training wall time (since ``on_train_start``) this callback's measurements used."""
         elapsed = time.perf_counter() - self._clock
         return self._spent / elapsed if elapsed > 0 else 0.0
 
-    def scheduled_run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Measurement | None:
-        """Measure at a cadence point if the budget allows it (see ``budget``); ``None`` when skipped."""
+    def _total_steps(self, trainer: pl.Trainer) -> float | None:
+        try:
+            return float(trainer.estimated_stepping_batches)
+        except Exception:  # no length and no max_steps: unknown
+            return None
+
+    def scheduled_run(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, final: bool = False, monitored: bool = False
+    ) -> Measurement | None:
+        """Measure at a cadence point as the budget plans it (see ``budget``); ``None`` when skipped.
+
+        Args:
+            trainer: the trainer.
+            pl_module: the module.
+            final: the measurement at the end of the fit (always runs). The last epoch's point is final too
+                when the trainer's step count says so.
+            monitored: a monitor reads this point's metric (always runs).
+        """
         if self._share is None or trainer.state.fn != "fit":
+            self._measured += 1
             return self.run(trainer, pl_module)
-        started = time.perf_counter()
+        total_steps = self._total_steps(trainer)
+        final = final or (total_steps is not None and trainer.global_step >= total_steps)
         estimate = self._cost
         if estimate is None:
+            started = time.perf_counter()
             self.prepare(trainer, pl_module)
             with isolate(pl_module):
                 estimate = self.estimate_cost(pl_module)
             self._cost = estimate  # one pilot per fit: a skipped point keeps its estimate
             self._spent += time.perf_counter() - started  # the pilot is part of the overhead
         elapsed = time.perf_counter() - self._clock
+        training = max(0.0, elapsed - self._spent)
         # a tenth of the share stays free for what is not timed here: Lightning calling the hooks every step
-        share = BUDGET_TIMED * self._share
-        affordable = estimate is None or self._spent + estimate <= share * (elapsed + estimate)
-        # the largest cost x with spent + x <= share * (elapsed + x)
-        fraction = 1.0
-        if not affordable and estimate:
-            fraction = max(0.0, (share * elapsed - self._spent) / (1 - share)) / estimate
+        plan = plan_point(
+            share=BUDGET_TIMED * self._share,
+            cost=estimate,
+            floor=self.work_floor(),
+            training_time=training,
+            expected_time=expected_training_time(training, trainer.global_step - self._step0, total_steps),
+            spent=self._spent,
+            final=final,
+            monitored=monitored,
+        )
         overhead = self._spent / elapsed if elapsed > 0 else 0.0
-        if trainer.world_size > 1:  # rank 0's clock decides, so every rank measures at the same steps
-            affordable, overhead, fraction = trainer.strategy.broadcast((affordable, overhead, fraction), src=0)
-        work = 1.0 if affordable else (self.reduce_work(fraction) if fraction > 0 else None)
-        if work is None:
+        run, work, over = plan.run, plan.work, plan.over_budget
+        if trainer.world_size > 1:  # rank 0's clock decides, so every rank measures at the same steps and sizes
+            run, work, over, overhead = trainer.strategy.broadcast((run, work, over, overhead), src=0)
+        if not run:
             self._skipped += 1
-            self._warn_once(
-                "budget",
-                f"{type(self).__name__}: skipped the measurement at step {trainer.global_step}: it would take about "
-                f"{estimate:.2f} s, and this callback's share of the training time is {self._share:.1%} ({self._spent:.2f} s "
-                f"used of {elapsed:.1f} s so far). It measures again once training has run long enough. To measure "
-                "more: a larger budget (budget=0.2, or LIGHTNING_INTERP_BUDGET for all), a cheaper setting (a later "
-                "layer, a smaller probe_size, fewer MCMC steps), or budget=None for no limit.",
-            )
             return None
+        if over and work * (estimate or 0.0) - plan.allowance > BUDGET_SLACK:
+            size = f"{work:.0%} of a full one" if work < 1 else "full size: it cannot be scaled"
+            self._warn_once(
+                "budget-floor",
+                f"{type(self).__name__}: the {'final ' if final else ''}measurement at step {trainer.global_step} runs "
+                f"at its smallest size ({size}, about {work * (estimate or 0):.2f} s), more than "
+                f"this callback's share of the training time allows ({self._share:.1%}: {max(0.0, plan.allowance):.2f} s "
+                f"left of it; {self._spent:.2f} s used in {training:.1f} s of training)"
+                + (f", because {self._monitored[0][0]!r} is monitored" if monitored and not final else "")
+                + ". To stay within it: a cheaper setting (a later layer, a smaller probe_size, fewer MCMC steps), "
+                "or a larger budget (budget=0.2, or LIGHTNING_INTERP_BUDGET for all) to say the cost is fine.",
+            )
         begin = time.perf_counter()
+        self.work = work
         try:
             measurement = self.run(
                 trainer, pl_module, extra={"overhead": overhead, "skipped": float(self._skipped), "work": float(work)}
             )
         finally:
-            if work < 1.0:
-                self.restore_work()
+            self.work = 1.0
         cost = time.perf_counter() - begin
         self._cost = cost / work  # the estimate is of a full measurement
         self._spent += cost
+        self._measured += 1
         return measurement
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -821,19 +891,37 @@ class InterpretabilityCallback(Callback, ABC):
         #: The global step of the measurement in progress (methods may seed per-step generators from it).
         self.step = step
         self.prepare(trainer, pl_module)
-        with isolate(pl_module):
-            measurement = self.measure(pl_module)
+        broken = nonfinite_parameters(pl_module)
+        try:
+            with isolate(pl_module):
+                measurement = self.measure(pl_module)
+        except Exception:
+            if not broken:
+                raise
+            # the method could not run on non-finite weights: its read-outs are NaN, not missing
+            measurement = Measurement(scalars=dict.fromkeys(self._read_out_names(), math.nan))
         self.last = measurement
         self._last_step = step
         scalars = {k: _to_float(v) for k, v in measurement.scalars.items()}
         scalars.update(extra or {})
+        if broken:
+            # numbers computed from NaN weights mean nothing, even the finite ones (argmax of NaN logits is 0)
+            scalars = {k: v if k in SIZE_KEYS else math.nan for k, v in scalars.items()}
+            self._warn_once(
+                "nonfinite-weights",
+                f"{type(self).__name__}: the model's weights are non-finite at step {step} ({', '.join(broken[:5])}"
+                f"{' ...' if len(broken) > 5 else ''}): every read-out is logged as NaN. Lower the learning rate, clip "
+                "gradients (Trainer(gradient_clip_val=...)), or stop such a fit with EarlyStopping(check_finite=True).",
+            )
+        elif any(not math.isfinite(v) for k, v in scalars.items() if k not in SIZE_KEYS):
+            self._warn_nonfinite(pl_module, scalars, step)
         entry = {"step": float(step), "epoch": float(trainer.current_epoch), **scalars}
         if self.history and self.history[-1]["step"] == float(step):
             self.history[-1] = entry  # the same weights measured again (validate() after fit): one entry per step
         else:
             self.history.append(entry)
         self._log_scalars(trainer, scalars, step)
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and not broken:
             # figures cost far more than most measurements: render them only when something takes them
             takes_images = self.log_images and any(_takes_images(logger) for logger in trainer.loggers)
             if self.figure_dir or takes_images:
@@ -846,6 +934,31 @@ class InterpretabilityCallback(Callback, ABC):
                 for key, (columns, rows) in self.tables(measurement).items():
                     self._log_table(trainer, key, columns, rows, step)
         return measurement
+
+    def _read_out_names(self) -> list[str]:
+        """The read-outs of the last measurement (and the monitored ones), for a measurement that could not run."""
+        names = [k for k in self.history[-1] if k not in ("step", "epoch", *SIZE_KEYS)] if self.history else []
+        names += [m[len(self.prefix) + 1 :] for m, _ in self._monitored if m[len(self.prefix) + 1 :] not in names]
+        return names or ["nonfinite"]
+
+    def _warn_nonfinite(self, pl_module: nn.Module, scalars: dict[str, float], step: int) -> None:
+        """One warning naming why read-outs are non-finite: the logits on the probe, else the read-out itself."""
+        names = [k for k, v in scalars.items() if k not in SIZE_KEYS and not math.isfinite(v)]
+        cause = "the read-out itself (e.g. a class with no variance, or too few examples for an error bar)"
+        if self.probe_inputs is not None:
+            device, dtype = model_device_dtype(pl_module)
+            x = self.probe_inputs
+            with isolate(pl_module):
+                logits = pl_module(x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype))
+            if isinstance(logits, Tensor) and logits.ndim == 2:
+                bad = int((~torch.isfinite(logits)).any(dim=1).sum())
+                if bad:
+                    cause = f"the model's logits, non-finite on {bad} of {len(logits)} probe examples"
+        self._warn_once(
+            f"nonfinite-{cause[:12]}",
+            f"{type(self).__name__}: non-finite read-outs at step {step} ({', '.join(names[:5])}"
+            f"{' ...' if len(names) > 5 else ''}), logged as NaN; the cause: {cause}.",
+        )
 
     def _warn_no_images(self, logger: Any) -> None:
         self._warn_once(
@@ -864,7 +977,8 @@ class InterpretabilityCallback(Callback, ABC):
             rank_zero_warn(message)
 
     def _log_scalars(self, trainer: pl.Trainer, scalars: dict[str, float], step: int) -> None:
-        metrics = {self._key(k): v for k, v in scalars.items() if not math.isnan(v)}
+        # a NaN read-out is a result: logged as NaN, so EarlyStopping(check_finite=True) sees it
+        metrics = {self._key(k): v for k, v in scalars.items()}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
         # the same numbers on every rank, so monitors (EarlyStopping, ModelCheckpoint) agree across ranks
