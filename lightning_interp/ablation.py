@@ -102,30 +102,49 @@ def _unit_dim(t: Tensor) -> int:
     return -1 if t.ndim == 3 else 1
 
 
-def _apply_mask(h: Tensor, masks: Tensor) -> Tensor:
-    """``h`` ``[N, ...]`` times every mask of ``masks`` ``[M, d]`` -> ``[M * N, ...]`` (mask-major)."""
-    return (h.unsqueeze(0) * _mask_view(h, masks)).reshape(masks.shape[0] * h.shape[0], *h.shape[1:])
+def _apply_mask(h: Tensor, masks: Tensor, fill: Tensor | None = None) -> Tensor:
+    """``h`` ``[N, ...]`` under every mask of ``masks`` ``[M, d]`` -> ``[M * N, ...]`` (mask-major).
+
+    A masked unit takes the value ``fill`` (``h.shape[1:]``, the value it has at this point when it is
+    zeroed at the layer) or 0 (``fill=None``: multiply by the mask, as at the layer itself).
+    """
+    if fill is None:
+        out = h.unsqueeze(0) * _mask_view(h, masks)
+    else:
+        # where() copies each value as it is: bit-for-bit the masked network's value at this point
+        out = torch.where(_mask_view(h, masks, as_bool=True), h.unsqueeze(0), fill)
+    return out.reshape(masks.shape[0] * h.shape[0], *h.shape[1:])
 
 
-#: Modules and functions ``f`` with ``f(m * h) = m * f(h)`` for a 0/1 mask ``m`` over channels
-#: (``f(0) = 0``, applied per channel): the mask can be applied after them.
-_MASK_COMMUTING_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.ELU, nn.Hardswish, nn.Hardtanh, nn.Identity,
-    nn.Dropout, nn.Dropout2d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Flatten,
+#: Channel-wise ops: each output element depends on one input element, or on one channel of one example
+#: (spatial pooling, a flatten of a pooled map), the same way for every example. After such ops a channel
+#: zeroed at the layer takes a fixed value ``c_j = f(0)`` (a map of the channel's shape): the mask can be
+#: applied after them as ``where(m_j, f(h)_j, c_j)``. ``f(0) = 0`` is not needed (BatchNorm in eval mode
+#: shifts a zeroed channel to its bias, a sigmoid to 1/2): ``c`` is computed by running the ops on zeros.
+_CHANNELWISE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.ELU, nn.CELU, nn.SELU,
+    nn.Softplus, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    nn.Dropout3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool2d,
+    nn.AvgPool3d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Flatten,
 )  # fmt: skip
 # (no 1-d pools: on a token output [N, T, C] they pool over the units, the last dim)
-_MASK_COMMUTING_FUNCTIONS = {
-    torch.relu, torch.tanh, torch.flatten, F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.elu, F.hardswish,
-    F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
+_CHANNELWISE_FUNCTIONS = {
+    torch.relu, torch.tanh, torch.sigmoid, torch.flatten, torch.mean, torch.sum, torch.amax, torch.amin, torch.squeeze,
+    F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.mish, F.elu, F.celu, F.selu, F.softplus, F.hardswish,
+    F.hardsigmoid, F.hardtanh, F.sigmoid, F.tanh, F.batch_norm, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d,
 }  # fmt: skip
-_MASK_COMMUTING_METHODS = {"relu", "tanh", "flatten"}
+# reductions and reshapes may also act on the unit dim or the batch: prepare() rejects a push whose output
+# does not keep the batch and the unit count, or whose logits differ from masking at the layer
+_CHANNELWISE_METHODS = {"relu", "tanh", "sigmoid", "flatten", "mean", "sum", "amax", "amin", "squeeze", "view", "reshape"}
+#: modules that are channel-wise in eval mode only (batch statistics, random masks in training mode)
+_EVAL_ONLY_MODULES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 
 
 #: What a head after pooled features may consist of for the logits to be affine in the mask.
 _AFFINE_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Identity, nn.Flatten)
 _AFFINE_FUNCTIONS = {torch.flatten, F.linear}
-_AFFINE_METHODS = {"flatten", "view", "reshape", "contiguous", "size"}
+_AFFINE_METHODS = {"flatten", "view", "reshape", "contiguous", "size", "squeeze"}
 
 
 def _is_affine_head(model: nn.Module, graph: torch.fx.Graph) -> bool:
@@ -146,15 +165,37 @@ def _is_affine_head(model: nn.Module, graph: torch.fx.Graph) -> bool:
     return True
 
 
-def _commutes_with_mask(model: nn.Module, node: torch.fx.Node) -> bool:
+def _is_channelwise(model: nn.Module, node: torch.fx.Node) -> bool:
+    """Whether ``node`` is one of the channel-wise ops (by type; the mode is checked at each prepare())."""
     if node.op == "call_module":
-        module = model.get_submodule(str(node.target))
-        if isinstance(module, nn.Hardtanh) and not module.min_val <= 0 <= module.max_val:
-            return False  # f(0) != 0
-        return isinstance(module, _MASK_COMMUTING_MODULES)
+        return isinstance(model.get_submodule(str(node.target)), _CHANNELWISE_MODULES)
     if node.op == "call_function":
-        return node.target in _MASK_COMMUTING_FUNCTIONS
-    return node.op == "call_method" and node.target in _MASK_COMMUTING_METHODS
+        return node.target in _CHANNELWISE_FUNCTIONS
+    return node.op == "call_method" and node.target in _CHANNELWISE_METHODS
+
+
+def _chain_module(root: nn.Module, start: torch.fx.Node, chain: list[torch.fx.Node]) -> torch.fx.GraphModule:
+    """The ops ``chain`` after ``start`` as a module of ``start``'s output (their constants copied in)."""
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {start: graph.placeholder("h")}
+    for node in chain:
+        for arg in node.all_input_nodes:
+            if arg not in env:  # a get_attr constant (F.batch_norm's running statistics)
+                env[arg] = graph.node_copy(arg, lambda a: env[a])
+        env[node] = graph.node_copy(node, lambda a: env[a])
+    graph.output(env[chain[-1]])
+    return torch.fx.GraphModule(root, graph)
+
+
+@dataclass
+class _Push:
+    """The mask applied after the ops ``chain`` that follow the layer (see :meth:`MaskedForward.prepare`)."""
+
+    name: str
+    prefix: torch.fx.GraphModule
+    suffix: torch.fx.GraphModule
+    chain: torch.fx.GraphModule  # layer output -> the value the mask is applied to
+    modules: list[nn.Module]  # the chain's modules, whose mode decides whether the push is valid now
 
 
 class MaskedForward:
@@ -164,6 +205,13 @@ class MaskedForward:
     layer output and any earlier value used later, e.g. a skip connection) are computed once per probe
     batch, and only the part after the layer runs on the ``[masks * examples]`` batch. Where tracing
     fails the whole forward is batched instead (the layer output multiplied by a forward hook).
+
+    The mask is moved past the channel-wise ops that follow the layer (activations, BatchNorm in eval
+    mode, spatial pooling, flatten of a pooled map; modules, ``F.*`` functions or tensor methods such as
+    ``x.mean((2, 3))``): after them a zeroed channel has a fixed value :attr:`masked_value`, and masking
+    there, ``where(m, h, masked_value)``, gives the logits of masking at the layer bit for bit (checked
+    on every :meth:`prepare`). Those ops then run once per probe batch instead of once per mask, and where
+    the rest is a linear head the logits are affine in the mask (:meth:`linear_head`).
 
     Args:
         model: the model (its parameters, mode and RNG are untouched).
@@ -180,9 +228,11 @@ class MaskedForward:
         self.suffix: torch.fx.GraphModule | None = None
         self.prefix: torch.fx.GraphModule | None = None
         self._split: LayerSplit | None = None
-        self._pushed: list[tuple[str, torch.fx.GraphModule, torch.fx.GraphModule]] = []
+        self._pushed: list[_Push] = []
         #: the op after the layer that the mask is applied after (``None``: at the layer itself)
         self.mask_after: str | None = None
+        #: the value ``[*h.shape[1:]]`` a masked unit has where the mask is applied (``None``: 0, as at the layer)
+        self.masked_value: Tensor | None = None
         if split:
             self._split = LayerSplit(model, layer)
             self._after_split()
@@ -190,24 +240,29 @@ class MaskedForward:
     def _after_split(self) -> None:
         """Take the split's parts and the pushes past the ops after the layer, or warn that there is none."""
         assert self._split is not None
+        self._pushed, self.mask_after, self.masked_value = [], None, None
         if not self._split.is_split:
             warnings.warn(f"{self._split.reason}; the whole forward pass is batched instead", stacklevel=3)
             self.prefix = self.suffix = self._split = None
-            self._pushed, self.mask_after = [], None
             return
         self.prefix, self.suffix = self._split.parts  # type: ignore[misc]
-        # push the mask past the ops after the layer that commute with zeroing a channel (ReLU, pooling,
+        # push the mask past the channel-wise ops after the layer (activations, eval BatchNorm, pooling,
         # flatten of a pooled map, ...): they then run once per probe batch instead of once per mask.
         # Candidates furthest first; prepare() keeps the first one that checks out on its inputs.
-        self._pushed, self.mask_after = [], None
-        graph, node = self._split.graph, self._split.node
-        assert graph is not None and node is not None
+        graph, start = self._split.graph, self._split.node
+        assert graph is not None and start is not None
+        node, chain = start, []
         while len(node.users) == 1:
             user = next(iter(node.users))
-            if user.all_input_nodes != [node] or not _commutes_with_mask(self.model, user):
+            # one value flows through: the op's other inputs may only be constants (F.batch_norm's statistics)
+            if [a for a in user.all_input_nodes if a.op != "get_attr"] != [node] or not _is_channelwise(self.model, user):
                 break
             node = user
-            self._pushed.insert(0, (getattr(node.target, "__name__", str(node.target)), *split_graph(self.model, graph, node)))
+            chain.append(node)
+            modules = [self.model.get_submodule(str(n.target)) for n in chain if n.op == "call_module"]
+            name = getattr(node.target, "__name__", str(node.target))
+            push = _Push(name, *split_graph(self.model, graph, node), _chain_module(self.model, start, list(chain)), modules)
+            self._pushed.insert(0, push)
 
     @property
     def is_split(self) -> bool:
@@ -230,27 +285,34 @@ class MaskedForward:
         """Use the furthest push that keeps the layer's unit count and gives the same logits on random masks."""
         assert self._split is not None and self._split.parts is not None
         self.prefix, self.suffix = self._split.parts
-        self.mask_after = None
+        self.mask_after, self.masked_value = None, None
         plain = as_list(self.prefix(x))
         h = plain[0]
         d, n, k = h.shape[_unit_dim(h)], x.shape[0], 8
         masks = torch.rand(k, d, generator=torch.Generator().manual_seed(0)).to(h.device) < 0.5
         masks[0] = True
 
-        def run(suffix: torch.fx.GraphModule, vals: list[Tensor]) -> Tensor:
+        def run(suffix: torch.fx.GraphModule, vals: list[Tensor], fill: Tensor | None) -> Tensor:
             rest = [v.unsqueeze(0).expand(k, *v.shape).reshape(k * n, *v.shape[1:]) for v in vals[1:]]
-            return suffix(_apply_mask(vals[0], masks), *rest)
+            return suffix(_apply_mask(vals[0], masks, fill), *rest)
 
-        reference = run(self.suffix, plain)
+        reference = run(self.suffix, plain, None)
         if same_logits(reference, reference[:n].repeat(k, *([1] * (reference.ndim - 1)))):
             return  # the masks do not change the logits (e.g. a zero head): nothing to verify a push on
-        for name, prefix, suffix in self._pushed:
-            values = as_list(prefix(x))
+        for push in self._pushed:
+            if any(m.training for m in push.modules if isinstance(m, _EVAL_ONLY_MODULES)):
+                continue  # batch statistics or random dropout: a masked channel has no fixed value
+            values = as_list(push.prefix(x))
             hp = values[0]
             if hp.ndim < 2 or hp.shape[:1] != x.shape[:1] or hp.shape[_unit_dim(hp)] != d:
                 continue
-            if same_logits(run(suffix, values), reference):
-                self.prefix, self.suffix, self.mask_after = prefix, suffix, name
+            # what a channel zeroed at the layer becomes after the chain: the chain run on a zero layer output
+            fill = push.chain(torch.zeros_like(h[:1]))
+            if not isinstance(fill, Tensor) or fill.shape != (1, *hp.shape[1:]):
+                continue
+            fill = None if not fill.any() else fill[0]  # zeros: multiply, as at the layer
+            if same_logits(run(push.suffix, values, fill), reference):
+                self.prefix, self.suffix, self.mask_after, self.masked_value = push.prefix, push.suffix, push.name, fill
                 return
 
     @torch.no_grad()
@@ -272,8 +334,8 @@ class MaskedForward:
         return [inputs]
 
     @torch.no_grad()
-    def predictions(self, prepared: list[Tensor], masks: Tensor) -> Tensor:
-        """Predicted class ``[M, N]`` for every mask ``[M, d]`` and probe example (of ``prepared``)."""
+    def logits(self, prepared: list[Tensor], masks: Tensor) -> Tensor:
+        """Logits ``[M, N, K]`` for every mask ``[M, d]`` and probe example (of ``prepared``)."""
         n = prepared[0].shape[0]
         # rows per forward pass: at most max_batch, and at most ~4M layer-output elements (wide rows stay in cache)
         row_elems = max(1, prepared[0][0].numel())
@@ -283,7 +345,7 @@ class MaskedForward:
             chunk = masks[start : start + per]
             k = chunk.shape[0]
             if self.suffix is not None:
-                layer_out = _apply_mask(prepared[0], chunk)
+                layer_out = _apply_mask(prepared[0], chunk, self.masked_value)
                 rest = [v.unsqueeze(0).expand(k, *v.shape).reshape(k * n, *v.shape[1:]) for v in prepared[1:]]
                 logits = self.suffix(layer_out, *rest)
             else:
@@ -295,8 +357,13 @@ class MaskedForward:
                     lambda h, chunk=chunk, k=k: (h.reshape(k, n, *h.shape[1:]) * _mask_view(h, chunk)).reshape(h.shape),
                 ):
                     logits = self.model(big)
-            out.append(logits.argmax(dim=-1).reshape(k, n))
+            out.append(logits.reshape(k, n, -1))
         return torch.cat(out)
+
+    @torch.no_grad()
+    def predictions(self, prepared: list[Tensor], masks: Tensor) -> Tensor:
+        """Predicted class ``[M, N]`` for every mask ``[M, d]`` and probe example (of ``prepared``)."""
+        return _argmax(self.logits(prepared, masks))
 
     @torch.no_grad()
     def paired_predictions(self, prepared: list[Tensor], rows: Tensor, masks: Tensor) -> Tensor:
@@ -311,41 +378,57 @@ class MaskedForward:
             idx, chunk = rows[start : start + per], masks[start : start + per]
             if self.suffix is not None:
                 h = prepared[0].index_select(0, idx)
-                h.mul_(_row_mask_view(h, chunk))
+                if self.masked_value is None:
+                    h.mul_(_row_mask_view(h, chunk))
+                else:
+                    h = torch.where(_row_mask_view(h, chunk, as_bool=True), h, self.masked_value)
                 logits = self.suffix(h, *[v.index_select(0, idx) for v in prepared[1:]])
             else:
                 with replace(self.model, self.layer, lambda h, chunk=chunk: h * _row_mask_view(h, chunk)):
                     logits = self.model(prepared[0].index_select(0, idx))
-            out.append(logits.argmax(dim=-1))
+            out.append(_argmax(logits))
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=rows.device)
+
+    def features(self, prepared: list[Tensor]) -> Tensor | None:
+        """The masked values as ``[N, d]`` features when the mask sits on one value per unit (else ``None``).
+
+        That is ``[N, d]`` or ``[N, d, 1, ..., 1]`` (pooled with ``keepdim``): the mask has been pushed past
+        the pooling, and each unit's masked value is one number (:attr:`masked_value`).
+        """
+        h = prepared[0] if self.suffix is not None and len(prepared) == 1 else None
+        if h is None or not h.is_floating_point() or h.ndim == 3 or h.ndim < 2 or any(s != 1 for s in h.shape[2:]):
+            return None  # ([N, T, C] is a token output, its units the last dim)
+        return h.reshape(h.shape[0], h.shape[1])
 
     @torch.no_grad()
     def linear_head(self, prepared: list[Tensor]) -> tuple[Tensor, Tensor] | None:
-        """``(W, b)`` (float64, ``[d, K]`` and ``[K]``) when the logits are ``(h * m) @ W + b`` for every mask.
+        """``(W, b)`` (float64, ``[d, K]`` and ``[K]``) when the logits are ``z @ W + b`` for every mask.
 
-        That holds when the mask sits on ``[N, d]`` features (pushed past the pool and flatten) and the
-        rest of the network consists of linear layers and reshapes (a torchvision ResNet's ``fc``): then
-        flipping unit ``j`` moves a row's logits by ``+-h_j W[j]``, and an MCMC step costs ``K`` additions
-        per row instead of a pass through the head. ``W`` and ``b`` are read off a float64 copy of the
-        head and checked against the model's own logits on random masks of the probe; ``None`` otherwise.
+        ``z = where(m, h, c)`` ``[N, d]``: the features :meth:`features` with the masked units at their
+        masked value ``c`` (:attr:`masked_value`, 0 when ``None``). That holds when the mask sits on one value
+        per unit (pushed past the pooling) and the rest of the network consists of linear layers and reshapes
+        (a torchvision ResNet's ``fc``): then flipping unit ``j`` moves a row's logits by ``+-(h_j - c_j) W[j]``,
+        and an MCMC step costs ``K`` additions per row instead of a pass through the head. ``W`` and ``b``
+        are read off a float64 copy of the head and checked against the model's own logits on random masks
+        of the probe; ``None`` otherwise.
         """
-        if self.suffix is None or len(prepared) != 1 or prepared[0].ndim != 2 or not prepared[0].is_floating_point():
+        h = self.features(prepared)
+        if h is None or self.suffix is None or not _is_affine_head(self.suffix, self.suffix.graph):
             return None
-        if not _is_affine_head(self.suffix, self.suffix.graph):
-            return None
+        shape = prepared[0].shape[1:]
         head = copy.deepcopy(self.suffix).to(torch.float64)
-        h = prepared[0]
         d = h.shape[1]
-        eye = torch.eye(d, dtype=torch.float64, device=h.device)
-        b = head(torch.zeros(1, d, dtype=torch.float64, device=h.device))
-        if b.ndim != 2:
+        eye = torch.eye(d, dtype=torch.float64, device=h.device).reshape(d, *shape)
+        b = head(torch.zeros(1, *shape, dtype=torch.float64, device=h.device))
+        if not isinstance(b, Tensor) or b.ndim != 2:
             return None
         weight = head(eye) - b
         b = b[0]
-        sample = h[:16]
+        sample = prepared[0][:16]
         masks = torch.rand(4, d, generator=torch.Generator().manual_seed(0)).to(h.device) < 0.5
-        direct = self.suffix(_apply_mask(sample, masks))
-        affine = (_apply_mask(sample, masks).to(torch.float64) @ weight + b).to(direct.dtype)
+        z = _apply_mask(sample, masks, self.masked_value)
+        direct = self.suffix(z)
+        affine = (z.reshape(-1, d).to(torch.float64) @ weight + b).to(direct.dtype)
         scale = float(direct.abs().max()) if direct.numel() else 1.0
         if direct.shape != affine.shape or not torch.allclose(direct, affine, rtol=1e-4, atol=1e-4 * max(scale, 1e-6)):
             return None
@@ -362,17 +445,29 @@ class MaskedForward:
         return store[0]
 
 
-def _row_mask_view(h: Tensor, masks: Tensor) -> Tensor:
-    """Masks ``[k, d]`` shaped to broadcast against ``h`` ``[k, ...]`` (one mask per row)."""
+def _argmax(logits: Tensor) -> Tensor:
+    """The predicted class of every row of ``logits`` ``[..., K]``; ``-1`` where a row has a non-finite logit.
+
+    ``argmax`` of a row with a NaN returns the NaN's index, a class like any other: a network with NaN
+    outputs would look as if it answered one class. ``-1`` matches no class, and :meth:`BayesianAblation.fit`
+    reads non-finite logits on the probe as no measurement at all (NaN read-outs).
+    """
+    pred = logits.argmax(dim=-1)
+    finite = logits.isfinite().all(dim=-1)
+    return pred if bool(finite.all()) else torch.where(finite, pred, torch.full_like(pred, -1))
+
+
+def _row_mask_view(h: Tensor, masks: Tensor, as_bool: bool = False) -> Tensor:
+    """Masks ``[k, d]`` shaped to broadcast against ``h`` ``[k, ...]`` (one mask per row), as ``h``'s dtype or bool."""
     dim = _unit_dim(h)
     shape = [1] * (h.ndim - 1)
     shape[dim if dim == -1 else 0] = masks.shape[1]
-    return masks.to(h.dtype).reshape(masks.shape[0], *shape)
+    return (masks.bool() if as_bool else masks.to(h.dtype)).reshape(masks.shape[0], *shape)
 
 
-def _mask_view(h: Tensor, masks: Tensor) -> Tensor:
+def _mask_view(h: Tensor, masks: Tensor, as_bool: bool = False) -> Tensor:
     """Masks ``[k, d]`` shaped to broadcast against ``h`` viewed as ``[k, n, ...]``."""
-    return _row_mask_view(h, masks).unsqueeze(1)
+    return _row_mask_view(h, masks, as_bool).unsqueeze(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -754,7 +849,8 @@ class _MaskOutcomes:
             num_tasks = len(tasks.classes)
             lookup = torch.full((tasks.num_classes,), num_tasks, dtype=torch.long, device=pred.device)
             lookup[torch.tensor(tasks.classes, device=pred.device)] = torch.arange(num_tasks, device=pred.device)
-            self.task_of_prediction = lookup[pred]
+            # a prediction of -1 (non-finite logits) is no task's class
+            self.task_of_prediction = torch.where(pred >= 0, lookup[pred.clamp_min(0)], num_tasks)
 
     def probability(self, weights: Tensor | None = None) -> Tensor:
         """``p_t(m)`` ``[M, T]``, each probe example counted ``weights[i]`` times (once without weights)."""
@@ -788,7 +884,8 @@ class _ChainScorer:
 
     Where the logits are affine in the mask (:meth:`MaskedForward.linear_head`), the scorer keeps every
     row's logits (float64) for the chains' current masks, and a proposal that flips unit ``j`` adds
-    ``+-h_j W[j]`` to them: ``K`` additions per row rather than a pass through the head.
+    ``+-(h_j - c_j) W[j]`` to them (``c_j``: the unit's masked value, :attr:`MaskedForward.masked_value`):
+    ``K`` additions per row rather than a pass through the head.
     """
 
     def __init__(
@@ -831,6 +928,19 @@ class _ChainScorer:
         self.head = head  # (W, b) of an affine head (MaskedForward.linear_head), read once per fit
         self.logits: Tensor | None = None  # affine head: the rows' logits under the current masks
         self.proposed: Tensor | None = None
+        self.delta: Tensor | None = None
+        if head is not None:
+            features = forward.features(prepared)
+            if features is None:
+                raise ValueError("an affine head needs [N, d] features (MaskedForward.features)")
+            features = features.to(torch.float64)
+            d = features.shape[1]
+            fill = forward.masked_value
+            self.fill = torch.zeros(d, dtype=torch.float64, device=device) if fill is None else fill.reshape(d).to(torch.float64)
+            self.features = features
+            # h_j - c_j of every (example, unit), flat: what flipping unit j on adds to a row's z (times W[j])
+            self.delta = (features - self.fill).reshape(-1)
+            self.row_offset = self.rows * d
 
     @property
     def rows_per_step(self) -> int:
@@ -843,11 +953,11 @@ class _ChainScorer:
             return self(states)
         weight, bias = self.head
         masks = states.reshape(-1, states.shape[-1])[self.chain]
-        h = self.prepared[0]
+        h = self.features
         per = max(1, _MAX_ELEMENTS // max(1, h.shape[1]))
         self.logits = torch.cat(
             [
-                (h.index_select(0, self.rows[i : i + per]) * masks[i : i + per].to(h.dtype)).to(torch.float64) @ weight + bias
+                torch.where(masks[i : i + per], h.index_select(0, self.rows[i : i + per]), self.fill) @ weight + bias
                 for i in range(0, self.rows.numel(), per)
             ]
         ) if self.rows.numel() else torch.zeros(0, bias.numel(), dtype=torch.float64, device=h.device)  # fmt: skip
@@ -855,13 +965,14 @@ class _ChainScorer:
 
     def propose(self, proposal: Tensor, flip: Tensor) -> Tensor:
         """``log O_t(m)`` ``[T, C]`` of ``proposal`` ``[T, C, d]``: the current masks with unit ``flip`` ``[T, C]`` flipped."""
-        if self.head is None or self.logits is None:
+        if self.head is None or self.logits is None or self.delta is None:
             return self(proposal)
         weight = self.head[0]
         flat = flip.reshape(-1)
         kept = proposal.reshape(-1, proposal.shape[-1]).gather(1, flat[:, None])[:, 0]  # the flipped unit is now kept
         unit = flat[self.chain]
-        coef = self.prepared[0][self.rows, unit].to(torch.float64) * (kept[self.chain].to(torch.float64) * 2 - 1)
+        # the flipped unit's z moves from c_j to h_j (kept now) or back: +-(h_j - c_j) W[j]
+        coef = self.delta.index_select(0, self.row_offset + unit) * (kept[self.chain].to(torch.float64) * 2 - 1)
         out = self.proposed if self.proposed is not None and self.proposed.shape == self.logits.shape else None
         self.proposed = torch.addcmul(self.logits, coef[:, None], weight.index_select(0, unit), out=out)
         return self.log_odds(self.proposed.argmax(dim=-1))
