@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from lightning_interp.hooks import capture, forward_hooks, get_module, leaves
 
 __all__ = [
+    "DELETION_ELEMENTS",
     "METHODS",
     "ALDFit",
     "ALDSide",
@@ -55,9 +56,12 @@ __all__ = [
     "bilinear_upsample",
     "channel_set_map",
     "deletion_curve",
+    "deletion_curves",
+    "deletion_rows",
     "fit_ald",
     "negative_share",
     "split_chain",
+    "target_probability",
 ]
 
 Method = Literal["policy_gradient", "cam", "discriminative", "confusing"]
@@ -543,6 +547,8 @@ class FinalLayerSaliency(Attribution):
         with forward_hooks(self.model, keep), torch.inference_mode(False), torch.enable_grad():  # type: ignore[arg-type]
             logits = self.model(inputs.clone().requires_grad_(True))
             names = [n for n in candidates if n in seen and seen[n].requires_grad]
+            if not names or not logits.requires_grad:
+                raise ValueError(self._cut_gradient_message(candidates[-1]))
             grads = torch.autograd.grad(logits.max(dim=1).values.sum(), [seen[n] for n in names], allow_unused=True)
         for name, g in zip(reversed(names), reversed(grads), strict=True):
             if g is not None and _as_spatial(g).abs().sum() > 0:
@@ -786,12 +792,18 @@ class FinalLayerSaliency(Attribution):
         name = self.feature_layer
         with torch.inference_mode(False), torch.enable_grad(), leaves(self.model, [name], seen):  # type: ignore[list-item]
             logits = self.model(inputs.clone())
+            if name not in seen:
+                raise ValueError(f"feature_layer {name!r} did not run in {type(self.model).__name__}'s forward pass")
             leaf = seen[name]  # type: ignore[index]
+            if not logits.requires_grad:
+                raise ValueError(self._cut_gradient_message(name))
             tgt = self._targets(target, logits.detach())
             k = tgt.shape[1]
 
             def channel_grad(score: Tensor, retain: bool) -> Tensor:
-                (grad,) = torch.autograd.grad(score, leaf, retain_graph=retain)
+                (grad,) = torch.autograd.grad(score, leaf, retain_graph=retain, allow_unused=True)
+                if grad is None:  # the logits do not depend on the layer through autograd
+                    raise ValueError(self._cut_gradient_message(name))
                 return _as_spatial(grad).sum(dim=(2, 3))
 
             # d log q_c / dA = d z_c / dA - sum_j q_j d z_j / dA: one backward pass for the expectation and
@@ -800,6 +812,14 @@ class FinalLayerSaliency(Attribution):
             eff = torch.stack([channel_grad(logits.gather(1, tgt[:, j : j + 1]).sum(), retain=j < k - 1) for j in range(k)], 1)
         feats = _as_spatial(leaf.detach())
         return feats, logits.detach(), eff, eff - expected[:, None, :], tgt
+
+    def _cut_gradient_message(self, layer: str | None) -> str:
+        return (
+            f"{type(self.model).__name__}: the gradient of the logits does not reach the feature layer "
+            f"{layer!r}, which the saliency of this head (not global-average-pool + Linear) needs. "
+            "A reentrant activation checkpoint hides it: use torch.utils.checkpoint.checkpoint(..., use_reentrant=False) "
+            "(or no checkpoint); a detach() or torch.no_grad() inside forward() cuts it as well."
+        )
 
     def has_convergence_delta(self) -> bool:
         """Whether :meth:`attribute` returns a convergence delta (never: the maps are closed forms).
@@ -813,6 +833,8 @@ class FinalLayerSaliency(Attribution):
 def deletion_curve(model: nn.Module, inputs: Tensor, maps: Tensor, target: Tensor, steps: int = 10) -> Tensor:
     """Probability of ``target`` as the most salient pixels are deleted (set to the image's mean).
 
+    One map per image; :func:`deletion_curves` takes several maps per image in the same batched passes.
+
     Args:
         model: the classifier.
         inputs: images ``[N, C, H, W]``.
@@ -824,17 +846,102 @@ def deletion_curve(model: nn.Module, inputs: Tensor, maps: Tensor, target: Tenso
         ``[N, steps + 1]`` target probabilities; the mean over fractions is the deletion AUC (lower is
         more faithful).
     """
-    n, _, h, w = inputs.shape
-    order = maps.reshape(n, -1).argsort(dim=1, descending=True)
+    return deletion_curves(model, inputs, maps[:, None], target, steps)[:, 0]
+
+
+#: Input elements (rows x C x H x W) per forward pass of :func:`deletion_curves`, unless ``batch_size`` is given.
+DELETION_ELEMENTS = 1 << 22
+
+
+def deletion_rows(steps: int, maps: int, intact: bool = False) -> int:
+    """Images :func:`deletion_curves` passes through the model per probe image (``maps`` maps, ``steps`` steps).
+
+    The intact image (unless given as ``intact``) and the fully deleted one (the image mean, the same for every
+    map) are passed once; each map adds its ``steps - 1`` partial deletions.
+    """
+    return (0 if intact else 1) + (1 if steps > 0 else 0) + maps * max(0, steps - 1)
+
+
+def deletion_curves(
+    model: nn.Module,
+    inputs: Tensor,
+    maps: Tensor,
+    target: Tensor,
+    steps: int = 10,
+    intact: Tensor | None = None,
+    batch_size: int | None = None,
+) -> Tensor:
+    """Deletion curves of several maps per image (:func:`deletion_curve`), in few batched forward passes.
+
+    The partially deleted images of every map and step are stacked and classified in batches of ``batch_size``
+    (many small passes cost far more than one large one on a CPU, most with several threads). The intact image
+    and the fully deleted one are the same for every map: each is classified once per image, and the intact
+    image not at all when its probabilities are given (``intact``, e.g. from the forward pass that made the maps).
+
+    Args:
+        model: the classifier.
+        inputs: images ``[N, C, H, W]``.
+        maps: saliency ``[N, M, H, W]`` at the input resolution (higher = deleted first).
+        target: classes ``[N]``.
+        steps: number of deletion fractions ``1/steps, ..., 1`` (plus the intact image).
+        intact: the target probabilities ``[N]`` of the intact images, if known.
+        batch_size: images per forward pass (default: as many as :data:`DELETION_ELEMENTS` input elements allow,
+            and at least ``N``).
+
+    Returns:
+        ``[N, M, steps + 1]`` target probabilities (NaN where the model's logits are non-finite).
+
+    Example:
+        >>> from lightning_interp.models import SmallCNN
+        >>> model = SmallCNN(in_channels=1, num_classes=3).eval()
+        >>> x, maps = torch.randn(2, 1, 8, 8), torch.rand(2, 3, 8, 8)
+        >>> deletion_curves(model, x, maps, torch.tensor([0, 2]), steps=4).shape
+        torch.Size([2, 3, 5])
+    """
+    n, c, h, w = inputs.shape
+    m = maps.shape[1]
+    if maps.shape != (n, m, h, w):
+        raise ValueError(f"maps must have shape [N, M, H, W] = [{n}, M, {h}, {w}], got {list(maps.shape)}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    hw = h * w
+    order = maps.reshape(n, m, hw).argsort(dim=2, descending=True)
     rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(h * w, device=order.device).expand(n, -1))
+    rank.scatter_(2, order, torch.arange(hw, device=order.device).expand(n, m, hw))
+    # the pixels kept at the partial deletions i = 1 .. steps - 1: rank >= round(i HW / steps), as one test
+    cuts = torch.tensor([round(i * hw / steps) for i in range(1, steps)], device=rank.device)
     baseline = inputs.mean(dim=(2, 3), keepdim=True)
+    per_image = deletion_rows(steps, m, intact is not None)
+    rows_per_pass = batch_size or max(n, DELETION_ELEMENTS // max(1, c * hw))
+    images_per_chunk = max(1, rows_per_pass // per_image)
     probs = []
-    for i in range(steps + 1):
-        keep = (rank >= round(i * h * w / steps)).reshape(n, 1, h, w)
-        x = torch.where(keep, inputs, baseline)
-        probs.append(model(x).softmax(dim=1).gather(1, target[:, None])[:, 0])
-    return torch.stack(probs, dim=1)
+    for start in range(0, n, images_per_chunk):
+        sl = slice(start, start + images_per_chunk)
+        b = len(inputs[sl])
+        x, base = inputs[sl], baseline[sl].expand(b, c, h, w)
+        keep = (rank[sl, :, None, :] >= cuts[None, None, :, None]).reshape(b, m * (steps - 1), 1, h, w)
+        parts = [] if intact is not None else [x[:, None]]
+        parts += [torch.where(keep, x[:, None], base[:, None]), base[:, None]]
+        batch = torch.cat(parts, dim=1).reshape(b * per_image, c, h, w)
+        tgt = target[sl].repeat_interleave(per_image)
+        chunks = zip(batch.split(rows_per_pass), tgt.split(rows_per_pass), strict=True)
+        probs.append(torch.cat([target_probability(model(rows), t) for rows, t in chunks]).view(b, per_image))
+    p = torch.cat(probs)
+    first = intact.to(p.dtype)[:, None] if intact is not None else p[:, :1]
+    middle = p[:, (0 if intact is not None else 1) : per_image - 1].reshape(n, m, steps - 1)
+    last = p[:, -1:]
+    return torch.cat([first[:, None].expand(n, m, 1), middle, last[:, None].expand(n, m, 1)], dim=2)
+
+
+def target_probability(logits: Tensor, target: Tensor) -> Tensor:
+    """``softmax(logits)[target]`` per row ``[N]``, NaN for a row with a non-finite logit (its softmax means nothing).
+
+    Example:
+        >>> target_probability(torch.tensor([[0.0, 0.0], [float("nan"), 1.0]]), torch.tensor([1, 1]))
+        tensor([0.5000,    nan])
+    """
+    prob = logits.softmax(dim=1).gather(1, target[:, None])[:, 0]
+    return torch.where(torch.isfinite(logits).all(dim=1), prob, torch.full_like(prob, float("nan")))
 
 
 def negative_share(policy_gradient: Tensor) -> Tensor:

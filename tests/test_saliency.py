@@ -469,7 +469,7 @@ def test_saliency_callback_deletion_curves_on_the_first_images_only() -> None:
     with torch.no_grad():
         up = bilinear_upsample(maps["policy_gradient"][:2, None], x.shape[-2:])[:, 0]
         auc = deletion_curve(model, x[:2], up, maps["target"][:2], 3).mean(dim=1)
-    torch.testing.assert_close(per_image["deletion_auc_pg"][:2], auc)
+    torch.testing.assert_close(per_image["deletion_auc_pg"][:2], auc.double())
     mean, se = mean_and_se(faithful[:2])
     assert cb.history[-1]["faithfulness_pg"] == pytest.approx(float(mean))
     assert cb.history[-1]["faithfulness_pg_se"] == pytest.approx(float(se))

@@ -7,6 +7,7 @@ reproduced here).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -21,15 +22,27 @@ from lightning_interp.callbacks.base import (
     check_choice,
     check_class_names,
     check_int,
+    check_layers_run,
     check_logits,
     model_device_dtype,
 )
 from lightning_interp.callbacks.probe import ProbeSource, Unpack
 from lightning_interp.plotting import saliency_grid
-from lightning_interp.saliency import FinalLayerSaliency, bilinear_upsample, deletion_curve, negative_share
+from lightning_interp.saliency import (
+    FinalLayerSaliency,
+    bilinear_upsample,
+    deletion_curves,
+    deletion_rows,
+    negative_share,
+    target_probability,
+)
 from lightning_interp.stats import mean_and_se
 
-__all__ = ["FinalLayerSaliencyCallback"]
+__all__ = ["MIN_IMAGES", "FinalLayerSaliencyCallback"]
+
+#: Fewest probe images (and deletion-curve images) a measurement scaled down by the budget uses: a mean and
+#: its standard error over the images need a few of them.
+MIN_IMAGES = 4
 
 
 class FinalLayerSaliencyCallback(InterpretabilityCallback):
@@ -155,6 +168,7 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
         self._labels: Tensor | None = None
         self._saliency: FinalLayerSaliency | None = None
         self._random_map: Tensor | None = None
+        self._timing = (0.0, 0.0)  # seconds of the maps and of the deletion curves in the last measurement
 
     def _state_key_fields(self) -> dict[str, Any]:
         return {"probe_size": self.probe_size, "feature_layer": self.feature_layer}
@@ -181,7 +195,7 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
                 "name the label key of dict batches with unpack=('image', 'label'), or pass probe=(images, labels)"
             )
         # one fixed random map per probe image: the baseline of the deletion curve, the same at every measurement
-        if self._random_map is None:
+        if self._random_map is None or self._random_map.shape[0] != probe.shape[0]:
             self._random_map = torch.rand(probe.shape[0], *probe.shape[2:], generator=self.generator)
         self._saliency = FinalLayerSaliency(pl_module, self.feature_layer, self.classifier, self.min_size)
         device, dtype = model_device_dtype(pl_module)
@@ -194,47 +208,121 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
                 f"{type(err).__name__}: {err}"
             ) from err
         check_logits(out, "FinalLayerSaliencyCallback", pl_module)
+        named = [layer for layer in (self.feature_layer, self.classifier) if layer is not None]
+        if named:
+            check_layers_run(pl_module, named, head, "FinalLayerSaliencyCallback")
+        num_classes = out.shape[1]
+        if self.target == "label":
+            labels = self._labels  # type: ignore[assignment]
+            bad = ((labels < 0) | (labels >= num_classes)).nonzero().flatten()  # type: ignore[operator]
+            if len(bad):
+                values = sorted({int(v) for v in labels[bad]})  # type: ignore[index]
+                raise ValueError(
+                    f"FinalLayerSaliencyCallback(target='label'): {len(bad)} probe label(s) {values[:5]} lie outside the "
+                    f"model's {num_classes} classes [0, {num_classes - 1}], so they name no logit to explain. Check that "
+                    "the labels are class indices 0..K-1 and that the model returns one logit per class, or use "
+                    "target='predicted'."
+                )
         self._saliency.resolve(head)
+        # a tiny attribution now: a head that needs gradients (the autograd fallback) and cannot get them (a
+        # reentrant activation checkpoint) fails here, before the first training step, with the fix
+        target = self._labels[:2].to(device) if self.target == "label" else None  # type: ignore[index]
+        self._saliency.attribute(head, target=target, method="policy_gradient")
+
+    # ------------------------------------------------------------------ sizes and cost
+    def _full_sizes(self) -> tuple[int, int]:
+        """Probe images and deletion-curve images of a full measurement."""
+        n = len(self._probe) if self._probe is not None else self.probe_size
+        k = n if self.deletion_images is None else min(n, self.deletion_images)
+        return n, k if self.deletion_steps else 0
+
+    def work_floor(self) -> float:
+        """The smallest fraction of a full measurement: :data:`MIN_IMAGES` probe and deletion-curve images.
+
+        The cost of a measurement is about proportional to the images (the deletion curves dominate), so the
+        floor is the larger of the two ratios ``min(full, MIN_IMAGES) / full``.
+        """
+        n, k = self._full_sizes()
+        return max(min(n, MIN_IMAGES) / n, min(k, MIN_IMAGES) / k if k else 0.0)
+
+    def forward_passes(self) -> float | None:
+        # the maps (one pass over the probe), then the deletion curves of the three maps, batched: as many passes
+        # over the probe as the curves classify images per probe image
+        n, k = self._full_sizes()
+        return 1.0 + k * deletion_rows(self.deletion_steps, 3, intact=True) / n if self.deletion_steps else 1.0
+
+    def estimate_cost(self, pl_module: nn.Module) -> float | None:
+        """Seconds of a full measurement, from a pilot: the measurement itself on the floor's images.
+
+        The maps and the deletion curves are timed apart and each is scaled by its images (full / pilot):
+        the pilot runs the method's own passes at the batch shapes of a measurement, which a forward pass
+        over the probe, repeated, does not (many small passes cost far more per image than one batched one).
+        """
+        if self._saliency is None or self._probe is None:
+            return None
+        n, k = self._full_sizes()
+        pilot_n, pilot_k = min(n, MIN_IMAGES), min(k, MIN_IMAGES)
+        self._evaluate(pl_module, pilot_n, pilot_k)
+        maps_s, deletion_s = self._timing
+        return maps_s * n / pilot_n + (deletion_s * k / pilot_k if pilot_k else 0.0)
 
     # ------------------------------------------------------------------ measurement
-    def forward_passes(self) -> float | None:
-        # the maps (one pass and a backward), then each deletion curve: random, policy gradient, discriminative
-        return 3.0 + 3 * (self.deletion_steps + 1) if self.deletion_steps else 3.0
-
     def measure(self, pl_module: nn.Module) -> Measurement:
+        """Maps, channel-set sizes and deletion curves of the first ``probe_size`` images scaled by :attr:`work`.
+
+        The budget may scale a measurement down to the first ``ceil(work * N)`` probe images and deletion
+        images (at least :data:`MIN_IMAGES`, or all when fewer); ``probe_size`` logs the images used.
+        """
+        n_full, k_full = self._full_sizes()
+        n = self.scaled(n_full, min(n_full, MIN_IMAGES))
+        k = self.scaled(k_full, min(k_full, MIN_IMAGES)) if k_full else 0
+        return self._evaluate(pl_module, n, k)
+
+    def _evaluate(self, pl_module: nn.Module, n: int, k: int) -> Measurement:
+        """The measurement on the first ``n`` probe images, deletion curves on the first ``k`` of them."""
         if self._saliency is None or self._saliency.model is not pl_module:
             raise RuntimeError("FinalLayerSaliencyCallback.measure() called before setup()")
+        start = time.perf_counter()
         device, dtype = model_device_dtype(pl_module)
-        x = self._probe.to(device=device, dtype=dtype)  # type: ignore[union-attr]
-        target = self._labels.to(device) if self.target == "label" else None  # type: ignore[union-attr]
+        x = self._probe[:n].to(device=device, dtype=dtype)  # type: ignore[index]
+        target = self._labels[:n].to(device) if self.target == "label" else None  # type: ignore[index]
         out = self._saliency.attribute_all(x, target=target)
-        pg, tgt = out["policy_gradient"], out["target"]
+        pg, tgt, logits = out["policy_gradient"], out["target"], out["logits"]
+        # a non-finite logit (or feature) makes that image's read-outs NaN: argmax and softmax of NaN mean nothing
+        finite = torch.isfinite(logits).all(dim=1) & torch.isfinite(pg.flatten(1)).all(dim=1)
+        nan = torch.full((n,), float("nan"), dtype=torch.float64, device=logits.device)
+
+        def checked(values: Tensor) -> Tensor:
+            return torch.where(finite, values.to(torch.float64), nan)
+
         weight = self._saliency_weight(pl_module)
-        scalars: dict[str, Tensor | float] = {
-            "disc_channels": self._chain_size(weight, tgt, "+"),
-            "conf_channels": self._chain_size(weight, tgt, "-"),
-        }
-        # per-image values, then their mean and its standard error over the probe images
         per_image = {
-            "neg_pg_share": negative_share(pg),
-            "target_prob": out["logits"].softmax(dim=1).gather(1, tgt[:, None])[:, 0],
+            "neg_pg_share": checked(negative_share(pg)),
+            "target_prob": checked(target_probability(logits, tgt)),
+            "disc_channels": checked(self._chain_sizes(weight, tgt, "+")),
+            "conf_channels": checked(self._chain_sizes(weight, tgt, "-")),
         }
-        if self.deletion_steps:
-            k = len(x) if self.deletion_images is None else min(len(x), self.deletion_images)
-
-            def padded(values: Tensor) -> Tensor:  # NaN for the images without deletion curves
-                return torch.cat([values, values.new_full((len(x) - k,), float("nan"))])
-
+        used = dict.fromkeys(per_image, n)
+        maps_done = time.perf_counter()
+        if k:
             xs, ts = x[:k], tgt[:k]
-            rand = deletion_curve(pl_module, xs, self._random_map[:k].to(x.device), ts, self.deletion_steps).mean(dim=1)  # type: ignore[index]
-            per_image["deletion_auc_random"] = padded(rand)
-            for method, short in (("policy_gradient", "pg"), ("discriminative", "disc")):
-                up = bilinear_upsample(out[method][:k, None], x.shape[-2:])[:, 0]
-                auc = deletion_curve(pl_module, xs, up, ts, self.deletion_steps).mean(dim=1)
-                per_image[f"deletion_auc_{short}"] = padded(auc)
-                per_image[f"faithfulness_{short}"] = padded(rand - auc)  # paired on the same image
+            # the random, policy-gradient and discriminative maps of each image in the same batched passes
+            up = bilinear_upsample(torch.stack([pg[:k], out["discriminative"][:k]], dim=1), x.shape[-2:])
+            maps = torch.cat([self._random_map[:k, None].to(device=x.device, dtype=up.dtype), up], dim=1)  # type: ignore[index]
+            intact = per_image["target_prob"][:k]
+            curves = deletion_curves(pl_module, xs, maps, ts, self.deletion_steps, intact=intact)
+            aucs = curves.mean(dim=2).to(torch.float64)
+            rand, pg_auc, disc_auc = nan.clone(), nan.clone(), nan.clone()
+            rand[:k], pg_auc[:k], disc_auc[:k] = aucs[:, 0], aucs[:, 1], aucs[:, 2]
+            per_image["deletion_auc_random"] = rand
+            per_image["deletion_auc_pg"], per_image["faithfulness_pg"] = pg_auc, rand - pg_auc  # paired on the image
+            per_image["deletion_auc_disc"], per_image["faithfulness_disc"] = disc_auc, rand - disc_auc
+            used.update(dict.fromkeys(list(per_image)[4:], k))
+        scalars: dict[str, Tensor | float] = {"probe_size": float(n)}
+        # per-image values, then their mean and its standard error over the images measured (NaN stays NaN)
         for name, values in per_image.items():
-            scalars[name], scalars[f"{name}_se"] = mean_and_se(values[~values.isnan()])
+            scalars[name], scalars[f"{name}_se"] = mean_and_se(values[: used[name]])
+        self._timing = (maps_done - start, time.perf_counter() - maps_done)
         return Measurement(scalars=scalars, data={"maps": out, "inputs": x, "per_image": per_image})
 
     def _saliency_weight(self, module: nn.Module) -> Tensor | None:
@@ -243,11 +331,12 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
             return None
         return dict(module.named_modules())[s.classifier].weight  # type: ignore[index]
 
-    def _chain_size(self, weight: Tensor | None, target: Tensor, side: str) -> float:
+    def _chain_sizes(self, weight: Tensor | None, target: Tensor, side: str) -> Tensor:
+        """Size of the last chain subset of each image's target class ``[N]`` (NaN for the autograd fallback)."""
         if weight is None:
-            return float("nan")
+            return torch.full(target.shape, float("nan"), dtype=torch.float64, device=target.device)
         masks = self._saliency.class_chain_mask(target, side, weight)  # type: ignore[union-attr]
-        return float(masks.sum(dim=1).double().mean())
+        return masks.sum(dim=1).to(torch.float64)
 
     # ------------------------------------------------------------------ figures
     def figures(self, measurement: Measurement) -> dict[str, Any]:
