@@ -204,7 +204,9 @@ def bootstrap_ratio_interval(
 USER_EPOCHS = 4
 
 
-def fit(model: Any, dm: Any, callbacks: list, steps: int, profiler: Any = None, epochs: int = USER_EPOCHS) -> tuple[float, float, int]:
+def fit(
+    model: Any, dm: Any, callbacks: list, steps: int, profiler: Any = None, epochs: int = USER_EPOCHS
+) -> tuple[float, float, int]:
     """Train; return (wall seconds, CPU seconds of this process, the final step).
 
     ``dm``: a datamodule (``steps`` steps, no validation) or a ``(train, val)`` pair of plain loaders
@@ -255,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         factories = {"bare": lambda: [], "instrumented": make_cbs, "idle": lambda make_cbs=make_cbs: make_cbs(**IDLE)}
         order = list(runs)
         pl.seed_everything(0, verbose=False)
-        fit(make_model(), make_dm(), make_cbs(), min(args.steps, 50), epochs=1)  # untimed warm-up (thread pools, caches) (thread pools, caches)
+        fit(make_model(), make_dm(), make_cbs(), min(args.steps, 50), epochs=1)  # untimed warm-up (thread pools, caches)
         measured: list[dict[str, tuple[int, bool]]] = []
         for _ in tqdm(range(args.repeats), desc=name):
             for kind in order:
@@ -312,7 +314,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{r['instrumented_s']:.2f}",
             "{:.3f}x ({:.2f}-{:.2f})".format(r["median_ratio"], *r["median_ratio_interval"]),
             "PASS" if r["median_ratio"] <= 1.10 and observed(r) else "FAIL",
-            ", ".join(f"{k.replace('Callback', '')} {n}{'' if end else ' (not at end)'}" for k, (n, end) in r["measurements"].items()),
+            ", ".join(
+                f"{k.replace('Callback', '')} {n}{'' if end else ' (not at end)'}" for k, (n, end) in r["measurements"].items()
+            ),
             f"{r['paired_ratio']:.3f}x",
             f"{r['cpu_ratio']:.3f}x",
             f"{r['idle_ratio']:.3f}x",
