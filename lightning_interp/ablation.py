@@ -138,7 +138,9 @@ _CHANNELWISE_FUNCTIONS = {
 # does not keep the batch and the unit count, or whose logits differ from masking at the layer
 _CHANNELWISE_METHODS = {"relu", "tanh", "sigmoid", "flatten", "mean", "sum", "amax", "amin", "squeeze", "view", "reshape"}
 #: modules that are channel-wise in eval mode only (batch statistics, random masks in training mode)
-_EVAL_ONLY_MODULES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+_EVAL_ONLY_MODULES: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+)  # fmt: skip
 
 
 #: What a head after pooled features may consist of for the logits to be affine in the mask.
@@ -300,7 +302,9 @@ class MaskedForward:
         if same_logits(reference, reference[:n].repeat(k, *([1] * (reference.ndim - 1)))):
             return  # the masks do not change the logits (e.g. a zero head): nothing to verify a push on
         for push in self._pushed:
-            if any(m.training for m in push.modules if isinstance(m, _EVAL_ONLY_MODULES)):
+            if any(
+                m.training or getattr(m, "running_mean", 0) is None for m in push.modules if isinstance(m, _EVAL_ONLY_MODULES)
+            ):
                 continue  # batch statistics or random dropout: a masked channel has no fixed value
             values = as_list(push.prefix(x))
             hp = values[0]
@@ -522,6 +526,8 @@ class AblationResult:
         complexity_left_out_bits: the information the dependent pairs left out could carry at most, per task
             ``[T]`` (MCMC): the sum of their bounds ``min(I(m_i; m_-i), I(m_j; m_-j))``, an upper bound (often
             loose) on how much the manifold complexity is biased downwards by leaving them out.
+        num_draws: the masks the MCMC chains of a task kept, ``chains * (num_steps - burn_in)`` (0: exact run):
+            the bound on :func:`effective_sample_size`.
     """
 
     tasks: list[str]
@@ -554,6 +560,7 @@ class AblationResult:
     seconds_per_step: float | None = None
     complexity_pairs: Tensor | None = None
     complexity_left_out_bits: Tensor | None = None
+    num_draws: int = 0
     task_classes: list[int] = field(default_factory=list)
 
 
@@ -571,15 +578,27 @@ def information_bits(importance: Tensor, prior_keep: float = 0.5) -> Tensor:
 
 
 def effective_sample_size(result: AblationResult) -> Tensor:
-    """Effective sample size of every importance estimate ``[T, d]`` (MCMC runs).
+    """Effective sample size of every importance estimate ``[T, d]`` (MCMC runs), at most the draws.
 
     ``p (1 - p) / SE^2``: the number of independent 0/1 draws of the keep indicator that would estimate
-    ``p`` as precisely as the (Rao-Blackwellised) MCMC estimate did, with its jackknife ``importance_se``.
-    It can exceed the number of samples, and is NaN where the estimate has no error (a unit no task uses);
-    without jackknife errors (one chain) it is the chains' own ESS of the indicator, ``ess_per_unit``.
+    ``p`` as precisely as the (Rao-Blackwellised) MCMC estimate did, with its jackknife ``importance_se``,
+    capped at the masks the chains kept, ``result.num_draws`` (the Rao-Blackwellised estimate can be more
+    precise than that many independent draws, but a sample size beyond the draws says nothing more). NaN
+    where the estimate has no resolvable error: an SE of 0 or at the level of float64 rounding (a unit no
+    task uses: every conditional is ``prior_keep`` up to rounding; ``p (1 - p) / 1e-34`` is no sample
+    size), or ``p`` of 0 or 1. Without jackknife errors (one chain) it is the chains' own ESS of the
+    indicator, ``ess_per_unit``.
 
     Raises:
         ValueError: for an exact run (no sampling).
+
+    Example:
+        >>> r = AblationResult(tasks=["all"], importance=torch.tensor([[0.5, 0.5, 0.5]]), information_bits=torch.zeros(1, 3),
+        ...     distributedness=torch.zeros(1), manifold_complexity=torch.zeros(1), complexity_kind="",
+        ...     polysemanticity=torch.zeros(3), mask_entropy_bits=torch.zeros(1), full_accuracy=torch.ones(1),
+        ...     method="mcmc", num_evaluations=1, importance_se=torch.tensor([[0.05, 1e-17, 0.0]]), num_draws=800)
+        >>> effective_sample_size(r).round().tolist()  # 0.25 / 0.05^2 = 100; rounding-level and zero SE: no sample size
+        [[100.0, nan, nan]]
     """
     if result.method != "mcmc":
         raise ValueError("the effective sample size is defined for MCMC runs only")
@@ -588,8 +607,14 @@ def effective_sample_size(result: AblationResult) -> Tensor:
             raise ValueError("the result carries neither importance errors nor a per-unit ESS")
         return result.ess_per_unit
     p = result.importance.to(torch.float64)
-    var = result.importance_se.to(torch.float64) ** 2
-    return torch.where(var > 0, p * (1 - p) / var.clamp_min(1e-300), torch.full_like(p, math.nan))
+    se = result.importance_se.to(device=p.device, dtype=torch.float64)
+    spread = p * (1 - p)
+    # an SE below ~100 ulps of the estimate is rounding in the jackknife, not Monte-Carlo error
+    resolved = (se > 100 * torch.finfo(torch.float64).eps * p.abs().clamp_min(1e-3)) & (spread > 0)
+    ess = spread / torch.where(resolved, se * se, torch.ones_like(se))
+    if result.num_draws > 0:
+        ess = ess.clamp_max(float(result.num_draws))
+    return torch.where(resolved, ess, torch.full_like(ess, math.nan))
 
 
 def informative_units(result: AblationResult, threshold_bits: float, prior_keep: float = 0.5, z: float = 2.0) -> Tensor:
@@ -715,6 +740,10 @@ def summarize(result: AblationResult, informative_bits: float, prior_keep: float
     Returns:
         ``{name: (value, se)}`` of 0-d float64 tensors.
     """
+    if bool(result.importance.isnan().any()):  # a fit on non-finite logits (_nan_result): nothing was measured
+        nan = torch.tensor(math.nan, dtype=torch.float64, device=result.importance.device)
+        names = ("distributedness", "manifold_complexity", "polysemanticity", "max_importance", "informative_units")
+        return {name: (nan.clone(), nan.clone()) for name in (*names, "full_accuracy")}
     informative = informative_units(result, informative_bits, prior_keep)
 
     def nanmean(t: Tensor) -> Tensor:
@@ -1024,6 +1053,7 @@ class _Estimate:
     seconds_per_step: float | None = None
     complexity_pairs: Tensor | None = None
     complexity_left_out_bits: Tensor | None = None
+    num_draws: int = 0
 
 
 @dataclass
@@ -1176,7 +1206,12 @@ class BayesianAblation:
         task_set = self._tasks(y, tasks, self._num_classes(prepared))
         method = self._method(d)
         two_sided = self.likelihood == "balanced" and task_set.has_classes
-        full = self.forward.predictions(prepared, torch.ones(1, d, dtype=torch.bool, device=x.device))
+        full_logits = self.forward.logits(prepared, torch.ones(1, d, dtype=torch.bool, device=x.device))
+        if not bool(full_logits.isfinite().all()):
+            # NaN / inf logits (diverged weights): no prediction to ablate; every read-out is NaN, none a number
+            # made up from argmax(NaN)
+            return _nan_result(task_set, d, method, self.likelihood, self.forward.is_split)
+        full = _argmax(full_logits)
         full_accuracy = _MaskOutcomes(full, task_set, two_sided).probability()[0]
         if method == "exact":
             estimate = self._exact(prepared, task_set, two_sided, d)
@@ -1192,6 +1227,72 @@ class BayesianAblation:
                 parts.append(self._mcmc(scorer, len(tasks_now.names), d, x.device))
             estimate = parts[0] if len(parts) == 1 else _concat_estimates(parts)
         return self._result(estimate, task_set, full_accuracy)
+
+    @torch.no_grad()
+    def estimate_seconds(
+        self,
+        inputs: Tensor,
+        labels: Tensor,
+        tasks: Literal["classes", "all"] | Sequence[int] = "classes",
+        pilot_steps: int = 40,
+    ) -> float | None:
+        """Seconds :meth:`fit` would take at the current settings, from a short pilot (``None``: exact enumeration).
+
+        The pilot runs what a fit does once (the part before the layer on the probe, the unablated logits,
+        reading the affine head), then ``pilot_steps`` MCMC steps of every chain of the first block of tasks
+        (so a step evaluates the fit's rows), and times the read-outs of those kept steps twice: on the first
+        quarter and on all of them. A fit costs the part done once, plus per block of tasks ``num_steps``
+        times the pilot's time of a step, plus the read-outs extrapolated linearly in the kept steps from the
+        two timings (their cost grows with chains x kept steps x units: the ESS's FFT, the pairwise joints;
+        a part, such as the loops over the unit pairs, does not). The pilot's generator is its own: the
+        fit's draws are untouched. It costs about the part done once, ``pilot_steps`` steps and two short
+        read-outs.
+
+        Args:
+            inputs: probe inputs ``[N, ...]``.
+            labels: class labels ``[N]``.
+            tasks: as in :meth:`fit`.
+            pilot_steps: MCMC steps of the pilot (at least 8).
+
+        Returns:
+            The estimated seconds of :meth:`fit`, or ``None`` where the layer is enumerated exactly.
+        """
+        start = time.perf_counter()
+        x, y = self._probe(inputs, labels)
+        prepared = self.forward.prepare(x)
+        d = self.forward.num_units(prepared)
+        task_set = self._tasks(y, tasks, self._num_classes(prepared))
+        if self._method(d) == "exact":
+            return None
+        two_sided = self.likelihood == "balanced" and task_set.has_classes
+        self.forward.logits(prepared, torch.ones(1, d, dtype=torch.bool, device=x.device))
+        blocks = self._task_blocks(task_set, two_sided, d)
+        head = self.forward.linear_head(prepared)
+        block = task_set.subset(blocks[0]) if len(blocks) > 1 else task_set
+        steps = max(8, pilot_steps)
+        saved = self.num_steps, self.burn_in, self.generator
+        timings: list[tuple[int, float]] = []
+        try:
+            self.num_steps, self.burn_in, self.generator = steps, 0, torch.Generator().manual_seed(0)
+            scorer = _ChainScorer(
+                self.forward, prepared, block, self.num_chains, self.rest_per_chain, two_sided, self.generator, head
+            )
+            once = time.perf_counter() - start
+            sums = self._run_chains(scorer, len(block.names), d, x.device)
+            for kept in (steps // 4, steps):
+                begin = time.perf_counter()
+                part = _chain_sums(sums.flips[:, :, :kept], sums.conds[:, :, :kept], sums.traces[:, :, :kept], sums.accepted, 0.0)
+                self._estimate(part, scorer, len(block.names), x.device)
+                if x.device.type == "cuda":
+                    torch.cuda.synchronize(x.device)
+                timings.append((kept, time.perf_counter() - begin))
+        finally:
+            self.num_steps, self.burn_in, self.generator = saved
+        (s1, r1), (s2, r2) = timings
+        slope = max(0.0, (r2 - r1) / (s2 - s1))  # timer noise can make the short read-out the slower one
+        readout = r2 + slope * (self.num_steps - self.burn_in - s2)
+        per_block = sums.seconds_per_step * self.num_steps + max(r2, readout)
+        return once + per_block * len(task_set.names) / len(block.names)
 
     def _task_blocks(self, tasks: _TaskSet, two_sided: bool, d: int) -> list[list[int]]:
         """Consecutive groups of tasks whose chains run together, each within the memory bounds.
@@ -1328,8 +1429,11 @@ class BayesianAblation:
     # ------------------------------------------------------------------ MCMC
     def _mcmc(self, scorer: _ChainScorer, num_tasks: int, d: int, device: torch.device) -> _Estimate:
         """Parallel Metropolis chains of single-unit flips; Rao-Blackwellised read-outs, jackknife over chains."""
-        sums = self._run_chains(scorer, num_tasks, d, device)
-        c, kept = self.num_chains, self.num_steps - self.burn_in
+        return self._estimate(self._run_chains(scorer, num_tasks, d, device), scorer, num_tasks, device)
+
+    def _estimate(self, sums: _ChainSums, scorer: _ChainScorer, num_tasks: int, device: torch.device) -> _Estimate:
+        """The MCMC read-outs of the chains' kept steps ``sums``."""
+        c, kept = self.num_chains, sums.flips.shape[2]
         importance = _chain_marginals(sums, range(c), c * kept)[0]
         rep_importance = [_chain_marginals(sums, _others(c, chain), (c - 1) * kept)[0] for chain in range(c)] if c >= 2 else []
         complexity = _pairwise_complexity(sums, kept)
@@ -1351,6 +1455,7 @@ class BayesianAblation:
             seconds_per_step=sums.seconds_per_step,
             complexity_pairs=complexity.pairs,
             complexity_left_out_bits=complexity.left_out_bits,
+            num_draws=c * kept,
         )
 
     def _run_chains(self, scorer: _ChainScorer, num_tasks: int, d: int, device: torch.device) -> _ChainSums:
@@ -1392,20 +1497,7 @@ class BayesianAblation:
             torch.cuda.synchronize(device)
         seconds_per_step = (time.perf_counter() - loop_start) / self.num_steps
 
-        def per_unit(values: Tensor) -> Tensor:  # sums over each chain's steps proposing each unit  [T, C, d]
-            return torch.zeros(num_tasks, c, d, dtype=torch.float64, device=device).scatter_add_(2, flips, values)
-
-        return _ChainSums(
-            flips=flips,
-            conds=conds,
-            traces=traces,
-            cond_sum=per_unit(conds),
-            cond_cnt=per_unit(torch.ones_like(conds)),
-            cond_entropy=per_unit(_binary_entropy_bits(conds)),
-            raw=traces.sum(dim=2, dtype=torch.float64),
-            accepted=accepted,
-            seconds_per_step=seconds_per_step,
-        )
+        return _chain_sums(flips, conds, traces, accepted, seconds_per_step)
 
     # ------------------------------------------------------------------ read-outs
     def _result(self, estimate: _Estimate, tasks: _TaskSet, full_accuracy: Tensor) -> AblationResult:
@@ -1443,6 +1535,41 @@ class BayesianAblation:
         )
 
 
+def _nan_result(tasks: _TaskSet, d: int, method: str, likelihood: str, split: bool) -> AblationResult:
+    """The result of a fit whose unablated logits on the probe are not finite: every read-out NaN."""
+    num_tasks, device = len(tasks.names), tasks.labels.device
+
+    def nan(*shape: int) -> Tensor:
+        return torch.full(shape, math.nan, dtype=torch.float64, device=device)
+
+    mcmc = method == "mcmc"
+    return AblationResult(
+        tasks=tasks.names,
+        task_classes=list(tasks.classes),
+        importance=nan(num_tasks, d),
+        information_bits=nan(num_tasks, d),
+        distributedness=nan(num_tasks),
+        manifold_complexity=nan(num_tasks),
+        complexity_kind="pairwise_mutual_information" if mcmc else "total_correlation",
+        polysemanticity=nan(d),
+        mask_entropy_bits=nan(num_tasks),
+        full_accuracy=nan(num_tasks),
+        method=method,
+        num_evaluations=0,
+        likelihood=likelihood,
+        split=split,
+        acceptance_rate=nan(num_tasks) if mcmc else None,
+        ess=nan(num_tasks) if mcmc else None,
+        ess_per_unit=nan(num_tasks, d) if mcmc else None,
+        importance_se=nan(num_tasks, d),
+        information_se=nan(num_tasks, d),
+        distributedness_se=nan(num_tasks),
+        manifold_complexity_se=nan(num_tasks),
+        polysemanticity_se=nan(d),
+        complexity_left_out_bits=nan(num_tasks) if mcmc else None,
+    )
+
+
 def _concat_estimates(parts: list[_Estimate]) -> _Estimate:
     """One MCMC estimate of all tasks from those of consecutive blocks of tasks."""
 
@@ -1464,6 +1591,27 @@ def _concat_estimates(parts: list[_Estimate]) -> _Estimate:
         seconds_per_step=sum(p.seconds_per_step or 0.0 for p in parts),
         complexity_pairs=cat("complexity_pairs"),
         complexity_left_out_bits=cat("complexity_left_out_bits"),
+        num_draws=first.num_draws,
+    )
+
+
+def _chain_sums(flips: Tensor, conds: Tensor, traces: Tensor, accepted: Tensor, seconds_per_step: float) -> _ChainSums:
+    """The per-chain sums of kept steps: proposed units ``flips`` ``[T, C, S]``, their conditionals, the masks."""
+    num_tasks, c, d = traces.shape[0], traces.shape[1], traces.shape[3]
+
+    def per_unit(values: Tensor) -> Tensor:  # sums over each chain's steps proposing each unit  [T, C, d]
+        return torch.zeros(num_tasks, c, d, dtype=torch.float64, device=traces.device).scatter_add_(2, flips, values)
+
+    return _ChainSums(
+        flips=flips,
+        conds=conds,
+        traces=traces,
+        cond_sum=per_unit(conds),
+        cond_cnt=per_unit(torch.ones_like(conds)),
+        cond_entropy=per_unit(_binary_entropy_bits(conds)),
+        raw=traces.sum(dim=2, dtype=torch.float64),
+        accepted=accepted,
+        seconds_per_step=seconds_per_step,
     )
 
 

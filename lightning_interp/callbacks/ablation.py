@@ -8,7 +8,6 @@ not reproduced here).
 from __future__ import annotations
 
 import math
-import time
 import weakref
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -35,6 +34,7 @@ from lightning_interp.callbacks.base import (
     check_choice,
     check_class_names,
     check_int,
+    check_layers_run,
     check_logits,
     check_number,
     model_device_dtype,
@@ -43,7 +43,16 @@ from lightning_interp.callbacks.probe import ProbeSource, Unpack
 from lightning_interp.hooks import get_module
 from lightning_interp.plotting import subplots
 
-__all__ = ["AblationProbeCallback"]
+__all__ = ["MIN_KEPT_STEPS", "MIN_PROBE", "AblationProbeCallback"]
+
+#: Fewest kept MCMC steps a measurement scaled down by the budget runs (or a quarter of the kept steps,
+#: whichever is larger): a quarter of the steps doubles the jackknife error bars, and below ~100 steps a
+#: chain proposes each unit of a 32-unit layer about 3 times, too few for the Rao-Blackwellised estimates.
+MIN_KEPT_STEPS = 100
+#: Fewest probe examples a measurement scaled down by the budget uses (and at least one per class present,
+#: so that every class task keeps examples): 64 examples of 10 classes leave ~6 per class task, whose
+#: smoothed sensitivity then still moves in steps of 1/8 rather than collapsing to the prior.
+MIN_PROBE = 64
 
 
 class AblationProbeCallback(InterpretabilityCallback):
@@ -80,8 +89,9 @@ class AblationProbeCallback(InterpretabilityCallback):
             sample drawn once per chain, without replacement, from the measurement's generator).
         num_chains: MCMC chains per task (at least 2 for error bars: the jackknife leaves one out).
         num_steps: MCMC steps per chain. The default (8 x 1000) gives importances that correlate
-            r >= 0.95 between seeds on a 64-unit layer (``scripts/bench_stability.py``); the overhead budget
-            may lower the steps of a measurement to a quarter of the kept ones (logged as ``work``).
+            r >= 0.95 between seeds on a 64-unit layer (``scripts/bench_stability.py``). Under the overhead
+            budget a measurement may be scaled down (see :meth:`measure`; sizes logged as ``num_steps`` and
+            ``probe_size``).
         burn_in: MCMC burn-in steps.
         max_batch: bound on ``masks * examples`` rows per forward pass.
         informative_bits: threshold for ``informative_units``.
@@ -89,7 +99,8 @@ class AblationProbeCallback(InterpretabilityCallback):
         class_names: names of the classes, to label the tasks in the figures and tables (default ``"class <k>"``).
         min_ess: warn (once per layer) when the smallest effective sample size of an importance estimate
             falls below this.
-        every_n_epochs: see :class:`~lightning_interp.callbacks.base.InterpretabilityCallback` (default 5).
+        every_n_epochs: see :class:`~lightning_interp.callbacks.base.InterpretabilityCallback` (default 1: the
+            budget decides which of those points run, and at what size).
         every_n_steps: see the base class.
         run_on: see the base class.
         measure_at_start: see the base class.
@@ -112,7 +123,7 @@ class AblationProbeCallback(InterpretabilityCallback):
         TypeError: before the first training step, when the model rejects the probe inputs.
 
     Example:
-        >>> cb = AblationProbeCallback(layers=["net.1"], probe_size=256, every_n_epochs=5)
+        >>> cb = AblationProbeCallback(layers=["net.1"], probe_size=256)
     """
 
     prefix = "ablation"
@@ -134,7 +145,7 @@ class AblationProbeCallback(InterpretabilityCallback):
         top_units: int = 20,
         class_names: Sequence[str] | None = None,
         min_ess: float = 100.0,
-        every_n_epochs: int | None = 5,
+        every_n_epochs: int | None = 1,
         every_n_steps: int | None = None,
         run_on: RunOn = "train_epoch_end",
         measure_at_start: bool = False,
@@ -198,7 +209,6 @@ class AblationProbeCallback(InterpretabilityCallback):
         self._probe: tuple[Tensor, Tensor] | None = None
         self._ablations: dict[str, BayesianAblation] = {}
         self._model_ref: Any = None  # weak reference: a new model (even at a reused address) gets new ablations
-        self._steps_now: int | None = None  # MCMC steps of the next measurement when the budget lowered them
         self._units: dict[str, int] = {}
 
     def _state_key_fields(self) -> dict[str, Any]:
@@ -213,8 +223,11 @@ class AblationProbeCallback(InterpretabilityCallback):
             self._probe = self.labelled_probe(trainer, self.probe_size)
         x, y = self._probe
         device, dtype = model_device_dtype(pl_module)
+        head = x[:2].to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
+        # a layer that exists but never runs in forward(): a clear error now, not an IndexError at the first measurement
+        check_layers_run(pl_module, self.layers, head, "AblationProbeCallback")
         try:
-            out = pl_module(x[:2].to(device=device, dtype=dtype if x.is_floating_point() else x.dtype))
+            out = pl_module(head)
         except Exception as err:
             raise TypeError(
                 f"{type(pl_module).__name__} failed on the probe inputs of shape {list(x.shape[1:])}: {type(err).__name__}: {err}"
@@ -243,12 +256,13 @@ class AblationProbeCallback(InterpretabilityCallback):
                 )
 
     def estimate_cost(self, pl_module: nn.Module) -> float | None:
-        """Seconds of one measurement, from a two-step, one-chain MCMC pilot on one task per layer.
+        """Seconds of one full measurement (``work = 1``), from a short pilot per layer.
 
-        The pilot's own timing of a step, scaled by the (example, mask) rows a step of the full run
-        evaluates (all tasks and chains, :meth:`BayesianAblation.rows_per_step`) over the pilot's, times the
-        steps, plus the rest of the pilot (preparing the probe, read-outs): the fixed cost. One task keeps
-        the pilot itself cheap: its cost counts against the budget too.
+        :meth:`BayesianAblation.estimate_seconds`: the part done once per fit (the probe through the part
+        before the layer, the head), then 40 MCMC steps of every chain of all tasks (the full rows of a step:
+        its time is the full run's, whatever the model) and their read-outs timed at two lengths, extrapolated
+        to ``num_steps`` steps. The pilot costs about a fifth of a measurement of a small model, once per fit.
+        Figures and tables are not counted.
 
         ``None`` when a layer is enumerated exactly (``d <= 12`` under ``"auto"``: at most 4096 masks).
         """
@@ -258,44 +272,88 @@ class AblationProbeCallback(InterpretabilityCallback):
         x, y = self._probe
         x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
         total = 0.0
-        one_task = "all" if self.tasks == "all" else [int(y.min()) if self.tasks == "classes" else int(self.tasks[0])]
         for layer in self.layers:
-            ablation = self._ablation(pl_module, layer)  # traced and split already: the pilot times the chains
-            full_rows = ablation.rows_per_step(y, self.tasks)
-            d = self._units.get(layer) or ablation.forward.num_units(ablation.forward.prepare(x[:2]))
-            if self.method == "exact" or (self.method == "auto" and d <= MAX_EXACT_UNITS and 2**d <= self._exact_masks()):
+            ablation = self._ablation(pl_module, layer)
+            ablation.num_steps = self.num_steps
+            seconds = ablation.estimate_seconds(x, y, tasks=self.tasks)
+            if seconds is None:
                 return None
-            saved = ablation.method, ablation.num_chains, ablation.num_steps, ablation.burn_in, ablation.generator
-            try:
-                ablation.method, ablation.num_chains, ablation.num_steps, ablation.burn_in = "mcmc", 1, 2, 0
-                ablation.generator = torch.Generator().manual_seed(self.seed)
-                start = time.perf_counter()
-                pilot = ablation.fit(x, y, tasks=one_task)
-                seconds = time.perf_counter() - start
-                pilot_rows = ablation.rows_per_step(y, one_task)
-            finally:
-                ablation.method, ablation.num_chains, ablation.num_steps, ablation.burn_in, ablation.generator = saved
-            per_step = (pilot.seconds_per_step or 0.0) * full_rows / max(1, pilot_rows)
-            total += max(0.0, seconds - 3 * (pilot.seconds_per_step or 0.0)) + per_step * (self.num_steps + 1)
+            total += seconds
         return total
 
-    def reduce_work(self, fraction: float) -> float | None:
-        """Fewer MCMC steps: down to a quarter of the kept steps (error bars at most twice as wide), at least 100.
+    def _subsample_order(self) -> Tensor:
+        """The probe's examples in class round-robin order: any first ``m >= classes`` of them cover every class."""
+        assert self._probe is not None
+        y = self._probe[1].cpu()
+        rank = torch.zeros_like(y)
+        for c in y.unique():
+            where = (y == c).nonzero().flatten()
+            rank[where] = torch.arange(where.numel())
+        return torch.argsort(rank * (int(y.max()) + 1) + y, stable=True)
 
-        ``None`` for exact enumeration (its cost is fixed) or when even that floor costs more than ``fraction``.
-        """
-        if self._exact_layers():
-            return None
+    def _probe_floor(self) -> int:
+        assert self._probe is not None
+        y = self._probe[1]
+        return min(len(y), max(MIN_PROBE, int(y.unique().numel())))
+
+    def _kept_floor(self) -> int:
         kept = self.num_steps - self.burn_in
-        floor = min(kept, max(100, math.ceil(kept / 4)))
-        steps = int(kept * fraction)
-        if steps < floor:
-            return None
-        self._steps_now = self.burn_in + steps
-        return self._steps_now / self.num_steps
+        return min(kept, max(MIN_KEPT_STEPS, math.ceil(kept / 4)))
 
-    def restore_work(self) -> None:
-        self._steps_now = None
+    def _rows(self, size: int) -> int:
+        """(example, mask) rows of an MCMC step on the first ``size`` examples of the round-robin order.
+
+        As :meth:`BayesianAblation.rows_per_step`: every chain of a task scores the task's examples and, with
+        the balanced likelihood, up to ``rest_per_chain`` others.
+        """
+        assert self._probe is not None
+        labels = self._probe[1].cpu()[self._subsample_order()[:size]]
+        if self.tasks == "all":
+            return self.num_chains * size
+        classes = labels.unique().tolist() if self.tasks == "classes" else list(self.tasks)
+        own = torch.stack([(labels == c).sum() for c in classes])
+        rest = (size - own).clamp_max(self.rest_per_chain) if self.likelihood == "balanced" else torch.zeros_like(own)
+        return self.num_chains * int((own + rest).sum())
+
+    def _sizes(self) -> tuple[int, int]:
+        """``(num_steps, probe examples)`` of the next measurement at the current :attr:`work`.
+
+        The cost of a measurement is taken as proportional to its MCMC steps times the rows of a step. The
+        kept steps are scaled first, to ``work * num_steps - burn_in`` (down to :data:`MIN_KEPT_STEPS` or a
+        quarter of them; the burn-in stays: mixing does not get faster); below that the probe (down to
+        :data:`MIN_PROBE` examples, at least one per class, taken class by class so every class task keeps
+        examples), to the largest size whose rows per step leave the cost at most ``work`` of a full one.
+        """
+        assert self._probe is not None
+        n = len(self._probe[1])
+        if self.work >= 1.0:
+            return self.num_steps, n
+        # the kept steps that make burn-in + kept = work * num_steps (the burn-in is paid at any size)
+        floor = self._kept_floor()
+        kept = min(self.num_steps - self.burn_in, max(floor, math.ceil(self.work * self.num_steps - self.burn_in)))
+        steps = self.burn_in + kept
+        if kept > floor:
+            return steps, n
+        left = self.work * self.num_steps / steps  # the share of the rows per step that the budget still allows
+        full_rows, low, high = self._rows(n), self._probe_floor(), n
+        while low < high:  # the largest size whose rows fit (rows grow with the size)
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if self._rows(mid) <= left * full_rows else (low, mid - 1)
+        return steps, low
+
+    def work_floor(self) -> float:
+        """The fraction of a full measurement at the floors: ``MIN_KEPT_STEPS`` and ``MIN_PROBE`` (see :meth:`_sizes`).
+
+        ``(burn_in + kept floor) / num_steps`` times the rows of a step on the probe floor over those on the
+        full probe (with the balanced likelihood each chain also scores up to ``rest_per_chain`` other
+        examples, so the rows shrink less than the probe). 1.0 before the probe is drawn.
+        """
+        if self._probe is None:
+            return 1.0
+        n = len(self._probe[1])
+        rows = self._rows(self._probe_floor()) / max(1, self._rows(n))
+        steps = (self.burn_in + self._kept_floor()) / self.num_steps
+        return min(1.0, steps * rows) if not self._exact_layers() else min(1.0, self._probe_floor() / n)
 
     def _exact_layers(self) -> bool:
         if self.method == "exact":
@@ -325,17 +383,30 @@ class AblationProbeCallback(InterpretabilityCallback):
 
     # ------------------------------------------------------------------ measurement
     def measure(self, pl_module: nn.Module) -> Measurement:
+        """Fit every layer's ablation on the probe; its read-outs as scalars, the results for the figures.
+
+        At :attr:`work` below 1 (the budget scales the measurement down) it runs fewer MCMC kept steps, at
+        least ``max(MIN_KEPT_STEPS, kept / 4)`` (100 or a quarter: at most twice the error bars), then fewer
+        probe examples, at least ``MIN_PROBE`` (64, and one per class present), taken class by class so
+        every class task keeps examples (:meth:`_sizes`). The sizes used are logged as ``num_steps`` (burn-in
+        included) and ``probe_size``. Where the model's logits on the probe are not finite, every read-out
+        is NaN.
+        """
         if self._probe is None:
             raise RuntimeError("AblationProbeCallback.measure() called before setup()")
         device, dtype = model_device_dtype(pl_module)
+        steps, size = self._sizes()
         x, y = self._probe
+        if size < len(y):
+            keep = self._subsample_order()[:size].to(y.device)
+            x, y = x[keep], y[keep]
         x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
-        scalars: dict[str, Tensor | float] = {}
+        scalars: dict[str, Tensor | float] = {"num_steps": float(steps), "probe_size": float(size)}
         results: dict[str, AblationResult] = {}
         for layer in self.layers:
             ablation = self._ablation(pl_module, layer)
             ablation.generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
-            ablation.num_steps = self._steps_now or self.num_steps
+            ablation.num_steps = steps
             r = ablation.fit(x, y, tasks=self.tasks)
             results[layer] = r
             for name, (value, se) in summarize(r, self.informative_bits, self.prior_keep).items():
@@ -345,8 +416,11 @@ class AblationProbeCallback(InterpretabilityCallback):
             if r.method == "mcmc":
                 ess = effective_sample_size(r)  # [T, d]
                 ess = ess[~ess.isnan()]
-                if not ess.numel():  # no unit's estimate has any error
-                    ess = torch.full((1,), math.inf, dtype=torch.float64)
+                if not ess.numel():
+                    # no unit's estimate has a resolvable error: the bound (the draws), or NaN for a fit on
+                    # non-finite logits (nothing measured)
+                    bound = math.nan if r.full_accuracy.isnan().any() else float(r.num_draws)
+                    ess = torch.full((1,), bound, dtype=torch.float64)
                 scalars[f"{layer}/acceptance_rate"] = r.acceptance_rate.mean()  # type: ignore[union-attr]
                 scalars[f"{layer}/ess"] = ess.min()
                 scalars[f"{layer}/ess_median"] = ess.median()
@@ -365,7 +439,7 @@ class AblationProbeCallback(InterpretabilityCallback):
                             "(manifold_complexity_left_out, a loose upper bound): read the value as a lower estimate, "
                             "or raise num_steps.",
                         )
-                if float(ess.min()) < self.min_ess:
+                if float(ess.min()) < self.min_ess:  # (False for NaN)
                     self._warn_once(
                         f"ess-{layer}",
                         f"AblationProbeCallback: layer {layer!r}: the MCMC effective sample size is {float(ess.min()):.0f} "
