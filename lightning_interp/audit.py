@@ -26,11 +26,15 @@ import csv
 import json
 import math
 import os
+import secrets
 import shutil
-import tempfile
+import signal
+import sys
+import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any
 
@@ -43,10 +47,14 @@ from lightning_interp.report import INTROS, Section, callback_section, write_htm
 
 __all__ = [
     "CALLBACK_KEYS",
+    "MARKER",
     "METHODS",
     "AuditModule",
+    "OutputFolderError",
     "build_model",
+    "check_out",
     "load_weights",
+    "number_warnings",
     "run_audit",
     "run_config_audit",
     "stage_inputs",
@@ -134,16 +142,193 @@ def _balanced_subset(labels: Tensor, keep: Tensor, cap: int | None) -> Tensor:
     return out
 
 
+#: The file an audit writes into its ``--out``: a folder holding it (and nothing else the audit did not write) may
+#: be replaced by the next audit; any other non-empty folder is refused.
+MARKER = ".lightning-interp-audit"
+
+
+class OutputFolderError(ValueError):
+    """``--out`` cannot be written without destroying files that are not an earlier audit's (nothing was touched)."""
+
+
+def _inside(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder and path != folder
+
+
+def check_out(out: str | os.PathLike, images: str | os.PathLike | None = None) -> None:
+    """Refuse an ``--out`` whose replacement would destroy anything an audit did not write.
+
+    Accepted: a path that does not exist, an empty folder, or a folder an earlier audit wrote (it holds
+    :data:`MARKER`, and no entry the marker does not list). Refused: a file, a symbolic link, any other folder,
+    and an ``--out`` equal to, inside or containing ``images``.
+
+    Raises:
+        OutputFolderError: one line naming ``--out`` and what to do; nothing was touched.
+    """
+    out = os.fspath(out)
+    real = os.path.realpath(out)
+    if images is not None:
+        real_images = os.path.realpath(os.fspath(images))
+        relation = (
+            "is" if real == real_images
+            else "is inside" if _inside(real, real_images)
+            else "contains" if _inside(real_images, real)
+            else None
+        )  # fmt: skip
+        if relation is not None:
+            raise OutputFolderError(
+                f"--out {out} {relation} the image folder --images {os.fspath(images)}: the audit replaces --out as a "
+                "whole and would read its own figures; choose an output folder outside the images (nothing was written)"
+            )
+    if not os.path.lexists(out):
+        return
+    if os.path.islink(out):
+        raise OutputFolderError(f"--out {out} is a symbolic link: give the folder itself, or a new path (nothing was written)")
+    if not os.path.isdir(out):
+        raise OutputFolderError(f"--out {out} is a file, not a folder: give a new folder name (nothing was written)")
+    entries = sorted(os.listdir(out))
+    if not entries:
+        return
+    marker = os.path.join(out, MARKER)
+    written: set[str] | None = None
+    if os.path.isfile(marker):
+        try:
+            with open(marker) as f:
+                written = set(json.load(f).get("entries", [])) | {MARKER}
+        except (OSError, ValueError, AttributeError):
+            written = None
+    if written is None:
+        raise OutputFolderError(
+            f"--out {out} is a folder with {len(entries)} entries (e.g. {entries[:3]}) that no audit wrote, and the "
+            "audit replaces --out as a whole: give a new or empty folder, or the --out of an earlier audit (nothing was "
+            "written)"
+        )
+    others = [e for e in entries if e not in written]
+    if others:
+        raise OutputFolderError(
+            f"--out {out} is an earlier audit's folder, but {others[:3]} were added since and would be deleted: move "
+            "them out, or give another --out (nothing was written)"
+        )
+
+
+def _hidden_name(out: str, kind: str) -> str:
+    """A hidden sibling of ``out`` named after it: ``.NAME.audit-<kind>-<pid>-<random>``."""
+    parent, base = os.path.split(os.path.abspath(out))
+    return os.path.join(parent, f".{base}.audit-{kind}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+@contextmanager
+def _out_lock(out: str) -> Iterator[None]:
+    """Hold ``.NAME.audit-lock`` next to ``out``: a second audit into the same ``--out`` fails at once.
+
+    ``flock`` is released by the kernel when the process dies (SIGKILL included), so a stale lock file never
+    blocks a later run; the file is removed on release, and a run that locked a file removed meanwhile retries.
+    """
+    try:
+        import fcntl
+    except ModuleNotFoundError:  # not POSIX: no lock (concurrent audits into one --out are then the user's to avoid)
+        yield
+        return
+    parent, base = os.path.split(os.path.abspath(out))
+    path = os.path.join(parent, f".{base}.audit-lock")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputFolderError(
+                f"--out {out}: another audit is writing into it now (lock {path}); wait for it to finish, or give "
+                "another --out (nothing was written)"
+            ) from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder before us removed the file after we opened it: lock the new one
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(path)
+        finally:
+            os.close(fd)
+
+
+def _remove_stale(out: str) -> None:
+    """Remove the staging and old folders of ``out`` that a killed run left (under the lock: none is in use)."""
+    parent, base = os.path.split(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        return
+    for name in os.listdir(parent):
+        if name.startswith((f".{base}.audit-staging-", f".{base}.audit-old-")):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+@contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """Turn SIGTERM into ``SystemExit`` during the audit, so that its staging folder is removed on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _new_staging(out: str) -> str:
+    """A fresh staging folder next to ``out``, with the umask's permissions (``mkdtemp`` would make it 0700)."""
+    path = _hidden_name(out, "staging")
+    os.mkdir(path)
+    return path
+
+
+def _write_marker(staging: str, source: str) -> None:
+    entries = sorted(os.listdir(staging))
+    with open(os.path.join(staging, MARKER), "w") as f:
+        json.dump({"written_by": "lightning-interp audit", "model": source, "entries": entries}, f, indent=1)
+
+
 def _publish(staging: str, out: str) -> None:
-    """Replace ``out`` by ``staging`` (an old report never survives next to new files)."""
+    """Replace ``out`` by ``staging`` (an old report never survives next to new files); call under the lock."""
     old = None
-    if os.path.exists(out):
-        old = tempfile.mkdtemp(prefix=".audit-old-", dir=os.path.dirname(os.path.abspath(out)))
-        os.rmdir(old)
+    if os.path.lexists(out):
+        old = _hidden_name(out, "old")
         os.rename(out, old)
-    os.rename(staging, out)
+    try:
+        os.rename(staging, out)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out)  # put the earlier report back: nothing lost
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def _staged(out: str, source: str) -> Iterator[str]:
+    """Lock ``out``, clear what killed runs left, stage into a fresh folder and publish it when the body succeeds."""
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    with _out_lock(out), _terminate_as_exit():
+        check_out(out)  # again under the lock: another audit may have written it since the first check
+        _remove_stale(out)
+        staging = _new_staging(out)
+        try:
+            yield staging
+            _write_marker(staging, source)
+            _publish(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
 
 def _write_csv(path: str, rows: Sequence[dict[str, Any]]) -> None:
@@ -162,19 +347,87 @@ def _make_logger(use_wandb: bool, staging: str, name: str) -> Any:
     return make_logger("wandb", staging, name)
 
 
-class _Tick(pl.Callback):
-    """Advance the methods' progress bar, and clock the method before it in the callback list."""
+def _say(message: str) -> None:
+    """One line on stderr (where the bars go), so a log of the audit shows what it is doing."""
+    print(f"lightning-interp audit: {message}", file=sys.stderr, flush=True)
 
-    def __init__(self, bar: Any, name: str, clock: dict[str, float]) -> None:
-        self.bar, self.name, self.clock = bar, name, clock
+
+class _Progress:
+    """What the audit shows while it runs: bars in a terminal, one line per method in a log, or nothing.
+
+    In a terminal each method has its own bar, advanced by the images that pass through the network (a forward
+    pre-hook on its first layer with parameters), so it moves while the method measures.
+
+    Args:
+        mode: ``"bar"``, ``"log"`` or ``"off"``.
+        methods: the methods, in the order they run.
+    """
+
+    def __init__(self, mode: str, methods: Sequence[str]) -> None:
+        self.mode, self.methods = mode, list(methods)
+        self.current: str | None = None
+        self.started = 0.0
+        self.seconds: dict[str, float] = {}
+        self.bar: Any = None
+        self.handle: Any = None
+
+    def attach(self, model: nn.Module) -> None:
+        """Count the images through ``model``'s first layer with parameters (bars only)."""
+        if self.mode != "bar":
+            return
+        first = next((m for m in model.modules() if next(m.children(), None) is None and any(True for _ in m.parameters())), None)
+        if first is not None:
+            self.handle = first.register_forward_pre_hook(self._count)
+
+    def _count(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self.bar is not None and args and isinstance(args[0], Tensor) and args[0].ndim > 0:
+            self.bar.update(int(args[0].shape[0]))
+
+    def start(self, name: str) -> None:
+        """``name`` begins: a new bar, or nothing until its end in a log."""
+        self.current, self.started = name, time.perf_counter()
+        if self.mode == "bar":
+            from tqdm import tqdm
+
+            position = self.methods.index(name) + 1 if name in self.methods else 0
+            self.bar = tqdm(desc=f"{name} ({position}/{len(self.methods)})", unit="image", leave=True)
+
+    def end(self) -> None:
+        """The method begun last is done: its time, and its line in a log."""
+        if self.current is None:
+            return
+        name, seconds = self.current, time.perf_counter() - self.started
+        self.seconds[name] = round(seconds, 3)
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"done in {seconds:.1f} s")
+            self.bar.close()
+            self.bar = None
+        if self.mode == "log":
+            position = self.methods.index(name) + 1 if name in self.methods else 0
+            _say(f"{name} done in {seconds:.1f} s ({position}/{len(self.methods)} methods)")
+        self.current = None
+
+    def close(self) -> None:
+        """Remove the hook and close a bar left open (an error mid-method)."""
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class _Tick(pl.Callback):
+    """Between two methods in the callback list: end the one before, start the next (Lightning keeps list order)."""
+
+    def __init__(self, progress: _Progress, after: str | None, before: str | None) -> None:
+        self.progress, self.after, self.before = progress, after, before
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        now = time.perf_counter()
-        if self.bar is not None:
-            self.bar.set_postfix_str(self.name)
-            self.bar.update(1)
-        self.clock[self.name] = now - self.clock.pop("_last", now)
-        self.clock["_last"] = now
+        if self.after is not None:
+            self.progress.end()
+        if self.before is not None:
+            self.progress.start(self.before)
 
 
 class _FolderAudit:
@@ -213,13 +466,12 @@ class _FolderAudit:
         saliency.resolve(x[:2].to(accelerator))
         self.saliency = saliency
         callbacks = self.callbacks(x, labels, saliency.feature_layer)
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(callbacks), desc="audit methods", unit="method", disable=not self.options["progress"])
-        self.seconds: dict[str, float] = {}
-        ticking: list[pl.Callback] = [_Tick(None, "_start", self.seconds)]
-        for name, cb in callbacks.items():  # Lightning calls callbacks in list order: a tick after each method
-            ticking += [cb, _Tick(bar, name, self.seconds)]
+        progress: _Progress = self.options["progress"]
+        names = list(callbacks)
+        progress.methods = names + (["weights"] if "weights" in self.methods else [])
+        ticking: list[pl.Callback] = [_Tick(progress, None, names[0] if names else None)]
+        for i, (name, cb) in enumerate(callbacks.items()):  # Lightning calls callbacks in list order: a tick after each
+            ticking += [cb, _Tick(progress, name, names[i + 1] if i + 1 < len(names) else None)]
         trainer = pl.Trainer(
             accelerator=accelerator,
             devices=1,
@@ -227,15 +479,17 @@ class _FolderAudit:
             callbacks=ticking,
             enable_checkpointing=False,
             enable_model_summary=False,
-            enable_progress_bar=self.options["progress"],
+            enable_progress_bar=False,  # one validation batch loop; the methods' own bars say more
             default_root_dir=self.staging,
         )
+        progress.attach(self.module)
         try:
             trainer.validate(self.module, dataloaders=self.dm.val_dataloader(), verbose=False)
         finally:
-            bar.close()
-        self.seconds = {k: round(v, 3) for k, v in self.seconds.items() if not k.startswith("_")}
-        return self.sections(callbacks, logger)
+            progress.close()
+        sections = self.sections(callbacks, logger)
+        self.seconds = dict(progress.seconds)
+        return sections
 
     def callbacks(self, x: Tensor, labels: Tensor, feature_layer: str | None) -> dict[str, Any]:
         from lightning_interp import callbacks as cbs
@@ -303,7 +557,9 @@ class _FolderAudit:
         sections = []
         for method in self.methods:
             if method == "weights":
+                self.options["progress"].start("weights")
                 sections.append(self.weights_section(logger))
+                self.options["progress"].end()
                 continue
             cb = callbacks.get(method)
             if cb is None:
@@ -419,6 +675,63 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def number_warnings(preds: Tensor, labels: Tensor, top_prob: Tensor, num_classes: int, preprocessing: str) -> list[str]:
+    """Warnings that the audit's numbers may mean nothing: the model did not recognise the images.
+
+    Three signs, each a warning naming the preprocessing and the flags that change it: the labelled accuracy is
+    within chance (``<= 1/K + 3 SE`` of chance, ``K`` the classes among the labels); one class takes more than
+    90% of the predictions (when the labels are not that concentrated themselves); the mean top probability is
+    above 0.99 while the accuracy is below 0.5 (confidently wrong).
+
+    Args:
+        preds: ``[N]`` predicted classes.
+        labels: ``[N]`` labels, ``-1`` where unknown.
+        top_prob: ``[N]`` probability of the predicted class.
+        num_classes: the model's number of classes.
+        preprocessing: the preprocessing used, in words.
+
+    Returns:
+        The warnings (empty when none applies).
+    """
+    found: list[str] = []
+    known = labels >= 0
+    n_known, n = int(known.sum()), len(preds)
+    accuracy = float((preds[known] == labels[known]).float().mean()) if n_known else None
+    if accuracy is not None:
+        k = len(labels[known].unique())
+        if k >= 2:
+            chance = 1.0 / k
+            bound = chance + 3.0 * math.sqrt(chance * (1 - chance) / n_known)
+            if accuracy <= bound:
+                found.append(
+                    f"accuracy {accuracy:.3f} on {n_known} labelled images is within chance (1/{k} + 3 SE = {bound:.3f})"
+                )
+    if n >= 10 and num_classes >= 2:
+        counts = preds.bincount(minlength=num_classes)
+        top = int(counts.argmax())
+        share = float(counts[top]) / n
+        label_share = float(labels[known].bincount().max()) / n_known if n_known else 0.0
+        if share > 0.9 and label_share <= 0.9:
+            found.append(f"one class (index {top}) takes {share:.0%} of the {n} predictions")
+    if accuracy is not None and accuracy < 0.5 and n_known and float(top_prob[known].mean()) > 0.99:
+        found.append(
+            f"the mean top probability is {float(top_prob[known].mean()):.3f} while the accuracy is {accuracy:.3f} "
+            "(confidently wrong)"
+        )
+    return [
+        f"{reason}: the numbers in this report may describe inputs the model never saw. Preprocessing used: "
+        f"{preprocessing}. If the model was trained on other inputs, give its preprocessing: --mean and --std (one "
+        "value, or one per channel; --mean 0 --std 1 for pixels in [0, 1]), --resize N|none, --crop N|none."
+        for reason in found
+    ]
+
+
+def _progress_mode(progress: bool | None) -> str:
+    if progress is None:
+        return "bar" if sys.stderr.isatty() else "log"
+    return "bar" if progress else "off"
+
+
 def run_audit(
     arch: str | None = None,
     weights: str | None = None,
@@ -439,8 +752,12 @@ def run_audit(
     channels: int | None = None,
     use_wandb: bool = False,
     device: str | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     seed: int = 0,
+    resize: int | str | None = None,
+    crop: int | str | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Audit a classifier on a folder of images; write ``report.json``, ``report.html`` and figures into ``out``.
 
@@ -448,7 +765,8 @@ def run_audit(
         arch: a torchvision model name or ``"timm:<name>"`` (with ``weights``).
         weights: local weights of ``arch`` (``.pth``/``.ckpt``/``.safetensors``).
         images: a folder of images (flat, or one sub-folder per class).
-        out: the output folder (replaced as a whole at the end).
+        out: the output folder: a new path, an empty folder or an earlier audit's ``out`` (see :func:`check_out`);
+            replaced as a whole at the end.
         model: ``package.module.ClassName`` of a ``LightningModule`` (with ``ckpt``).
         ckpt: its Lightning checkpoint.
         methods: a subset of :data:`METHODS`.
@@ -466,14 +784,21 @@ def run_audit(
         channels: 1 for grey-scale models (with ``image_size``).
         use_wandb: also log into an offline wandb run (under ``out/wandb``).
         device: ``"cpu"`` or ``"cuda"`` (default: CUDA when available).
-        progress: show progress bars.
+        progress: ``None``: bars when stderr is a terminal, else one line per method; ``True``: bars; ``False``:
+            neither (warnings are printed all the same).
         seed: seed of the callbacks' generators.
+        resize: the short side images are resized to; ``"none"``: no resize (default: the model form's).
+        crop: the side of the centre crop; ``"none"``: no crop (default: the model form's).
+        mean: per-channel mean subtracted (one value or one per channel; default: the model form's).
+        std: per-channel standard deviation divided by (default: the model form's).
 
     Returns:
-        The report (also ``out/report.json``): ``meta``, ``skipped``, ``images`` and one key per method.
+        The report (also ``out/report.json``): ``meta``, ``warnings``, ``skipped``, ``images`` and one key per method.
 
     Raises:
-        ValueError: an unknown method, bad weights (empty, truncated, non-finite), no readable image.
+        OutputFolderError: ``out`` is refused (see :func:`check_out`), or another audit is writing into it.
+        ValueError: an unknown method, bad weights (empty, truncated, non-finite, another architecture), a bad
+            preprocessing argument, no readable image.
         FileNotFoundError: a missing weights file or image folder.
     """
     from lightning_interp.datamodules.images import ImageFolderDataModule
@@ -483,12 +808,19 @@ def run_audit(
         raise ValueError(f"unknown audit methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
     if images is None:
         raise ValueError("give the images to audit: --images DIR (or use --config for a datamodule)")
+    if not os.path.isdir(images):
+        raise FileNotFoundError(f"image folder not found: {images}")
+    check_out(out, images)  # before anything is written
     start = time.perf_counter()
-    loaded = load_classifier(arch=arch, weights=weights, model=model, ckpt=ckpt, image_size=image_size, channels=channels)
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".audit-", dir=parent)
-    try:
+    loaded = load_classifier(
+        arch=arch, weights=weights, model=model, ckpt=ckpt, image_size=image_size, channels=channels,
+        resize=resize, crop=crop, mean=mean, std=std,
+    )  # fmt: skip
+    mode = _progress_mode(progress)
+    description = loaded.preprocessing.description
+    if mode != "off":
+        _say(f"{loaded.source}, {loaded.num_classes} classes; preprocessing: {description}")
+    with _staged(out, loaded.source) as staging:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             dm = ImageFolderDataModule(
@@ -498,10 +830,14 @@ def run_audit(
                 batch_size=batch_size,
                 class_names=loaded.class_names,
                 num_classes=loaded.num_classes,
+                progress=mode == "bar",
             )
             dm.setup()
         for w in caught:  # show the skipped files once, then list them in the report
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if mode == "log":
+            _say(f"read {len(dm.files)} images ({len(dm.skipped)} skipped) from {images}")
+        chosen = [m for m in METHODS if m in methods]
         options = dict(
             batch_size=batch_size,
             min_size=min_size,
@@ -510,14 +846,17 @@ def run_audit(
             ablation_steps=ablation_steps,
             deletion_images=deletion_images,
             correlation_images=correlation_images,
-            progress=progress,
+            progress=_Progress(mode, chosen),
             seed=seed,
         )
-        audit = _FolderAudit(loaded, dm, staging, [m for m in METHODS if m in methods], options)
+        audit = _FolderAudit(loaded, dm, staging, chosen, options)
         logger = _make_logger(use_wandb, staging, f"audit-{loaded.source.split()[-1]}")
         sections = audit.run(logger, device)
         rows = getattr(audit, "rows", None) or audit.image_rows(None)
         labelled = [r for r in rows if r["label"]]
+        found = number_warnings(audit.preds, dm.labels, audit.probs.max(1).values, loaded.num_classes, description)
+        for w in found:
+            _say(f"warning: {w}")
         meta = {
             "model": loaded.source,
             "files": [os.path.abspath(f) for f in loaded.files],
@@ -525,7 +864,7 @@ def run_audit(
             "num_images": len(rows),
             "num_skipped": len(dm.skipped),
             "num_classes": loaded.num_classes,
-            "preprocessing": loaded.preprocessing.description,
+            "preprocessing": description,
             "feature_layer": audit.saliency.feature_layer,
             "classifier": audit.saliency.classifier,
             "closed_form": bool(audit.saliency.uses_closed_form),
@@ -534,24 +873,25 @@ def run_audit(
             "method_seconds": audit.seconds,
             "wall_time_s": round(time.perf_counter() - start, 2),
         }
-        report = _write_outputs(staging, meta, sections, rows, [asdict(s) for s in dm.skipped])
+        report = _write_outputs(staging, meta, sections, rows, [asdict(s) for s in dm.skipped], found)
         if logger:
             _log_tables(logger, rows, meta)
             from lightning_interp.demo import finish_logger
 
             finish_logger(logger)
-        _publish(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return report
 
 
 def _write_outputs(
-    staging: str, meta: dict[str, Any], sections: list[Section], rows: list[dict[str, Any]], skipped: list[dict[str, str]]
+    staging: str,
+    meta: dict[str, Any],
+    sections: list[Section],
+    rows: list[dict[str, Any]],
+    skipped: list[dict[str, str]],
+    found: list[str],
 ) -> dict[str, Any]:
     _write_csv(os.path.join(staging, "images.csv"), rows)
-    report: dict[str, Any] = {"meta": meta, "skipped": skipped, "images": rows}
+    report: dict[str, Any] = {"meta": meta, "warnings": found, "skipped": skipped, "images": rows}
     report.update({s.key: s.to_json() for s in sections})
     report = _clean(report)
     with open(os.path.join(staging, "report.json"), "w") as f:
@@ -564,7 +904,10 @@ def _write_outputs(
         notes=[] if skipped else ["No file was skipped."],
     )
     shown = {k: v for k, v in meta.items() if k != "files"}
-    write_html(staging, f"lightning-interp audit: {meta['model']}", [*sections, skipped_section], meta=shown)
+    write_html(
+        staging, f"lightning-interp audit: {meta['model']}", [*sections, skipped_section], meta=shown, warnings=found,
+        preprocessing=meta["preprocessing"],
+    )  # fmt: skip
     return report
 
 
@@ -603,11 +946,9 @@ def run_config_audit(config: str, out: str = "audit_out", ckpt: str | None = Non
 
     if ckpt is not None:
         load_weights(ckpt)  # empty, truncated and non-finite files fail here, naming the file
+    check_out(out)  # before anything is written
     start = time.perf_counter()
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".audit-", dir=parent)
-    try:
+    with _staged(out, config) as staging:
         cli = LightningCLI(
             pl.LightningModule,
             pl.LightningDataModule,
@@ -636,21 +977,19 @@ def run_config_audit(config: str, out: str = "audit_out", ckpt: str | None = Non
             key = key if key not in seen else cb.prefix.replace("/", "_")
             seen.add(key)
             sections.append(callback_section(cb, staging, key=key))
+        data = type(cli.datamodule).__name__ if cli.datamodule is not None else None
         meta = {
             "model": type(cli.model).__name__,
             "config": os.path.abspath(config),
             "checkpoint": os.path.abspath(ckpt) if ckpt else None,
-            "data": type(cli.datamodule).__name__ if cli.datamodule is not None else None,
+            "data": data,
+            "preprocessing": f"the validation transforms of the config's datamodule ({data})",
             "wall_time_s": round(time.perf_counter() - start, 2),
         }
-        report = _clean({"meta": meta, **{s.key: s.to_json() for s in sections}})
+        report = _clean({"meta": meta, "warnings": [], **{s.key: s.to_json() for s in sections}})
         with open(os.path.join(staging, "report.json"), "w") as f:
             json.dump(report, f, indent=2, allow_nan=False, default=str)
-        write_html(staging, f"lightning-interp audit: {meta['model']}", sections, meta=meta)
+        write_html(staging, f"lightning-interp audit: {meta['model']}", sections, meta=meta, preprocessing=meta["preprocessing"])
         for logger in cli.trainer.loggers:
             finish_logger(logger)
-        _publish(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return report

@@ -64,6 +64,27 @@ def _demo(argv: Sequence[str]) -> None:
     print(f"\nwrote {os.path.join(args.out, 'summary.json')} and report.html ({summary['wall_time_s']:.1f} s)")
 
 
+def _floats(text: str) -> list[float]:
+    """``"0.5"`` or ``"0.485,0.456,0.406"`` as floats (argparse type of ``--mean`` and ``--std``)."""
+    try:
+        return [float(v) for v in text.replace(" ", ",").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected one number or comma-separated numbers, got {text!r}") from None
+
+
+def _size(text: str) -> int | str:
+    """``"28"`` or ``"none"`` (argparse type of ``--resize`` and ``--crop``)."""
+    if text.strip().lower() == "none":
+        return "none"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of pixels or 'none', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of pixels or 'none', got {value}")
+    return value
+
+
 def _audit(argv: Sequence[str]) -> None:
     from lightning_interp.audit import METHODS, run_audit, run_config_audit
 
@@ -81,12 +102,21 @@ def _audit(argv: Sequence[str]) -> None:
     model.add_argument("--ckpt", help="the Lightning checkpoint of --model (or of the --config model)")
     model.add_argument("--config", help="a LightningCLI config naming model, data and lightning-interp callbacks")
     parser.add_argument("--images", help="a folder of images (flat, or one sub-folder per class)")
-    parser.add_argument("--out", required=True, help="output folder (replaced as a whole when the audit succeeds)")
+    parser.add_argument(
+        "--out", required=True, help="output folder: new, empty or an earlier audit's (replaced whole when the audit succeeds)"
+    )
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     parser.add_argument("--limit", type=int, default=None, help="audit at most N images")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=None, help="input size, when the weights do not say")
     parser.add_argument("--grayscale", action="store_true", help="one input channel (with --image-size)")
+    pre = parser.add_argument_group(
+        "preprocessing (default: the weights' own; --model: as trained when the images are at its input size)"
+    )
+    pre.add_argument("--mean", type=_floats, default=None, help="mean to subtract: one value or one per channel (0,0.1,0.2)")
+    pre.add_argument("--std", type=_floats, default=None, help="standard deviation to divide by: one value or one per channel")
+    pre.add_argument("--resize", type=_size, default=None, help="resize the short side to N pixels, or 'none'")
+    pre.add_argument("--crop", type=_size, default=None, help="centre-crop N x N pixels, or 'none'")
     parser.add_argument("--min-size", type=int, default=20, help="min_size of the saliency channel split")
     parser.add_argument("--max-tasks", type=int, default=20, help="most ablation class tasks")
     parser.add_argument("--ablation-steps", type=int, default=1000, help="MCMC steps per chain of the ablation")
@@ -120,9 +150,14 @@ def _audit(argv: Sequence[str]) -> None:
                 use_wandb=args.wandb,
                 device=args.device,
                 seed=args.seed,
+                resize=args.resize,
+                crop=args.crop,
+                mean=args.mean,
+                std=args.std,
             )
     except (FileNotFoundError, ValueError, ModuleNotFoundError, AttributeError) as err:
-        parser.exit(2, f"lightning-interp audit: error: {err}\n")
+        message = " ".join(str(err).split())  # one line, whatever the message held
+        parser.exit(2, f"lightning-interp audit: error: {message}\n")
     print(summary_lines(report, args.out))
 
 
@@ -130,6 +165,9 @@ def summary_lines(report: dict, out: str) -> str:
     """The end-of-audit summary: where the files are and the main findings."""
     meta = report["meta"]
     lines = [f"audit of {meta['model']}: wrote {os.path.join(out, 'report.html')} and report.json ({meta['wall_time_s']} s)"]
+    if meta.get("preprocessing"):
+        lines.append(f"  preprocessing: {meta['preprocessing']}")
+    lines += [f"  WARNING: {w}" for w in report.get("warnings", [])]
     if "num_images" in meta:
         acc = meta.get("accuracy")
         lines.append(
@@ -138,7 +176,7 @@ def summary_lines(report: dict, out: str) -> str:
             + f"; feature layer {meta['feature_layer']!r} -> {meta['classifier']!r}"
         )
     for key, section in report.items():
-        if key in ("meta", "skipped", "images") or not isinstance(section, dict):
+        if key in ("meta", "skipped", "images", "warnings") or not isinstance(section, dict):
             continue
         scalars = section.get("scalars", {})
         shown = ", ".join(f"{k}={v:.3g}" for k, v in list(scalars.items())[:4] if isinstance(v, float) and not k.endswith("_se"))

@@ -27,7 +27,7 @@ import math
 import os
 import pickle
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,10 +37,14 @@ from torch import Tensor, nn
 from lightning_interp.datamodules.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
+    "NO_RESIZE",
+    "ImageTransform",
     "LoadedClassifier",
     "Preprocessing",
     "build_model",
     "check_weights",
+    "custom_preprocessing",
+    "describe_preprocessing",
     "imagenet_preprocessing",
     "load_classifier",
     "load_lightning_module",
@@ -51,12 +55,152 @@ __all__ = [
 
 @dataclass
 class Preprocessing:
-    """How images become model inputs: a callable on an RGB ``PIL.Image`` and a sentence saying what it does."""
+    """How images become model inputs: a callable on an RGB ``PIL.Image`` and a sentence saying what it does.
+
+    Attributes:
+        transform: the callable.
+        description: what it does, in words (printed at the start of an audit and stated in its report).
+        input_size: the side of the model's square inputs.
+        channels: 1 (grey scale) or 3.
+        resize: the short side images are resized to (``None``: no resize).
+        crop: the side of the centre crop (``None``: no crop).
+        mean: the per-channel mean subtracted (``None``: unknown, a published transform).
+        std: the per-channel standard deviation divided by.
+        keep_size: images already ``keep_size x keep_size`` are neither resized nor cropped (``None``: all are).
+    """
 
     transform: Callable[[Any], Tensor]
     description: str
     input_size: int = 224
     channels: int = 3
+    resize: int | None = None
+    crop: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    keep_size: int | None = None
+
+
+class ImageTransform:
+    """Resize the short side, centre-crop, convert to ``channels``, scale to ``[0, 1]``, normalise.
+
+    Args:
+        resize: the short side after resizing (``None``: no resize).
+        crop: the side of the centre crop (``None``: no crop).
+        mean: per-channel means (one per channel).
+        std: per-channel standard deviations.
+        channels: 1 (grey scale) or 3 (RGB).
+        keep_size: images already ``keep_size x keep_size`` skip the resize and the crop: a model trained on
+            28x28 digits sees them as they were, not zoomed by a resize to 32 and a crop of 28.
+    """
+
+    def __init__(
+        self,
+        resize: int | None,
+        crop: int | None,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        channels: int = 3,
+        keep_size: int | None = None,
+    ) -> None:
+        self.resize, self.crop, self.keep_size = resize, crop, keep_size
+        self.mean, self.std, self.channels = tuple(mean), tuple(std), channels
+
+    def __call__(self, image: Any) -> Tensor:
+        import torchvision.transforms.functional as F
+
+        if self.keep_size is None or tuple(image.size) != (self.keep_size, self.keep_size):
+            if self.resize is not None:
+                image = F.resize(image, self.resize)
+            if self.crop is not None:
+                image = F.center_crop(image, [self.crop, self.crop])
+        image = image.convert("L" if self.channels == 1 else "RGB")
+        x = F.to_tensor(image)
+        if any(m != 0 for m in self.mean) or any(s != 1 for s in self.std):
+            x = F.normalize(x, list(self.mean), list(self.std))
+        return x
+
+
+def _rounded(values: tuple[float, ...]) -> tuple[float, ...]:
+    return tuple(round(v, 3) for v in values)
+
+
+def describe_preprocessing(
+    resize: int | None,
+    crop: int | None,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    channels: int = 3,
+    keep_size: int | None = None,
+) -> str:
+    """The preprocessing in one sentence, e.g. ``"no resize, no crop, grey scale, no normalisation (mean 0, std 1)"``."""
+    size = f"resize the short side to {resize}" if resize is not None else "no resize"
+    size += f", centre-crop {crop}x{crop}" if crop is not None else ", no crop"
+    if keep_size is not None and (resize is not None or crop is not None):
+        size = f"images of {keep_size}x{keep_size} as they are, others: {size}"
+    if all(m == 0 for m in mean) and all(s == 1 for s in std):
+        norm = "pixels in [0, 1], no normalisation (mean 0, std 1)"
+    else:
+        norm = f"normalise with mean {_rounded(mean)} and std {_rounded(std)}"
+    return f"{size}, {'grey scale' if channels == 1 else 'RGB'}, {norm}"
+
+
+def _per_channel(values: Sequence[float] | None, channels: int, name: str, default: tuple[float, ...]) -> tuple[float, ...]:
+    if values is None:
+        return default
+    values = tuple(float(v) for v in values)
+    if len(values) == 1:
+        values = values * channels
+    if len(values) != channels:
+        raise ValueError(f"--{name} takes one value or one per channel ({channels}), got {len(values)}: {list(values)}")
+    if name == "std" and any(not v > 0 for v in values):
+        raise ValueError(f"--std must be > 0, got {list(values)}")
+    if any(not math.isfinite(v) for v in values):
+        raise ValueError(f"--{name} must be finite, got {list(values)}")
+    return values
+
+
+def _imagenet_stats(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if channels == 1:  # the grey image is the mean of the channels: so are its statistics, roughly
+        return (sum(IMAGENET_MEAN) / 3,), (sum(IMAGENET_STD) / 3,)
+    return tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
+
+
+def custom_preprocessing(
+    size: int = 224,
+    channels: int = 3,
+    resize: int | None = None,
+    crop: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    keep_size: int | None = None,
+    note: str = "",
+) -> Preprocessing:
+    """A :class:`ImageTransform` pipeline with its description (``mean``/``std``: ImageNet's when ``None``).
+
+    Args:
+        size: the model's input side (recorded; ``crop`` decides the output side).
+        channels: 1 or 3.
+        resize: short side after resizing (``None``: no resize).
+        crop: side of the centre crop (``None``: no crop).
+        mean: one value or one per channel (``None``: ImageNet's).
+        std: one value or one per channel (``None``: ImageNet's).
+        keep_size: images of this square size skip resize and crop.
+        note: appended to the description in parentheses (where the choices came from).
+
+    Raises:
+        ValueError: a mean or std of the wrong length, a std <= 0, a non-positive size.
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    for name, value in (("resize", resize), ("crop", crop)):
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be a positive number of pixels or 'none', got {value}")
+    default_mean, default_std = _imagenet_stats(channels)
+    m = _per_channel(mean, channels, "mean", default_mean)
+    s = _per_channel(std, channels, "std", default_std)
+    description = describe_preprocessing(resize, crop, m, s, channels, keep_size) + (f" ({note})" if note else "")
+    transform = ImageTransform(resize, crop, m, s, channels, keep_size)
+    return Preprocessing(transform, description, size, channels, resize, crop, m, s, keep_size)
 
 
 @dataclass
@@ -82,21 +226,10 @@ class LoadedClassifier:
 
 def imagenet_preprocessing(size: int = 224, resize: int | None = None, channels: int = 3) -> Preprocessing:
     """Resize (short side to ``resize``, default ``size * 256 / 224``), centre-crop ``size``, ImageNet mean and std."""
-    import torchvision.transforms as T
-
     resize = resize or round(size * 256 / 224)
-    steps: list[Any] = [T.Resize(resize), T.CenterCrop(size)]
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
-    if channels == 1:
-        steps.append(T.Grayscale(1))
-        mean, std = (sum(IMAGENET_MEAN) / 3,), (sum(IMAGENET_STD) / 3,)
-    steps += [T.ToTensor(), T.Normalize(mean, std)]
-    description = (
-        f"ImageNet defaults: resize the short side to {resize}, centre-crop {size}x{size}, "
-        f"{'grey scale, ' if channels == 1 else ''}normalise with mean {tuple(round(m, 3) for m in mean)} and "
-        f"std {tuple(round(s, 3) for s in std)}"
-    )
-    return Preprocessing(T.Compose(steps), description, size, channels)
+    pre = custom_preprocessing(size, channels, resize, size)
+    pre.description = f"ImageNet defaults: {pre.description}"
+    return pre
 
 
 def check_weights(state: dict[str, Tensor], path: str) -> None:
@@ -205,13 +338,30 @@ def _head_width(state: dict[str, Tensor], model: nn.Module) -> int | None:
     return int(state[key].shape[0]) if key in state else None
 
 
+def _first_mismatch(state: dict[str, Tensor], model: nn.Module) -> tuple[str, str] | None:
+    """The first tensor of ``model`` (in its own order) that ``state`` lacks or holds at another shape, and how."""
+    expected = model.state_dict()
+    for key, tensor in expected.items():
+        if key not in state:
+            return key, "missing from the weights"
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            return key, f"weights {list(state[key].shape)}, model {list(tensor.shape)}"
+    extra = [k for k in state if k not in expected]
+    return (extra[0], "in the weights, not in the model") if extra else None
+
+
 def _load_into(model: nn.Module, state: dict[str, Tensor], path: str, what: str) -> None:
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    # compare shapes first: load_state_dict reports a size mismatch as a multi-line RuntimeError over every layer
+    mismatch = _first_mismatch(state, model)
+    if mismatch is not None:
+        expected = model.state_dict()
+        differ = sum(k not in state or tuple(state[k].shape) != tuple(v.shape) for k, v in expected.items())
         raise ValueError(
-            f"the weights in {path} do not fit {what}: missing {result.missing_keys[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}. Check the architecture name."
+            f"the weights in {path} do not fit {what}: first mismatching layer {mismatch[0]!r} ({mismatch[1]}); "
+            f"{differ} of the model's {len(expected)} tensors are missing or of another shape. Check --arch "
+            "(the architecture the weights were saved from)."
         )
+    model.load_state_dict(state, strict=True)
 
 
 def _torchvision(arch: str, path: str) -> LoadedClassifier:
@@ -232,10 +382,12 @@ def _torchvision(arch: str, path: str) -> LoadedClassifier:
     default = torchvision.models.get_model_weights(arch).DEFAULT
     names = list(default.meta.get("categories") or [])
     if len(names) == k:  # the head has the published weights' classes: their preprocessing applies too
-        crop = default.transforms().crop_size[0]
+        t = default.transforms()
+        crop = t.crop_size[0]
         pre = Preprocessing(
-            default.transforms(), f"torchvision {default}.transforms(): {default.transforms()!r}".replace("\n", " "), crop
-        )
+            t, f"torchvision {default}.transforms(): {t!r}".replace("\n", " "), crop, 3, t.resize_size[0], crop,
+            tuple(t.mean), tuple(t.std),
+        )  # fmt: skip
         return LoadedClassifier(model.eval(), k, names, pre, f"torchvision {arch}", [path])
     return LoadedClassifier(model.eval(), k, None, imagenet_preprocessing(), f"torchvision {arch}", [path])
 
@@ -260,7 +412,11 @@ def _timm(name: str, path: str) -> LoadedClassifier:
     _load_into(model, state, path, f"timm:{name}")
     config = resolve_data_config({}, model=model)
     transform = create_transform(**config)
-    pre = Preprocessing(transform, f"timm data config of {name}: {config}", int(config["input_size"][-1]))
+    size = int(config["input_size"][-1])
+    pre = Preprocessing(
+        transform, f"timm data config of {name}: {config}", size, int(config["input_size"][0]),
+        math.floor(size / float(config.get("crop_pct") or 1.0)), size, tuple(config["mean"]), tuple(config["std"]),
+    )  # fmt: skip
     k = num_classes(model)
     return LoadedClassifier(model.eval(), k, _imagenet_names(k), pre, f"timm {name}", [path])
 
@@ -271,6 +427,40 @@ def _imagenet_names(k: int) -> list[str] | None:
     from torchvision.models import ResNet18_Weights
 
     return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def _import_user_module(module_name: str, class_path: str) -> Any:
+    """Import the module of ``--model``, from the working folder too (as ``python -m`` would).
+
+    The ``lightning-interp`` console script does not put the working folder on ``sys.path`` (``python -m`` and
+    ``python script.py`` do): a user's ``userpkg/lit.py`` next to where they run the command is found anyway.
+    """
+    import sys
+
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        cwd = os.getcwd()
+        top = module_name.split(".")[0]
+        missing_is_ours = err.name is not None and (module_name == err.name or module_name.startswith(err.name + "."))
+        if missing_is_ours and cwd not in sys.path:
+            sys.path.append(cwd)
+            try:
+                return importlib.import_module(module_name)  # found: cwd stays on sys.path for its own imports
+            except ModuleNotFoundError as again:
+                sys.path.remove(cwd)
+                err = again
+        raise ModuleNotFoundError(
+            f"cannot import {module_name!r} for --model {class_path} ({err}): install the package, or run from the "
+            f"folder that holds {top.replace('.', '/')}/ or add that folder to PYTHONPATH, e.g. "
+            f"PYTHONPATH=/path/to/project lightning-interp audit --model {class_path} ..."
+        ) from err
+    except (ImportError, SyntaxError) as err:  # the module exists but fails to import: its own error, in one line
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise ModuleNotFoundError(
+            f"importing {module_name!r} for --model {class_path} failed: {type(err).__name__}: {first} "
+            "(check the module and its dependencies, and PYTHONPATH)"
+        ) from err
 
 
 def load_lightning_module(class_path: str, ckpt: str | os.PathLike) -> nn.Module:
@@ -286,12 +476,7 @@ def load_lightning_module(class_path: str, ckpt: str | os.PathLike) -> nn.Module
     module_name, _, cls_name = class_path.rpartition(".")
     if not module_name:
         raise ValueError(f"--model must be a full class path such as my_package.models.MyModel, got {class_path!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        raise ModuleNotFoundError(
-            f"cannot import {module_name!r} for --model {class_path}: {err}. Is the package installed?"
-        ) from err
+    module = _import_user_module(module_name, class_path)
     cls = getattr(module, cls_name, None)
     if cls is None:
         raise AttributeError(f"{module_name} has no class {cls_name!r} (--model {class_path})")
@@ -309,13 +494,29 @@ def load_lightning_module(class_path: str, ckpt: str | os.PathLike) -> nn.Module
 def _lightning(class_path: str, ckpt: str) -> LoadedClassifier:
     model = load_lightning_module(class_path, ckpt)
     example = getattr(model, "example_input_array", None)
-    if isinstance(example, Tensor) and example.ndim == 4:
-        pre = imagenet_preprocessing(size=int(example.shape[-1]), channels=int(example.shape[1]))
-        pre.description += f" (size and channels from {type(model).__name__}.example_input_array)"
+    if isinstance(example, Tensor) and example.ndim == 4 and int(example.shape[1]) in (1, 3):
+        size = int(example.shape[-1])
+        # images already at the model's input size are what it was trained on: no zoom by a resize and a crop
+        pre = custom_preprocessing(
+            size, int(example.shape[1]), round(size * 256 / 224), size, keep_size=size,
+            note=f"size and channels from {type(model).__name__}.example_input_array; ImageNet mean and std by default",
+        )  # fmt: skip
     else:
         pre = imagenet_preprocessing()
     k = num_classes(model)
     return LoadedClassifier(model, k, _imagenet_names(k), pre, class_path, [ckpt])
+
+
+#: ``resize=NO_RESIZE`` / ``crop=NO_RESIZE``: the ``--resize none`` / ``--crop none`` of the command.
+NO_RESIZE = "none"
+
+
+def _size_option(value: int | str | None, default: int | None) -> int | None:
+    if value is None:
+        return default
+    if (isinstance(value, str) and value.strip().lower() == NO_RESIZE) or value == 0:
+        return None
+    return int(value)
 
 
 def load_classifier(
@@ -325,8 +526,15 @@ def load_classifier(
     ckpt: str | os.PathLike | None = None,
     image_size: int | None = None,
     channels: int | None = None,
+    resize: int | str | None = None,
+    crop: int | str | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> LoadedClassifier:
-    """Load a classifier in one of the three forms (see the module docstring).
+    """Load a classifier in one of the three forms (see the module docstring), with its preprocessing.
+
+    Without the preprocessing arguments the preprocessing is the form's own (see :attr:`LoadedClassifier.preprocessing`);
+    each argument given replaces one step, the others keep the form's values.
 
     Args:
         arch: a torchvision model name, or ``"timm:<name>"``; with ``weights``.
@@ -335,9 +543,14 @@ def load_classifier(
         ckpt: the Lightning checkpoint of ``model``.
         image_size: override the input size (ImageNet-default preprocessing at this size).
         channels: 1 for grey-scale models, 3 for RGB (with ``image_size``).
+        resize: the short side images are resized to; ``"none"`` (or 0): no resize.
+        crop: the side of the centre crop; ``"none"`` (or 0): no crop.
+        mean: the per-channel mean to subtract (one value, or one per channel).
+        std: the per-channel standard deviation to divide by (one value, or one per channel).
 
     Raises:
-        ValueError: not exactly one of the forms, or a bad file (see :func:`load_weights`).
+        ValueError: not exactly one of the forms, a bad file (see :func:`load_weights`), weights of another
+            architecture, or a bad preprocessing argument.
     """
     if (arch is None) == (model is None):
         raise ValueError("give either --arch NAME --weights FILE (torchvision, timm:NAME) or --model CLASS_PATH --ckpt FILE")
@@ -350,10 +563,22 @@ def load_classifier(
         if ckpt is None:
             raise ValueError(f"--model {model} needs --ckpt FILE (a Lightning checkpoint)")
         loaded = _lightning(str(model), os.fspath(ckpt))
-    if image_size is not None or channels is not None:
-        loaded.preprocessing = imagenet_preprocessing(image_size or loaded.preprocessing.input_size, channels=channels or 3)
     if loaded.num_classes < 2:
         raise ValueError(f"{loaded.source} has no classification head (a final nn.Linear with >= 2 outputs)")
+    pre = loaded.preprocessing
+    if image_size is not None or channels is not None:
+        pre = imagenet_preprocessing(image_size or pre.input_size, channels=channels or 3)
+    if any(v is not None for v in (resize, crop, mean, std)):
+        given = [f"--{n}" for n, v in (("resize", resize), ("crop", crop), ("mean", mean), ("std", std)) if v is not None]
+        keep = pre.keep_size if resize is None and crop is None else None
+        default_mean, default_std = _imagenet_stats(pre.channels)
+        pre = custom_preprocessing(
+            pre.input_size, pre.channels, _size_option(resize, pre.resize), _size_option(crop, pre.crop),
+            mean if mean is not None else (pre.mean if pre.mean and len(pre.mean) == pre.channels else default_mean),
+            std if std is not None else (pre.std if pre.std and len(pre.std) == pre.channels else default_std),
+            keep_size=keep, note=f"{' '.join(given)} given; the rest from {loaded.source}",
+        )  # fmt: skip
+    loaded.preprocessing = pre
     return loaded
 
 

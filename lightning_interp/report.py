@@ -182,16 +182,41 @@ def _section_html(s: Section) -> str:
     return f'<section id="{html.escape(s.key)}" data-items="{items}">{"".join(parts)}</section>'
 
 
-def write_html(out: str | os.PathLike, title: str, sections: Sequence[Section], meta: dict[str, Any] | None = None) -> str:
-    """Write ``out/report.html`` with one ``<section>`` per :class:`Section`; returns its path."""
+def _lead_html(warnings: Sequence[str], preprocessing: str | None) -> str:
+    """The top of the page: the warnings that the numbers may mean nothing, then the preprocessing used."""
+    parts = [f'<p class="warning"><strong>Warning:</strong> {html.escape(w)}</p>' for w in warnings]
+    if preprocessing:
+        parts.append(f'<p class="preprocessing"><strong>Preprocessing:</strong> {html.escape(preprocessing)}</p>')
+    return f'<div id="warnings" data-warnings="{len(warnings)}">{"".join(parts)}</div>' if parts else ""
+
+
+def write_html(
+    out: str | os.PathLike,
+    title: str,
+    sections: Sequence[Section],
+    meta: dict[str, Any] | None = None,
+    warnings: Sequence[str] = (),
+    preprocessing: str | None = None,
+) -> str:
+    """Write ``out/report.html`` with one ``<section>`` per :class:`Section`; returns its path.
+
+    Args:
+        out: the folder.
+        title: the page's title and heading.
+        sections: the methods' sections, in order.
+        meta: a table of facts under the heading.
+        warnings: sentences shown first, above everything else (numbers that may mean nothing).
+        preprocessing: how the images became model inputs, stated at the top.
+    """
     meta_rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{_fmt(v)}</td></tr>" for k, v in (meta or {}).items())
-    meta_html = f"<table>{meta_rows}</table>" if meta_rows else ""
+    meta_html = _lead_html(warnings, preprocessing) + (f"<table>{meta_rows}</table>" if meta_rows else "")
     page = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}} img{{max-width:100%;border:1px solid #ccc}}
 figure{{margin:1em 0}} table{{border-collapse:collapse;margin:0.5em 0}}
 td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}}
-section{{border-top:2px solid #888;margin-top:2em}} .intro{{color:#333}} .note{{color:#844}}</style></head>
+section{{border-top:2px solid #888;margin-top:2em}} .intro{{color:#333}} .note{{color:#844}}
+.warning{{background:#fde8e8;border:2px solid #c00;padding:0.5em;color:#600}}</style></head>
 <body data-images-loaded="pending">
 <h1>{html.escape(title)}</h1>{meta_html}
 {"".join(_section_html(s) for s in sections)}

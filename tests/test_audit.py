@@ -300,12 +300,12 @@ def test_rerun_replaces_the_output_and_a_failed_run_leaves_it(
     tmp_path: Path, labelled_tree: Path, resnet_weights: tuple[nn.Module, Path]
 ) -> None:
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "report.json").write_text('{"stale": true}')
-    (out / "maps_007.png").write_bytes(b"old")
     args: dict[str, Any] = dict(arch="resnet18", weights=str(resnet_weights[1]), out=str(out), image_size=SIZE, progress=False)
     run_audit(images=str(labelled_tree / CLASSES[0]), methods=("weights",), **args)
-    assert not (out / "maps_007.png").exists() and "stale" not in (out / "report.json").read_text()
+    (out / "report.json").write_text('{"stale": true}')  # an earlier audit's files (its marker lists them)
+    (out / "figures" / "maps_007.png").write_bytes(b"old")
+    run_audit(images=str(labelled_tree / CLASSES[0]), methods=("weights",), **args)
+    assert not (out / "figures" / "maps_007.png").exists() and "stale" not in (out / "report.json").read_text()
     before = sorted(p.name for p in out.iterdir())
     with pytest.raises(FileNotFoundError):
         run_audit(images=str(tmp_path / "no_such_folder"), **args)

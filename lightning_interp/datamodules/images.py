@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_interp.datamodules.imagenet import IMAGE_EXTENSIONS
 
-__all__ = ["ImageFolderDataModule", "SkippedFile", "scan_folder"]
+__all__ = ["FOLDER_EXTENSIONS", "ImageFolderDataModule", "SkippedFile", "decode_image", "scan_folder"]
 
 
 @dataclass
@@ -48,11 +49,43 @@ def _visible(name: str) -> bool:
     return not name.startswith(".")
 
 
-def scan_folder(root: str | os.PathLike) -> tuple[list[tuple[str, int]], list[str]]:
+#: Extensions read from a folder: the ImageNet ones and GIF (its first frame).
+FOLDER_EXTENSIONS: tuple[str, ...] = (*IMAGE_EXTENSIONS, ".gif")
+
+
+def _walk_once(top: str, seen: set[str], skipped: list[SkippedFile], root: str) -> list[str]:
+    """Every visible file under ``top``, sorted, following symlinked folders but reading each real folder once.
+
+    ``seen`` holds the real paths of the folders already read: a link back to one of them (``zz -> .``, a loop)
+    or a second link to the same folder is listed in ``skipped`` instead of being read again.
+    """
+    out: list[str] = []
+    stack = [top]
+    while stack:
+        folder = stack.pop()
+        entries = sorted((e for e in os.scandir(folder) if _visible(e.name)), key=lambda e: e.name)
+        subfolders = []
+        for e in entries:
+            if e.is_dir():
+                real = os.path.realpath(e.path)
+                if real in seen:
+                    skipped.append(SkippedFile(os.path.relpath(e.path, root), f"a link to a folder already read ({real})"))
+                    continue
+                seen.add(real)
+                subfolders.append(e.path)
+            elif e.is_file():
+                out.append(e.path)
+        stack += reversed(subfolders)  # depth first, in name order
+    return out
+
+
+def scan_folder(root: str | os.PathLike, skipped: list[SkippedFile] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
     """Every visible file under ``root`` with its class index (``-1`` in a flat folder), and the class names.
 
     A folder with sub-folders is read as one class per sub-folder (sorted names; files directly in ``root`` get
-    ``-1`` then); otherwise the files directly in ``root``.
+    ``-1`` then); otherwise the files directly in ``root``. Symlinked folders are followed, each real folder
+    at most once: a link to a folder already read (``root`` itself, a loop, a second link to a class) is not a
+    class and adds no file twice; it is appended to ``skipped``.
 
     Raises:
         FileNotFoundError: ``root`` is missing or holds no files.
@@ -60,25 +93,64 @@ def scan_folder(root: str | os.PathLike) -> tuple[list[tuple[str, int]], list[st
     root = os.fspath(root)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"image folder not found: {root}")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and _visible(e.name))
-    files: list[tuple[str, int]] = [
-        (e.path, -1) for e in sorted(os.scandir(root), key=lambda e: e.name) if e.is_file() and _visible(e.name)
-    ]
-    for index, name in enumerate(classes):
-        for dirpath, dirnames, filenames in os.walk(os.path.join(root, name)):
-            dirnames[:] = sorted(d for d in dirnames if _visible(d))
-            files += [(os.path.join(dirpath, f), index) for f in sorted(filenames) if _visible(f)]
+    skipped = [] if skipped is None else skipped
+    seen = {os.path.realpath(root)}
+    classes: list[str] = []
+    class_dirs: list[str] = []
+    files: list[tuple[str, int]] = []
+    for e in sorted(os.scandir(root), key=lambda e: e.name):
+        if not _visible(e.name):
+            continue
+        if e.is_dir():
+            real = os.path.realpath(e.path)
+            if real in seen:
+                skipped.append(SkippedFile(e.name, f"a link to a folder already read ({real})"))
+                continue
+            seen.add(real)
+            classes.append(e.name)
+            class_dirs.append(e.path)
+        elif e.is_file():
+            files.append((e.path, -1))
+    for index, folder in enumerate(class_dirs):
+        files += [(path, index) for path in _walk_once(folder, seen, skipped, root)]
     if not files:
-        raise FileNotFoundError(f"no files in {root} or in its sub-folders; put images there ({', '.join(IMAGE_EXTENSIONS)})")
+        raise FileNotFoundError(f"no files in {root} or in its sub-folders; put images there ({', '.join(FOLDER_EXTENSIONS)})")
     return files, classes
 
 
-def _decode(path: str) -> Image.Image:
-    """Decode fully (``load``), so a truncated file fails here rather than in the middle of a batch."""
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16- and 32-bit integer images scaled by their bit depth to 8 bits (Pillow would clip them at 255: white)."""
+    import numpy as np
+
+    if image.mode.startswith("I;16"):
+        bits = 16
+    elif image.mode == "I":
+        # 16-bit PNGs may open as "I"; a TIFF says its depth (tag 258, BitsPerSample)
+        tag = getattr(image, "tag_v2", {}).get(258) if hasattr(image, "tag_v2") else None
+        bits = int(tag[0] if isinstance(tag, tuple) else tag) if tag else 16
+    elif image.mode == "F":  # floating point: taken as [0, 1]
+        array = np.clip(np.asarray(image, dtype=np.float64), 0.0, 1.0)
+        return Image.fromarray(np.round(array * 255).astype(np.uint8), mode="L")
+    else:
+        return image
+    array = np.asarray(image).astype(np.float64)
+    scaled = np.clip(np.round(array * 255.0 / (2**bits - 1)), 0, 255).astype(np.uint8)
+    return Image.fromarray(scaled, mode="L")
+
+
+def decode_image(path: str) -> Image.Image:
+    """An RGB image as a viewer shows it: EXIF orientation applied, 16-bit depth scaled, a GIF's first frame.
+
+    Decodes fully (``load``), so a truncated file fails here rather than in the middle of a batch.
+    """
+    from PIL import ImageOps
+
     with open(path, "rb") as f:
         image = Image.open(f)
+        image.seek(0)  # the first frame of an animation
         image.load()
-        return image.convert("RGB")
+        image = ImageOps.exif_transpose(image) or image  # a phone photo upright, as a viewer shows it
+        return _to_8bit(image).convert("RGB")
 
 
 class ImageFolderDataModule(pl.LightningDataModule):
@@ -95,6 +167,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
             with that class's index; otherwise sub-folders are labelled by their sorted position when there are
             exactly as many as the model has classes (else the labels are ``-1``, unknown).
         num_classes: the model's number of classes (for the rule above).
+        progress: show a bar over the files (``None``: when stderr is a terminal).
 
     Attributes:
         inputs: ``[N, C, H, W]`` after :meth:`setup`.
@@ -113,6 +186,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         batch_size: int = 16,
         class_names: list[str] | None = None,
         num_classes: int | None = None,
+        progress: bool | None = None,
     ) -> None:
         super().__init__()
         if limit is not None and limit < 1:
@@ -124,6 +198,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.class_names = class_names
         self.num_classes = num_classes
+        self.progress = progress
         self.inputs: Tensor | None = None
         self.labels: Tensor | None = None
         self.files: list[str] = []
@@ -149,22 +224,33 @@ class ImageFolderDataModule(pl.LightningDataModule):
             return
         from tqdm import tqdm
 
-        files, folders = scan_folder(self.root)
+        self.files, self.folders, self.skipped = [], [], []
+        links: list[SkippedFile] = []
+        files, folders = scan_folder(self.root, links)
+        for link in links:
+            self._skip(link.file, link.reason)
         mapping = self._label_map(folders)
         transform = self.transform or self._default_transform()
         images, labels = [], []
-        self.files, self.folders, self.skipped = [], [], []
-        for path, folder in tqdm(files, desc="reading images", unit="image", disable=len(files) < 50):
+        shown = self.progress if self.progress is not None else sys.stderr.isatty()
+        for path, folder in tqdm(files, desc="reading images", unit="image", disable=not shown):
             if self.limit is not None and len(images) >= self.limit:
                 break
             rel = os.path.relpath(path, self.root)
-            if not path.lower().endswith(IMAGE_EXTENSIONS):
+            if not path.lower().endswith(FOLDER_EXTENSIONS):
                 self._skip(rel, f"not an image file (extension {os.path.splitext(path)[1] or 'none'})")
                 continue
             try:
-                image = transform(_decode(path))
+                image = transform(decode_image(path))
             except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
                 self._skip(rel, f"cannot decode: {type(err).__name__}: {err}")
+                continue
+            if images and image.shape != images[0].shape:
+                # without a resize and a crop, images of other sizes cannot share a batch with the first
+                self._skip(
+                    rel, f"size {list(image.shape)} after preprocessing, the first image's is {list(images[0].shape)}: "
+                    "resize and crop to one size (--resize, --crop)",
+                )  # fmt: skip
                 continue
             images.append(image)
             labels.append(mapping[folder] if folder >= 0 else -1)
