@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from lightning_interp.ablation import BayesianAblation, MaskedForward, distributedness, polysemanticity
 from lightning_interp.hooks import count_hooks
@@ -919,3 +920,248 @@ def test_callback_names_tasks_by_class_and_keeps_wide_figures_readable() -> None
     assert max(heat.get_size_inches()) <= 14 and max(bars.get_size_inches()) <= 14
     assert len(bars.axes[0].get_xticklabels()) == 64 and "64 most informative of 300 units" in bars.axes[0].get_title()
     assert {row[2] for row in cb.tables(measurement)["top_units"][1]} <= {"bee", "dog"}
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 21: user-written CNNs get the pooled fast path; pilot; ESS bound; NaN logits; the budget's sizes
+# ---------------------------------------------------------------------------------------------
+
+
+def _bn(c: int) -> nn.BatchNorm2d:
+    """An eval BatchNorm with trained-looking statistics: a zeroed channel comes out at its shift, not 0."""
+    bn = nn.BatchNorm2d(c)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    return bn
+
+
+class _AttrCNN(nn.Module):
+    """The issue's CNN written with attributes and functional calls: F.relu, F.max_pool2d, x.mean((2, 3))."""
+
+    def __init__(self, act: str = "relu", pool: str = "mean") -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(1, 8, 3, padding=1), _bn(8)
+        self.c2, self.b2 = nn.Conv2d(8, 16, 3, padding=1), _bn(16)
+        self.c3, self.b3 = nn.Conv2d(16, 24, 3, padding=1), _bn(24)
+        self.act, self.pool = act, pool
+        self.fc = nn.Linear(24, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.b1(self.c1(x))), 2)
+        x = F.max_pool2d(F.relu(self.b2(self.c2(x))), 2)
+        x = self.b3(self.c3(x))
+        x = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "leaky": lambda t: F.leaky_relu(t, 0.1)}[self.act](x)
+        if self.pool == "mean":
+            x = x.mean((2, 3))
+        elif self.pool == "adaptive":
+            x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        else:  # global max pool, then a view with the batch size (two users of the pooled map)
+            x = F.adaptive_max_pool2d(x, 1)
+            x = x.view(x.size(0), -1)
+        return self.fc(x)
+
+
+def _sequential_cnn(act: type[nn.Module], pool: nn.Module) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), _bn(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1), _bn(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 24, 3, padding=1), _bn(24), act(), pool, nn.Flatten(), nn.Linear(24, 5),
+    )  # fmt: skip
+
+
+def _user_cnns() -> list[tuple[str, nn.Module, str]]:
+    """(description, model in eval mode, layer): the conv followed by BN, an activation and a global pool."""
+    torch.manual_seed(21)
+    return [
+        ("Sequential ReLU GAP", _sequential_cnn(nn.ReLU, nn.AdaptiveAvgPool2d(1)).eval(), "8"),
+        ("Sequential GELU global MaxPool2d", _sequential_cnn(nn.GELU, nn.MaxPool2d(3)).eval(), "8"),
+        ("Sequential SiLU AvgPool2d", _sequential_cnn(nn.SiLU, nn.AvgPool2d(3)).eval(), "8"),
+        ("Sequential LeakyReLU", _sequential_cnn(lambda: nn.LeakyReLU(0.2), nn.AdaptiveAvgPool2d(1)).eval(), "8"),  # type: ignore[arg-type]
+        ("Sequential Hardswish, layer = BN", _sequential_cnn(nn.Hardswish, nn.AdaptiveAvgPool2d(1)).eval(), "9"),
+        ("attributes F.relu x.mean", _AttrCNN("relu", "mean").eval(), "c3"),
+        ("attributes F.gelu adaptive pool flatten", _AttrCNN("gelu", "adaptive").eval(), "c3"),
+        ("attributes F.silu max pool view", _AttrCNN("silu", "max").eval(), "c3"),
+        ("attributes F.leaky_relu, layer = BN", _AttrCNN("leaky", "mean").eval(), "b3"),
+    ]
+
+
+def _masked_logits(model: nn.Module, layer: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The slow path by hand: the full forward with the layer's channels multiplied by the mask (a hook)."""
+    from lightning_interp.hooks import replace
+
+    with replace(model, layer, lambda h: h * mask.to(h.dtype)[None, :, None, None]), torch.no_grad():
+        return model(x)
+
+
+@pytest.mark.parametrize("case", range(9))
+def test_user_written_cnns_get_the_pooled_affine_path_with_the_slow_paths_results(case: int) -> None:
+    """Conv -> BN -> activation -> global pool -> Linear, written as users do: the mask moves to the pooled features
+    (a masked channel at its BN shift pushed through the activation and the pool), the head is affine, and the
+    predictions equal the full forward with masked channels bit for bit; the affine logits equal it in float64."""
+    name, model, layer = _user_cnns()[case]
+    x = torch.randn(40, 1, 12, 12)  # 3 x 3 maps at the layer
+    masks = torch.rand(12, 24, generator=torch.Generator().manual_seed(case)) < 0.5
+    fast, slow = MaskedForward(model, layer), MaskedForward(model, layer, split=False)
+    prepared = fast.prepare(x)
+    features = fast.features(prepared)
+    assert fast.mask_after is not None and features is not None and features.shape == (40, 24), name
+    if layer not in ("9", "b3"):  # the conv: a masked channel leaves the BN at its shift, BN(0) != 0
+        assert fast.masked_value is not None and fast.masked_value.abs().max() > 0.01, name
+    assert torch.equal(fast.predictions(prepared, masks), slow.predictions(slow.prepare(x), masks)), name
+    # float64: the affine head z @ W + b with z = where(m, h, c) is the full forward with masked channels
+    model64, x64 = model.double(), x.double()
+    fast64 = MaskedForward(model64, layer)
+    head = fast64.linear_head(fast64.prepare(x64))
+    assert head is not None, name
+    h, c = fast64.features(fast64.prepare(x64)), fast64.masked_value
+    assert h is not None
+    for mask in masks[:4]:
+        affine = torch.where(mask, h, c.reshape(-1) if c is not None else 0.0) @ head[0] + head[1]
+        torch.testing.assert_close(affine, _masked_logits(model64, layer, x64, mask), rtol=1e-10, atol=1e-10)
+    # the chains (flip one column at a time, float64 logits) give the fit of the whole forward
+    y = torch.arange(40) % 5
+    runs = [
+        BayesianAblation(model64, layer, method="mcmc", num_chains=2, num_steps=40, burn_in=10, split=split, rest_per_chain=8,
+                         generator=torch.Generator().manual_seed(0)).fit(x64, y)
+        for split in (True, False)
+    ]  # fmt: skip
+    assert torch.equal(runs[0].importance, runs[1].importance), name
+    assert torch.equal(runs[0].acceptance_rate, runs[1].acceptance_rate), name
+
+
+def test_push_past_batchnorm_needs_eval_mode() -> None:
+    """A BatchNorm in training mode normalises with the batch: a masked channel has no fixed value, no push past it."""
+    _, model, layer = _user_cnns()[5]
+    model.b3.train()
+    mf = MaskedForward(model, layer)
+    mf.prepare(torch.randn(16, 1, 12, 12))
+    assert mf.mask_after is None and mf.masked_value is None
+    model.b3.eval()
+    mf.prepare(torch.randn(16, 1, 12, 12))
+    assert mf.mask_after == "mean"
+
+
+def test_nan_logits_give_nan_readouts_not_numbers() -> None:
+    """NaN weights: argmax(NaN) must not pass for a prediction; every read-out of the fit and the callback is NaN."""
+    from lightning_interp.ablation import summarize
+    from lightning_interp.callbacks import AblationProbeCallback
+
+    torch.manual_seed(0)
+    x, y = torch.randn(60, 4), torch.arange(60) % 3
+    for method, width in (("mcmc", 20), ("exact", 8)):
+        model = nn.Sequential(nn.Linear(4, width), nn.ReLU(), nn.Linear(width, 3)).eval()
+        with torch.no_grad():
+            model[2].weight[1, 3] = math.nan
+        ablation = BayesianAblation(model, "1", method=method, num_chains=2, num_steps=20, burn_in=5)  # type: ignore[arg-type]
+        r = ablation.fit(x, y)
+        assert r.split and r.method == method  # NaN logits in the same places: the split still computes the model
+        assert r.importance.isnan().all() and r.full_accuracy.isnan().all() and r.distributedness.isnan().all()
+        assert all(v.isnan() and se.isnan() for v, se in summarize(r, 0.05).values())
+    cb = AblationProbeCallback(layers="1", method="mcmc", num_chains=2, num_steps=30, burn_in=5, probe_size=60)
+    cb._probe = (x, y)
+    scalars = cb.measure(model).scalars
+    for key in ("full_accuracy", "max_importance", "ess", "ess_median", "acceptance_rate", "distributedness"):
+        assert math.isnan(float(scalars[f"1/{key}"])), key
+
+
+def test_effective_sample_size_is_bounded_by_the_draws() -> None:
+    """p (1 - p) / SE^2, capped at chains x kept steps; NaN for a zero or rounding-level SE (not 1e27)."""
+    from lightning_interp.ablation import AblationResult, effective_sample_size
+
+    p = torch.tensor([[0.5, 0.2, 0.5, 0.5, 0.5]], dtype=torch.float64)
+    se = torch.tensor([[0.05, 0.02, 1e-4, 2.7e-15, 0.0]], dtype=torch.float64)
+    zeros = torch.zeros(1, dtype=torch.float64)
+    r = AblationResult(tasks=["all"], importance=p, information_bits=torch.zeros_like(p), distributedness=zeros,
+                       manifold_complexity=zeros, complexity_kind="", polysemanticity=p[0], mask_entropy_bits=zeros,
+                       full_accuracy=zeros + 1, method="mcmc", num_evaluations=1, importance_se=se, num_draws=800)  # fmt: skip
+    ess = effective_sample_size(r)[0]
+    assert ess[0] == pytest.approx(100.0) and ess[1] == pytest.approx(0.16 / 0.0004)
+    assert ess[2] == 800  # 0.25 / 1e-8 = 2.5e7 draws' worth: capped at the 800 draws
+    assert ess[3:].isnan().all()  # 0.25 / 2.7e-15^2 would be 3e28
+    # a real run: every finite ESS within (0, draws]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 30), nn.ReLU(), nn.Linear(30, 3)).eval()
+    x = torch.randn(90, 4)
+    run = BayesianAblation(model, "1", method="mcmc", num_chains=4, num_steps=200, burn_in=20).fit(x, model(x).argmax(1))
+    real = effective_sample_size(run)
+    assert run.num_draws == 4 * 180 and (real[~real.isnan()] > 0).all() and (real[~real.isnan()] <= 720).all()
+
+
+def _timed(fn: object) -> float:
+    import time
+
+    start = time.perf_counter()
+    fn()  # type: ignore[operator]
+    return time.perf_counter() - start
+
+
+def test_pilot_is_within_twice_the_measurement_on_three_shapes() -> None:
+    """estimate_cost (a full measurement's seconds) against the timed measure(): median ratio in [0.5, 2]."""
+    from lightning_interp.callbacks import AblationProbeCallback
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    wide = nn.Sequential(nn.Linear(10, 256), nn.ReLU(), nn.Linear(256, 6)).eval()  # affine head, wide layer
+    mlp_head = nn.Sequential(nn.Linear(10, 48), nn.ReLU(), nn.Linear(48, 32), nn.Tanh(), nn.Linear(32, 6)).eval()
+    cnn = _user_cnns()[5][1]
+    cnn.fc = nn.Linear(24, 6)
+    shapes = [(wide, "1", torch.randn(256, 10)), (mlp_head, "1", torch.randn(256, 10)), (cnn, "c3", torch.randn(256, 1, 28, 28))]
+    for model, layer, x in shapes:
+        y = torch.arange(len(x)) % 6
+        ratios = []
+        for _ in range(3):
+            cb = AblationProbeCallback(layers=layer, method="mcmc", num_chains=4, num_steps=400, burn_in=50, probe_size=len(x))
+            cb._probe = (x, y)
+            estimate = cb.estimate_cost(model)
+            assert estimate is not None
+            ratios.append(estimate / _timed(lambda cb=cb, model=model: cb.measure(model)))
+        assert 0.5 <= float(np.median(ratios)) <= 2.0, (layer, ratios)
+
+
+def test_budget_sizes_scale_steps_then_probe_and_keep_every_class() -> None:
+    """work < 1: kept steps first (floor max(100, kept / 4)), then the probe (floor 64, every class); logged sizes."""
+    from lightning_interp.callbacks import AblationProbeCallback
+    from lightning_interp.callbacks.ablation import MIN_KEPT_STEPS, MIN_PROBE
+
+    assert AblationProbeCallback(layers="1").every_n_epochs == 1
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 20), nn.ReLU(), nn.Linear(20, 10)).eval()
+    x, y = torch.randn(300, 4), torch.arange(300) % 10
+    cb = AblationProbeCallback(layers="1", method="mcmc", num_chains=2, num_steps=1000, burn_in=100, probe_size=300)
+    cb._probe = (x, y)
+    floor = cb.work_floor()
+    kept_floor = max(MIN_KEPT_STEPS, 900 // 4)
+    assert floor == pytest.approx((100 + kept_floor) / 1000 * cb._rows(MIN_PROBE) / cb._rows(300))
+    for work, steps in ((1.0, 1000), (0.5, 500), (0.33, 330)):
+        cb.work = work
+        assert cb._sizes() == (steps, 300)
+    for work in (0.3, 0.2, floor, floor / 2):
+        cb.work = work
+        steps, size = cb._sizes()
+        assert steps == 100 + kept_floor and MIN_PROBE <= size < 300
+        # the cost model (steps x rows of a step) stays within the work asked, down to the floor
+        assert steps / 1000 * cb._rows(size) / cb._rows(300) <= max(work, floor) + 1e-9
+    cb.work = floor
+    scalars = cb.measure(model).scalars
+    assert scalars["num_steps"] == 100 + kept_floor and scalars["probe_size"] == MIN_PROBE
+    assert math.isfinite(float(scalars["1/max_importance"]))
+    kept = y[cb._subsample_order()[:MIN_PROBE]]
+    assert set(kept.tolist()) == set(range(10))  # every class task keeps examples (6 or 7 each)
+
+
+def test_callback_rejects_a_layer_that_never_runs() -> None:
+    import lightning.pytorch as pl
+
+    from lightning_interp.callbacks import AblationProbeCallback
+    from lightning_interp.models import MLPClassifier
+    from tests.contract import gaussian3_datamodule
+
+    model = MLPClassifier(2, 3, hidden=(16,), lr=1e-2)
+    model.unused = nn.Linear(16, 16)
+    kw: dict = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    cb = AblationProbeCallback(layers=["unused"], probe_size=32, method="mcmc", num_steps=20, burn_in=5)
+    with pytest.raises(ValueError, match=r"do not run in its forward"):
+        pl.Trainer(max_epochs=1, callbacks=[cb], **kw).fit(model, gaussian3_datamodule())
