@@ -29,12 +29,15 @@ import torch
 from torch import Tensor, nn
 
 from lightning_interp.hooks import LayerSplit, forward_hooks, replace
+from lightning_interp.stats import replicate_standard_error
 
 __all__ = [
+    "KURTOSIS_ELEMENTS",
     "ClassMoments",
     "LayerReplacement",
     "Quadratic",
     "gaussian_surrogates",
+    "non_gaussianity",
     "propagate_moments",
     "relu_moments",
     "surrogate_accuracy",
@@ -441,6 +444,87 @@ def gaussian_surrogates(
             draws[0] = ((means64 * counts[:, None]).sum(0) / n).to(x.dtype) + noise
     shaped = [draws[o].reshape(features.shape) for o in orders]
     return shaped[0] if isinstance(order, int) else shaped
+
+
+#: Elements (examples x units) per block of :func:`non_gaussianity`'s float64 work arrays.
+KURTOSIS_ELEMENTS = 1 << 21
+
+
+def _kurtosis(count: Tensor, centred2: Tensor, centred4: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
+    """Population excess kurtosis from centred power sums, and where it is defined (a unit that varies)."""
+    var = centred2 / count
+    kurt = centred4 * count / (centred2 * centred2) - 3
+    # the threshold of ClassMoments.excess_kurtosis: a variance resolvable against the raw second moment
+    valid = var > 1e-12 * (mean * mean + var + 1e-300)
+    return kurt, valid
+
+
+def non_gaussianity(features: Tensor, labels: Tensor, groups: int = 10) -> tuple[Tensor, Tensor]:
+    """Mean absolute excess kurtosis over the classes present and the units, and its jackknife standard error.
+
+    The value is :meth:`ClassMoments.non_gaussianity` of the same data (0 for Gaussian activity; units
+    constant within a class are left out). The standard error is the delete-a-group jackknife's over the
+    examples: example ``i`` is in group ``i mod groups``, and each group's replicate (the value without that
+    group) is exact, from every class's centred power sums less the group's share. The whole costs a few
+    float64 passes over ``[N, D]`` (in blocks of :data:`KURTOSIS_ELEMENTS`), not ``groups`` refits.
+
+    Args:
+        features: a layer's outputs ``[N, ...]`` (floating point).
+        labels: their classes ``[N]``; each class present needs at least two examples.
+        groups: jackknife groups (``>= N``: the leave-one-out jackknife).
+
+    Returns:
+        ``(value, se)``, 0-d float64 tensors; both NaN when a feature is non-finite.
+
+    Example:
+        >>> x, y = torch.randn(400, 3), torch.arange(400) % 2
+        >>> value, se = non_gaussianity(x, y)
+        >>> bool(value < 0.5), bool(0 < se < 0.5)
+        (True, True)
+    """
+    x = features.detach().reshape(features.shape[0], -1)
+    labels = labels.to(x.device).long()
+    nan = torch.tensor(math.nan, dtype=torch.float64, device=x.device)
+    if not bool(torch.isfinite(x).all()):
+        return nan, nan.clone()
+    classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    if (counts < 2).any():
+        raise ValueError(f"class(es) {classes[counts < 2].tolist()} have fewer than 2 examples; draw a larger probe set")
+    k, g = len(classes), max(2, min(groups, x.shape[0]))
+    cell = inverse * g + torch.arange(x.shape[0], device=x.device) % g  # (class, group) of each example
+    n = counts.to(torch.float64)[:, None]  # [K, 1]
+    rest = n[:, None] - torch.bincount(cell, minlength=k * g).to(torch.float64).view(k, g, 1)  # [K, G, 1] without the group
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    count = torch.zeros((), dtype=torch.float64, device=x.device)
+    rep_total = torch.zeros(g, dtype=torch.float64, device=x.device)
+    rep_count = torch.zeros(g, dtype=torch.float64, device=x.device)
+    step = max(1, KURTOSIS_ELEMENTS // max(x.shape[0], k * g))
+    for start in range(0, x.shape[1], step):  # units are independent: blocks of columns bound the memory
+        block = x[:, start : start + step].to(torch.float64)
+        d = block.shape[1]
+        mean = block.new_zeros(k, d).index_add_(0, inverse, block) / n  # [K, D]
+        u = block - mean[inverse]
+        u2 = u * u
+        # the sums of u^p per (class, group), p = 1..4, and per class
+        cells = [block.new_zeros(k * g, d).index_add_(0, cell, v).view(k, g, d) for v in (u, u2, u2 * u, u2 * u2)]
+        s1, s2, s3, s4 = (c.sum(dim=1) for c in cells)
+        kurt, valid = _kurtosis(n, s2, s4, mean)
+        total += torch.where(valid, kurt.abs(), 0.0).sum()
+        count += valid.sum()
+        # without group j the class's mean moves by the mean m = a1 / rest of the rest's u, and the sums of
+        # (u - m)^p over the rest follow from the class's sums a_p less the group's: with a1 = rest * m,
+        # c2 = a2 - m a1 and c4 = a4 - 4 m a3 + 6 m^2 a2 - 3 m^3 a1 (Horner form below)
+        a1, a2, a3, a4 = (s[:, None] - c for s, c in zip((s1, s2, s3, s4), cells, strict=True))
+        m = a1 / rest
+        ma1 = m * a1
+        c2 = a2 - ma1
+        c4 = a4 - m * (4 * a3 - m * (6 * a2 - 3 * ma1))
+        kurt_g, valid_g = _kurtosis(rest, c2, c4, mean[:, None] + m)
+        rep_total += torch.where(valid_g, kurt_g.abs(), 0.0).sum(dim=(0, 2))
+        rep_count += valid_g.sum(dim=(0, 2))
+    if count == 0:
+        return nan, nan.clone()
+    return total / count, replicate_standard_error(rep_total / rep_count, "jackknife")
 
 
 class LayerReplacement:

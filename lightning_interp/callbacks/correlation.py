@@ -8,6 +8,7 @@ are not reproduced here).
 from __future__ import annotations
 
 import math
+import time
 import weakref
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -21,16 +22,20 @@ from lightning_interp.callbacks.base import (
     Measurement,
     RunOn,
     check_int,
+    check_layers_run,
     check_logits,
     model_device_dtype,
 )
 from lightning_interp.callbacks.probe import ProbeSource, Unpack
-from lightning_interp.correlation import INPUT, ClassMoments, LayerReplacement, Quadratic, gaussian_surrogates, layer_outputs
+from lightning_interp.correlation import INPUT, LayerReplacement, Quadratic, gaussian_surrogates, layer_outputs, non_gaussianity
 from lightning_interp.hooks import get_module
 from lightning_interp.plotting import subplots
 from lightning_interp.stats import mean_and_se
 
-__all__ = ["CorrelationOrderCallback"]
+__all__ = ["PILOT_WORK", "CorrelationOrderCallback"]
+
+#: The fraction of the probe the cost pilot (:meth:`CorrelationOrderCallback.estimate_cost`) measures (at least the floor).
+PILOT_WORK = 0.5
 
 #: Module types whose outputs ``layers="auto"`` tracks (after the model input).
 ACTIVATIONS: tuple[type[nn.Module], ...] = (
@@ -45,6 +50,15 @@ ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.Hardswish,
     Quadratic,
 )
+
+
+def _hits(logits: Tensor, labels: Tensor) -> Tensor:
+    """Per example 1.0 where the prediction is the label, 0.0 where not, NaN where a logit is non-finite.
+
+    ``argmax`` of NaN logits is the first NaN's class: it would count as a prediction of class 0.
+    """
+    hit = (logits.argmax(dim=-1) == labels).to(torch.float64)
+    return torch.where(torch.isfinite(logits).all(dim=-1), hit, torch.full_like(hit, math.nan))
 
 
 class CorrelationOrderCallback(InterpretabilityCallback):
@@ -142,6 +156,8 @@ class CorrelationOrderCallback(InterpretabilityCallback):
         self.layers: list[str] = []
         self._probe: tuple[Tensor, Tensor] | None = None
         self._num_classes = 0
+        self._members: list[Tensor] = []  # probe positions of each class present, in probe order
+        self._timing = (0.0, 0.0)  # seconds of the last measurement: all but the surrogate draws, the draws
 
     def _state_key_fields(self) -> dict[str, Any]:
         return {"layers": self.layer_spec, "probe_size": self.probe_size}
@@ -163,15 +179,17 @@ class CorrelationOrderCallback(InterpretabilityCallback):
             self._probe = self.labelled_probe(trainer, self.probe_size)
         x, y = self._probe
         device, dtype = model_device_dtype(pl_module)
+        head = x[:2].to(device=device, dtype=dtype)
         try:
-            _, logits = layer_outputs(pl_module, self.layers, x[:2].to(device=device, dtype=dtype))
-        except TypeError:
-            raise
+            _, logits = layer_outputs(pl_module, [], head)
         except Exception as err:
             raise TypeError(
                 f"{type(pl_module).__name__} failed on the probe inputs of shape {list(x.shape[1:])}: {type(err).__name__}: {err}"
             ) from err
         check_logits(logits, "CorrelationOrderCallback", pl_module)
+        # a layer that exists but never runs in forward() has no output to replace: say so now, not at step 8
+        check_layers_run(pl_module, [name for name in self.layers if name != INPUT], head, "CorrelationOrderCallback")
+        layer_outputs(pl_module, self.layers, head)  # the layers' outputs are float tensors (else a TypeError)
         self._num_classes = logits.shape[1]
         if y.min() < 0 or y.max() >= self._num_classes:
             raise ValueError(
@@ -184,38 +202,99 @@ class CorrelationOrderCallback(InterpretabilityCallback):
                 f"classes {few} have fewer than min_per_class={self.min_per_class} probe examples "
                 f"(counts {counts[few].tolist()}); increase probe_size or lower min_per_class"
             )
+        # each class's probe positions in probe order: a scaled measurement takes the first ones of every class
+        self._members = [torch.nonzero(y == c).flatten() for c in range(self._num_classes) if counts[c] > 0]
+        # the torch.fx splits are set up here, once per model: a one-time cost that the pilot should not scale
+        if self._model_ref is None or self._model_ref() is not pl_module:
+            self._replacements, self._model_ref = {}, weakref.ref(pl_module)
+        for layer in self.layers:
+            if layer not in self._replacements:
+                self._replacements[layer] = LayerReplacement(pl_module, layer)
 
-    # ------------------------------------------------------------------ measurement
+    # ------------------------------------------------------------------ sizes and cost
+    def _subset(self) -> Tensor:
+        """Probe positions of a measurement at :attr:`work`: the first ``scaled(n_c, min_per_class)`` of each class.
+
+        A class-balanced prefix: every class keeps its share of the probe and at least ``min_per_class``
+        examples (or all of its ``n_c``), so the surrogates of every class stay defined.
+        """
+        parts = [members[: self.scaled(len(members), min(len(members), self.min_per_class))] for members in self._members]
+        return torch.cat(parts).sort().values
+
+    def work_floor(self) -> float:
+        """The smallest fraction of a full measurement: ``min_per_class`` examples of the smallest class.
+
+        At ``work >= min_per_class / n_min`` (``n_min``: the probe examples of the smallest class) every class
+        takes ``ceil(work * n_c)`` examples, so the examples (and the cost, which grows at least as fast) scale
+        with the work; below it the floors of the small classes would keep the cost up.
+        """
+        if not self._members:
+            return 1.0
+        return max(min(len(m), self.min_per_class) / len(m) for m in self._members)
+
     def forward_passes(self) -> float | None:
         # one pass to read the layers, then three surrogate orders per layer (at most a whole pass each)
         return 1.0 + 3 * len(self.layers) if isinstance(self.layers, list) else None
 
+    def estimate_cost(self, pl_module: nn.Module) -> float | None:
+        """Seconds of a full measurement, from a pilot: the measurement itself on half of the probe.
+
+        The forward passes and the read-outs scale with the examples; the surrogate draws combine every example
+        with every other of its class (order 2) or of the probe (orders 1 and 0), ``N^2 D``: each part is timed
+        in the pilot and scaled by its own power of ``N_full / N_pilot``. Half the probe (at least the floor)
+        keeps the fixed costs of a measurement from being scaled up as if they grew with the examples.
+        """
+        if self._probe is None or not self._members:
+            return None
+        self.work = max(PILOT_WORK, self.work_floor())
+        try:
+            subset = self._subset()
+        finally:
+            self.work = 1.0
+        self._evaluate(pl_module, subset)
+        ratio = len(self._probe[1]) / len(subset)
+        linear_s, draws_s = self._timing
+        return linear_s * ratio + draws_s * ratio * ratio
+
+    # ------------------------------------------------------------------ measurement
     def measure(self, pl_module: nn.Module) -> Measurement:
+        """The orders of every layer on the probe, or (scaled by :attr:`work`) on its class-balanced prefix.
+
+        ``probe_size`` logs the examples used.
+        """
         if self._probe is None:
             raise RuntimeError("CorrelationOrderCallback.measure() called before setup()")
+        full = len(self._probe[1])
+        subset = self._subset() if self.work < 1 else torch.arange(full)
+        return self._evaluate(pl_module, subset)
+
+    def _evaluate(self, pl_module: nn.Module, subset: Tensor) -> Measurement:
+        """The measurement on the probe examples at positions ``subset`` (in probe order)."""
+        if self._probe is None:
+            raise RuntimeError("CorrelationOrderCallback.measure() called before setup()")
+        linear = draws_s = 0.0
+        start = time.perf_counter()
         device, dtype = model_device_dtype(pl_module)
         x, y = self._probe
-        x, y = x.to(device=device, dtype=dtype), y.to(device)
+        x, y = x[subset].to(device=device, dtype=dtype), y[subset].to(device)
         outputs, logits = layer_outputs(pl_module, self.layers, x)
-        hit_real = logits.argmax(dim=-1) == y
+        hit_real = _hits(logits, y)
         acc_real, acc_real_se = mean_and_se(hit_real)
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
-        scalars: dict[str, Tensor | float] = {}
+        scalars: dict[str, Tensor | float] = {"probe_size": float(len(y))}
         accs: dict[str, list[float]] = {}
         if self._model_ref is None or self._model_ref() is not pl_module:
             self._replacements, self._model_ref = {}, weakref.ref(pl_module)
-        # the moments of the classes present only: [K, D] sums for all 1000 ImageNet classes of a wide early
-        # layer would take gigabytes for nothing
-        present, compact = torch.unique(y, return_inverse=True)
         for layer in self.layers:
-            moments = ClassMoments(len(present), covariances=False)  # per-unit moments: kurtosis
-            moments.update(outputs[layer], compact)
             if layer not in self._replacements:
                 self._replacements[layer] = LayerReplacement(pl_module, layer)
             run = self._replacements[layer]
             run.prepare(x)
+            mark = time.perf_counter()
             # one surrogate draw per example: the spread over examples holds the probe's and the draw's noise
-            hits = [run(draws).argmax(dim=-1) == y for draws in gaussian_surrogates(outputs[layer], y, (2, 1, 0), gen)]
+            draws = gaussian_surrogates(outputs[layer], y, (2, 1, 0), gen)
+            draws_s += time.perf_counter() - mark
+            hits = [_hits(run(d), y) for d in draws]
             scalars[f"{layer}/acc_real"], scalars[f"{layer}/acc_real_se"] = acc_real, acc_real_se
             orders = []
             for order, hit in zip((2, 1, 0), hits, strict=True):
@@ -223,10 +302,14 @@ class CorrelationOrderCallback(InterpretabilityCallback):
                 scalars[f"{layer}/acc_order{order}"], scalars[f"{layer}/acc_order{order}_se"] = acc, se
                 orders.append(float(acc))
             # paired over the same examples: the SE of the per-example difference
-            gap, gap_se = mean_and_se(hit_real.double() - hits[0].double())
+            gap, gap_se = mean_and_se(hit_real - hits[0])
             scalars[f"{layer}/higher_order_gap"], scalars[f"{layer}/higher_order_gap_se"] = gap, gap_se
-            scalars[f"{layer}/non_gaussianity"] = moments.non_gaussianity()
+            # per-unit moments of the classes present only (memory at ImageNet scale), with a jackknife error bar
+            kurt, kurt_se = non_gaussianity(outputs[layer], y)
+            scalars[f"{layer}/non_gaussianity"], scalars[f"{layer}/non_gaussianity_se"] = kurt, kurt_se
             accs[layer] = [float(acc_real), *orders]
+        linear = time.perf_counter() - start - draws_s
+        self._timing = (linear, draws_s)
         return Measurement(scalars=scalars, data={"accs": accs})
 
     # ------------------------------------------------------------------ figures

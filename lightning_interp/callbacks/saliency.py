@@ -7,6 +7,7 @@ reproduced here).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -38,11 +39,14 @@ from lightning_interp.saliency import (
 )
 from lightning_interp.stats import mean_and_se
 
-__all__ = ["MIN_IMAGES", "FinalLayerSaliencyCallback"]
+__all__ = ["MIN_IMAGES", "PILOT_WORK", "FinalLayerSaliencyCallback"]
 
 #: Fewest probe images (and deletion-curve images) a measurement scaled down by the budget uses: a mean and
 #: its standard error over the images need a few of them.
 MIN_IMAGES = 4
+#: The fraction of the images the cost pilot (:meth:`FinalLayerSaliencyCallback.estimate_cost`) measures (at least
+#: :data:`MIN_IMAGES`).
+PILOT_WORK = 0.5
 
 
 class FinalLayerSaliencyCallback(InterpretabilityCallback):
@@ -252,16 +256,18 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
         return 1.0 + k * deletion_rows(self.deletion_steps, 3, intact=True) / n if self.deletion_steps else 1.0
 
     def estimate_cost(self, pl_module: nn.Module) -> float | None:
-        """Seconds of a full measurement, from a pilot: the measurement itself on the floor's images.
+        """Seconds of a full measurement, from a pilot: the measurement itself on half of the images.
 
-        The maps and the deletion curves are timed apart and each is scaled by its images (full / pilot):
-        the pilot runs the method's own passes at the batch shapes of a measurement, which a forward pass
-        over the probe, repeated, does not (many small passes cost far more per image than one batched one).
+        The maps and the deletion curves are timed apart and each is scaled by its images (full / pilot). The
+        pilot runs the method's own passes at the batch shapes of a measurement, which a forward pass over the
+        probe, repeated, does not (many small passes cost far more per image than one batched one); half the
+        images (at least the floor) keeps the fixed costs from being scaled up as if they grew with the images.
         """
         if self._saliency is None or self._probe is None:
             return None
         n, k = self._full_sizes()
-        pilot_n, pilot_k = min(n, MIN_IMAGES), min(k, MIN_IMAGES)
+        pilot_n = min(n, max(MIN_IMAGES, math.ceil(n * PILOT_WORK)))
+        pilot_k = min(k, max(MIN_IMAGES, math.ceil(k * PILOT_WORK)))
         self._evaluate(pl_module, pilot_n, pilot_k)
         maps_s, deletion_s = self._timing
         return maps_s * n / pilot_n + (deletion_s * k / pilot_k if pilot_k else 0.0)
