@@ -1234,25 +1234,24 @@ class BayesianAblation:
         inputs: Tensor,
         labels: Tensor,
         tasks: Literal["classes", "all"] | Sequence[int] = "classes",
-        pilot_steps: int = 40,
+        pilot_steps: int = 16,
     ) -> float | None:
         """Seconds :meth:`fit` would take at the current settings, from a short pilot (``None``: exact enumeration).
 
         The pilot runs what a fit does once (the part before the layer on the probe, the unablated logits,
-        reading the affine head), then ``pilot_steps`` MCMC steps of every chain of the first block of tasks
-        (so a step evaluates the fit's rows), and times the read-outs of those kept steps twice: on the first
-        quarter and on all of them. A fit costs the part done once, plus per block of tasks ``num_steps``
-        times the pilot's time of a step, plus the read-outs extrapolated linearly in the kept steps from the
-        two timings (their cost grows with chains x kept steps x units: the ESS's FFT, the pairwise joints;
-        a part, such as the loops over the unit pairs, does not). The pilot's generator is its own: the
-        fit's draws are untouched. It costs about the part done once, ``pilot_steps`` steps and two short
-        read-outs.
+        reading the affine head) and ``pilot_steps`` MCMC steps of every chain of the first block of tasks, so
+        that a step evaluates the fit's rows, whatever the model. The read-outs cannot be timed on so short a
+        run: their cost grows with the unit pairs whose conditionals have moved, and after a few steps most
+        units of a wide layer were never proposed. They are timed instead on synthetic chains of one task at
+        the fit's size (``num_steps - burn_in`` kept steps, every unit proposed and dependent: the most pairs)
+        and counted once per task. A fit costs the part done once, plus ``num_steps`` steps per block of tasks,
+        plus the read-outs. The pilot's generators are its own: the fit's draws are untouched.
 
         Args:
             inputs: probe inputs ``[N, ...]``.
             labels: class labels ``[N]``.
             tasks: as in :meth:`fit`.
-            pilot_steps: MCMC steps of the pilot (at least 8).
+            pilot_steps: MCMC steps of the pilot (at least 4).
 
         Returns:
             The estimated seconds of :meth:`fit`, or ``None`` where the layer is enumerated exactly.
@@ -1269,30 +1268,28 @@ class BayesianAblation:
         blocks = self._task_blocks(task_set, two_sided, d)
         head = self.forward.linear_head(prepared)
         block = task_set.subset(blocks[0]) if len(blocks) > 1 else task_set
-        steps = max(8, pilot_steps)
         saved = self.num_steps, self.burn_in, self.generator
-        timings: list[tuple[int, float]] = []
         try:
-            self.num_steps, self.burn_in, self.generator = steps, 0, torch.Generator().manual_seed(0)
+            self.num_steps, self.burn_in, self.generator = max(4, pilot_steps), 0, torch.Generator().manual_seed(0)
             scorer = _ChainScorer(
                 self.forward, prepared, block, self.num_chains, self.rest_per_chain, two_sided, self.generator, head
             )
             once = time.perf_counter() - start
-            sums = self._run_chains(scorer, len(block.names), d, x.device)
-            for kept in (steps // 4, steps):
-                begin = time.perf_counter()
-                part = _chain_sums(sums.flips[:, :, :kept], sums.conds[:, :, :kept], sums.traces[:, :, :kept], sums.accepted, 0.0)
-                self._estimate(part, scorer, len(block.names), x.device)
-                if x.device.type == "cuda":
-                    torch.cuda.synchronize(x.device)
-                timings.append((kept, time.perf_counter() - begin))
+            step = self._run_chains(scorer, len(block.names), d, x.device).seconds_per_step
         finally:
             self.num_steps, self.burn_in, self.generator = saved
-        (s1, r1), (s2, r2) = timings
-        slope = max(0.0, (r2 - r1) / (s2 - s1))  # timer noise can make the short read-out the slower one
-        readout = r2 + slope * (self.num_steps - self.burn_in - s2)
-        per_block = sums.seconds_per_step * self.num_steps + max(r2, readout)
-        return once + per_block * len(task_set.names) / len(block.names)
+        # the read-outs of one task on synthetic chains of the fit's size
+        g, c, kept = torch.Generator().manual_seed(1), self.num_chains, self.num_steps - self.burn_in
+        flips = torch.randint(0, d, (1, c, kept), generator=g).to(x.device)
+        conds = torch.rand(1, c, kept, generator=g, dtype=torch.float64).to(x.device)
+        traces = (torch.randint(0, 256, (1, c, kept, d), generator=g, dtype=torch.uint8) < 128).to(x.device)
+        begin = time.perf_counter()
+        sums = _chain_sums(flips, conds, traces, torch.zeros(1, dtype=torch.float64, device=x.device), 0.0)
+        self._estimate(sums, scorer, 1, x.device)
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+        readout = time.perf_counter() - begin
+        return once + step * self.num_steps * len(task_set.names) / len(block.names) + readout * len(task_set.names)
 
     def _task_blocks(self, tasks: _TaskSet, two_sided: bool, d: int) -> list[list[int]]:
         """Consecutive groups of tasks whose chains run together, each within the memory bounds.

@@ -258,11 +258,10 @@ class AblationProbeCallback(InterpretabilityCallback):
     def estimate_cost(self, pl_module: nn.Module) -> float | None:
         """Seconds of one full measurement (``work = 1``), from a short pilot per layer.
 
-        :meth:`BayesianAblation.estimate_seconds`: the part done once per fit (the probe through the part
-        before the layer, the head), then 40 MCMC steps of every chain of all tasks (the full rows of a step:
-        its time is the full run's, whatever the model) and their read-outs timed at two lengths, extrapolated
-        to ``num_steps`` steps. The pilot costs about a fifth of a measurement of a small model, once per fit.
-        Figures and tables are not counted.
+        :meth:`BayesianAblation.estimate_seconds` per layer: the part done once per fit (the probe through the
+        part before the layer, the head), 16 MCMC steps of every chain of all tasks (the full rows of a step:
+        its time is the full run's, whatever the model), and the read-outs timed on synthetic chains of one
+        task at the full size, once per task. Figures and tables are not counted.
 
         ``None`` when a layer is enumerated exactly (``d <= 12`` under ``"auto"``: at most 4096 masks).
         """
