@@ -13,6 +13,7 @@ import torchvision
 from captum.attr import LayerGradCam
 from torch import nn
 
+from lightning_interp.callbacks import FinalLayerSaliencyCallback
 from lightning_interp.hooks import forward_hooks, get_module
 from lightning_interp.models import SmallCNN
 from lightning_interp.saliency import FinalLayerSaliency, channel_set_map, fit_ald, split_chain
@@ -483,3 +484,187 @@ def test_bilinear_upsample_equals_interpolate() -> None:
         maps = torch.randn(*shape)
         ref = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
         torch.testing.assert_close(bilinear_upsample(maps, size), ref)
+
+
+# ------------------------------------------------------------------------------------ issue 21: cost, scaling, checks
+def _loop_deletion_curve(
+    model: nn.Module, inputs: torch.Tensor, maps: torch.Tensor, target: torch.Tensor, steps: int
+) -> torch.Tensor:
+    """The per-step loop (one forward pass per deletion fraction) that deletion_curves batches."""
+    n, _, h, w = inputs.shape
+    order = maps.reshape(n, -1).argsort(dim=1, descending=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(h * w).expand(n, -1))
+    baseline = inputs.mean(dim=(2, 3), keepdim=True)
+    probs = []
+    for i in range(steps + 1):
+        keep = (rank >= round(i * h * w / steps)).reshape(n, 1, h, w)
+        probs.append(model(torch.where(keep, inputs, baseline)).softmax(dim=1).gather(1, target[:, None])[:, 0])
+    return torch.stack(probs, dim=1)
+
+
+@pytest.mark.parametrize("steps", [1, 3, 10])
+def test_batched_deletion_curves_equal_the_per_step_loop(steps: int) -> None:
+    from lightning_interp.saliency import deletion_curves, deletion_rows
+
+    torch.manual_seed(3)
+    model = SmallCNN(in_channels=2, num_classes=4, channels=(4, 8)).eval()
+    x, maps, target = torch.randn(5, 2, 7, 6), torch.randn(5, 3, 7, 6), torch.tensor([0, 3, 1, 2, 0])
+    calls: list[int] = []
+    with torch.no_grad(), forward_hooks(model, {"": lambda _m, inp, _o: calls.append(len(inp[0]))}):
+        ref = torch.stack([_loop_deletion_curve(model, x, maps[:, j], target, steps) for j in range(3)], dim=1)
+        calls.clear()
+        got = deletion_curves(model, x, maps, target, steps)
+        assert calls == [5 * deletion_rows(steps, 3)], "one batched pass; the intact and blank images once per image"
+        calls.clear()
+        intact = model(x).softmax(1).gather(1, target[:, None])[:, 0]
+        calls.clear()
+        chunked = deletion_curves(model, x, maps, target, steps, intact=intact, batch_size=4)
+        assert sum(calls) == 5 * deletion_rows(steps, 3, intact=True) and max(calls) <= 4
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(chunked, ref)
+
+
+def _prepared_saliency(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kw: object) -> FinalLayerSaliencyCallback:
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    cb = FinalLayerSaliencyCallback(probe=(x, y), probe_size=len(x), min_size=4, log_images=False, **kw)  # type: ignore[arg-type]
+    kw = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(callbacks=[cb], **kw)  # type: ignore[arg-type]
+    trainer.validate(model, DataLoader(TensorDataset(x, y), batch_size=8), verbose=False)
+    return cb
+
+
+def test_scaled_saliency_equals_the_full_measurement_of_the_first_images() -> None:
+    from lightning_interp.callbacks.base import isolate
+    from lightning_interp.callbacks.saliency import MIN_IMAGES
+    from lightning_interp.stats import mean_and_se
+
+    torch.manual_seed(4)
+    model = SmallCNN(in_channels=1, num_classes=4, channels=(8, 16))
+    x, y = torch.randn(10, 1, 12, 12), torch.randint(0, 4, (10,))
+    cb = _prepared_saliency(model, x, y, deletion_steps=4)
+    assert cb.work_floor() == pytest.approx(MIN_IMAGES / 10)
+    assert cb.history[-1]["probe_size"] == 10 and "disc_channels_se" in cb.history[-1]
+    full = cb.last
+    cb.work = 0.5
+    with isolate(model):
+        half = cb.measure(model)
+    cb.work = 1.0
+    assert half.scalars["probe_size"] == 5
+    # the same measurement, made at full work on a probe of those first five images
+    probe, labels, random_map = cb._probe, cb._labels, cb._random_map
+    cb._probe, cb._labels, cb._random_map = probe[:5], labels[:5], random_map[:5]
+    with isolate(model):
+        ref = cb.measure(model)
+    assert set(half.scalars) == set(ref.scalars) == set(full.scalars)
+    for name, value in ref.scalars.items():
+        torch.testing.assert_close(torch.as_tensor(half.scalars[name]), torch.as_tensor(value), msg=name)
+    # every read-out is a mean over images with its standard error; chain sizes from the classes' masks
+    sizes = cb.saliency.class_chain_mask(ref.data["maps"]["target"], "+", model.fc.weight).sum(1)
+    mean, se = mean_and_se(sizes)
+    assert float(ref.scalars["disc_channels"]) == pytest.approx(float(mean))
+    assert float(ref.scalars["disc_channels_se"]) == pytest.approx(float(se))
+    assert all(f"{k}_se" in full.scalars for k in full.scalars if k != "probe_size" and not k.endswith("_se"))
+    cb._probe, cb._labels, cb._random_map = probe, labels, random_map
+    # the pilot: the measurement on half the images, each part scaled to the full probe
+    with isolate(model):
+        estimate = cb.estimate_cost(model)
+    maps_s, deletion_s = cb._timing
+    assert estimate == pytest.approx(maps_s * 10 / 5 + deletion_s * 10 / 5)
+
+
+def test_saliency_read_outs_are_nan_for_non_finite_logits() -> None:
+    from lightning_interp.callbacks.base import isolate
+
+    torch.manual_seed(5)
+    model = SmallCNN(in_channels=1, num_classes=3, channels=(4, 8))
+    x, y = torch.randn(6, 1, 10, 10), torch.randint(0, 3, (6,))
+    cb = _prepared_saliency(model, x, y, deletion_steps=2)
+    with torch.no_grad():
+        model.fc.bias[1] = float("nan")
+    with isolate(model):
+        m = cb.measure(model)
+    assert m.scalars["probe_size"] == 6
+    for name, value in m.scalars.items():
+        if name != "probe_size":
+            assert math.isnan(float(value)), name
+
+
+def test_saliency_label_targets_outside_the_classes_fail_before_the_first_step() -> None:
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_interp.callbacks import FinalLayerSaliencyCallback
+
+    x, y = torch.randn(16, 1, 10, 10), torch.tensor([0, 1, 2, 3] * 4)  # label 3 for a 3-class model
+    model = SmallCNN(in_channels=1, num_classes=3, channels=(4, 8))
+    cb = FinalLayerSaliencyCallback(target="label", probe_size=8, every_n_steps=1)
+    trainer = pl.Trainer(max_steps=3, callbacks=[cb], logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match=r"outside the model's 3 classes \[0, 2\].*target='predicted'"):
+        trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=4))
+    assert trainer.global_step == 0
+    # labels in range: the same setup measures
+    cb = FinalLayerSaliencyCallback(target="label", probe_size=8, every_n_steps=1)
+    trainer = pl.Trainer(max_steps=1, callbacks=[cb], logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(model, DataLoader(TensorDataset(x, y % 3), batch_size=4))
+    assert cb.history and cb.history[-1]["probe_size"] == 8
+
+
+class _CheckpointedFlattenHead(SmallCNN):
+    """A conv body run through torch.utils.checkpoint and a flatten + Linear head (the autograd fallback)."""
+
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__(in_channels=1, num_classes=3, channels=(4, 8))
+        self.reentrant = reentrant
+        self.flat = nn.Linear(8 * 5 * 5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        h = checkpoint(self.features, x, use_reentrant=self.reentrant)
+        return self.flat(h.flatten(1))
+
+
+def test_a_reentrant_checkpoint_that_hides_the_gradient_fails_before_the_first_step() -> None:
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_interp.callbacks import FinalLayerSaliencyCallback
+
+    data = DataLoader(TensorDataset(torch.randn(16, 1, 10, 10), torch.randint(0, 3, (16,))), batch_size=4)
+    kw: dict = dict(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    for feature_layer in (None, "features"):
+        cb = FinalLayerSaliencyCallback(probe_size=4, min_size=2, deletion_steps=2, feature_layer=feature_layer, log_images=False)
+        trainer = pl.Trainer(callbacks=[cb], **kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the fallback's warning, torch's about inputs without gradients
+            with pytest.raises(ValueError, match="use_reentrant=False"):
+                trainer.fit(_CheckpointedFlattenHead(reentrant=True), data)
+        assert trainer.global_step == 0
+    cb = FinalLayerSaliencyCallback(probe_size=4, min_size=2, deletion_steps=2, log_images=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pl.Trainer(callbacks=[cb], **kw).fit(_CheckpointedFlattenHead(reentrant=False), data)
+    assert cb.history and not math.isnan(cb.history[-1]["neg_pg_share"])
+
+
+class _UnusedLayer(SmallCNN):
+    def __init__(self) -> None:
+        super().__init__(in_channels=1, num_classes=3, channels=(4, 8))
+        self.unused = nn.Conv2d(8, 8, 1)
+
+
+def test_a_feature_layer_that_never_runs_fails_before_the_first_step() -> None:
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_interp.callbacks import FinalLayerSaliencyCallback
+
+    data = DataLoader(TensorDataset(torch.randn(16, 1, 10, 10), torch.randint(0, 3, (16,))), batch_size=4)
+    cb = FinalLayerSaliencyCallback(probe_size=4, feature_layer="unused")
+    trainer = pl.Trainer(max_steps=2, callbacks=[cb], logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match=r"\['unused'\] exist in _UnusedLayer but do not run"):
+        trainer.fit(_UnusedLayer(), data)
+    assert trainer.global_step == 0
