@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_interp.callbacks import CorrelationOrderCallback
 from lightning_interp.correlation import (
     ClassMoments,
     LayerReplacement,
@@ -364,3 +365,120 @@ def test_order_accuracies_carry_standard_errors_that_cover_the_seed_to_seed_spre
     # the probe is the whole validation set here, so seeds differ only by the surrogate draw: the spread of
     # the gap between seeds stays within the reported error bar
     assert gaps.std().item() <= 1.5 * ses.mean().item()
+
+
+# ------------------------------------------------------------------------------------ issue 21: cost, scaling, checks
+@pytest.mark.parametrize("groups", [7, 60])
+def test_non_gaussianity_and_its_jackknife_equal_refits_without_each_group(groups: int) -> None:
+    from lightning_interp.correlation import non_gaussianity
+    from lightning_interp.stats import replicate_standard_error
+
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(60, 7) + torch.tensor([0.0, 0.0, 0.0, 1.0, -2.0, -3.0, 0.5]))
+    x[:, 6] = 0.0
+    x[3, 6] = 2.0  # a unit active in one example: constant (left out) in the replicate without it
+    y = torch.arange(60) % 3
+
+    def refit(keep: torch.Tensor) -> torch.Tensor:
+        moments = ClassMoments(3, covariances=False)
+        moments.update(x[keep], y[keep])
+        return moments.non_gaussianity()
+
+    value, se = non_gaussianity(x, y, groups=groups)
+    group = torch.arange(60) % groups
+    replicates = torch.stack([refit(group != j) for j in range(groups)])
+    torch.testing.assert_close(value, refit(torch.ones(60, dtype=torch.bool)))
+    torch.testing.assert_close(se, replicate_standard_error(replicates, "jackknife"))
+    bad = x.clone()
+    bad[0, 0] = math.nan
+    assert all(v.isnan() for v in non_gaussianity(bad, y))
+
+
+def _prepared_correlation(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kw: object) -> CorrelationOrderCallback:
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    cb = CorrelationOrderCallback(probe=(x, y), probe_size=len(x), log_images=False, **kw)  # type: ignore[arg-type]
+    kw = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    pl.Trainer(callbacks=[cb], **kw).validate(model, DataLoader(TensorDataset(x, y), batch_size=64), verbose=False)  # type: ignore[arg-type]
+    return cb
+
+
+def test_scaled_correlation_equals_the_full_measurement_of_its_class_balanced_prefix() -> None:
+    from lightning_interp.callbacks.base import isolate
+    from lightning_interp.models import MLPClassifier
+
+    torch.manual_seed(2)
+    model = MLPClassifier(4, 3, hidden=(8,))
+    y = torch.tensor([0] * 40 + [1] * 25 + [2] * 15)[torch.randperm(80)]
+    x = torch.randn(80, 4) + y[:, None].float()
+    cb = _prepared_correlation(model, x, y, layers=["input", "net.1"], min_per_class=5)
+    assert cb.work_floor() == pytest.approx(5 / 15)
+    assert cb.history[-1]["probe_size"] == 80 and "net.1/non_gaussianity_se" in cb.history[-1]
+    probe = cb._probe
+    cb.work, cb.step = 0.25, 7
+    with isolate(model):
+        scaled = cb.measure(model)
+    cb.work = 1.0
+    # the first ceil(0.25 n_c) examples of every class, at least min_per_class: 10, 7 and 5
+    sub = torch.cat([torch.nonzero(probe[1] == c).flatten()[:k] for c, k in ((0, 10), (1, 7), (2, 5))]).sort().values
+    assert scaled.scalars["probe_size"] == 22
+    cb._probe = (probe[0][sub], probe[1][sub])
+    cb._members = [torch.nonzero(cb._probe[1] == c).flatten() for c in range(3)]
+    with isolate(model):
+        ref = cb.measure(model)
+    assert set(scaled.scalars) == set(ref.scalars)
+    for name, value in ref.scalars.items():
+        torch.testing.assert_close(torch.as_tensor(scaled.scalars[name]), torch.as_tensor(value), msg=name)
+    read_outs = [k for k in ref.scalars if k != "probe_size" and not k.endswith("_se")]
+    assert read_outs and all(f"{k}_se" in ref.scalars for k in read_outs)
+
+
+def test_correlation_read_outs_are_nan_for_non_finite_logits() -> None:
+    from lightning_interp.callbacks.base import isolate
+    from lightning_interp.models import MLPClassifier
+
+    torch.manual_seed(3)
+    model = MLPClassifier(4, 3, hidden=(8,))
+    y = torch.arange(60) % 3
+    cb = _prepared_correlation(model, torch.randn(60, 4), y, layers=["input", "net.1"])
+    with torch.no_grad():
+        model.net[2].weight[0, 0] = math.nan  # the head: every logit row NaN, every layer's features finite
+    with isolate(model):
+        m = cb.measure(model)
+    for layer in ("input", "net.1"):
+        for name in ("acc_real", "acc_order2", "acc_order1", "acc_order0", "higher_order_gap"):
+            assert math.isnan(float(m.scalars[f"{layer}/{name}"])), (layer, name)  # not 1/3: argmax of NaN is 0
+    assert not math.isnan(float(m.scalars["input/non_gaussianity"]))
+
+
+class _Unused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        self.aux = nn.Sequential(nn.Linear(8, 8), nn.ReLU())  # defined, never called in forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def test_a_layer_that_never_runs_fails_before_the_first_step() -> None:
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_interp.models import ClassifierModule
+
+    class Model(ClassifierModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = _Unused()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x)
+
+    data = DataLoader(TensorDataset(torch.randn(64, 4), torch.arange(64) % 3), batch_size=8)
+    cb = CorrelationOrderCallback(layers=["body.net.1", "body.aux.1"], probe_size=60, every_n_steps=8)
+    trainer = pl.Trainer(max_steps=10, callbacks=[cb], logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match=r"\['body.aux.1'\] exist in Model but do not run in its forward"):
+        trainer.fit(Model(), data)
+    assert trainer.global_step == 0
