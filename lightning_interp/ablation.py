@@ -220,9 +220,11 @@ class MaskedForward:
         layer: ``named_modules()`` path of the layer whose units are masked.
         max_batch: bound on ``masks * examples`` rows per forward pass.
         split: try the ``torch.fx`` split (``False`` forces the whole-forward path).
+        push: move the mask past the channel-wise ops after the layer where that is exact (``False``: mask at
+            the layer itself, each row through everything after it; a reference for tests and benchmarks).
     """
 
-    def __init__(self, model: nn.Module, layer: str, max_batch: int = 65536, split: bool = True) -> None:
+    def __init__(self, model: nn.Module, layer: str, max_batch: int = 65536, split: bool = True, push: bool = True) -> None:
         self.model = model
         self.layer = layer
         self.module = get_module(model, layer)
@@ -235,6 +237,7 @@ class MaskedForward:
         self.mask_after: str | None = None
         #: the value ``[*h.shape[1:]]`` a masked unit has where the mask is applied (``None``: 0, as at the layer)
         self.masked_value: Tensor | None = None
+        self.push = push
         if split:
             self._split = LayerSplit(model, layer)
             self._after_split()
@@ -254,7 +257,7 @@ class MaskedForward:
         graph, start = self._split.graph, self._split.node
         assert graph is not None and start is not None
         node, chain = start, []
-        while len(node.users) == 1:
+        while self.push and len(node.users) == 1:
             user = next(iter(node.users))
             # one value flows through: the op's other inputs may only be constants (F.batch_norm's statistics)
             if [a for a in user.all_input_nodes if a.op != "get_attr"] != [node] or not _is_channelwise(self.model, user):

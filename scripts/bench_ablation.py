@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import statistics
 import sys
@@ -80,9 +81,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from tqdm import tqdm
 
 from lightning_interp.ablation import AblationResult, BayesianAblation, MaskedForward, all_masks
+from lightning_interp.callbacks import AblationProbeCallback
 from lightning_interp.hooks import get_module
 from lightning_interp.models import MLPClassifier, SmallCNN
 
@@ -104,6 +107,12 @@ QUICK = {
     "mcmc_repeats": 1,
     "mcmc_masks": 16,
     "mcmc_small_batch": 256,
+    "cnn_train": 256,
+    "cnn_probe": 64,
+    "cnn_steps": 30,
+    "cnn_burn_in": 5,
+    "cnn_slow_steps": 3,
+    "cnn_repeats": 1,
 }
 
 
@@ -134,6 +143,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mcmc-repeats", type=int, default=3, help="timed calls per method (MCMC part)")
     parser.add_argument("--mcmc-masks", type=int, default=512, help="random masks of the raw-batched and loop MCMC references")
     parser.add_argument("--mcmc-small-batch", type=int, default=4096, help="the smaller max_batch of the MCMC comparison")
+    parser.add_argument("--cnn-train", type=int, default=3594, help="CNN part: training images (digits, upsampled to 28x28)")
+    parser.add_argument("--cnn-probe", type=int, default=512, help="CNN part: probe examples (the callback's default)")
+    parser.add_argument("--cnn-steps", type=int, default=1000, help="CNN part: MCMC steps per chain (the default)")
+    parser.add_argument("--cnn-burn-in", type=int, default=100, help="CNN part: MCMC burn-in (the default)")
+    parser.add_argument("--cnn-slow-steps", type=int, default=20, help="CNN part: steps of the timed mask-at-the-layer run")
+    parser.add_argument("--cnn-repeats", type=int, default=3, help="CNN part: timed measurements (and pilots)")
     parser.add_argument("--sweep", action="store_true", help="also time exact fits of SmallCNN conv layers vs max_batch")
     parser.add_argument("--sweep-batches", type=_int_list, default=[65536, 16384, 4096, 1024], help="max_batch values of --sweep")
     parser.add_argument("--sweep-repeats", type=int, default=2, help="timed calls per --sweep configuration")
@@ -154,6 +169,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.mcmc_steps <= args.mcmc_burn_in:
         parser.error("--mcmc-steps must exceed --mcmc-burn-in")
+    if args.cnn_steps <= args.cnn_burn_in:
+        parser.error("--cnn-steps must exceed --cnn-burn-in")
     return args
 
 
@@ -412,9 +429,142 @@ def bench_mcmc(args: argparse.Namespace) -> dict[str, Any]:
         "mask_evals_per_s": {k: evals / med[k] for k in fits},
         "acceptance_rate_mean": float(result.acceptance_rate.mean()) if result.acceptance_rate is not None else None,
         "ess_min": float(result.ess.min()) if result.ess is not None else None,
+        "step": step_arithmetic(rows_fit // (args.mcmc_steps + 1), args.classes, result.seconds_per_step or math.nan),
         "loadavg_start": load_start,
         "loadavg_end": os.getloadavg(),
     }
+
+
+class DigitsCNN(nn.Module):
+    """The CNN of issue 21, written the user's way: attributes, F.relu / F.max_pool2d, ``x.mean((2, 3))``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.conv2, self.bn2 = nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.conv3, self.bn3 = nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
+        x = F.relu(self.bn3(self.conv3(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def digits(n: int, seed: int) -> tuple[Tensor, Tensor]:
+    """``n`` sklearn digits upsampled bilinearly from 8x8 to 28x28 (the 1797 images, repeated, each repeat shifted by a pixel)."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = F.interpolate(torch.tensor(data.images, dtype=torch.float32)[:, None] / 16, size=28, mode="bilinear")
+    labels = torch.tensor(data.target)
+    reps = [torch.roll(images, shifts=(r % 3 - 1, r // 3 % 3 - 1), dims=(2, 3)) for r in range(-(-n // len(images)))]
+    x, y = torch.cat(reps)[:n], labels.repeat(len(reps))[:n]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return x[order], y[order]
+
+
+def step_arithmetic(rows: int, classes: int, seconds_per_step: float) -> dict[str, float]:
+    """An affine-head MCMC step against its arithmetic: ``3 x rows x classes`` flops (per logit one multiply-add for
+    the flipped column, one comparison for the argmax), and the time of that arithmetic alone (one float64
+    ``addcmul`` and one ``argmax`` of ``[rows, classes]``, median of 20)."""
+    logits = torch.randn(rows, classes, dtype=torch.float64)
+    coef, column = torch.randn(rows, 1, dtype=torch.float64), torch.randn(rows, classes, dtype=torch.float64)
+    times = []
+    for _ in range(21):
+        start = time.perf_counter()
+        torch.addcmul(logits, coef, column).argmax(dim=-1)
+        times.append(time.perf_counter() - start)
+    floor = statistics.median(times[1:])
+    flops = 3.0 * rows * classes
+    return {
+        "rows": rows,
+        "flops": flops,
+        "seconds_per_step": seconds_per_step,
+        "achieved_flops_per_s": flops / seconds_per_step,
+        "arithmetic_s": floor,
+        "step_over_arithmetic": seconds_per_step / floor,
+    }
+
+
+def bench_cnn(args: argparse.Namespace) -> dict[str, Any]:
+    """Issue 21: a default measurement on the digits CNN's last conv against a training epoch of the same model."""
+    load_start = os.getloadavg()
+    torch.manual_seed(args.seed)
+    x, y = digits(args.cnn_train, args.seed)
+    model = DigitsCNN()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    epochs = []
+    for _ in range(2):  # the second epoch is the timed reference (the first warms up the allocator)
+        model.train()
+        start = time.perf_counter()
+        for i in range(0, len(x), 64):
+            loss = F.cross_entropy(model(x[i : i + 64]), y[i : i + 64])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        epochs.append(time.perf_counter() - start)
+    model.eval()
+    with torch.no_grad():
+        accuracy = float((model(x).argmax(1) == y).float().mean())
+    probe = (x[: args.cnn_probe], y[: args.cnn_probe])
+    measurements, pilots, readouts = [], [], []
+    cb = AblationProbeCallback(layers=["conv3"], probe_size=args.cnn_probe, num_steps=args.cnn_steps, burn_in=args.cnn_burn_in)
+    cb._probe = probe  # the probe the callback would draw from the trainer's data
+    for _ in range(args.cnn_repeats):
+        start = time.perf_counter()
+        estimate = cb.estimate_cost(model)
+        pilots.append((time.perf_counter() - start, estimate))
+        start = time.perf_counter()
+        measurement = cb.measure(model)
+        measurements.append(time.perf_counter() - start)
+        readouts.append(measurement.data["results"]["conv3"])
+    result: AblationResult = readouts[-1]
+    forward = cb._ablations["conv3"].forward
+    # the mask at the layer (no push: BN, ReLU, mean and fc run on every row of every step): the path this model
+    # took before the push past BatchNorm and x.mean((2, 3))
+    slow = BayesianAblation(model, "conv3", method="mcmc", num_chains=8, num_steps=args.cnn_slow_steps, burn_in=0)
+    slow.forward = MaskedForward(model, "conv3", push=False)
+    slow_result = slow.fit(*probe)
+    prefix = slow.forward.prefix
+    assert prefix is not None and slow.forward.suffix is not None
+    after_layer = prefix(x[:1])[0]
+    slow_flops = _forward_flops(slow.forward.suffix, after_layer) * slow_result.num_rows / (args.cnn_slow_steps + 1)
+    rows = result.num_rows // (args.cnn_steps + 1)
+    return {
+        "train_images": len(x),
+        "epoch_s": epochs[-1],
+        "epochs_s": epochs,
+        "train_accuracy": accuracy,
+        "probe": args.cnn_probe,
+        "steps": args.cnn_steps,
+        "burn_in": args.cnn_burn_in,
+        "tasks": len(result.tasks),
+        "mask_after": forward.mask_after,
+        "affine_head": forward.linear_head(forward.prepare(probe[0][:16])) is not None,
+        "measure_s": measurements,
+        "measure_median_s": _median(measurements),
+        "over_epoch": _median(measurements) / epochs[-1],
+        "pilot_s": [p[0] for p in pilots],
+        "estimate_s": [p[1] for p in pilots],
+        "estimate_over_measure": statistics.median((p[1] or math.nan) / m for p, m in zip(pilots, measurements, strict=True)),
+        "step": step_arithmetic(rows, 10, result.seconds_per_step or math.nan),
+        "slow_seconds_per_step": slow_result.seconds_per_step,
+        "slow_flops_per_step": slow_flops,
+        "slow_full_estimate_s": (slow_result.seconds_per_step or 0.0) * (args.cnn_steps + 1),
+        "loadavg_start": load_start,
+        "loadavg_end": os.getloadavg(),
+    }
+
+
+def _forward_flops(model: nn.Module, x: Tensor) -> float:
+    """Flops of ``model(x)`` as torch's FlopCounterMode counts them (convolutions and matmuls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return float(counter.get_total_flops())
 
 
 def bench_sweep(args: argparse.Namespace) -> dict[str, Any]:
@@ -523,6 +673,77 @@ def render(exact: list[dict[str, Any]], mcmc: dict[str, Any], run: harness.Run) 
     return "\n".join(lines), verdicts
 
 
+def render_cnn(c: dict[str, Any], mcmc: dict[str, Any]) -> str:
+    st = c["step"]
+    lines = [
+        "## Issue 21: default measurement on a digits CNN's last conv vs a training epoch",
+        "",
+        f"DigitsCNN (Conv-BN-ReLU-MaxPool x2, Conv(32)-BN-ReLU, x.mean((2, 3)), Linear(32, 10)); {c['train_images']} "
+        f"28x28 digits; one training epoch (batch 64, Adam, plain torch) **{c['epoch_s']:.2f} s** (train accuracy "
+        f"{c['train_accuracy']:.2f}). `AblationProbeCallback(layers=['conv3'])` at its defaults: probe {c['probe']}, "
+        f"{c['tasks']} class tasks, 8 chains x {c['steps']} steps (burn-in {c['burn_in']}); mask pushed after "
+        f"`{c['mask_after']}`, affine head: {c['affine_head']}; loadavg {harness.fmt_load(c['loadavg_start'])} -> "
+        f"{harness.fmt_load(c['loadavg_end'])}.",
+        "",
+        harness.markdown_table(
+            ["quantity", "value"],
+            [
+                ["measure() median s", f"{c['measure_median_s']:.3f} ({', '.join(f'{t:.2f}' for t in c['measure_s'])})"],
+                ["measure() / training epoch", f"{c['over_epoch']:.3f}"],
+                ["pilot (estimate_cost) s", ", ".join(f"{t:.2f}" for t in c["pilot_s"])],
+                ["pilot estimate / measure() (median)", f"{c['estimate_over_measure']:.2f}"],
+                ["mask at the layer (BN, ReLU, mean, fc per row): s per step", f"{c['slow_seconds_per_step']:.4f}"],
+                ["... extrapolated to a full run's steps, s", f"{c['slow_full_estimate_s']:.1f}"],
+            ],
+            align="lr",
+        ),
+        "",
+        f"**{'PASS' if c['over_epoch'] <= 0.1 else 'FAIL'}** default measurement <= 0.1 x a training epoch: "
+        f"{c['over_epoch']:.3f}",
+        "",
+        "## MCMC step: time vs its arithmetic",
+        "",
+        "An affine-head step updates every row's logits by one column (a multiply-add per logit) and takes the "
+        "argmax: 3 x rows x classes flops. 'arithmetic alone' is one float64 addcmul + argmax of that size.",
+        "",
+        harness.markdown_table(
+            ["step", "rows", "flops / step", "s / step", "achieved flop/s", "arithmetic alone s", "step / arithmetic"],
+            [
+                [
+                    "digits CNN conv3, affine head",
+                    st["rows"],
+                    f"{st['flops']:.3g}",
+                    f"{st['seconds_per_step']:.5f}",
+                    f"{st['achieved_flops_per_s']:.3g}",
+                    f"{st['arithmetic_s']:.5f}",
+                    f"{st['step_over_arithmetic']:.1f}",
+                ],
+                [
+                    "digits CNN conv3, mask at the layer (the fc's matmul flops only: BN, ReLU, mean uncounted)",
+                    c["step"]["rows"],
+                    f"{c['slow_flops_per_step']:.3g}",
+                    f"{c['slow_seconds_per_step']:.5f}",
+                    f"{c['slow_flops_per_step'] / c['slow_seconds_per_step']:.3g}",
+                    "",
+                    "",
+                ],
+                [
+                    f"MLP d={mcmc['units']} (MCMC part), affine head",
+                    mcmc["step"]["rows"],
+                    f"{mcmc['step']['flops']:.3g}",
+                    f"{mcmc['step']['seconds_per_step']:.5f}",
+                    f"{mcmc['step']['achieved_flops_per_s']:.3g}",
+                    f"{mcmc['step']['arithmetic_s']:.5f}",
+                    f"{mcmc['step']['step_over_arithmetic']:.1f}",
+                ],
+            ],
+            align="lrrrrrr",
+        ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def render_sweep(sweep: dict[str, Any]) -> str:
     lines = [
         "## max_batch sweep: exact fit of SmallCNN(1, 4, channels=(8, 12)) conv layers, 512 12x12 inputs",
@@ -545,9 +766,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"loadavg at start: {harness.fmt_load(run.loadavg_start)}  (torch threads: {torch.get_num_threads()})", flush=True)
     exact = [bench_exact(args, args.samples, args.loop_repeats), bench_exact(args, args.small_samples, args.repeats)]
     mcmc = bench_mcmc(args)
+    cnn = bench_cnn(args)
     sweep = bench_sweep(args) if args.sweep else None
     machine = run.stop()
     text, verdicts = render(exact, mcmc, run)
+    text += render_cnn(cnn, mcmc)
+    verdicts["default measurement <= 0.1 x a training epoch (digits CNN)"] = cnn["over_epoch"] <= 0.1
     if sweep is not None:
         text += render_sweep(sweep)
     print(text)
@@ -556,6 +780,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": machine,
         "exact": exact,
         "mcmc": mcmc,
+        "cnn": cnn,
         "sweep": sweep,
         "target": TARGET,
         "pass": verdicts,
