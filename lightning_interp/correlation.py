@@ -423,8 +423,9 @@ def gaussian_surrogates(
     classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
     if (counts < 2).any():
         raise ValueError(f"class(es) {classes[counts < 2].tolist()} have fewer than 2 examples; draw a larger probe set")
-    onehot = torch.nn.functional.one_hot(inverse, len(classes)).to(torch.float64)  # [N, K]
-    means64 = (onehot.T @ x.to(torch.float64)) / counts[:, None].to(torch.float64)  # [K, D]
+    # class sums by scatter-add, not a one-hot [K, N] x [N, D] product: O(N D) float64 work instead of O(K N D)
+    means64 = x.new_zeros(len(classes), x.shape[1], dtype=torch.float64).index_add_(0, inverse, x.to(torch.float64))
+    means64 /= counts[:, None].to(torch.float64)  # [K, D]
     centred = x - means64.to(x.dtype)[inverse]
     draws: dict[int, Tensor] = {}
     if 2 in orders:
