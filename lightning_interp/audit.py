@@ -675,6 +675,12 @@ def _clean(value: Any) -> Any:
     return value
 
 
+_HOW_TO_CHANGE = (
+    "If the model was trained on other inputs, give its preprocessing: --mean and --std (one value, or one per channel; "
+    "--mean 0 --std 1 for pixels in [0, 1]), --resize N|none, --crop N|none."
+)
+
+
 def number_warnings(preds: Tensor, labels: Tensor, top_prob: Tensor, num_classes: int, preprocessing: str) -> list[str]:
     """Warnings that the audit's numbers may mean nothing: the model did not recognise the images.
 
@@ -720,8 +726,7 @@ def number_warnings(preds: Tensor, labels: Tensor, top_prob: Tensor, num_classes
         )
     return [
         f"{reason}: the numbers in this report may describe inputs the model never saw. Preprocessing used: "
-        f"{preprocessing}. If the model was trained on other inputs, give its preprocessing: --mean and --std (one "
-        "value, or one per channel; --mean 0 --std 1 for pixels in [0, 1]), --resize N|none, --crop N|none."
+        f"{preprocessing}. {_HOW_TO_CHANGE}"
         for reason in found
     ]
 
@@ -818,9 +823,9 @@ def run_audit(
     )  # fmt: skip
     mode = _progress_mode(progress)
     description = loaded.preprocessing.description
-    if mode != "off":
-        _say(f"{loaded.source}, {loaded.num_classes} classes; preprocessing: {description}")
     with _staged(out, loaded.source) as staging:
+        if mode != "off":  # once --out is ours: a refused run prints its one error line only
+            _say(f"{loaded.source}, {loaded.num_classes} classes; preprocessing: {description}")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             dm = ImageFolderDataModule(
@@ -855,6 +860,8 @@ def run_audit(
         rows = getattr(audit, "rows", None) or audit.image_rows(None)
         labelled = [r for r in rows if r["label"]]
         found = number_warnings(audit.preds, dm.labels, audit.probs.max(1).values, loaded.num_classes, description)
+        if loaded.guessed:
+            found.insert(0, f"{loaded.guessed}. {_HOW_TO_CHANGE}")
         for w in found:
             _say(f"warning: {w}")
         meta = {

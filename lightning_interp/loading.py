@@ -214,6 +214,8 @@ class LoadedClassifier:
         preprocessing: the transform from the weights' metadata when known, else the ImageNet defaults.
         source: what was loaded, in words (``"torchvision resnet50"``, ``"timm convnext_tiny"``, a class path).
         files: the files read.
+        guessed: a sentence when a part of the preprocessing is a guess (a ``LightningModule``'s checkpoint does not
+            record its normalisation: ImageNet's mean and std are used unless ``mean`` and ``std`` are given).
     """
 
     model: nn.Module
@@ -222,6 +224,7 @@ class LoadedClassifier:
     preprocessing: Preprocessing
     source: str
     files: list[str] = field(default_factory=list)
+    guessed: str | None = None
 
 
 def imagenet_preprocessing(size: int = 224, resize: int | None = None, channels: int = 3) -> Preprocessing:
@@ -504,7 +507,11 @@ def _lightning(class_path: str, ckpt: str) -> LoadedClassifier:
     else:
         pre = imagenet_preprocessing()
     k = num_classes(model)
-    return LoadedClassifier(model, k, _imagenet_names(k), pre, class_path, [ckpt])
+    guessed = (
+        f"the normalisation is a guess: a checkpoint of {type(model).__name__} does not record how its inputs were "
+        "normalised, so ImageNet's mean and std were used"
+    )
+    return LoadedClassifier(model, k, _imagenet_names(k), pre, class_path, [ckpt], guessed)
 
 
 #: ``resize=NO_RESIZE`` / ``crop=NO_RESIZE``: the ``--resize none`` / ``--crop none`` of the command.
@@ -566,8 +573,14 @@ def load_classifier(
     if loaded.num_classes < 2:
         raise ValueError(f"{loaded.source} has no classification head (a final nn.Linear with >= 2 outputs)")
     pre = loaded.preprocessing
-    if image_size is not None or channels is not None:
-        pre = imagenet_preprocessing(image_size or pre.input_size, channels=channels or 3)
+    if image_size is not None:
+        pre = imagenet_preprocessing(image_size, channels=channels or 3)
+    elif channels is not None and channels != pre.channels:
+        pre = custom_preprocessing(
+            pre.input_size, channels, pre.resize, pre.crop, keep_size=pre.keep_size, note=f"{channels} channel(s) asked for"
+        )
+    # --grayscale for a model whose example_input_array already has one channel changes nothing: its images of the
+    # model's size stay as they are (the ImageNet-default rebuild would zoom them)
     if any(v is not None for v in (resize, crop, mean, std)):
         given = [f"--{n}" for n, v in (("resize", resize), ("crop", crop), ("mean", mean), ("std", std)) if v is not None]
         keep = pre.keep_size if resize is None and crop is None else None
@@ -579,6 +592,8 @@ def load_classifier(
             keep_size=keep, note=f"{' '.join(given)} given; the rest from {loaded.source}",
         )  # fmt: skip
     loaded.preprocessing = pre
+    if mean is not None and std is not None:
+        loaded.guessed = None
     return loaded
 
 
