@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,15 @@ def test_resize_and_crop_flags_and_the_model_input_size(user: dict[str, Any], tm
             mean=[0.1, 0.2, 0.3], progress=False,
         )  # fmt: skip
     assert zoomed < user["accuracy"]  # the zoom the issue found costs accuracy
+    with pytest.raises(SystemExit) as exc:  # argparse refuses a size that is not a number or 'none'
+        main(_audit_args(user, tmp_path / "o4", "--resize", "big"))
+    assert exc.value.code == 2
+    with pytest.raises(ValueError, match=r"--std must be > 0, got \[0.0\]"):
+        run_audit(
+            model="tests.test_audit_safety.LitDigits", ckpt=str(user["ckpt"]), images=str(big), out=str(tmp_path / "o5"),
+            std=[0.0], progress=False,
+        )  # fmt: skip
+    assert not (tmp_path / "o4").exists() and not (tmp_path / "o5").exists()
 
 
 def test_number_warnings_each_sign_and_none_on_a_good_model() -> None:
@@ -282,6 +292,37 @@ def test_out_follows_the_umask_and_a_held_lock_refuses_a_second_audit(
     os.unlink(tmp_path / ".audit.audit-lock")
     main(_audit_args(user, out, "--limit", "12"))  # free again: replaced whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["audit"]  # no lock, staging or old folder left
+
+
+def test_two_audits_into_one_out_one_wins_whole(user: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "audit"
+    common: dict[str, Any] = dict(
+        model="tests.test_audit_safety.LitDigits", ckpt=str(user["ckpt"]), out=str(out), methods=("weights",), progress=False
+    )
+    run_audit(images=str(user["imgs"]), limit=3, **common)  # an earlier report, replaced by the winner
+    inside, tried = threading.Event(), threading.Event()
+    setup = ImageFolderDataModule.setup
+
+    def slow(self: ImageFolderDataModule, stage: str | None = None) -> None:
+        setup(self, stage)
+        inside.set()  # the first audit holds --out ...
+        assert tried.wait(60)  # ... until the second has tried
+
+    monkeypatch.setattr(ImageFolderDataModule, "setup", slow)
+    results: dict[str, Any] = {}
+    first = threading.Thread(target=lambda: results.update(first=run_audit(images=str(user["imgs"]), limit=20, **common)))
+    first.start()
+    try:
+        assert inside.wait(60)
+        monkeypatch.setattr(ImageFolderDataModule, "setup", setup)
+        with pytest.raises(OutputFolderError, match="another audit is writing into it"):
+            run_audit(images=str(user["imgs"]), limit=7, **common)
+    finally:
+        tried.set()
+        first.join(120)
+    report = json.loads((out / "report.json").read_text())
+    assert report == json.loads(json.dumps(results["first"])) and report["meta"]["num_images"] == 20
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audit"]
 
 
 def test_sigterm_removes_the_staging_folder_and_the_next_run_removes_stale_ones(
