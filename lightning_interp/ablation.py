@@ -44,7 +44,7 @@ import copy
 import math
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
@@ -340,14 +340,12 @@ class MaskedForward:
             return values
         return [inputs]
 
-    @torch.no_grad()
-    def logits(self, prepared: list[Tensor], masks: Tensor) -> Tensor:
-        """Logits ``[M, N, K]`` for every mask ``[M, d]`` and probe example (of ``prepared``)."""
+    def _chunks(self, prepared: list[Tensor], masks: Tensor) -> Iterator[Tensor]:
+        """Logits ``[k, N, K]`` of consecutive chunks of ``masks`` on every probe example (of ``prepared``)."""
         n = prepared[0].shape[0]
         # rows per forward pass: at most max_batch, and at most ~4M layer-output elements (wide rows stay in cache)
         row_elems = max(1, prepared[0][0].numel())
         per = max(1, min(self.max_batch, _MAX_ELEMENTS // row_elems) // n)
-        out = []
         for start in range(0, masks.shape[0], per):
             chunk = masks[start : start + per]
             k = chunk.shape[0]
@@ -364,13 +362,17 @@ class MaskedForward:
                     lambda h, chunk=chunk, k=k: (h.reshape(k, n, *h.shape[1:]) * _mask_view(h, chunk)).reshape(h.shape),
                 ):
                     logits = self.model(big)
-            out.append(logits.reshape(k, n, -1))
-        return torch.cat(out)
+            yield logits.reshape(k, n, -1)
+
+    @torch.no_grad()
+    def logits(self, prepared: list[Tensor], masks: Tensor) -> Tensor:
+        """Logits ``[M, N, K]`` for every mask ``[M, d]`` and probe example (of ``prepared``)."""
+        return torch.cat(list(self._chunks(prepared, masks)))
 
     @torch.no_grad()
     def predictions(self, prepared: list[Tensor], masks: Tensor) -> Tensor:
         """Predicted class ``[M, N]`` for every mask ``[M, d]`` and probe example (of ``prepared``)."""
-        return _argmax(self.logits(prepared, masks))
+        return torch.cat([_argmax(logits) for logits in self._chunks(prepared, masks)])
 
     @torch.no_grad()
     def paired_predictions(self, prepared: list[Tensor], rows: Tensor, masks: Tensor) -> Tensor:
@@ -459,8 +461,9 @@ def _argmax(logits: Tensor) -> Tensor:
     outputs would look as if it answered one class. ``-1`` matches no class, and :meth:`BayesianAblation.fit`
     reads non-finite logits on the probe as no measurement at all (NaN read-outs).
     """
-    pred = logits.argmax(dim=-1)
-    finite = logits.isfinite().all(dim=-1)
+    # max() propagates a NaN, so the row maxima tell whether a row has one (or a +inf) at no extra pass
+    top, pred = logits.max(dim=-1)
+    finite = top.isfinite()
     return pred if bool(finite.all()) else torch.where(finite, pred, torch.full_like(pred, -1))
 
 
