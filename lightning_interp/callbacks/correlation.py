@@ -73,7 +73,13 @@ class CorrelationOrderCallback(InterpretabilityCallback):
     ``correlation/<L>/acc_real``, ``acc_order2``, ``acc_order1``, ``acc_order0``,
     ``higher_order_gap = acc_real - acc_order2`` (each with ``_se``: the standard error over the probe
     examples, which also carries the noise of the surrogate draw, one per example; the gap's is paired)
-    and ``non_gaussianity`` (mean absolute excess kurtosis of the units).
+    and ``non_gaussianity`` (mean absolute excess kurtosis of the units, with ``_se``: the delete-a-group
+    jackknife's over the examples, :func:`~lightning_interp.correlation.non_gaussianity`), and
+    ``correlation/probe_size``, the examples measured. When the overhead budget scales a measurement down
+    (:attr:`work` < 1) it uses a class-balanced prefix of the probe: the first ``ceil(work * n_c)`` examples
+    of every class, never fewer than ``min_per_class`` (or the class's ``n_c``), so :meth:`work_floor` is
+    ``min_per_class / n_min`` (``n_min``: the smallest class's probe examples). A non-finite logit makes that
+    example's hits NaN (so the accuracies and the gap are NaN), not a prediction of class 0.
     Figures: the accuracies per layer now, and the higher-order gap per layer
     over training (the tracking).
 
@@ -99,8 +105,8 @@ class CorrelationOrderCallback(InterpretabilityCallback):
     Raises:
         ValueError: in ``__init__``, for ``layers`` that are neither ``"auto"`` nor layer names,
             ``probe_size < 4`` or ``min_per_class < 2``; before the first training step, for unknown layer
-            names, unlabelled probe data, a model whose output is not ``[N, K >= 2]`` logits, or fewer than
-            ``min_per_class`` probe examples of a class.
+            names or layers that do not run in ``forward``, unlabelled probe data, a model whose output is
+            not ``[N, K >= 2]`` logits, or fewer than ``min_per_class`` probe examples of a class.
         TypeError: before the first training step, for a layer whose output is not a float tensor or a
             model that rejects the probe inputs.
 

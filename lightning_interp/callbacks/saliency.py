@@ -70,7 +70,15 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
       Policy-gradient maps vanish as ``q(c|x) -> 1`` (``g = W[c] - E_q W``), so on confidently
       classified probes their deletion score is weak;
     * ``saliency/target_prob``, ``saliency/disc_channels`` and ``saliency/conf_channels`` (the mean
-      size of the most discriminative / most confusing channel sets of the targets);
+      size of the most discriminative / most confusing channel sets of the targets), each with ``_se``;
+    * ``saliency/probe_size``: the probe images measured (fewer than ``probe_size`` when the overhead
+      budget scales the measurement down: the first ``ceil(work * N)`` images and deletion-curve images,
+      never fewer than :data:`MIN_IMAGES` (4) of each, so :meth:`work_floor` is ``4 / N`` for the larger
+      ratio; the cost is about proportional to the images).
+
+    An image whose logits (or maps) are non-finite makes every read-out NaN, not a number computed from
+    ``argmax`` of NaN. The deletion curves of the three maps are classified in batched passes (the intact
+    image from the maps' own pass, the fully deleted one once per image).
 
     and a figure grid with, per probe image, the image and its discriminative, confusing and
     policy-gradient maps.
@@ -103,9 +111,11 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
 
     Raises:
         ValueError: in ``__init__``, for an unknown ``target``, ``probe_size < 1``, ``min_size < 1`` or
-            ``deletion_steps < 0``; before the first training step, for unknown layer names, a model
-            without a final ``nn.Linear``, a single-logit output, no probe data, or ``target="label"``
-            without labels.
+            ``deletion_steps < 0``; before the first training step, for unknown layer names or a
+            ``feature_layer`` / ``classifier`` that does not run in ``forward``, a model without a final
+            ``nn.Linear``, a single-logit output, no probe data, ``target="label"`` without labels or with
+            labels outside ``[0, K)``, or a head that needs gradients (the autograd fallback) that do not reach
+            the feature layer (a reentrant ``torch.utils.checkpoint``: use ``use_reentrant=False``).
         TypeError: before the first training step, for probe data that is not an image batch ``[N, C, H, W]``.
 
     Example:
