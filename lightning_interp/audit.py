@@ -15,9 +15,16 @@ library's callbacks measuring once, so every number comes from the same code as 
   categorical inputs (the config names those callbacks).
 
 Without class sub-folders the images have no labels; the methods that need labels then use the model's
-predictions (the report says so). Everything is written into a staging folder next to ``OUT`` and moved into
-place at the end, so a failed run leaves no half report and an old ``report.json`` never survives next to new
-maps. ``report.json`` holds a top-level key per method; ``report.html`` the same with figures.
+predictions (the report says so). The preprocessing is the model form's own unless ``--mean``, ``--std``,
+``--resize`` or ``--crop`` say otherwise; it is printed at the start and stated at the top of the report, and
+warnings (:func:`number_warnings`) say when the accuracy or the predictions show that the model did not
+recognise its inputs.
+
+``OUT`` must be new, empty, or an earlier audit's folder (:func:`check_out`, recognised by :data:`MARKER`), and
+neither the image folder nor inside or around it. Under a lock on ``OUT`` everything is written into a staging
+folder next to it and moved into place at the end, so a failed, terminated or concurrent run leaves no half
+report and an old ``report.json`` never survives next to new maps. ``report.json`` holds a top-level key per
+method (and ``meta``, ``warnings``, ``images``, ``skipped``); ``report.html`` the same with figures.
 """
 
 from __future__ import annotations
@@ -176,9 +183,13 @@ def check_out(out: str | os.PathLike, images: str | os.PathLike | None = None) -
             else None
         )  # fmt: skip
         if relation is not None:
+            why = (
+                "the next audit would read this one's figures as images" if relation == "is inside"
+                else "the audit replaces --out as a whole and would delete the images"
+            )  # fmt: skip
             raise OutputFolderError(
-                f"--out {out} {relation} the image folder --images {os.fspath(images)}: the audit replaces --out as a "
-                "whole and would read its own figures; choose an output folder outside the images (nothing was written)"
+                f"--out {out} {relation} the image folder --images {os.fspath(images)}: {why}; choose an output folder "
+                "outside the images (nothing was written)"
             )
     if not os.path.lexists(out):
         return
@@ -383,10 +394,10 @@ class _Progress:
         if self.bar is not None and args and isinstance(args[0], Tensor) and args[0].ndim > 0:
             self.bar.update(int(args[0].shape[0]))
 
-    def start(self, name: str) -> None:
-        """``name`` begins: a new bar, or nothing until its end in a log."""
+    def start(self, name: str, counted: bool = True) -> None:
+        """``name`` begins: a new bar (when it passes images through the network), or nothing until its end in a log."""
         self.current, self.started = name, time.perf_counter()
-        if self.mode == "bar":
+        if self.mode == "bar" and counted:
             from tqdm import tqdm
 
             position = self.methods.index(name) + 1 if name in self.methods else 0
@@ -557,7 +568,7 @@ class _FolderAudit:
         sections = []
         for method in self.methods:
             if method == "weights":
-                self.options["progress"].start("weights")
+                self.options["progress"].start("weights", counted=False)  # a fit of the head: no images
                 sections.append(self.weights_section(logger))
                 self.options["progress"].end()
                 continue
