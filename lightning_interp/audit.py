@@ -192,6 +192,11 @@ def check_out(out: str | os.PathLike, images: str | os.PathLike | None = None) -
                 "outside the images (nothing was written)"
             )
     if not os.path.lexists(out):
+        ancestor = os.path.dirname(os.path.abspath(out))
+        while not os.path.lexists(ancestor):
+            ancestor = os.path.dirname(ancestor)
+        if not os.path.isdir(ancestor):
+            raise OutputFolderError(f"--out {out} lies under {ancestor}, which is a file, not a folder (nothing was written)")
         return
     if os.path.islink(out):
         raise OutputFolderError(f"--out {out} is a symbolic link: give the folder itself, or a new path (nothing was written)")
@@ -976,6 +981,8 @@ def run_config_audit(config: str, out: str = "audit_out", ckpt: str | None = Non
             args=["--config", config, f"--trainer.default_root_dir={staging}"],
             save_config_callback=None,
         )
+        data = type(cli.datamodule).__name__ if cli.datamodule is not None else None
+        _say(f"{type(cli.model).__name__}; preprocessing: the validation transforms of the config's datamodule ({data})")
         callbacks = [cb for cb in cli.trainer.callbacks if isinstance(cb, InterpretabilityCallback)]
         if not callbacks:
             raise ValueError(
@@ -995,7 +1002,6 @@ def run_config_audit(config: str, out: str = "audit_out", ckpt: str | None = Non
             key = key if key not in seen else cb.prefix.replace("/", "_")
             seen.add(key)
             sections.append(callback_section(cb, staging, key=key))
-        data = type(cli.datamodule).__name__ if cli.datamodule is not None else None
         meta = {
             "model": type(cli.model).__name__,
             "config": os.path.abspath(config),

@@ -365,6 +365,9 @@ def test_check_out_accepts_new_empty_and_audit_folders(tmp_path: Path) -> None:
     (tmp_path / "a" / MARKER).write_text(json.dumps({"entries": ["figures", "report.json"]}))
     (tmp_path / "a" / "report.json").write_text("{}")
     check_out(tmp_path / "a")
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(OutputFolderError, match="which is a file"):
+        check_out(tmp_path / "notes.txt" / "sub" / "audit")
     (tmp_path / "a" / MARKER).write_text("not json")
     with pytest.raises(OutputFolderError, match="no audit wrote"):
         check_out(tmp_path / "a")
