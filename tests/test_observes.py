@@ -66,17 +66,15 @@ def auto_budget(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _trainer(callbacks: list[Callback], max_epochs: int = 2, **kw: Any) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        **kw,
-    )
+    settings: dict[str, Any] = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+    }
+    return pl.Trainer(max_epochs=max_epochs, callbacks=callbacks, **{**settings, **kw})
 
 
 def _quick_start() -> list[Any]:

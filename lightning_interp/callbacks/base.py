@@ -63,7 +63,7 @@ from torch import Tensor, nn
 from lightning_interp.callbacks.budget import expected_training_time, plan_point
 from lightning_interp.callbacks.probe import ProbeSource, Unpack, draw_probe
 from lightning_interp.hooks import capture, uncompiled
-from lightning_interp.plotting import figure_to_png, png_to_array
+from lightning_interp.plotting import array_to_png, figure_to_array
 
 __all__ = [
     "BUDGET_ENV",
@@ -88,6 +88,8 @@ RunOn = Literal["train_epoch_end", "validation_epoch_end"]
 DEFAULT_BUDGET = 0.05
 #: The part of a callback's share its timed measurements may use (the rest covers the per-step hook calls).
 BUDGET_TIMED = 0.9
+#: Seconds of allowance left after a measurement in between that let it render figures before their cost is known.
+RENDER_PILOT = 0.25
 #: Seconds by which a measurement that must run (the final one, a monitored one) may exceed the budget unannounced.
 BUDGET_SLACK = 0.5
 #: Scalars that describe a measurement's bookkeeping rather than the model: kept finite when weights are not.
@@ -405,7 +407,9 @@ class InterpretabilityCallback(Callback, ABC):
         self._share: float | None = None
         self._clock = time.perf_counter()
         self._spent, self._cost, self._skipped = 0.0, None, 0
-        self._measured = 0
+        self._measured, self._render_cost = 0, None
+        #: Seconds the last measurement spent rendering and logging figures.
+        self.render_seconds = 0.0
         self._monitored: list[tuple[str, int]] = []  # (metric, every n epochs) read by EarlyStopping / ModelCheckpoint
         #: The fraction of a full measurement the measurement in progress does (< 1 only when the budget scaled it).
         self.work = 1.0
@@ -757,7 +761,7 @@ class InterpretabilityCallback(Callback, ABC):
         # the checks and probe draw of this fit (at on_fit_start / on_train_start) count as spent
         spent, self._prep_seconds = self.__dict__.get("_prep_seconds", 0.0), 0.0
         self._clock, self._spent, self._cost, self._skipped = time.perf_counter() - spent, spent, None, 0
-        self._measured, self._step0 = 0, trainer.global_step
+        self._measured, self._step0, self._render_cost = 0, trainer.global_step, None
         if self.budget is None:
             self._share = None
         elif self.budget == "auto":
@@ -851,16 +855,25 @@ class InterpretabilityCallback(Callback, ABC):
                 + ". To stay within it: a cheaper setting (a later layer, a smaller probe_size, fewer MCMC steps), "
                 "or a larger budget (budget=0.2, or LIGHTNING_INTERP_BUDGET for all) to say the cost is fine.",
             )
+        # figures cost a fixed time whatever the size (0.1-0.3 s each on a CPU): at the end of the fit always,
+        # in between only when what the allowance leaves after the measurement covers them
+        leftover = plan.allowance - work * (estimate or 0.0)
+        render = final or leftover >= (RENDER_PILOT if self._render_cost is None else self._render_cost)
         begin = time.perf_counter()
         self.work = work
         try:
             measurement = self.run(
-                trainer, pl_module, extra={"overhead": overhead, "skipped": float(self._skipped), "work": float(work)}
+                trainer,
+                pl_module,
+                extra={"overhead": overhead, "skipped": float(self._skipped), "work": float(work)},
+                render=render,
             )
         finally:
             self.work = 1.0
         cost = time.perf_counter() - begin
-        self._cost = cost / work  # the estimate is of a full measurement
+        if self.render_seconds:
+            self._render_cost = self.render_seconds
+        self._cost = (cost - self.render_seconds) / work  # the estimate is of a full measurement, figures apart
         self._spent += cost
         self._measured += 1
         return measurement
@@ -885,8 +898,14 @@ class InterpretabilityCallback(Callback, ABC):
         self._last_step = state_dict.get("last_step")
 
     # ------------------------------------------------------------------ running and logging
-    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, extra: dict[str, float] | None = None) -> Measurement:
-        """Measure now (isolated), record the scalars (and ``extra`` ones) in :attr:`history` and log everything."""
+    def run(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, extra: dict[str, float] | None = None, render: bool = True
+    ) -> Measurement:
+        """Measure now (isolated), record the scalars (and ``extra`` ones) in :attr:`history` and log everything.
+
+        ``render=False`` logs the scalars and tables but not the figures (the budget's choice at a point in
+        between whose allowance does not cover them).
+        """
         step = self.measurement_step(trainer)
         #: The global step of the measurement in progress (methods may seed per-step generators from it).
         self.step = step
@@ -921,12 +940,15 @@ class InterpretabilityCallback(Callback, ABC):
         else:
             self.history.append(entry)
         self._log_scalars(trainer, scalars, step)
+        self.render_seconds = 0.0
         if trainer.is_global_zero and not broken:
             # figures cost far more than most measurements: render them only when something takes them
             takes_images = self.log_images and any(_takes_images(logger) for logger in trainer.loggers)
-            if self.figure_dir or takes_images:
+            if render and (self.figure_dir or takes_images):
+                start = time.perf_counter()
                 for key, fig in self.figures(measurement).items():
                     self._log_figure(trainer, key, fig, step)
+                self.render_seconds = time.perf_counter() - start
             elif self.log_images:
                 for logger in trainer.loggers:
                     self._warn_no_images(logger)
@@ -992,20 +1014,20 @@ class InterpretabilityCallback(Callback, ABC):
     def _log_figure(self, trainer: pl.Trainer, key: str, fig: Any, step: int) -> None:
         from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
-        png = figure_to_png(fig)
+        image = figure_to_array(fig)
         full = self._key(key)
         if self.figure_dir:
             os.makedirs(self.figure_dir, exist_ok=True)
             name = re.sub(r"[^A-Za-z0-9_.-]+", "_", full)
             with open(os.path.join(self.figure_dir, f"{name}_step{step:06d}.png"), "wb") as f:
-                f.write(png)
+                f.write(array_to_png(image))
         if not self.log_images:
             return
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image(key=full, images=[png_to_array(png)], step=step)
+                logger.log_image(key=full, images=[image], step=step)
             elif isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image(full, png_to_array(png), global_step=step, dataformats="HWC")
+                logger.experiment.add_image(full, image, global_step=step, dataformats="HWC")
             else:
                 self._warn_no_images(logger)
 
