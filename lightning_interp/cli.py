@@ -6,8 +6,10 @@ Subcommands:
   main job (:mod:`lightning_interp.demo`): every callback on the task it suits, logged into one offline
   wandb run (no account needed); writes ``DIR/summary.json``, ``DIR/report.html`` and PNG figures.
 * ``lightning-interp audit --arch resnet50 --weights FILE --images DIR --out OUT [--limit N] [--wandb]``
-  (or ``--arch timm:NAME``, ``--model pkg.Class --ckpt FILE``, ``--config audit.yaml``): every method that
-  applies to a trained classifier, one report (:mod:`lightning_interp.audit`).
+  (or ``--arch timm:NAME``, ``--model pkg.Class --ckpt FILE``, ``--config audit.yaml``;
+  ``--mean/--std/--resize/--crop`` for the model's own preprocessing): every method that applies to a trained
+  classifier, one report (:mod:`lightning_interp.audit`). ``--out`` must be new, empty or an earlier audit's;
+  a refused ``--out``, weights of another architecture or a bad argument exit with status 2 and one line.
 * ``lightning-interp fit|validate|test|predict --config configs/....yaml``: Lightning's
   ``LightningCLI`` with any ``LightningModule`` / ``LightningDataModule`` (``class_path`` in YAML), so
   callbacks and datamodules are named in the config.
@@ -27,7 +29,8 @@ _USAGE = """usage: lightning-interp {demo,audit,fit,validate,test,predict} ...
   demo        every callback on the task it suits, one offline wandb run, summary.json and report.html
   audit       every method on a trained classifier and a folder of images, one report:
               lightning-interp audit --arch resnet50 --weights FILE --images DIR --out OUT [--limit N]
-              (--arch timm:NAME, --model pkg.Class --ckpt FILE, or --config audit.yaml)
+              (--arch timm:NAME, --model pkg.Class --ckpt FILE, or --config audit.yaml;
+              --mean M --std S --resize N|none --crop N|none: the model's own preprocessing)
   fit         LightningCLI: lightning-interp fit --config configs/posterior_gap_preset1.yaml
   validate, test, predict
               LightningCLI subcommands
@@ -111,12 +114,18 @@ def _audit(argv: Sequence[str]) -> None:
     parser.add_argument("--image-size", type=int, default=None, help="input size, when the weights do not say")
     parser.add_argument("--grayscale", action="store_true", help="one input channel (with --image-size)")
     pre = parser.add_argument_group(
-        "preprocessing (default: the weights' own; --model: as trained when the images are at its input size)"
+        "preprocessing",
+        "Default: the weights' own (torchvision, timm); --model: images at its example_input_array size as they are, "
+        "others resized and centre-cropped, ImageNet mean and std (a guess: give yours, e.g. --mean 0 --std 1).",
     )
-    pre.add_argument("--mean", type=_floats, default=None, help="mean to subtract: one value or one per channel (0,0.1,0.2)")
-    pre.add_argument("--std", type=_floats, default=None, help="standard deviation to divide by: one value or one per channel")
-    pre.add_argument("--resize", type=_size, default=None, help="resize the short side to N pixels, or 'none'")
-    pre.add_argument("--crop", type=_size, default=None, help="centre-crop N x N pixels, or 'none'")
+    pre.add_argument(
+        "--mean", type=_floats, metavar="M[,M,M]", help="mean to subtract from pixels in [0, 1]: one value or one per channel"
+    )
+    pre.add_argument(
+        "--std", type=_floats, metavar="S[,S,S]", help="standard deviation to divide by: one value or one per channel"
+    )
+    pre.add_argument("--resize", type=_size, metavar="N|none", help="resize the short side to N pixels, or not at all")
+    pre.add_argument("--crop", type=_size, metavar="N|none", help="centre-crop N x N pixels, or not at all")
     parser.add_argument("--min-size", type=int, default=20, help="min_size of the saliency channel split")
     parser.add_argument("--max-tasks", type=int, default=20, help="most ablation class tasks")
     parser.add_argument("--ablation-steps", type=int, default=1000, help="MCMC steps per chain of the ablation")
