@@ -234,9 +234,19 @@ def check_layers_run(model: nn.Module, layers: Sequence[str], inputs: Tensor, wh
     A module that exists but is never called in ``forward`` (an unused head, a layer only used in
     ``training_step``) has no output to measure: catch it before the first training step rather than
     with a ``KeyError`` at the first measurement.
+
+    Raises:
+        ValueError: a layer does not run.
+        TypeError: the model fails on ``inputs`` (the message gives their shape).
     """
     with capture(model, list(layers)) as seen:
-        model(inputs)
+        try:
+            model(inputs)
+        except Exception as err:
+            raise TypeError(
+                f"{type(model).__name__} failed on the probe inputs of shape {list(inputs.shape[1:])}: "
+                f"{type(err).__name__}: {err}"
+            ) from err
     missing = [name for name in layers if name not in seen]
     if missing:
         raise ValueError(
