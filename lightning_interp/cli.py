@@ -25,6 +25,7 @@ import argparse
 import difflib
 import os
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -344,6 +345,8 @@ def _lightning_cli(args: list[str]) -> None:
 
     for name in dms.__all__:  # the lazy package: import every datamodule class
         getattr(dms, name)
+    # Lightning 2.6's own pytree code warns on torch >= 2.10 on every fit; nothing a user of the command can act on.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
     with _argv(_resolve_configs(args)):
         cli = LightningCLI(
             pl.LightningModule,
