@@ -1,9 +1,50 @@
-"""lightning-interp: interpretability callbacks and tools for PyTorch Lightning classifiers."""
+"""lightning-interp: interpretability callbacks and tools for PyTorch Lightning classifiers.
 
-from lightning_interp.posterior import PosteriorGap, posterior_gap
-from lightning_interp.tasks import GaussianMixtureTask, GaussianTask, GenerativeTask, XieTask, xie_task
+Everything here is imported on first use (PEP 562 module ``__getattr__``): ``import lightning_interp``
+loads no torch, torchmetrics, torchvision, scipy or matplotlib, so ``lightning-interp --help`` and scripts
+that need one method stay fast. The subpackages (``lightning_interp.callbacks``, ``.datamodules``,
+``.tasks``, ...) are attributes as well, without a separate import.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+#: Public names of the package and the module that defines each.
+_NAMES: dict[str, str] = {
+    "PosteriorGap": "lightning_interp.posterior",
+    "posterior_gap": "lightning_interp.posterior",
+    "GaussianMixtureTask": "lightning_interp.tasks",
+    "GaussianTask": "lightning_interp.tasks",
+    "GenerativeTask": "lightning_interp.tasks",
+    "XieTask": "lightning_interp.tasks",
+    "xie_task": "lightning_interp.tasks",
+}
+
+#: Submodules reachable as attributes (``lightning_interp.callbacks``) before anyone imports them.
+_SUBMODULES: tuple[str, ...] = (
+    "ablation",
+    "audit",
+    "callbacks",
+    "cli",
+    "correlation",
+    "datamodules",
+    "demo",
+    "entry_points",
+    "expansion",
+    "hooks",
+    "loading",
+    "models",
+    "plotting",
+    "posterior",
+    "report",
+    "saliency",
+    "stats",
+    "tasks",
+)
 
 __all__ = [
     "GaussianMixtureTask",
@@ -15,3 +56,24 @@ __all__ = [
     "posterior_gap",
     "xie_task",
 ]
+
+if TYPE_CHECKING:  # type checkers and IDEs see the eager imports
+    from lightning_interp.posterior import PosteriorGap, posterior_gap
+    from lightning_interp.tasks import GaussianMixtureTask, GaussianTask, GenerativeTask, XieTask, xie_task
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name or a submodule on first access (PEP 562) and cache it in the module."""
+    if name in _NAMES:
+        value = getattr(importlib.import_module(_NAMES[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    """The public names and the submodules, so ``dir()`` and tab completion show the whole package."""
+    return sorted({*__all__, *_SUBMODULES})

@@ -8,6 +8,10 @@
 
 All parts log into one logger (one offline wandb run by default), write their figures under
 ``OUT/figures/<part>/``, and the demo writes ``OUT/summary.json`` and ``OUT/report.html``.
+
+Every model, datamodule and probe is built after seeding with ``seed``, so one seed gives one
+``summary.json`` (its ``wall_time_s`` fields aside). When stderr is not a terminal (a log file, CI), the
+progress bar is off and the demo prints one line per part and per measurement, with the time, instead.
 """
 
 from __future__ import annotations
@@ -78,20 +82,85 @@ def _trainer(logger: Any, out: str, callbacks: list, **kw: Any) -> Any:
     )
 
 
+class _Progress:
+    """Prints a line to stderr per part and per measurement, for logs where no progress bar shows.
+
+    A Lightning callback placed after the interpretability callbacks: after every training batch and epoch it
+    looks whether their ``history`` grew and prints the new measurement with the times since the demo's start
+    and since the previous line (the measurement's own cost is in between).
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.start = self.last = time.perf_counter()
+
+    def line(self, text: str) -> None:
+        """Print ``[demo  12.3 s] text (+1.2 s)`` when enabled."""
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        print(f"[demo {now - self.start:7.1f} s] {text} (+{now - self.last:.1f} s)", file=sys.stderr, flush=True)
+        self.last = now
+
+    def callback(self, watched: list) -> Any:
+        """A Lightning callback reporting the new ``history`` entries of the callbacks in ``watched``."""
+        import lightning.pytorch as pl
+
+        progress = self
+        seen = {id(cb): len(cb.history) for cb in watched}
+
+        class _Report(pl.Callback):
+            def _check(self) -> None:
+                for cb in watched:
+                    for entry in cb.history[seen[id(cb)] :]:
+                        shown = ", ".join(
+                            f"{k}={v:.4g}"
+                            for k, v in list(entry.items())[:8]
+                            if k not in ("step", "epoch") and isinstance(v, float) and not k.endswith("_se")
+                        )
+                        where = f"step {int(entry.get('step', 0))}, epoch {int(entry.get('epoch', 0))}"
+                        progress.line(f"  {cb.prefix}: measured at {where}: {shown[:160]}")
+                    seen[id(cb)] = len(cb.history)
+
+            def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+                self._check()
+
+            def on_validation_end(self, *args: Any, **kwargs: Any) -> None:
+                self._check()
+
+            def on_train_epoch_end(self, *args: Any, **kwargs: Any) -> None:
+                self._check()
+
+            def on_fit_end(self, *args: Any, **kwargs: Any) -> None:
+                self._check()
+
+        return _Report()
+
+
 class _Demo:
     """The state the demo's parts share: output folder, logger, seed and the summary they fill in."""
 
-    def __init__(self, out: str, logger: Any, seed: int, epochs: int, summary: dict[str, Any]) -> None:
+    def __init__(
+        self, out: str, logger: Any, seed: int, epochs: int, summary: dict[str, Any], progress: _Progress | None = None
+    ) -> None:
         self.out, self.logger, self.seed, self.epochs, self.summary = out, logger, seed, epochs, summary
+        self.progress = progress or _Progress(False)
 
     def figures(self, part: str) -> str:
         return os.path.join(self.out, "figures", part)
 
-    def fit(self, callbacks: list, model: Any, dm: Any, **trainer_kw: Any) -> None:
+    def seed_everything(self) -> None:
+        """Seed before a part builds its model, data and callbacks: their initial state is then the seed's."""
         import lightning.pytorch as pl
 
         pl.seed_everything(self.seed, verbose=False)
-        _trainer(self.logger, self.out, callbacks, **trainer_kw).fit(model, dm)
+
+    def fit(self, callbacks: list, model: Any, dm: Any, **trainer_kw: Any) -> None:
+        # Seeded again here so that the training's shuffling and dropout do not depend on how much
+        # randomness the construction above used.
+        self.seed_everything()
+        watched = list(callbacks)
+        _trainer(self.logger, self.out, [*watched, self.progress.callback(watched)], **trainer_kw).fit(model, dm)
 
     def record(self, part: str, callback: Any, t0: float, **extra: Any) -> None:
         self.summary["parts"][part] = {
@@ -113,7 +182,9 @@ class _Demo:
 
         fig, ax = subplots(figsize=(6, 4))
         for preset in presets:
+            self.progress.line(f"part posterior_preset{preset}: {max_steps} steps")
             t0 = time.perf_counter()
+            self.seed_everything()  # before the model: its initial weights come from the seed
             cb = cbs.PosteriorGapCallback(
                 probe_size=probe_size,
                 every_n_epochs=None,
@@ -127,6 +198,7 @@ class _Demo:
             dm = SyntheticDataModule(xie_task(preset), n_train, 0, 0, batch_size=64, seed=self.seed)
             self.fit([cb], MLPClassifier(1, 2, hidden=(64, 64)), dm, max_steps=max_steps, limit_val_batches=0)
             self.record(f"posterior_preset{preset}", cb, t0, preset=preset)
+            self.progress.line(f"part posterior_preset{preset} done")
             ax.plot([max(h["step"], 1) for h in cb.history], [h["kl"] for h in cb.history], marker="o", label=f"preset {preset}")
         ax.set(xscale="log", yscale="log", xlabel="training step", ylabel="mean KL(p || q) on the probe set")
         ax.set_title("Posterior gap during training")
@@ -140,13 +212,16 @@ class _Demo:
         from lightning_interp.datamodules import PatchImageDataModule
         from lightning_interp.models import SmallCNN
 
+        self.progress.line(f"part saliency: {self.epochs} epochs")
         t0 = time.perf_counter()
+        self.seed_everything()
         cb = cbs.FinalLayerSaliencyCallback(
             probe_size=8, min_size=4, every_n_epochs=1, seed=self.seed, figure_dir=self.figures("saliency"), budget=None
         )
         dm = PatchImageDataModule(n_train=2048, n_val=256, seed=self.seed, evidence="content")
         self.fit([cb], SmallCNN(in_channels=1, num_classes=4, channels=(8, 16), lr=1e-2), dm, max_epochs=self.epochs)
         self.record("saliency", cb, t0)
+        self.progress.line("part saliency done")
 
     def xor(self, parts: Sequence[str]) -> None:
         """Ablation and correlation orders of an MLP on XOR, in one fit."""
@@ -154,7 +229,9 @@ class _Demo:
         from lightning_interp.datamodules import XORDataModule
         from lightning_interp.models import MLPClassifier
 
+        self.progress.line(f"part {' and '.join(p for p in ('ablation', 'correlation') if p in parts)}: {self.epochs} epochs")
         t0 = time.perf_counter()
+        self.seed_everything()
         found: list[tuple[str, Any]] = []
         if "ablation" in parts:
             found.append(
@@ -183,6 +260,7 @@ class _Demo:
         self.fit([cb for _, cb in found], MLPClassifier(2, 2, hidden=(12, 12), lr=1e-2), dm, max_epochs=self.epochs)
         for part, cb in found:
             self.record(part, cb, t0, task="xor")
+            self.progress.line(f"part {part} done")
 
     def expansion(self) -> None:
         """An MLP on sequences of two planted Potts models; the sampled expansion of its logit."""
@@ -190,7 +268,9 @@ class _Demo:
         from lightning_interp.datamodules import PottsDataModule
         from lightning_interp.models import MLPClassifier
 
+        self.progress.line(f"part expansion: {self.epochs} epochs")
         t0 = time.perf_counter()
+        self.seed_everything()
         cb = cbs.LogitExpansionCallback(
             8,
             4,
@@ -204,6 +284,7 @@ class _Demo:
         dm = PottsDataModule(seq_len=8, num_states=4, n_train=20000, seed=self.seed)
         self.fit([cb], MLPClassifier(32, 2, hidden=(64,), lr=3e-3), dm, max_epochs=self.epochs)
         self.record("expansion", cb, t0)
+        self.progress.line("part expansion done")
 
 
 def run_demo(
@@ -216,6 +297,7 @@ def run_demo(
     epochs: int = 4,
     n_train: int = 100_000,
     probe_size: int = 4096,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
     """Run the demo; returns the summary also written to ``out/summary.json``.
 
@@ -229,6 +311,8 @@ def run_demo(
         epochs: epochs of the saliency, ablation / correlation and expansion parts.
         n_train: training-set size of the posterior presets.
         probe_size: posterior-gap probe size.
+        progress: print a line per part and per measurement to stderr; default: when stderr is not a
+            terminal (where the progress bar is off).
     """
     unknown = set(parts) - set(PARTS)
     if unknown:
@@ -237,7 +321,8 @@ def run_demo(
     start = time.perf_counter()
     run_logger = make_logger(logger, out, "demo")
     summary: dict[str, Any] = {"max_steps": max_steps, "epochs": epochs, "logger": logger, "seed": seed, "parts": {}}
-    demo = _Demo(out, run_logger, seed, epochs, summary)
+    show = not sys.stderr.isatty() if progress is None else progress
+    demo = _Demo(out, run_logger, seed, epochs, summary, _Progress(show))
     if "posterior" in parts:
         demo.posterior(presets, max_steps, n_train, probe_size)
     if "saliency" in parts:

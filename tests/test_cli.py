@@ -15,7 +15,7 @@ from lightning_interp.cli import main
 from tests.wandb_reader import read_history
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+CONFIGS = sorted((ROOT / "lightning_interp" / "configs").glob("*.yaml"))  # installed with the package
 MEASURES = ("kl", "reverse_kl", "js", "tv", "l2", "max_abs", "excess_ce", "accuracy", "accuracy_gap", "kl_low_density")
 
 
