@@ -75,8 +75,6 @@ METHODS: tuple[str, ...] = ("policy_gradient", "cam", "discriminative", "confusi
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-
 def full_tensor(weight: Tensor) -> Tensor:
     """The whole of a weight that may be a sharded ``DTensor`` (FSDP2, tensor parallelism); others as they are.
 
@@ -85,6 +83,8 @@ def full_tensor(weight: Tensor) -> Tensor:
     full = getattr(weight, "full_tensor", None)
     return full() if callable(full) else weight
 
+
+@dataclass
 class ALDSide:
     """Log-rank fits of one side of the weights. Every field has the same shape (``[K]`` or ``[]``).
 

@@ -11,23 +11,24 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ["LIGHTNING_INTERP_BUDGET"] = "off"
 
-import lightning.pytorch as pl  # noqa: E402
-import torch  # noqa: E402
-from lightning.pytorch.callbacks import Callback  # noqa: E402
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy  # noqa: E402
-from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset  # noqa: E402
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
 
-from lightning_interp.callbacks import (  # noqa: E402
+from lightning_interp.callbacks import (
     AblationProbeCallback,
     CorrelationOrderCallback,
     FinalLayerSaliencyCallback,
 )
-from lightning_interp.models import SmallCNN  # noqa: E402
+from lightning_interp.models import SmallCNN
 
 #: The validation split of the ddp_split case: positions in the one dataset that holds train and validation items.
 VAL_SPLIT = list(range(48, 64))
@@ -104,7 +105,7 @@ def main(case: str, out: str) -> None:
         limit_val_batches=0,
         use_distributed_sampler=False,  # every rank reads all data: the averaged gradient is one process's
     )
-    if case == "single":
+    if case.startswith("single"):
         kw["devices"] = 1
     elif case == "fsdp2":
         kw.update(devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
@@ -128,6 +129,7 @@ def main(case: str, out: str) -> None:
         trainer.fit(model, train, val)
     except Exception as err:  # the refusal under test: recorded, not raised
         error = f"{type(err).__name__}: {err}"
+        traceback.print_exc()
     rank = trainer.global_rank
     record = {
         "error": error,

@@ -6,7 +6,8 @@ strategy's own engine for the full parameters:
 
 * FSDP (``strategy="fsdp"``, torch's ``FullyShardedDataParallel``):
   ``FullyShardedDataParallel.summon_full_params`` on the strategy's root wrapper (``trainer.strategy.model``),
-  so inner units are never set up as roots by a forward pass of their own;
+  so inner units are never set up as roots by a forward pass of their own; inside it the units' wrapped
+  modules run directly on the summoned parameters;
 * FSDP2 (``fully_shard`` in ``configure_model``, e.g. under ``ModelParallelStrategy``): ``unshard()`` on every
   ``FSDPModule``, with resharding after forward held off for the measurement, then ``reshard()``: every
   layer (also one that a ``torch.fx`` split calls directly, past its module's hooks) sees full weights,
@@ -103,6 +104,28 @@ def _fsdp2_unsharded(roots: list[nn.Module]) -> Iterator[None]:
 
 
 @contextmanager
+def _fsdp1_units_direct(module: nn.Module) -> Iterator[None]:
+    """Inside ``summon_full_params``, every FSDP unit's forward runs its wrapped module directly.
+
+    FSDP's own forward ends by switching a unit back to its sharded flat parameter (also inside
+    ``summon_full_params``), so a weight read after a forward pass (the saliency's classifier weight) would
+    see this rank's shard. The summoned full parameters are what the wrapped modules hold, so calling them
+    directly computes the same outputs, with no collective and no change to FSDP's state.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    units = [m for m in module.modules() if isinstance(m, FullyShardedDataParallel)]
+    try:
+        for unit in units:
+            # an instance attribute shadows the class's forward for this block only; hooks on the unit still fire
+            unit.__dict__["forward"] = unit.module.__call__
+        yield
+    finally:
+        for unit in units:
+            unit.__dict__.pop("forward", None)
+
+
+@contextmanager
 def gathered(trainer: pl.Trainer | None, module: nn.Module) -> Iterator[None]:
     """Full parameters of ``module`` on every rank for the block, through the strategy's own engine.
 
@@ -124,6 +147,7 @@ def gathered(trainer: pl.Trainer | None, module: nn.Module) -> Iterator[None]:
             # on the root wrapper, not the inner module: a forward pass on an inner unit first would set it
             # up as a root and break the next training step; no writeback, the measurement changes nothing
             stack.enter_context(FullyShardedDataParallel.summon_full_params(root, writeback=False))  # type: ignore[arg-type]
+            stack.enter_context(_fsdp1_units_direct(module))
         elif kind == "deepspeed":
             try:
                 import deepspeed
