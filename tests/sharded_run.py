@@ -37,8 +37,8 @@ VAL_SPLIT = list(range(48, 64))
 class ShardedCNN(SmallCNN):
     """The contract suite's small CNN, sharded in ``configure_model`` as the case asks."""
 
-    def __init__(self, case: str) -> None:
-        super().__init__(in_channels=1, num_classes=4, channels=(8, 16), lr=1e-2)
+    def __init__(self, case: str, lr: float = 1e-2) -> None:
+        super().__init__(in_channels=1, num_classes=4, channels=(8, 16), lr=lr)
         self.case = case
 
     def configure_model(self) -> None:
@@ -91,7 +91,10 @@ def callbacks(case: str) -> list[Any]:
 def main(case: str, out: str) -> None:
     torch.set_num_threads(1)
     pl.seed_everything(3, verbose=False)
-    model = ShardedCNN(case)
+    split = case.endswith("_split")
+    # the split cases test the probe data, not training (Lightning's distributed sampler shuffles the training data
+    # of each rank): a learning rate of 0 keeps the weights equal to the single process's
+    model = ShardedCNN(case, lr=0.0 if split else 1e-2)
     cbs = callbacks(case)
     steps = Steps()
     kw: dict[str, Any] = dict(
@@ -107,6 +110,8 @@ def main(case: str, out: str) -> None:
     )
     if case.startswith("single"):
         kw["devices"] = 1
+        if split:
+            kw["limit_val_batches"] = None
     elif case == "fsdp2":
         kw.update(devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
     elif case == "tp":
@@ -117,7 +122,8 @@ def main(case: str, out: str) -> None:
     elif case.startswith("ddp_split"):
         kw.update(devices=2, strategy="ddp", use_distributed_sampler=True, limit_val_batches=None)
     trainer = pl.Trainer(callbacks=[*cbs, steps], **kw)
-    train = DataLoader(data(), batch_size=16, shuffle=False)
+    # one process's batch of 32 is two ranks' 16 each: the same steps per epoch
+    train = DataLoader(data(), batch_size=32 if case == "single_split" else 16, shuffle=False)
     if case.startswith("ddp_split") or case == "single_split":
         # the validation split of the same dataset, differing by rank (each rank reads its own copy)
         shift = int(os.environ.get("LOCAL_RANK", "0")) if case.startswith("ddp_split") else 0
