@@ -59,6 +59,7 @@ __all__ = [
     "deletion_curves",
     "deletion_rows",
     "fit_ald",
+    "full_tensor",
     "negative_share",
     "split_chain",
     "target_probability",
@@ -72,6 +73,15 @@ METHODS: tuple[str, ...] = ("policy_gradient", "cam", "discriminative", "confusi
 # ---------------------------------------------------------------------------------------------
 # (a) weight-distribution audit
 # ---------------------------------------------------------------------------------------------
+
+
+def full_tensor(weight: Tensor) -> Tensor:
+    """The whole of a weight that may be a sharded ``DTensor`` (FSDP2, tensor parallelism); others as they are.
+
+    A collective for a sharded ``DTensor``: every rank must read the weight together.
+    """
+    full = getattr(weight, "full_tensor", None)
+    return full() if callable(full) else weight
 
 
 @dataclass
@@ -423,6 +433,7 @@ class FinalLayerSaliency(Attribution):
         # per side: the last chain subset of each class row [K, D], and which rows are filled
         self._chains: dict[str, tuple[Tensor, set[int]]] = {}
         self._chain_version: tuple[int, int] | None = None
+        self._chain_weight: Tensor | None = None
 
     # ------------------------------------------------------------------ layer resolution
     def _check_inputs(self, inputs: Tensor) -> None:
@@ -577,14 +588,19 @@ class FinalLayerSaliency(Attribution):
             >>> s.class_chain_mask(torch.tensor([0, 2]), "+", model.fc.weight).shape
             torch.Size([2, 32])
         """
-        table = self._chain_table(classes, side, weight)
+        table = self._chain_table(classes, side, full_tensor(weight))
         return table[classes.to(table.device)]
 
     def _chain_table(self, classes: Tensor, side: str, weight: Tensor) -> Tensor:
         """The cached ``[K, D]`` chain masks of ``side``, with the rows of ``classes`` filled."""
         version = (weight.data_ptr(), weight._version)  # the cache follows in-place weight updates
-        if self._chain_version != version:
+        # a sharded model's gathered weight is refilled in the same storage without a version bump (FSDP's
+        # unshard after a training step): the cache also compares the values
+        kept = self._chain_weight
+        same = kept is not None and kept.shape == weight.shape and torch.equal(kept, weight.detach())
+        if self._chain_version != version or not same:
             self._chains, self._chain_version = {}, version
+            self._chain_weight = weight.detach().clone()
         table, done = self._chains.get(side, (None, set()))
         if table is None:
             table = torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
@@ -691,7 +707,7 @@ class FinalLayerSaliency(Attribution):
         expected weights ``q W``, which is the same for every class: it is returned as the offset ``q W``.
         """
         feats, logits = self._forward_features(inputs)
-        param = get_module(self.model, self.classifier).weight  # type: ignore[arg-type]
+        param = full_tensor(get_module(self.model, self.classifier).weight)  # type: ignore[arg-type]
         weight = param.detach().to(feats.dtype)
         tgt = self._targets(target, logits)
         tables = {m: self._chain_table(tgt, _SIDES[m], param) for m in methods if m in _SIDES}

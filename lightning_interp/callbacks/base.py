@@ -62,6 +62,7 @@ from torch import Tensor, nn
 
 from lightning_interp.callbacks.budget import expected_training_time, plan_point
 from lightning_interp.callbacks.probe import ProbeSource, Unpack, draw_probe
+from lightning_interp.callbacks.sharding import check_not_tensor_parallel, gathered, user_sampler
 from lightning_interp.hooks import capture, uncompiled
 from lightning_interp.plotting import array_to_png, figure_to_array
 
@@ -77,6 +78,7 @@ __all__ = [
     "check_logits",
     "check_number",
     "default_budget",
+    "figure_filesystem",
     "isolate",
     "model_device_dtype",
     "nonfinite_parameters",
@@ -263,6 +265,24 @@ def nonfinite_parameters(module: nn.Module) -> list[str]:
     # one reduction per tensor, one device-to-host copy in all: cheap next to any measurement
     finite = torch.stack([torch.isfinite(t.detach()).all() for _, t in named]).cpu().tolist()
     return [name for (name, _), ok in zip(named, finite, strict=True) if not ok]
+
+
+def figure_filesystem(figure_dir: str, who: str = "figure_dir") -> tuple[Any, str]:
+    """The fsspec filesystem and path of ``figure_dir`` (a local path, or a URL such as ``s3://bucket/run``).
+
+    Raises:
+        ValueError: a URL whose protocol fsspec does not know or whose package is not installed (``s3://``
+            needs ``s3fs``, ``gs://`` needs ``gcsfs``); the message names it.
+    """
+    import fsspec.core
+
+    try:
+        return fsspec.core.url_to_fs(figure_dir)
+    except (ImportError, ValueError) as err:
+        raise ValueError(
+            f"{who}: cannot write figures to figure_dir={figure_dir!r}: {err}. Install the filesystem's package "
+            "(s3fs for s3://, gcsfs for gs://, adlfs for az://) or give a local folder."
+        ) from err
 
 
 def _to_float(value: Tensor | float) -> float:
@@ -571,7 +591,7 @@ class InterpretabilityCallback(Callback, ABC):
             )
         source, where = found
         try:
-            probe = draw_probe(source, size, self.generator, self.unpack)
+            probe = draw_probe(source, size, self.generator, self.unpack, sampler=user_sampler(source))
         except (TypeError, RuntimeError) as err:  # unreadable batches, items that do not stack
             raise TypeError(
                 f"{name} could not read probe data from {where}: {type(err).__name__}: {err}. Probe data is a tensor of "
@@ -584,9 +604,12 @@ class InterpretabilityCallback(Callback, ABC):
                 f"{name}: the probe is the first {len(probe.inputs)} items of {where}, an iterable: the same items at "
                 "every run only if its order is fixed (pass probe=... for a fixed set)."
             )
-        if not probe.deterministic and trainer.world_size > 1:
-            # an iterable may yield other items on every rank: all ranks measure rank 0's probe
-            probe.inputs, probe.labels = trainer.strategy.broadcast((probe.inputs, probe.labels), src=0)
+        if trainer.world_size > 1:
+            # an iterable, or data that differs by rank (a datamodule reading a rank's own shard), may give other
+            # items on every rank: all ranks measure rank 0's probe, so their numbers and monitors agree
+            probe.inputs, probe.labels, probe.indices = trainer.strategy.broadcast(
+                (probe.inputs, probe.labels, probe.indices), src=0
+            )
         if len(probe.inputs) < size:
             self._warn_once(
                 "probe-size",
@@ -652,6 +675,8 @@ class InterpretabilityCallback(Callback, ABC):
         self._prepared_for = None
         self._restored_step = None
         self._prep_seconds = 0.0
+        if self.figure_dir and self._active:
+            figure_filesystem(str(self.figure_dir), type(self).__name__)  # a URL nothing can write to fails here
         if stage == "fit":
             # a callback reused for another fit starts a new history (a resumed fit restores its own after this)
             self.history, self.last, self._last_step = [], None, None
@@ -692,7 +717,9 @@ class InterpretabilityCallback(Callback, ABC):
             return
         start = time.perf_counter()
         try:
-            with isolate(pl_module):
+            with gathered(trainer, pl_module), isolate(pl_module):
+                # a tensor-parallel layer stays sharded when gathered: refuse before any forward pass reads it
+                check_not_tensor_parallel(trainer, pl_module, type(self).__name__)
                 self.validate(trainer, pl_module)
         finally:
             self.__dict__.pop("_found", None)
@@ -829,7 +856,7 @@ class InterpretabilityCallback(Callback, ABC):
         if estimate is None:
             started = time.perf_counter()
             self.prepare(trainer, pl_module)
-            with isolate(pl_module):
+            with gathered(trainer, pl_module), isolate(pl_module):
                 estimate = self.estimate_cost(pl_module)
             self._cost = estimate  # one pilot per fit: a skipped point keeps its estimate
             self._spent += time.perf_counter() - started  # the pilot is part of the overhead
@@ -920,15 +947,20 @@ class InterpretabilityCallback(Callback, ABC):
         #: The global step of the measurement in progress (methods may seed per-step generators from it).
         self.step = step
         self.prepare(trainer, pl_module)
-        broken = nonfinite_parameters(pl_module)
-        try:
-            with isolate(pl_module):
-                measurement = self.measure(pl_module)
-        except Exception:
-            if not broken:
-                raise
-            # the method could not run on non-finite weights: its read-outs are NaN, not missing
-            measurement = Measurement(scalars=dict.fromkeys(self._read_out_names(), math.nan))
+        # every measurement, and the weight check, sees full weights whatever the strategy shards
+        with gathered(trainer, pl_module):
+            broken = nonfinite_parameters(pl_module)
+            try:
+                with isolate(pl_module):
+                    measurement = self.measure(pl_module)
+            except Exception:
+                if not broken:
+                    raise
+                # the method could not run on non-finite weights: its read-outs are NaN, not missing
+                measurement = Measurement(scalars=dict.fromkeys(self._read_out_names(), math.nan))
+            if any(not math.isfinite(_to_float(v)) for v in measurement.scalars.values()) and not broken:
+                # the cause is looked up with a forward pass: inside the gather, and on every rank alike
+                self._nonfinite_cause = self._nonfinite_logits(pl_module)
         self.last = measurement
         self._last_step = step
         scalars = {k: _to_float(v) for k, v in measurement.scalars.items()}
@@ -976,21 +1008,28 @@ class InterpretabilityCallback(Callback, ABC):
     def _warn_nonfinite(self, pl_module: nn.Module, scalars: dict[str, float], step: int) -> None:
         """One warning naming why read-outs are non-finite: the logits on the probe, else the read-out itself."""
         names = [k for k, v in scalars.items() if k not in SIZE_KEYS and not math.isfinite(v)]
-        cause = "the read-out itself (e.g. a class with no variance, or too few examples for an error bar)"
-        if self.probe_inputs is not None:
-            device, dtype = model_device_dtype(pl_module)
-            x = self.probe_inputs
-            with isolate(pl_module):
-                logits = pl_module(x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype))
-            if isinstance(logits, Tensor) and logits.ndim == 2:
-                bad = int((~torch.isfinite(logits)).any(dim=1).sum())
-                if bad:
-                    cause = f"the model's logits, non-finite on {bad} of {len(logits)} probe examples"
+        cause = self.__dict__.pop("_nonfinite_cause", None) or (
+            "the read-out itself (e.g. a class with no variance, or too few examples for an error bar)"
+        )
         self._warn_once(
             f"nonfinite-{cause[:12]}",
             f"{type(self).__name__}: non-finite read-outs at step {step} ({', '.join(names[:5])}"
             f"{' ...' if len(names) > 5 else ''}), logged as NaN; the cause: {cause}.",
         )
+
+    def _nonfinite_logits(self, pl_module: nn.Module) -> str | None:
+        """``"the model's logits, non-finite on k of n probe examples"`` when they are, else ``None``."""
+        if self.probe_inputs is None:
+            return None
+        device, dtype = model_device_dtype(pl_module)
+        x = self.probe_inputs
+        with isolate(pl_module):
+            logits = pl_module(x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype))
+        if isinstance(logits, Tensor) and logits.ndim == 2:
+            bad = int((~torch.isfinite(logits)).any(dim=1).sum())
+            if bad:
+                return f"the model's logits, non-finite on {bad} of {len(logits)} probe examples"
+        return None
 
     def _warn_no_images(self, logger: Any) -> None:
         self._warn_once(
@@ -1027,9 +1066,11 @@ class InterpretabilityCallback(Callback, ABC):
         image = figure_to_array(fig)
         full = self._key(key)
         if self.figure_dir:
-            os.makedirs(self.figure_dir, exist_ok=True)
+            # through fsspec, so a URL (s3://, gs://, memory://) writes there rather than to a local folder "s3:"
+            fs, root = figure_filesystem(str(self.figure_dir), type(self).__name__)
+            fs.makedirs(root, exist_ok=True)
             name = re.sub(r"[^A-Za-z0-9_.-]+", "_", full)
-            with open(os.path.join(self.figure_dir, f"{name}_step{step:06d}.png"), "wb") as f:
+            with fs.open(f"{root.rstrip('/')}/{name}_step{step:06d}.png", "wb") as f:
                 f.write(array_to_png(image))
         if not self.log_images:
             return

@@ -176,7 +176,9 @@ def _concat(parts: list[tuple[Tensor, Tensor | None]], size: int) -> tuple[Tenso
     return inputs, labels
 
 
-def draw_probe(source: ProbeSource, size: int, generator: torch.Generator, unpack: Unpack = None) -> Probe:
+def draw_probe(
+    source: ProbeSource, size: int, generator: torch.Generator, unpack: Unpack = None, sampler: Any = None
+) -> Probe:
     """Draw a probe set of at most ``size`` items from ``source``.
 
     * a tensor (unlabelled inputs) or an ``(inputs, labels)`` tuple of tensors: ``size`` rows drawn
@@ -194,6 +196,8 @@ def draw_probe(source: ProbeSource, size: int, generator: torch.Generator, unpac
         size: the most items to draw.
         generator: the only source of randomness.
         unpack: how to read a batch (see :func:`unpack_batch`).
+        sampler: the sampler whose ``indices`` restrict a loader's draw, in place of the loader's own (a
+            distributed run wraps the user's sampler, hiding its indices).
 
     Returns:
         A :class:`Probe`; ``available`` tells when the source had fewer than ``size`` items.
@@ -230,7 +234,7 @@ def draw_probe(source: ProbeSource, size: int, generator: torch.Generator, unpac
             dataset = None
     if _is_map_style(dataset):
         # a sampler over a subset (SubsetRandomSampler: a split of one dataset) restricts the indices
-        subset = getattr(getattr(source, "sampler", None), "indices", None)
+        subset = getattr(sampler if sampler is not None else getattr(source, "sampler", None), "indices", None)
         pool = torch.as_tensor(list(subset), dtype=torch.long) if subset is not None else None
         n = len(pool) if pool is not None else len(dataset)
         if n == 0:
