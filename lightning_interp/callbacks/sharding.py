@@ -12,7 +12,9 @@ strategy's own engine for the full parameters:
   ``FSDPModule``, with resharding after forward held off for the measurement, then ``reshard()``: every
   layer (also one that a ``torch.fx`` split calls directly, past its module's hooks) sees full weights,
   and the measurement's forward passes make no collective call;
-* DeepSpeed ZeRO-3 (where ``deepspeed`` is installed): ``deepspeed.zero.GatheredParameters``.
+* DeepSpeed ZeRO-3 (where ``deepspeed`` is installed; found by the parameters' ``ds_id``, so also for a raw
+  ``deepspeed.initialize`` engine's module, or by a ``DeepSpeedStrategy`` config with stage 3):
+  ``deepspeed.zero.GatheredParameters`` on all of the module's parameters, released unchanged afterwards.
 
 Tensor parallelism (``parallelize_module``) leaves parameters that stay sharded after the gather, and layer
 outputs that are parts of the full output; :func:`tensor_parallel_parameters` finds them so that a callback
@@ -64,7 +66,11 @@ def _fsdp1_root(trainer: pl.Trainer | None, module: nn.Module) -> nn.Module | No
     return None
 
 
-def _deepspeed_zero3(trainer: pl.Trainer | None) -> bool:
+def _deepspeed_zero3(trainer: pl.Trainer | None, module: nn.Module) -> bool:
+    # by the parameters first: ZeRO-3 marks each one it partitions with a ``ds_id`` (Lightning's DeepSpeedStrategy
+    # and a raw ``deepspeed.initialize`` engine alike); the strategy's config covers a model not yet partitioned
+    if any(hasattr(p, "ds_id") for p in module.parameters()):
+        return True
     strategy = getattr(trainer, "strategy", None)
     config = getattr(strategy, "config", None)
     if type(strategy).__name__ != "DeepSpeedStrategy" or not isinstance(config, dict):
@@ -78,7 +84,7 @@ def sharding_kind(trainer: pl.Trainer | None, module: nn.Module) -> str | None:
         return "fsdp2"
     if _fsdp1_root(trainer, module) is not None:
         return "fsdp"
-    if _deepspeed_zero3(trainer):
+    if _deepspeed_zero3(trainer, module):
         return "deepspeed"
     return None
 
@@ -125,6 +131,37 @@ def _fsdp1_units_direct(module: nn.Module) -> Iterator[None]:
             unit.__dict__.pop("forward", None)
 
 
+def _is_deepspeed_hook(hook: Any) -> bool:
+    return str(getattr(hook, "__module__", "") or "").startswith("deepspeed.")
+
+
+@contextmanager
+def _deepspeed_hooks_off(module: nn.Module) -> Iterator[None]:
+    """Inside ``GatheredParameters``, ZeRO-3's forward hooks of ``module``'s submodules are held off.
+
+    ZeRO-3 fetches a submodule's parameters in a forward pre-hook and partitions them again in a forward hook,
+    also inside ``GatheredParameters``: a weight read after a forward pass (the saliency's classifier weight)
+    would see this rank's empty partition, and a copy of a layer (the ablation's float64 head) would carry hooks
+    that expect partitioned parameters. The gathered parameters are what the layers hold, so running them
+    without those hooks computes the same outputs, with no collective. Restored, in order, in finally.
+    """
+    saved: list[tuple[dict[int, Any], list[tuple[int, Any]]]] = []
+    try:
+        for m in module.modules():
+            for hooks in (m._forward_pre_hooks, m._forward_hooks):
+                if any(_is_deepspeed_hook(h) for h in hooks.values()):
+                    saved.append((hooks, list(hooks.items())))
+                    for key in [k for k, h in hooks.items() if _is_deepspeed_hook(h)]:
+                        del hooks[key]
+        yield
+    finally:
+        for hooks, items in saved:
+            added = [(k, h) for k, h in hooks.items() if k not in dict(items)]
+            hooks.clear()
+            hooks.update(items)
+            hooks.update(added)
+
+
 @contextmanager
 def gathered(trainer: pl.Trainer | None, module: nn.Module) -> Iterator[None]:
     """Full parameters of ``module`` on every rank for the block, through the strategy's own engine.
@@ -154,7 +191,9 @@ def gathered(trainer: pl.Trainer | None, module: nn.Module) -> Iterator[None]:
             except ImportError:  # the strategy would not run without it
                 pass
             else:
-                stack.enter_context(deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None))
+                params = list(module.parameters())
+                stack.enter_context(deepspeed.zero.GatheredParameters(params, modifier_rank=None))
+                stack.enter_context(_deepspeed_hooks_off(module))
         yield
 
 
