@@ -91,6 +91,7 @@ from lightning_interp.models import MLPClassifier, SmallCNN
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py, also when imported by path (tests)
 import harness
+from bench_overhead import DigitCNN  # the CNN of issue 21, written the user's way (one definition for both benches)
 
 TARGET = 1.2
 QUICK = {
@@ -435,23 +436,6 @@ def bench_mcmc(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-class DigitsCNN(nn.Module):
-    """The CNN of issue 21, written the user's way: attributes, F.relu / F.max_pool2d, ``x.mean((2, 3))``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16)
-        self.conv2, self.bn2 = nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32)
-        self.conv3, self.bn3 = nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32)
-        self.fc = nn.Linear(32, 10)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
-        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
-        x = F.relu(self.bn3(self.conv3(x)))
-        return self.fc(x.mean((2, 3)))
-
-
 def digits(n: int, seed: int) -> tuple[Tensor, Tensor]:
     """``n`` sklearn digits upsampled bilinearly from 8x8 to 28x28 (the 1797 images, repeated, each repeat shifted by a pixel)."""
     from sklearn.datasets import load_digits
@@ -493,7 +477,7 @@ def bench_cnn(args: argparse.Namespace) -> dict[str, Any]:
     load_start = os.getloadavg()
     torch.manual_seed(args.seed)
     x, y = digits(args.cnn_train, args.seed)
-    model = DigitsCNN()
+    model = DigitCNN()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     epochs = []
     for _ in range(2):  # the second epoch is the timed reference (the first warms up the allocator)
@@ -678,7 +662,7 @@ def render_cnn(c: dict[str, Any], mcmc: dict[str, Any]) -> str:
     lines = [
         "## Issue 21: default measurement on a digits CNN's last conv vs a training epoch",
         "",
-        f"DigitsCNN (Conv-BN-ReLU-MaxPool x2, Conv(32)-BN-ReLU, x.mean((2, 3)), Linear(32, 10)); {c['train_images']} "
+        f"DigitCNN (Conv-BN-ReLU-MaxPool x2, Conv(32)-BN-ReLU, x.mean((2, 3)), Linear(32, 10)); {c['train_images']} "
         f"28x28 digits; one training epoch (batch 64, Adam, plain torch) **{c['epoch_s']:.2f} s** (train accuracy "
         f"{c['train_accuracy']:.2f}). `AblationProbeCallback(layers=['conv3'])` at its defaults: probe {c['probe']}, "
         f"{c['tasks']} class tasks, 8 chains x {c['steps']} steps (burn-in {c['burn_in']}); mask pushed after "
