@@ -38,11 +38,10 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
-from captum.attr import Attribution
 from torch import Tensor, nn
 
 from lightning_interp.hooks import capture, forward_hooks, get_module, leaves
@@ -368,7 +367,7 @@ _SIDES = {"discriminative": "+", "confusing": "-"}
 Coefficients = Callable[[str, slice], Tensor]
 
 
-class FinalLayerSaliency(Attribution):
+class _FinalLayerSaliency:
     """Policy-gradient, CAM and the paper's discriminative / confusing maps from the final layer.
 
     The final ``nn.Linear`` (the one whose output is the model's output) and the spatial feature map
@@ -401,8 +400,10 @@ class FinalLayerSaliency(Attribution):
         TypeError: inputs that are not image-like tensors ``[N, C, H, W]``.
 
     Example:
+        >>> from lightning_interp.saliency import FinalLayerSaliency
         >>> from lightning_interp.models import SmallCNN
         >>> model = SmallCNN(in_channels=3, num_classes=5).eval()
+        >>> from lightning_interp.saliency import FinalLayerSaliency
         >>> saliency = FinalLayerSaliency(model)
         >>> saliency.attribute(torch.randn(2, 3, 16, 16), method="policy_gradient").shape
         torch.Size([2, 8, 8])
@@ -458,6 +459,7 @@ class FinalLayerSaliency(Attribution):
 
         Example:
             >>> from lightning_interp.models import SmallCNN
+            >>> from lightning_interp.saliency import FinalLayerSaliency
             >>> saliency = FinalLayerSaliency(SmallCNN(in_channels=1, num_classes=3).eval())
             >>> saliency.resolve(torch.randn(1, 1, 12, 12))
             >>> saliency.feature_layer, saliency.feature_transform
@@ -584,6 +586,7 @@ class FinalLayerSaliency(Attribution):
         Example:
             >>> from lightning_interp.models import SmallCNN
             >>> model = SmallCNN(in_channels=1, num_classes=3).eval()
+            >>> from lightning_interp.saliency import FinalLayerSaliency
             >>> s = FinalLayerSaliency(model, min_size=4)
             >>> s.class_chain_mask(torch.tensor([0, 2]), "+", model.fc.weight).shape
             torch.Size([2, 32])
@@ -631,6 +634,7 @@ class FinalLayerSaliency(Attribution):
 
         Example:
             >>> from lightning_interp.models import SmallCNN
+            >>> from lightning_interp.saliency import FinalLayerSaliency
             >>> out = FinalLayerSaliency(SmallCNN(in_channels=1, num_classes=3).eval()).attribute_all(torch.randn(2, 1, 12, 12))
             >>> sorted(out), out["cam"].shape
             (['cam', 'confusing', 'discriminative', 'logits', 'policy_gradient', 'target'], torch.Size([2, 6, 6]))
@@ -667,6 +671,7 @@ class FinalLayerSaliency(Attribution):
 
         Example:
             >>> from lightning_interp.models import SmallCNN
+            >>> from lightning_interp.saliency import FinalLayerSaliency
             >>> saliency = FinalLayerSaliency(SmallCNN(in_channels=1, num_classes=3).eval())
             >>> saliency.attribute(torch.randn(2, 1, 12, 12), target=1, method="cam", upsample=True).shape
             torch.Size([2, 12, 12])
@@ -967,3 +972,26 @@ def negative_share(policy_gradient: Tensor) -> Tensor:
     """
     pg = policy_gradient.flatten(1)
     return F.relu(-pg).sum(dim=1) / pg.abs().sum(dim=1).clamp_min(torch.finfo(pg.dtype).tiny)
+
+
+if TYPE_CHECKING:
+    from captum.attr import Attribution
+
+    class FinalLayerSaliency(_FinalLayerSaliency, Attribution):  # what __getattr__ builds, for type checkers
+        ...
+
+
+def __getattr__(name: str) -> Any:
+    # FinalLayerSaliency is a captum Attribution, and importing captum.attr imports matplotlib.pyplot: the class is
+    # made on first use (PEP 562), so that importing this module (the maps' arithmetic is pure torch) stays light
+    if name == "FinalLayerSaliency":
+        from captum.attr import Attribution
+
+        cls = type(
+            "FinalLayerSaliency",
+            (_FinalLayerSaliency, Attribution),
+            {"__module__": __name__, "__qualname__": "FinalLayerSaliency", "__doc__": _FinalLayerSaliency.__doc__},
+        )
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -35,7 +35,8 @@ def _python(code: str, *flags: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     "module",
     ["lightning_interp", "lightning_interp.posterior", "lightning_interp.ablation", "lightning_interp.correlation",
-     "lightning_interp.expansion", "lightning_interp.tasks", "lightning_interp.datamodules", "lightning_interp.cli"],
+     "lightning_interp.expansion", "lightning_interp.saliency", "lightning_interp.tasks", "lightning_interp.datamodules",
+     "lightning_interp.cli"],
 )  # fmt: skip
 def test_import_pulls_no_heavy_dependency(module: str) -> None:
     # -X importtime lists every module imported, whoever imported it (the check).
@@ -56,6 +57,9 @@ def test_package_attributes_are_lazy_but_reachable() -> None:
         "assert 'torchmetrics' not in sys.modules or 'lightning' in sys.modules\n"
         "from lightning_interp.posterior import PosteriorGap\n"
         "assert PosteriorGap is li.PosteriorGap\n"
+        "import lightning_interp.saliency as saliency\n"
+        "from captum.attr import Attribution\n"
+        "assert issubclass(saliency.FinalLayerSaliency, Attribution)\n"
         "print('ok')\n"
     )
     assert _python(code).stdout.strip() == "ok"
