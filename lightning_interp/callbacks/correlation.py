@@ -323,10 +323,12 @@ class CorrelationOrderCallback(InterpretabilityCallback):
         accs = measurement.data["accs"]
         fig, (ax1, ax2) = subplots(1, 2, figsize=(10, 3.8))
         pos = torch.arange(len(accs)).float()
+        names = ("acc_real", "acc_order2", "acc_order1", "acc_order0")
         for i, label in enumerate(("real", "order 2", "order 1", "order 0")):
-            ax1.bar(pos + (i - 1.5) * 0.2, [v[i] for v in accs.values()], width=0.2, label=label)
+            ses = [float(measurement.scalars.get(f"{layer}/{names[i]}_se", math.nan)) for layer in accs]
+            ax1.bar(pos + (i - 1.5) * 0.2, [v[i] for v in accs.values()], width=0.2, label=label, yerr=ses, capsize=2)
         ax1.set_xticks(pos.tolist(), list(accs), rotation=30, fontsize=7)
-        ax1.set_ylabel("probe accuracy")
+        ax1.set_ylabel("probe accuracy (± 1 SE)")
         ax1.set_ylim(0, 1.02)
         ax1.legend(fontsize=7)
         ax1.set_title("Gaussian surrogates per layer")
@@ -335,8 +337,7 @@ class CorrelationOrderCallback(InterpretabilityCallback):
             pts = [(h["step"], h[key], h.get(f"{key}_se", math.nan)) for h in self.history if key in h]
             if pts:
                 steps, gaps, ses = (torch.tensor(v, dtype=torch.float64) for v in zip(*pts, strict=True))
-                (line,) = ax2.plot(steps, gaps, marker="o", label=layer)
-                ax2.fill_between(steps, gaps - ses, gaps + ses, color=line.get_color(), alpha=0.2)
+                ax2.errorbar(steps, gaps, yerr=ses, marker="o", capsize=3, label=layer)
         ax2.set_xlabel("step")
         ax2.set_ylabel("acc_real - acc_order2 (± 1 SE)")
         ax2.set_title("higher-order gap over training")
