@@ -44,7 +44,7 @@ import copy
 import math
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
@@ -1173,6 +1173,8 @@ class BayesianAblation:
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.max_batch, self.top_k, self.num_bootstrap, self.rest_per_chain = max_batch, top_k, num_bootstrap, rest_per_chain
         self.progress = progress
+        #: Called after every MCMC step (no argument), e.g. to advance a progress bar while the chains run.
+        self.on_step: Callable[[], None] | None = None
         self.forward = MaskedForward(model, layer, max_batch=max_batch, split=split)
 
     # ------------------------------------------------------------------ fit
@@ -1496,6 +1498,8 @@ class BayesianAblation:
             if step >= self.burn_in:
                 traces[:, :, step - self.burn_in] = state
                 accepted += accept.to(torch.float64).sum(dim=1)
+            if self.on_step is not None:
+                self.on_step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds_per_step = (time.perf_counter() - loop_start) / self.num_steps

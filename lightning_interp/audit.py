@@ -399,6 +399,15 @@ class _Progress:
         if self.bar is not None and args and isinstance(args[0], Tensor) and args[0].ndim > 0:
             self.bar.update(int(args[0].shape[0]))
 
+    def mcmc_step(self) -> None:
+        """One MCMC step of the ablation: its chains pass no images, so from its first step the bar counts steps."""
+        if self.bar is None:
+            return
+        if self.bar.unit != "step":
+            self.bar.unit = "step"
+            self.bar.reset(total=None)
+        self.bar.update(1)
+
     def start(self, name: str, counted: bool = True) -> None:
         """``name`` begins: a new bar (when it passes images through the network), or nothing until its end in a log."""
         self.current, self.started = name, time.perf_counter()
@@ -485,6 +494,8 @@ class _FolderAudit:
         progress: _Progress = self.options["progress"]
         names = list(callbacks)
         progress.methods = names + (["weights"] if "weights" in self.methods else [])
+        if "ablation" in callbacks:  # its bar moves while the chains run too, not only while images pass
+            callbacks["ablation"].on_step = progress.mcmc_step  # type: ignore[attr-defined]
         ticking: list[pl.Callback] = [_Tick(progress, None, names[0] if names else None)]
         for i, (name, cb) in enumerate(callbacks.items()):  # Lightning calls callbacks in list order: a tick after each
             ticking += [cb, _Tick(progress, name, names[i + 1] if i + 1 < len(names) else None)]

@@ -527,3 +527,10 @@ def test_progress_in_a_log_and_in_a_terminal(user: dict[str, Any], tmp_path: Pat
     # the saliency bar counts the images through the network while the method runs: at least every image once
     counts = [int(n) for n in re.findall(r"saliency \(1/2\): (\d+)image", err)]
     assert counts and max(counts) >= 30, err[-500:]
+    # the ablation's bar counts its MCMC steps once the chains run (they pass no images through the network)
+    run_audit(
+        out=str(tmp_path / "mcmc"), progress=True, ablation_steps=40, **{**common, "methods": ("ablation",)}
+    )
+    err = capsys.readouterr().err
+    steps = [int(n) for n in re.findall(r"ablation \(1/1\): (\d+)step", err)]
+    assert steps and max(steps) >= 40, err[-500:]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -207,6 +207,8 @@ class AblationProbeCallback(InterpretabilityCallback):
         self.max_batch, self.informative_bits, self.top_units = max_batch, informative_bits, top_units
         self.class_names = check_class_names(class_names)
         self._probe: tuple[Tensor, Tensor] | None = None
+        #: Called after every MCMC step of a measurement (no argument), e.g. by the audit's progress bar.
+        self.on_step: Callable[[], None] | None = None
         self._ablations: dict[str, BayesianAblation] = {}
         self._model_ref: Any = None  # weak reference: a new model (even at a reused address) gets new ablations
         self._units: dict[str, int] = {}
@@ -406,6 +408,7 @@ class AblationProbeCallback(InterpretabilityCallback):
             ablation = self._ablation(pl_module, layer)
             ablation.generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
             ablation.num_steps = steps
+            ablation.on_step = self.on_step
             r = ablation.fit(x, y, tasks=self.tasks)
             results[layer] = r
             for name, (value, se) in summarize(r, self.informative_bits, self.prior_keep).items():
