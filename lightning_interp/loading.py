@@ -44,7 +44,6 @@ __all__ = [
     "build_model",
     "check_weights",
     "custom_preprocessing",
-    "describe_preprocessing",
     "imagenet_preprocessing",
     "load_classifier",
     "load_lightning_module",
@@ -119,29 +118,21 @@ class ImageTransform:
             x = F.normalize(x, list(self.mean), list(self.std))
         return x
 
+    def describe(self) -> str:
+        """The preprocessing in one sentence, e.g. ``"no resize, no crop, grey scale, no normalisation (mean 0, std 1)"``."""
+        size = f"resize the short side to {self.resize}" if self.resize is not None else "no resize"
+        size += f", centre-crop {self.crop}x{self.crop}" if self.crop is not None else ", no crop"
+        if self.keep_size is not None and (self.resize is not None or self.crop is not None):
+            size = f"images of {self.keep_size}x{self.keep_size} as they are, others: {size}"
+        if all(m == 0 for m in self.mean) and all(s == 1 for s in self.std):
+            norm = "pixels in [0, 1], no normalisation (mean 0, std 1)"
+        else:
+            norm = f"normalise with mean {_rounded(self.mean)} and std {_rounded(self.std)}"
+        return f"{size}, {'grey scale' if self.channels == 1 else 'RGB'}, {norm}"
+
 
 def _rounded(values: tuple[float, ...]) -> tuple[float, ...]:
     return tuple(round(v, 3) for v in values)
-
-
-def describe_preprocessing(
-    resize: int | None,
-    crop: int | None,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    channels: int = 3,
-    keep_size: int | None = None,
-) -> str:
-    """The preprocessing in one sentence, e.g. ``"no resize, no crop, grey scale, no normalisation (mean 0, std 1)"``."""
-    size = f"resize the short side to {resize}" if resize is not None else "no resize"
-    size += f", centre-crop {crop}x{crop}" if crop is not None else ", no crop"
-    if keep_size is not None and (resize is not None or crop is not None):
-        size = f"images of {keep_size}x{keep_size} as they are, others: {size}"
-    if all(m == 0 for m in mean) and all(s == 1 for s in std):
-        norm = "pixels in [0, 1], no normalisation (mean 0, std 1)"
-    else:
-        norm = f"normalise with mean {_rounded(mean)} and std {_rounded(std)}"
-    return f"{size}, {'grey scale' if channels == 1 else 'RGB'}, {norm}"
 
 
 def _per_channel(values: Sequence[float] | None, channels: int, name: str, default: tuple[float, ...]) -> tuple[float, ...]:
@@ -198,8 +189,8 @@ def custom_preprocessing(
     default_mean, default_std = _imagenet_stats(channels)
     m = _per_channel(mean, channels, "mean", default_mean)
     s = _per_channel(std, channels, "std", default_std)
-    description = describe_preprocessing(resize, crop, m, s, channels, keep_size) + (f" ({note})" if note else "")
     transform = ImageTransform(resize, crop, m, s, channels, keep_size)
+    description = transform.describe() + (f" ({note})" if note else "")
     return Preprocessing(transform, description, size, channels, resize, crop, m, s, keep_size)
 
 
