@@ -358,7 +358,7 @@ def _write_csv(path: str, rows: Sequence[dict[str, Any]]) -> None:
 def _make_logger(use_wandb: bool, staging: str, name: str) -> Any:
     if not use_wandb:
         return False
-    from lightning_interp.demo import make_logger
+    from lightning_interp.loggers import make_logger
 
     return make_logger("wandb", staging, name)
 
@@ -910,7 +910,7 @@ def run_audit(
         report = _write_outputs(staging, meta, sections, rows, [asdict(s) for s in dm.skipped], found)
         if logger:
             _log_tables(logger, rows, meta)
-            from lightning_interp.demo import finish_logger
+            from lightning_interp.loggers import finish_logger
 
             finish_logger(logger)
     return report
@@ -976,7 +976,7 @@ def run_config_audit(config: str, out: str = "audit_out", ckpt: str | None = Non
     from lightning.pytorch.cli import LightningCLI
 
     from lightning_interp.callbacks.base import InterpretabilityCallback
-    from lightning_interp.demo import finish_logger
+    from lightning_interp.loggers import finish_logger
 
     if ckpt is not None:
         load_weights(ckpt)  # empty, truncated and non-finite files fail here, naming the file

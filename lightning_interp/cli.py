@@ -104,7 +104,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 
 def demo_parser() -> argparse.ArgumentParser:
     """The parser of ``lightning-interp demo`` (every option with its help and default)."""
-    from lightning_interp.demo import PARTS
+    from lightning_interp.loggers import PARTS
 
     parser = argparse.ArgumentParser(
         prog="lightning-interp demo",
@@ -139,7 +139,7 @@ def demo_parser() -> argparse.ArgumentParser:
 
 
 def _demo(argv: Sequence[str]) -> None:
-    from lightning_interp.demo import run_demo
+    from lightning_interp.loggers import run_demo
 
     parser = demo_parser()
     args = parser.parse_args(list(argv))
@@ -355,7 +355,7 @@ def _lightning_cli(args: list[str]) -> None:
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
         )
-    from lightning_interp.demo import finish_logger
+    from lightning_interp.loggers import finish_logger
 
     for logger in cli.trainer.loggers:  # close wandb runs so their files are complete when main() returns
         finish_logger(logger)

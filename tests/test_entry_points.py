@@ -17,8 +17,8 @@ from lightning_interp.callbacks import (
     LogitExpansionCallback,
     PosteriorGapCallback,
 )
-from lightning_interp.demo import make_logger
 from lightning_interp.entry_points import required_arguments
+from lightning_interp.loggers import make_logger
 
 
 def _callbacks() -> list:
