@@ -104,7 +104,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 
 def demo_parser() -> argparse.ArgumentParser:
     """The parser of ``lightning-interp demo`` (every option with its help and default)."""
-    from lightning_interp.loggers import PARTS
+    from lightning_interp.demo import PARTS
 
     parser = argparse.ArgumentParser(
         prog="lightning-interp demo",
@@ -139,7 +139,7 @@ def demo_parser() -> argparse.ArgumentParser:
 
 
 def _demo(argv: Sequence[str]) -> None:
-    from lightning_interp.loggers import run_demo
+    from lightning_interp.demo import run_demo
 
     parser = demo_parser()
     args = parser.parse_args(list(argv))
@@ -159,27 +159,6 @@ def _demo(argv: Sequence[str]) -> None:
     print(f"\nwrote {os.path.join(args.out, 'summary.json')} and report.html ({summary['wall_time_s']:.1f} s)")
 
 
-def _floats(text: str) -> list[float]:
-    """``"0.5"`` or ``"0.485,0.456,0.406"`` as floats (argparse type of ``--mean`` and ``--std``)."""
-    try:
-        return [float(v) for v in text.replace(" ", ",").split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected one number or comma-separated numbers, got {text!r}") from None
-
-
-def _size(text: str) -> int | str:
-    """``"28"`` or ``"none"`` (argparse type of ``--resize`` and ``--crop``)."""
-    if text.strip().lower() == "none":
-        return "none"
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of pixels or 'none', got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number of pixels or 'none', got {value}")
-    return value
-
-
 _AUDIT_USAGE = (
     "lightning-interp audit (--arch ARCH --weights FILE | --model PKG.CLASS --ckpt FILE | --config YAML [--ckpt FILE])\n"
     "                              --images DIR --out OUT [options]"
@@ -187,8 +166,8 @@ _AUDIT_USAGE = (
 
 
 def audit_parser() -> argparse.ArgumentParser:
-    """The parser of ``lightning-interp audit`` (every option with its help and default)."""
-    from lightning_interp.audit import METHODS
+    """The parser of ``lightning-interp audit``: a flag per field of :class:`~lightning_interp.audit_options.AuditOptions`."""
+    from lightning_interp.audit_options import add_arguments
 
     parser = argparse.ArgumentParser(
         prog="lightning-interp audit",
@@ -199,48 +178,13 @@ def audit_parser() -> argparse.ArgumentParser:
         epilog="Model forms: --arch resnet50 --weights r50.pth | --arch timm:convnext_tiny --weights m.safetensors | "
         "--model my_pkg.MyModule --ckpt last.ckpt | --config audit.yaml [--ckpt last.ckpt].",
     )
-    model = parser.add_argument_group("model (required, one form)")
-    model.add_argument("--arch", help="torchvision model name (resnet50, densenet121, vit_b_16, ...) or timm:<name>")
-    model.add_argument("--weights", help="local weights of --arch: a state_dict, Lightning checkpoint or .safetensors")
-    model.add_argument("--model", help="package.module.ClassName of your LightningModule (with --ckpt)")
-    model.add_argument("--ckpt", help="the Lightning checkpoint of --model (or of the --config model)")
-    model.add_argument("--config", help="a LightningCLI config naming model, data and lightning-interp callbacks")
-    data = parser.add_argument_group("data and output (required)")
-    data.add_argument("--images", help="a folder of images (flat, or one sub-folder per class; not with --config)")
-    data.add_argument(
-        "--out", required=True, help="output folder: new, empty or an earlier audit's (replaced whole when the audit succeeds)"
-    )
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
-    parser.add_argument("--limit", type=int, default=None, help="audit at most N images")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
-    parser.add_argument("--image-size", type=int, default=None, help="input size, when the weights do not say")
-    parser.add_argument("--grayscale", action="store_true", help="one input channel (with --image-size)")
-    pre = parser.add_argument_group(
-        "preprocessing",
-        "Default: the weights' own (torchvision, timm); --model: images at its example_input_array size as they are, "
-        "others resized and centre-cropped, ImageNet mean and std (a guess: give yours, e.g. --mean 0 --std 1).",
-    )
-    pre.add_argument(
-        "--mean", type=_floats, metavar="M[,M,M]", help="mean to subtract from pixels in [0, 1]: one value or one per channel"
-    )
-    pre.add_argument(
-        "--std", type=_floats, metavar="S[,S,S]", help="standard deviation to divide by: one value or one per channel"
-    )
-    pre.add_argument("--resize", type=_size, metavar="N|none", help="resize the short side to N pixels, or not at all")
-    pre.add_argument("--crop", type=_size, metavar="N|none", help="centre-crop N x N pixels, or not at all")
-    parser.add_argument("--min-size", type=int, default=20, help="min_size of the saliency channel split")
-    parser.add_argument("--max-tasks", type=int, default=20, help="most ablation class tasks")
-    parser.add_argument("--ablation-steps", type=int, default=1000, help="MCMC steps per chain of the ablation")
-    parser.add_argument("--deletion-images", type=int, default=50, help="images with saliency deletion curves (0: all images)")
-    parser.add_argument("--correlation-images", type=int, default=500, help="most images of the correlation orders (0: all)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--wandb", action="store_true", help="also log to wandb (offline unless WANDB_MODE=online)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sampled parts (ablation chains, surrogates)")
+    add_arguments(parser)  # one flag per field of AuditOptions, the keywords of run_audit
     return parser
 
 
 def _audit(argv: Sequence[str]) -> None:
-    from lightning_interp.audit import run_audit, run_config_audit
+    from lightning_interp.audit import run_audit
+    from lightning_interp.audit_options import AuditOptions
 
     parser = audit_parser()
     if not argv:  # the whole usage, required groups first, rather than argparse's "--out is required"
@@ -248,34 +192,7 @@ def _audit(argv: Sequence[str]) -> None:
         parser.exit(2, "\nlightning-interp audit: error: give a model (one form), --images and --out\n")
     args = parser.parse_args(list(argv))
     try:
-        if args.config:
-            report = run_config_audit(args.config, args.out, ckpt=args.ckpt)
-        else:
-            report = run_audit(
-                arch=args.arch,
-                weights=args.weights,
-                images=args.images,
-                out=args.out,
-                model=args.model,
-                ckpt=args.ckpt,
-                methods=[m.strip() for m in args.methods.split(",") if m.strip()],
-                limit=args.limit,
-                batch_size=args.batch_size,
-                min_size=args.min_size,
-                max_tasks=args.max_tasks,
-                ablation_steps=args.ablation_steps,
-                deletion_images=args.deletion_images or None,
-                correlation_images=args.correlation_images or None,
-                image_size=args.image_size,
-                channels=1 if args.grayscale else None,
-                use_wandb=args.wandb,
-                device=args.device,
-                seed=args.seed,
-                resize=args.resize,
-                crop=args.crop,
-                mean=args.mean,
-                std=args.std,
-            )
+        report = run_audit(AuditOptions.from_cli(args))  # with --config: run_config_audit
     except (FileNotFoundError, ValueError, ModuleNotFoundError, AttributeError) as err:
         message = " ".join(str(err).split())  # one line, whatever the message held
         parser.exit(2, f"lightning-interp audit: error: {message}\n")

@@ -23,11 +23,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from lightning_interp import methods
 from lightning_interp.loggers import finish_logger, make_logger
 
 __all__ = ["PARTS", "run_demo"]
 
-PARTS: tuple[str, ...] = ("posterior", "saliency", "ablation", "correlation", "expansion")
+#: The demo's parts: the ``part`` of every record of :data:`lightning_interp.methods.METHODS`, in its order.
+PARTS: tuple[str, ...] = tuple(m.part for m in methods.METHODS)
 
 
 def _trainer(logger: Any, out: str, callbacks: list, **kw: Any) -> Any:
@@ -102,13 +104,29 @@ class _Progress:
 
 
 class _Demo:
-    """The state the demo's parts share: output folder, logger, seed and the summary they fill in."""
+    """The state the demo's parts share: output folder, logger, seed, settings and the summary they fill in.
+
+    Every part of :data:`PARTS` is a method of this class of the same name (``run_demo`` calls them in order).
+    """
 
     def __init__(
-        self, out: str, logger: Any, seed: int, epochs: int, summary: dict[str, Any], progress: _Progress | None = None
+        self,
+        out: str,
+        logger: Any,
+        seed: int,
+        epochs: int,
+        summary: dict[str, Any],
+        progress: _Progress | None = None,
+        parts: Sequence[str] = PARTS,
+        presets: Sequence[int] = (1, 3),
+        max_steps: int = 3000,
+        n_train: int = 100_000,
+        probe_size: int = 4096,
     ) -> None:
         self.out, self.logger, self.seed, self.epochs, self.summary = out, logger, seed, epochs, summary
         self.progress = progress or _Progress(False)
+        self.parts, self.presets, self.max_steps, self.n_train, self.probe_size = parts, presets, max_steps, n_train, probe_size
+        self.xor_done = False
 
     def figures(self, part: str) -> str:
         return os.path.join(self.out, "figures", part)
@@ -136,7 +154,7 @@ class _Demo:
             **extra,
         }
 
-    def posterior(self, presets: Sequence[int], max_steps: int, n_train: int, probe_size: int) -> None:
+    def posterior(self) -> None:
         """The post's MLP on each preset; the gap against the step, all presets in one figure."""
         from lightning_interp import callbacks as cbs
         from lightning_interp.datamodules import SyntheticDataModule
@@ -144,8 +162,9 @@ class _Demo:
         from lightning_interp.plotting import figure_to_png, subplots
         from lightning_interp.tasks import xie_task
 
+        max_steps, n_train, probe_size = self.max_steps, self.n_train, self.probe_size
         fig, ax = subplots(figsize=(6, 4))
-        for preset in presets:
+        for preset in self.presets:
             self.progress.line(f"part posterior_preset{preset}: {max_steps} steps")
             t0 = time.perf_counter()
             self.seed_everything()  # before the model: its initial weights come from the seed
@@ -187,8 +206,20 @@ class _Demo:
         self.record("saliency", cb, t0)
         self.progress.line("part saliency done")
 
-    def xor(self, parts: Sequence[str]) -> None:
-        """Ablation and correlation orders of an MLP on XOR, in one fit."""
+    def ablation(self) -> None:
+        """Bayesian ablation of an MLP on XOR (one fit with the correlation orders when both run)."""
+        self.xor()
+
+    def correlation(self) -> None:
+        """Correlation orders of an MLP on XOR (one fit with the ablation when both run)."""
+        self.xor()
+
+    def xor(self) -> None:
+        """Ablation and correlation orders of an MLP on XOR, in one fit (once, whichever part asks first)."""
+        if self.xor_done:
+            return
+        self.xor_done = True
+        parts = self.parts
         from lightning_interp import callbacks as cbs
         from lightning_interp.datamodules import XORDataModule
         from lightning_interp.models import MLPClassifier
@@ -281,20 +312,18 @@ def run_demo(
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown demo parts {sorted(unknown)}; choose from {PARTS}")
+    missing = [p for p in parts if not callable(getattr(_Demo, p, None))]
+    if missing:  # a record of lightning_interp.methods.METHODS without its part here
+        raise ValueError(f"the demo has no part {missing}: add a method of that name to lightning_interp.demo._Demo")
     os.makedirs(out, exist_ok=True)
     start = time.perf_counter()
     run_logger = make_logger(logger, out, "demo")
     summary: dict[str, Any] = {"max_steps": max_steps, "epochs": epochs, "logger": logger, "seed": seed, "parts": {}}
     show = not sys.stderr.isatty() if progress is None else progress
-    demo = _Demo(out, run_logger, seed, epochs, summary, _Progress(show))
-    if "posterior" in parts:
-        demo.posterior(presets, max_steps, n_train, probe_size)
-    if "saliency" in parts:
-        demo.saliency()
-    if "ablation" in parts or "correlation" in parts:
-        demo.xor(parts)
-    if "expansion" in parts:
-        demo.expansion()
+    demo = _Demo(out, run_logger, seed, epochs, summary, _Progress(show), parts, presets, max_steps, n_train, probe_size)
+    for part in PARTS:  # the registry's order, whatever the order of ``parts``
+        if part in parts:
+            getattr(demo, part)()
     finish_logger(run_logger)
     summary["wall_time_s"] = round(time.perf_counter() - start, 2)
     with open(os.path.join(out, "summary.json"), "w") as f:
@@ -309,7 +338,7 @@ def write_report(out: str, summary: dict[str, Any]) -> str:
     The page reports, in ``data-images-loaded`` / ``data-images-total`` attributes of ``<body>``, how
     many of its images the browser could load (checked in a test with headless Chromium).
     """
-    from lightning_interp.report import INTROS, Section, latest_figures, scalars_with_se, write_html
+    from lightning_interp.report import Section, intro, latest_figures, scalars_with_se, write_html
 
     sections = []
     if os.path.exists(os.path.join(out, "gap_vs_step.png")):
@@ -317,7 +346,7 @@ def write_report(out: str, summary: dict[str, Any]) -> str:
             Section(
                 "posterior_gap_vs_step",
                 "Posterior gap during training",
-                " ".join(INTROS["PosteriorGapCallback"]),
+                methods.find("posterior_gap").intro,
                 figures=[("gap_vs_step.png", "mean KL to the Bayes posterior against the training step, per preset")],
             )
         )
@@ -330,7 +359,7 @@ def write_report(out: str, summary: dict[str, Any]) -> str:
             Section(
                 part,
                 f"{part} ({res['callback']}, {res['prefix']}/..., {res['wall_time_s']} s)",
-                " ".join(INTROS.get(res["callback"], ("", ""))),
+                intro(res["callback"]),
                 scalars=scalars_with_se(res["final"]),
                 figures=figures,
             )

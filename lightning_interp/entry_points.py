@@ -8,8 +8,9 @@ nothing unless the environment variable ``LIGHTNING_INTERP_CALLBACKS`` names cal
 * or JSON, a list of objects with a ``name`` and keyword arguments:
   ``LIGHTNING_INTERP_CALLBACKS='[{"name": "ablation", "layers": ["net.1"], "every_n_epochs": 1}]'``.
 
-Names (the class names work too). Only the first three work as bare names; the others have required
-arguments, which only the JSON form can give (:func:`required_arguments` lists them):
+Names: the keys of :data:`lightning_interp.methods.METHODS` (the class names work too). Only the first three
+work as bare names; the others have required arguments, which only the JSON form can give
+(:func:`required_arguments` lists them):
 
 =================  ==============================  ==========================================================
 name               class                           required arguments
@@ -37,36 +38,29 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
+from lightning_interp import methods
+from lightning_interp.methods import Method
+
 __all__ = ["ENV_VAR", "callbacks_factory", "required_arguments"]
 
 ENV_VAR = "LIGHTNING_INTERP_CALLBACKS"
 
-# Values shown for required arguments in the JSON examples of error messages.
-_EXAMPLE_VALUES: dict[str, Any] = {"layers": ["net.1"], "seq_len": 8, "num_states": 4}
 
-
-def _registry() -> dict[str, type[Callback]]:
-    from lightning_interp import callbacks as cb
-
-    classes = [
-        cb.PosteriorGapCallback,
-        cb.FinalLayerSaliencyCallback,
-        cb.AblationProbeCallback,
-        cb.CorrelationOrderCallback,
-        cb.LogitExpansionCallback,
-    ]
-    names = {c.prefix: c for c in classes}
-    names.update({c.__name__: c for c in classes})
+def _registry() -> dict[str, Method]:
+    """Every name ``LIGHTNING_INTERP_CALLBACKS`` accepts: the keys of :data:`METHODS` and their class names."""
+    records = list(methods.METHODS)  # read now, so a record added to the registry is a name here
+    names = {m.key: m for m in records}
+    names.update({m.callback_name: m for m in records})
     return names
 
 
-def _lookup(name: Any, registry: dict[str, type[Callback]]) -> type[Callback]:
+def _lookup(name: Any, registry: dict[str, Method]) -> Method:
     if not isinstance(name, str) or name not in registry:
         raise ValueError(f"{ENV_VAR}: unknown callback {name!r}; use one of {sorted(registry)}")
     return registry[name]
 
 
-def _parameters(cls: type[Callback]) -> list[inspect.Parameter]:
+def _parameters(cls: type) -> list[inspect.Parameter]:
     return [
         p
         for p in inspect.signature(cls).parameters.values()
@@ -83,7 +77,7 @@ def required_arguments(name: str) -> list[str]:
     Raises:
         ValueError: an unknown name (the message lists the valid names).
     """
-    cls = _lookup(name, _registry())
+    cls = _lookup(name, _registry()).callback
     return [p.name for p in _parameters(cls) if p.default is inspect.Parameter.empty]
 
 
@@ -99,13 +93,14 @@ def _json_form(name: str, kwargs: dict[str, Any]) -> str:
     return f"{ENV_VAR}='{json.dumps([entry])}'"
 
 
-def _build(name: str, cls: type[Callback], kwargs: dict[str, Any]) -> Callback:
+def _build(name: str, method: Method, kwargs: dict[str, Any]) -> Callback:
+    cls = method.callback
     params = {p.name: p for p in _parameters(cls)}
     required = [n for n, p in params.items() if p.default is inspect.Parameter.empty]
     missing = [n for n in required if n not in kwargs]
     # The JSON example: the required arguments (given values, else sample values) and, for the other
     # known arguments given, their defaults, which are valid values.
-    example = {n: kwargs.get(n, _EXAMPLE_VALUES.get(n, "...")) for n in required}
+    example = {n: kwargs.get(n, method.example_arguments.get(n, "...")) for n in required}
     example.update({n: params[n].default for n in kwargs if n in params and n not in example})
     if missing:
         given = f" (given: {', '.join(sorted(kwargs))})" if kwargs else ""
@@ -114,7 +109,7 @@ def _build(name: str, cls: type[Callback], kwargs: dict[str, Any]) -> Callback:
             f"required arguments, so give them in the JSON form, e.g. {_json_form(name, example)}"
         )
     try:
-        return cls(**kwargs)
+        callback: Callback = cls(**kwargs)
     except (TypeError, ValueError) as err:
         accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(cls).parameters.values())
         unknown = [] if accepts_any else sorted(set(kwargs) - set(params))
@@ -125,6 +120,7 @@ def _build(name: str, cls: type[Callback], kwargs: dict[str, Any]) -> Callback:
             f"{ENV_VAR}: could not build {name} ({cls.__name__}) from {kwargs!r}: {type(err).__name__}: {err}.{hint} "
             f"Give keyword arguments as JSON values, e.g. {_json_form(name, example)}"
         ) from err
+    return callback
 
 
 def callbacks_factory() -> list[Callback]:

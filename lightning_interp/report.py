@@ -4,7 +4,8 @@ A :class:`Section` holds a method's scalars (each with its standard error where 
 figures (PNG files next to the report) and tables; :func:`callback_section` builds one from a callback's last
 measurement, :func:`write_html` writes ``report.html``. The page records in ``data-images-loaded`` /
 ``data-images-total`` attributes of ``<body>`` how many images the browser could load, and each section's
-``data-items`` how many numbers, figures and tables it shows (a test renders it in headless Chromium).
+``data-items`` how many numbers, figures and tables it shows (a test renders it in headless Chromium). A
+section's introduction is its method's ``intro`` in :data:`lightning_interp.methods.METHODS` (:func:`intro`).
 
 Example:
     >>> import tempfile, os
@@ -24,49 +25,31 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["INTROS", "Section", "callback_section", "latest_figures", "scalars_with_se", "write_html"]
+__all__ = ["Section", "callback_section", "intro", "intros", "latest_figures", "scalars_with_se", "write_html"]
 
-#: Two sentences per method on what its numbers mean and how to read its figures (keyed by callback class).
-INTROS: dict[str, tuple[str, str]] = {
-    "FinalLayerSaliencyCallback": (
-        "Final-layer saliency (Siddhartha, 2022) splits the last layer's weights into the channels that speak for the "
-        "predicted class (discriminative map) and against it (confusing map), and shows where in the image they fire; "
-        "the policy-gradient map is positive (red) where the image supports the prediction and negative (blue) where it "
-        "supports the competitors.",
-        "A faithfulness above zero means that deleting the pixels a map ranks first lowers the class probability faster "
-        "than deleting random pixels; neg_pg_share is the share of evidence that speaks for other classes.",
-    ),
-    "AblationProbeCallback": (
-        "Bayesian ablation (Nam et al., 2025) asks which units of a layer each class task needs: a unit's importance is "
-        "the posterior probability that it must stay on for the network to keep solving the task, against a prior "
-        "shown as a dashed line.",
-        "Bars are two standard errors; distributedness near 1 means a task is spread over many units, and manifold "
-        "complexity counts the bits the units' ablation masks share.",
-    ),
-    "CorrelationOrderCallback": (
-        "Correlation orders (Fischer et al., 2022) replace a layer's input by surrogate data that keep only its class "
-        "means (order 1) or means and covariances (order 2), and measure the accuracy the rest of the network reaches.",
-        "A small gap between the order-2 accuracy and the real accuracy means the layer uses no more than second-order "
-        "statistics of its input; error bars are standard errors over the probe and the surrogate draws.",
-    ),
-    "PosteriorGapCallback": (
-        "The posterior gap (Xie, 2025) compares the network's class probabilities with the exact Bayes posterior of the "
-        "data's generative model.",
-        "KL divergence and total variation near zero mean the network computes the Bayes-optimal answer; the error "
-        "bars are standard errors over the probe examples.",
-    ),
-    "LogitExpansionCallback": (
-        "The energy expansion (Zamuner & De Los Rios, 2021) writes the output of a network on categorical inputs as "
-        "fields (one per position and state) plus pairwise couplings plus a residual.",
-        "The variance shares say how much of the output each order explains; the coupling map shows which pairs of "
-        "positions interact.",
-    ),
-    "weights": (
-        "The final layer's weights of every class are fitted with an asymmetric Laplace distribution (Siddhartha, 2022): "
-        "the log-rank plot of each side is a straight line when the fit holds.",
-        "R² near 1 means a good fit; the histogram shows the pooled weights and the fitted densities.",
-    ),
-}
+
+def intro(callback: Any) -> str:
+    """The introduction of a callback's method (an instance, a class or a name the registry knows); ``""`` if none.
+
+    The text is the :class:`~lightning_interp.methods.Method` record's ``intro``, so a method added to
+    :data:`~lightning_interp.methods.METHODS` gets its introduction in every report.
+    """
+    from lightning_interp import methods
+
+    if isinstance(callback, str):
+        try:
+            return methods.find(callback).intro
+        except ValueError:
+            return ""
+    record = methods.for_callback(callback)
+    return record.intro if record is not None else ""
+
+
+def intros() -> dict[str, str]:
+    """Every method's introduction by key (of :data:`~lightning_interp.methods.METHODS`, read now)."""
+    from lightning_interp import methods
+
+    return {m.key: m.intro for m in methods.METHODS}
 
 
 @dataclass
@@ -136,7 +119,6 @@ def latest_figures(folder: str | os.PathLike) -> list[str]:
 def callback_section(callback: Any, out: str | os.PathLike, key: str | None = None, title: str | None = None) -> Section:
     """A section from a callback's last measurement and the figures it wrote into its ``figure_dir``."""
     name = type(callback).__name__
-    intro = " ".join(INTROS.get(name, ("", "")))
     scalars = scalars_with_se(callback.history[-1]) if callback.history else []
     figures = []
     if callback.figure_dir:
@@ -145,13 +127,12 @@ def callback_section(callback: Any, out: str | os.PathLike, key: str | None = No
             figures.append((os.path.relpath(path, out), caption))
     notes = [] if callback.history else [f"{name} did not measure."]
     notes += [f"Warning: {message}" for message in getattr(callback, "warning_log", [])]
-    tables = []
+    tables: list[tuple[str, list[str], list[list[Any]]]] = []
     if getattr(callback, "last", None) is not None:
         for table, (columns, rows) in callback.tables(callback.last).items():
             tables.append((table.replace("_", " "), list(columns), [list(r) for r in rows]))
-    section = Section(key or callback.prefix, title or f"{name} ({callback.prefix}/...)", intro, scalars, figures, tables)
-    section.notes = notes
-    return section
+    heading = title or f"{name} ({callback.prefix}/...)"
+    return Section(key or callback.prefix, heading, intro(callback), scalars, figures, tables, notes)
 
 
 def _fmt(value: Any) -> str:
@@ -164,11 +145,11 @@ def _section_html(s: Section) -> str:
     parts = [f"<h2>{html.escape(s.title)}</h2>", f'<p class="intro">{html.escape(s.intro)}</p>']
     parts += [f'<p class="note">{html.escape(n)}</p>' for n in s.notes]
     if s.scalars:
-        rows = "".join(
+        lines = "".join(
             f"<tr><td>{html.escape(n)}</td><td>{_fmt(v)}{'' if se is None else ' ± ' + _fmt(se)}</td></tr>"
             for n, v, se in s.scalars
         )
-        parts.append(f"<table><tr><th>measure</th><th>value ± standard error</th></tr>{rows}</table>")
+        parts.append(f"<table><tr><th>measure</th><th>value ± standard error</th></tr>{lines}</table>")
     for path, caption in s.figures:
         src = html.escape(path.replace(os.sep, "/"))
         parts.append(
