@@ -352,13 +352,13 @@ def test_torchvision_families(arch: str, closed: bool, labelled_tree: Path, tmp_
 
 
 def test_correlation_subset_keeps_whole_balanced_classes() -> None:
-    from lightning_interp.audit import _balanced_subset
+    from lightning_interp.audit_folder import balanced_subset
 
     labels = torch.tensor([0] * 8 + [1] * 6 + [2] * 6 + [3] * 2)
     keep = labels != 3  # class 3 has too few images
-    assert torch.equal(_balanced_subset(labels, keep, None), keep) and torch.equal(_balanced_subset(labels, keep, 50), keep)
-    sub = _balanced_subset(labels, keep, 12)  # 3 classes: 4 each would be under the smallest class (6): 2 classes x 6
+    assert torch.equal(balanced_subset(labels, keep, None), keep) and torch.equal(balanced_subset(labels, keep, 50), keep)
+    sub = balanced_subset(labels, keep, 12)  # 3 classes: 4 each would be under the smallest class (6): 2 classes x 6
     assert int(sub.sum()) == 12 and labels[sub].bincount(minlength=4).tolist() == [6, 6, 0, 0]
     assert torch.equal(torch.nonzero(sub & (labels == 0)).flatten(), torch.arange(6))  # the first images of a class
-    sub = _balanced_subset(labels, keep, 18)  # 6 per class fits all three
+    sub = balanced_subset(labels, keep, 18)  # 6 per class fits all three
     assert labels[sub].bincount(minlength=4).tolist() == [6, 6, 6, 0]
