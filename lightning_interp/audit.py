@@ -25,6 +25,11 @@ neither the image folder nor inside or around it. Under a lock on ``OUT`` everyt
 folder next to it and moved into place at the end, so a failed, terminated or concurrent run leaves no half
 report and an old ``report.json`` never survives next to new maps. ``report.json`` holds a top-level key per
 method (and ``meta``, ``warnings``, ``images``, ``skipped``); ``report.html`` the same with figures.
+
+The parts: the options (:class:`~lightning_interp.audit_options.AuditOptions`, declared once for the command and
+:func:`run_audit`), the image-folder audit (:mod:`lightning_interp.audit_folder`), the output folder
+(:mod:`lightning_interp.audit_files`) and the progress display (:mod:`lightning_interp.audit_progress`). The
+methods and their report keys come from :data:`lightning_interp.methods.METHODS`.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py, also whe
 import harness
 
 from lightning_interp.ablation import REST_PER_CHAIN
-from lightning_interp.audit import METHODS, run_audit
+from lightning_interp.audit import AUDIT_METHODS, run_audit
 from lightning_interp.saliency import FinalLayerSaliency
 
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--per-class", type=int, default=5, help="synthetic images per class")
     parser.add_argument("--size", type=int, default=224, help="image side")
     parser.add_argument("--ablation-steps", type=int, default=1000, help="MCMC steps per chain")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated audit methods")
+    parser.add_argument("--methods", default=",".join(AUDIT_METHODS), help="comma-separated audit methods")
     args = harness.parse(
         parser,
         argv,
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seconds = report["meta"]["method_seconds"]
     tasks = max(1, len(report["meta"]["ablation_tasks"]))
     rows = []
-    for method in METHODS:
+    for method in AUDIT_METHODS:
         if method not in seconds:
             continue
         s = seconds[method]

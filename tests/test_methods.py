@@ -92,7 +92,7 @@ def test_a_wrong_path_names_the_record_and_the_fix() -> None:
     broken = dataclasses.replace(FAKE, measure_path="tests.test_methods:measure_nothing")
     with pytest.raises(AttributeError, match=r"'tests.test_methods:measure_nothing'.*has no measure_nothing"):
         broken.measure  # noqa: B018
-    with pytest.raises(ValueError, match="unknown method 'gradcam'; .* posterior_gap, saliency, ablation"):
+    with pytest.raises(ValueError, match=r"unknown method 'gradcam'; .* posterior_gap, saliency, ablation"):
         methods.find("gradcam")
 
 
@@ -198,5 +198,5 @@ def test_the_command_and_the_keywords_are_the_same_options() -> None:
     params = inspect.signature(run_audit).parameters
     assert [p for p in params if p != "options"] == list(fields)
     assert all(params[n].default == f.default for n, f in fields.items())
-    with pytest.raises(TypeError, match="unknown audit option.* batchsize; the options are arch"):
+    with pytest.raises(TypeError, match=r"unknown audit option.* batchsize; the options are arch"):
         run_audit(images="imgs", batchsize=3)
