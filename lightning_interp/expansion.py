@@ -368,14 +368,12 @@ def _quadratic(model: nn.Module, length: int, q: int, target: Target, device: to
         if isinstance(model, nn.Sequential)
         else []
     )
-    if len(mods) != 3 or not (
-        isinstance(mods[0], nn.Linear) and isinstance(mods[1], (Square, Quadratic)) and isinstance(mods[2], nn.Linear)
-    ):
+    lin1, act, lin2 = mods if len(mods) == 3 else (None, None, None)
+    if not (isinstance(lin1, nn.Linear) and isinstance(act, (Square, Quadratic)) and isinstance(lin2, nn.Linear)):
         raise ValueError(
             "method='quadratic' needs nn.Sequential(Linear, Square() or Quadratic(alpha), Linear) on one-hot inputs; "
             "use method='exact' or 'sampled' for other models"
         )
-    lin1, act, lin2 = mods
     beta, alpha = (0.0, 1.0) if isinstance(act, Square) else (1.0, act.alpha)
     w = lin1.weight.detach().to(torch.float64).reshape(-1, length, q)  # W_k,i(a)
     b = lin1.bias.detach().to(torch.float64) if lin1.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)

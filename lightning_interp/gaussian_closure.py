@@ -63,12 +63,10 @@ class ClassMoments:
         self.num_classes, self.max_dim, self.rank, self.covariances = num_classes, max_dim, rank, covariances
         self.dim: int | None = None
         self.count = torch.zeros(num_classes, dtype=torch.float64)
-        self.sum: Tensor | None = None
+        # per class and unit power sums [K, D] (D = 0 until the first update)
+        self.sum, self.diag, self.third, self.fourth = (torch.zeros(num_classes, 0, dtype=torch.float64) for _ in range(4))
         self.second: Tensor | None = None  # [K, D, D] in full mode
         self.sketch: list[Tensor] | None = None  # per class [rows, D] in low-rank mode
-        self.diag: Tensor | None = None  # [K, D] sum of squares
-        self.third: Tensor | None = None
-        self.fourth: Tensor | None = None
         self._cache: dict[object, object] = {}  # factorizations, cleared by update() and merge()
 
     @property
@@ -147,7 +145,7 @@ class ClassMoments:
         if other.dim is None:
             return self
         if self.dim is None:
-            self._init(other.dim, other.sum.device)  # type: ignore[union-attr]
+            self._init(other.dim, other.sum.device)
         if other.dim != self.dim or other.num_classes != self.num_classes or other.covariances != self.covariances:
             raise ValueError("cannot merge moments of different shapes")
         self._cache.clear()
@@ -176,11 +174,11 @@ class ClassMoments:
     def mean(self, c: int) -> Tensor:
         """Class mean ``[D]``."""
         self._check(c, 1)
-        return self.sum[c] / self.count[c]  # type: ignore[index]
+        return self.sum[c] / self.count[c]
 
     def overall_mean(self) -> Tensor:
         """Mean over all samples ``[D]``."""
-        return self.sum.sum(0) / self.count.sum()  # type: ignore[union-attr]
+        return self.sum.sum(0) / self.count.sum()
 
     def _scatter(self, c: int) -> Tensor:
         """``sum (x - mu)(x - mu)^T`` of class ``c`` (full mode)."""
@@ -203,7 +201,7 @@ class ClassMoments:
         if self.low_rank:
             u, d = self.pooled_covariance_factor()
             return u @ u.T + torch.diag(d)
-        return sum(self._scatter(c) for c in present) / (n - len(present))  # type: ignore[return-value]
+        return sum(self._scatter(c) for c in present) / (n - len(present))
 
     def covariance_factor(self, c: int) -> tuple[Tensor, Tensor]:
         """Low-rank-plus-diagonal factors ``(U, d)`` with ``Sigma_c ~ U U^T + diag(d)`` (low-rank mode).
@@ -224,7 +222,7 @@ class ClassMoments:
         small = (bq.T @ bq - n * torch.outer(mq, mq)) / (n - 1)
         evals, evecs = torch.linalg.eigh(0.5 * (small + small.T))
         u = q @ (evecs * evals.clamp_min(0).sqrt())
-        var = (self.diag[c] - n * mu * mu) / (n - 1)  # type: ignore[index]
+        var = (self.diag[c] - n * mu * mu) / (n - 1)
         d = (var - (u * u).sum(1)).clamp_min(0)
         self._cache[("factor", c)] = (u, d)
         return u, d
@@ -244,8 +242,8 @@ class ClassMoments:
     def excess_kurtosis(self) -> Tensor:
         """Per class and unit excess kurtosis ``[K, D]`` (population moments; NaN for constant units)."""
         n = self.count[:, None]
-        m1 = self.sum / n  # type: ignore[operator]
-        m2, m3, m4 = self.diag / n, self.third / n, self.fourth / n  # type: ignore[operator]
+        m1 = self.sum / n
+        m2, m3, m4 = self.diag / n, self.third / n, self.fourth / n
         var = m2 - m1**2
         c4 = m4 - 4 * m1 * m3 + 6 * m1**2 * m2 - 3 * m1**4
         out = c4 / (var * var) - 3
@@ -287,14 +285,14 @@ class ClassMoments:
         if order not in (0, 1, 2):
             raise ValueError(f"order must be 0, 1 or 2, got {order}")
         labels = labels.long()
-        device = self.sum.device  # type: ignore[union-attr]
+        device = self.sum.device
         out = torch.empty(len(labels), self.dim, dtype=dtype, device=device)  # type: ignore[arg-type]
         for c in sorted(set(labels.tolist())):
             idx = torch.nonzero(labels.to(device) == c).flatten()
             n = len(idx)
             mean = self.overall_mean() if order == 0 else self.mean(c)
             if self.low_rank:
-                u, d = self.covariance_factor(c) if order == 2 else self._pooled()  # type: ignore[misc]
+                u, d = self.covariance_factor(c) if order == 2 else self._pooled()
                 draw = (
                     mean.to(dtype)
                     + torch.randn(n, u.shape[1], generator=generator, dtype=dtype).to(device) @ u.T.to(dtype)

@@ -83,8 +83,8 @@ def _check_units(unit: Units) -> list[int] | None:
 
     if unit is None:
         return None
-    if index(unit):
-        return [int(unit)]  # type: ignore[call-overload]
+    if isinstance(unit, numbers.Integral) and index(unit):
+        return [int(unit)]
     if isinstance(unit, Sequence) and not isinstance(unit, str) and len(unit) > 0 and all(index(v) for v in unit):
         return [int(v) for v in unit]
     raise ValueError(f"unit must be a unit index >= 0, a non-empty list of them, or None (every unit); got {unit!r}")
