@@ -104,7 +104,7 @@ def test_result_shape_identities_and_errors() -> None:
     assert any(other.layers[k]["acc_order2"][0] != result.layers[k]["acc_order2"][0] for k in ("input", "net.3"))
     with pytest.raises(ValueError, match=r"needs the class labels \[N\]"):
         measure_correlation(model, x)
-    with pytest.raises(ValueError, match="net.9"):
+    with pytest.raises(ValueError, match=r"net\.9"):
         measure_correlation(model, x, y, layers=["net.9"])
     with pytest.raises(ValueError, match=r"fewer than 2 examples"):
         measure_correlation(model, x[:4], torch.tensor([0, 1, 1, 2]), layers=["input"])
