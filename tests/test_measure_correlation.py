@@ -150,3 +150,14 @@ def test_the_figure_draws_the_result_and_the_history() -> None:
     assert len(left.patches) == 4 * 2  # four bars per layer
     assert [t.get_text() for t in left.get_xticklabels()] == ["input", "net.1"]
     assert len(right.containers) == 2  # one error-bar line per layer
+
+
+def test_the_callback_declares_its_own_arguments_and_passes_the_shared_ones_on() -> None:
+    import inspect
+
+    cb = CorrelationOrderCallback(every_n_steps=5, seed=9, key_prefix="orders", probe=_data(30), budget=None)
+    assert (cb.every_n_steps, cb.seed, cb.prefix, cb.budget) == (5, 9, "orders", None) and cb.probe is not None
+    own = [p.name for p in inspect.signature(CorrelationOrderCallback).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    assert own == ["layers", "probe_size", "min_per_class"]
+    with pytest.raises(TypeError, match="bogus"):
+        CorrelationOrderCallback(bogus=1)

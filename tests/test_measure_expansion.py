@@ -125,3 +125,16 @@ def test_background_inputs_generator_and_errors() -> None:
     with pytest.raises(ValueError, match=r"units names \('0', 1\) twice"):
         unit_pairs([("0", 1), ("2", 0), ("0", 1)])
     assert unit_pairs([("0", 3), ("2", 0), ("0", 1)]) == {"0": [3, 1], "2": [0]}
+
+
+def test_the_callback_declares_its_own_arguments_and_passes_the_shared_ones_on() -> None:
+    import inspect
+
+    cb = LogitExpansionCallback(L, Q, every_n_steps=5, seed=9, key_prefix="potts", probe=None, budget=None)
+    assert (cb.every_n_steps, cb.seed, cb.prefix, cb.budget) == (5, 9, "potts", None)
+    own = [p.name for p in inspect.signature(LogitExpansionCallback).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    assert own == ["seq_len", "num_states", "method", "order", "num_samples", "target", "max_evaluations", "top_pairs", "units"]
+    with pytest.raises(TypeError, match="takes no probe: it averages over uniformly random sequences"):
+        LogitExpansionCallback(L, Q, probe=torch.zeros(4, L * Q))
+    with pytest.raises(ValueError, match=r"every_n_steps must be None or an int >= 0, got -1"):
+        LogitExpansionCallback(L, Q, every_n_steps=-1)

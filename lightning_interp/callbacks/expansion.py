@@ -64,7 +64,7 @@ class LogitExpansionCallback(InterpretabilityCallback):
             ``measure_at_start``, ``measure_at_end``, ``seed`` (of the background sequences, with the step),
             ``log_images``, ``figure_dir``, ``key_prefix``, ``prog_bar``, ``budget``): see
             :class:`~lightning_interp.callbacks.base.InterpretabilityCallback`. The expansion reads no data, so
-            ``probe`` and ``unpack`` are refused.
+            ``probe`` and ``unpack`` other than ``None`` are refused.
 
     Raises:
         ValueError: in ``__init__``, for ``seq_len < 2``, ``num_states < 2``, an unknown ``method``,
@@ -72,7 +72,7 @@ class LogitExpansionCallback(InterpretabilityCallback):
             with ``units``, or exact enumeration over the limit; before the first training step, for a model
             that rejects the encoded input, a ``target`` outside the model's outputs, a layer of ``units``
             the model does not have (the message lists close names), or a unit outside its layer's width.
-        TypeError: in ``__init__``, for ``probe`` or ``unpack``.
+        TypeError: in ``__init__``, for a ``probe`` or an ``unpack``.
 
     Example:
         >>> cb = LogitExpansionCallback(seq_len=8, num_states=4, every_n_epochs=1)
@@ -93,7 +93,7 @@ class LogitExpansionCallback(InterpretabilityCallback):
         units: Sequence[tuple[str, int]] = (),
         **kwargs: Any,
     ) -> None:
-        data = sorted({"probe", "unpack"} & set(kwargs))
+        data = [name for name in ("probe", "unpack") if kwargs.get(name) is not None]
         if data:
             raise TypeError(
                 f"LogitExpansionCallback takes no {' or '.join(data)}: it averages over uniformly random sequences, "
