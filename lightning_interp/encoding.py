@@ -44,7 +44,6 @@ def one_hot_flat(states: Tensor, num_states: int) -> Tensor:
     return torch.nn.functional.one_hot(states.long(), num_states).reshape(n, length * num_states).float()
 
 
-
 class Quadratic(nn.Module):
     """The activation ``y = z + alpha * z^2`` (exact under Gaussian moment propagation).
 
@@ -134,4 +133,3 @@ def reference_gauge(
     new_h = fields - h_r[..., None] + (j_a_r - j_r_r[..., None]).sum(dim=-2)
     energy_r = torch.as_tensor(constant, dtype=fields.dtype, device=fields.device) + h_r.sum(-1) + 0.5 * j_r_r.sum(dim=(-2, -1))
     return energy_r, new_h, new_j
-

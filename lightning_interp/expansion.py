@@ -59,6 +59,7 @@ __all__ = [
     "zero_sum_gauge",
 ]
 
+
 class Square(nn.Module):
     """The activation ``z^2`` (with one hidden layer, the logit ends exactly at order 2)."""
 
@@ -642,7 +643,7 @@ def measure_expansion(
             ``None``: ``num_samples`` uniformly random ones, as the callback uses.
         labels: not used (the expansion describes the model's function, not labelled data).
         generator: the background draws (``None``: seed 0).
-        seq_len: sites ``L`` (read from ``inputs`` when given).
+        seq_len: sites ``L`` (``None``: the width of ``inputs``).
         num_states: states per site ``q``.
         method: ``"sampled"``, ``"exact"`` or ``"quadratic"`` (see :func:`expand`).
         order: 1 or 2.
@@ -668,7 +669,7 @@ def measure_expansion(
         (['max_coupling', 'var_order1', 'var_order2', 'var_residual'], True)
     """
     del labels
-    length = inputs.shape[1] if inputs is not None and inputs.ndim == 2 else seq_len
+    length = seq_len if seq_len is not None or inputs is None or inputs.ndim != 2 else inputs.shape[1]
     if length is None:
         raise ValueError("measure_expansion needs seq_len=<the sites L> (or background sequences inputs [S, L])")
     resolved = resolve_target(model, length, num_states, target)
