@@ -17,6 +17,10 @@ __version__ = "0.1.0"
 _NAMES: dict[str, str] = {
     "PosteriorGap": "lightning_interp.posterior",
     "posterior_gap": "lightning_interp.posterior",
+    "CorrelationResult": "lightning_interp.correlation",
+    "measure_correlation": "lightning_interp.correlation",
+    "ExpansionResult": "lightning_interp.expansion",
+    "measure_expansion": "lightning_interp.expansion",
     "GaussianMixtureTask": "lightning_interp.tasks",
     "GaussianTask": "lightning_interp.tasks",
     "GenerativeTask": "lightning_interp.tasks",
@@ -33,8 +37,10 @@ _SUBMODULES: tuple[str, ...] = (
     "correlation",
     "datamodules",
     "demo",
+    "encoding",
     "entry_points",
     "expansion",
+    "gaussian_closure",
     "hooks",
     "loading",
     "models",
@@ -42,22 +48,29 @@ _SUBMODULES: tuple[str, ...] = (
     "posterior",
     "report",
     "saliency",
+    "sequences",
     "stats",
     "tasks",
 )
 
 __all__ = [
+    "CorrelationResult",
+    "ExpansionResult",
     "GaussianMixtureTask",
     "GaussianTask",
     "GenerativeTask",
     "PosteriorGap",
     "XieTask",
     "__version__",
+    "measure_correlation",
+    "measure_expansion",
     "posterior_gap",
     "xie_task",
 ]
 
 if TYPE_CHECKING:  # type checkers and IDEs see the eager imports
+    from lightning_interp.correlation import CorrelationResult, measure_correlation
+    from lightning_interp.expansion import ExpansionResult, measure_expansion
     from lightning_interp.posterior import PosteriorGap, posterior_gap
     from lightning_interp.tasks import GaussianMixtureTask, GaussianTask, GenerativeTask, XieTask, xie_task
 

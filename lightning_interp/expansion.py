@@ -16,71 +16,48 @@ standard errors), or in closed form for one hidden layer with a quadratic activa
 "each layer of the network, and the logits layer in particular": ``expand(..., layer=..., unit=...)``
 expands the output (pre-activation) of any layer's unit the same way.
 
+The entry point is :func:`measure_expansion`: the expansions and every read-out of
+:class:`~lightning_interp.callbacks.LogitExpansionCallback`, as an :class:`ExpansionResult`. The one-hot
+encoding and the gauges live in :mod:`lightning_interp.encoding`, the model's evaluation on sequences in
+:mod:`lightning_interp.sequences`; their names are importable from here too.
+
 The module is pure torch: it never imports Lightning.
 """
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import math
 import numbers
-import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from lightning_interp.hooks import capture, get_module, layer_names
+from lightning_interp.encoding import Quadratic, one_hot_flat, reference_gauge, zero_sum_gauge
+from lightning_interp.results import Scalar, Table
+from lightning_interp.sequences import Evaluator, Target, Units, check_layer
 from lightning_interp.stats import replicate_standard_error
 
 __all__ = [
     "Evaluator",
+    "ExpansionResult",
     "PottsExpansion",
     "Square",
+    "Target",
     "Units",
     "check_layer",
+    "check_target",
     "expand",
+    "measure_expansion",
     "one_hot_flat",
     "reference_gauge",
+    "resolve_target",
+    "unit_pairs",
     "zero_sum_gauge",
 ]
-
-Target = int | tuple[int, int] | None
-#: hidden units of a layer: one flattened index, several (a leading output dim, in that order) or ``None`` (all)
-Units = int | Sequence[int] | None
-# errors that mean "this input does not fit the model" (others propagate unchanged)
-_SHAPE_ERROR = re.compile(r"shape|size|dimension|mat1|must match|expected", re.IGNORECASE)
-
-
-def one_hot_flat(states: Tensor, num_states: int) -> Tensor:
-    """Flattened one-hot encoding of integer sequences, site-major.
-
-    Args:
-        states: int64 ``[N, L]`` with entries in ``[0, num_states)``.
-        num_states: number of states ``q`` per site.
-
-    Returns:
-        float32 ``[N, L * q]`` with ``x[n, i * q + a] = 1`` exactly when ``states[n, i] == a``.
-
-    Raises:
-        ValueError: ``states`` is not 2-D, not an integer tensor, or has entries outside ``[0, num_states)``.
-
-    Example:
-        >>> one_hot_flat(torch.tensor([[0, 2], [1, 0]]), 3)
-        tensor([[1., 0., 0., 0., 0., 1.],
-                [0., 1., 0., 1., 0., 0.]])
-    """
-    if states.dim() != 2:
-        raise ValueError(f"states must be 2-D [N, L], got shape {list(states.shape)}")
-    if states.dtype.is_floating_point or states.dtype.is_complex or states.dtype == torch.bool:
-        raise ValueError(f"states must be an integer tensor, got {states.dtype}")
-    if states.numel() and (int(states.min()) < 0 or int(states.max()) >= num_states):
-        raise ValueError(f"states must lie in [0, {num_states}), got range [{int(states.min())}, {int(states.max())}]")
-    n, length = states.shape
-    return torch.nn.functional.one_hot(states.long(), num_states).reshape(n, length * num_states).float()
 
 
 class Square(nn.Module):
@@ -88,77 +65,6 @@ class Square(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         return z * z
-
-
-# ---------------------------------------------------------------------------------------------
-# gauges
-# ---------------------------------------------------------------------------------------------
-
-
-def _sym_check(couplings: Tensor) -> None:
-    if couplings.ndim < 4 or couplings.shape[-4] != couplings.shape[-3] or couplings.shape[-2] != couplings.shape[-1]:
-        raise ValueError(f"couplings must have shape [..., L, L, q, q], got {list(couplings.shape)}")
-
-
-def _offdiag(length: int, device: torch.device) -> Tensor:
-    return (~torch.eye(length, dtype=torch.bool, device=device))[:, :, None, None]
-
-
-def zero_sum_gauge(fields: Tensor, couplings: Tensor, constant: Tensor | float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
-    """Move ``(E0, h, J)`` to the zero-sum gauge without changing any sequence's energy.
-
-    ``J'_ij(a,b) = J_ij(a,b) - J_ij(.,b) - J_ij(a,.) + J_ij(.,.)``,
-    ``h'_i(a) = h_i(a) - h_i(.) + sum_{j != i} (J_ij(a,.) - J_ij(.,.))`` and
-    ``E0' = E0 + sum_i h_i(.) + sum_{i<j} J_ij(.,.)`` (dot = mean over states). ``couplings`` are the
-    symmetric ``[..., L, L, q, q]`` array (``J[i, j, a, b] = J[j, i, b, a]``, zero diagonal blocks).
-
-    Returns:
-        ``(constant, fields, couplings)`` in the zero-sum gauge.
-    """
-    _sym_check(couplings)
-    off = _offdiag(couplings.shape[-4], couplings.device).to(couplings.dtype)
-    j = couplings * off
-    j_row = j.mean(dim=-1, keepdim=True)  # J_ij(a, .)
-    j_col = j.mean(dim=-2, keepdim=True)  # J_ij(., b)
-    j_all = j.mean(dim=(-2, -1), keepdim=True)  # J_ij(., .)
-    new_j = (j - j_row - j_col + j_all) * off
-    h_mean = fields.mean(dim=-1, keepdim=True)
-    new_h = fields - h_mean + (j_row - j_all)[..., 0].sum(dim=-2)
-    new_c = (
-        torch.as_tensor(constant, dtype=fields.dtype, device=fields.device)
-        + h_mean[..., 0].sum(-1)
-        + 0.5 * j_all.sum(dim=(-4, -3, -2, -1))
-    )
-    return new_c, new_h, new_j
-
-
-def reference_gauge(
-    fields: Tensor, couplings: Tensor, reference: Tensor, constant: Tensor | float = 0.0
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Move ``(E0, h, J)`` to the gauge where every term of the ``reference`` sequence is zero.
-
-    ``J'_ij(a,b) = J_ij(a,b) - J_ij(r_i,b) - J_ij(a,r_j) + J_ij(r_i,r_j)``,
-    ``h'_i(a) = h_i(a) - h_i(r_i) + sum_{j != i} (J_ij(a,r_j) - J_ij(r_i,r_j))`` and
-    ``E0' = E(reference)``.
-    """
-    _sym_check(couplings)
-    length, q = fields.shape[-2], fields.shape[-1]
-    r = reference.long().to(fields.device)
-    if r.shape != (length,) or (r < 0).any() or (r >= q).any():
-        raise ValueError(f"reference must be a sequence of {length} states in [0, {q})")
-    off = _offdiag(length, couplings.device).to(couplings.dtype)
-    j = couplings * off
-    idx_i = torch.arange(length, device=fields.device)
-    # J_ij(a, r_j): [..., L, L, q]; J_ij(r_i, b): [..., L, L, q]; J_ij(r_i, r_j): [..., L, L]
-    j_a_r = j[..., :, :, :, :].gather(-1, r[None, :, None, None].expand(*j.shape[:-1], 1).contiguous())[..., 0]
-    j_r_b = j.gather(-2, r[:, None, None, None].expand(*j.shape[:-2], 1, q).contiguous())[..., 0, :]
-    j_r_r = j_a_r.gather(-1, r[:, None, None].expand(*j_a_r.shape[:-1], 1).contiguous())[..., 0]
-    new_j = (j - j_r_b[..., :, :, None, :] - j_a_r[..., :, :, :, None] + j_r_r[..., None, None]) * off
-    h_r = fields.gather(-1, r[:, None].expand(*fields.shape[:-1], 1).contiguous())[..., 0]
-    new_h = fields - h_r[..., None] + (j_a_r - j_r_r[..., None]).sum(dim=-2)
-    del idx_i
-    energy_r = torch.as_tensor(constant, dtype=fields.dtype, device=fields.device) + h_r.sum(-1) + 0.5 * j_r_r.sum(dim=(-2, -1))
-    return energy_r, new_h, new_j
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,171 +224,6 @@ class PottsExpansion:
         return [(int(iu[0, o]), int(iu[1, o]), float(vals[o])) for o in order]
 
 
-def _outputs(model: nn.Module, x: Tensor, target: Target) -> Tensor:
-    out = model(x)
-    if out.ndim == 1:
-        out = out[:, None]
-    if out.ndim != 2:
-        raise ValueError(f"the model must return [N] or [N, K] logits, got {list(out.shape)}")
-    if target is None:
-        return out
-    if isinstance(target, tuple):
-        a, b = target
-        return (out[:, a] - out[:, b])[:, None]
-    return out[:, target : target + 1]
-
-
-def check_layer(model: nn.Module, layer: str) -> nn.Module:
-    """The submodule of ``model`` at ``named_modules()`` path ``layer``, or a ``ValueError`` naming close names.
-
-    Args:
-        model: the model.
-        layer: a ``named_modules()`` path (``""`` is the model itself; ``torch.compile``-d submodules are
-            addressed by the user's names, without ``_orig_mod``).
-
-    Returns:
-        The submodule.
-
-    Raises:
-        ValueError: ``layer`` is not a string or names no submodule; the message lists the closest names
-            (or the first of the model's names when none is close).
-
-    Example:
-        >>> check_layer(nn.Sequential(nn.Linear(2, 3), Square()), "1")
-        Square()
-    """
-    if not isinstance(layer, str):
-        raise ValueError(f"layer must be a named_modules() path (a string), got {layer!r}")
-    try:
-        return get_module(model, layer)
-    except ValueError:
-        pass
-    names = [n for n in layer_names(model) if n]
-    close = difflib.get_close_matches(layer, names, n=5, cutoff=0.5)
-    if close:
-        hint = "close names: " + ", ".join(repr(n) for n in close)
-    else:
-        hint = "the model's layers: " + ", ".join(repr(n) for n in names[:20]) + (", ..." if len(names) > 20 else "")
-    raise ValueError(f"unknown layer {layer!r} in {type(model).__name__}; {hint} (named_modules() paths)")
-
-
-def _check_units(unit: Units) -> list[int] | None:
-    """``unit`` as a list of indices (``None``: all units); ``ValueError`` for anything but ints ``>= 0``."""
-
-    def index(v: object) -> bool:
-        return isinstance(v, numbers.Integral) and not isinstance(v, bool) and int(v) >= 0
-
-    if unit is None:
-        return None
-    if index(unit):
-        return [int(unit)]  # type: ignore[call-overload]
-    if isinstance(unit, Sequence) and not isinstance(unit, str) and len(unit) > 0 and all(index(v) for v in unit):
-        return [int(v) for v in unit]
-    raise ValueError(f"unit must be a unit index >= 0, a non-empty list of them, or None (every unit); got {unit!r}")
-
-
-class Evaluator:
-    """Batched evaluation of a model on sequences of states ``[N, L]`` -> outputs ``[N, K]`` (float64).
-
-    States are encoded with ``encode(states, num_states)`` and run in the model's dtype and device, in
-    batches of ``batch``; ``target`` selects an output or a difference of two (``None``: all outputs). A
-    model that rejects the encoded shape gets a ``ValueError`` that says to pass ``encode``.
-
-    With ``layer``, the outputs are those of the module at that ``named_modules()`` path instead of the
-    logits (captured with :func:`~lightning_interp.hooks.capture`, the module's output at its last call in a
-    forward pass), flattened per example to ``[N, D]`` (for a ``[N, C, H, W]`` output, unit
-    ``c * H * W + h * W + w``), and ``unit`` picks units of it.
-
-    Args:
-        model: the model.
-        num_states: states per site ``q``.
-        encode: states ``[N, L]`` -> model input.
-        target: logits only: an output index, ``(a, b)`` for ``z_a - z_b``, or ``None`` for every output.
-        batch: sequences per forward pass.
-        layer: ``named_modules()`` path of the layer to read, or ``None`` for the logits.
-        unit: with ``layer``: a flattened unit index, a list of them (outputs in that order), or ``None``
-            for every unit.
-
-    Raises:
-        ValueError: in ``__init__``, for an unknown ``layer`` (with the closest names), a malformed
-            ``unit``, ``unit`` without ``layer``, or ``target`` with ``layer``; when called, for a model
-            that rejects the encoded input, a layer that does not run in the forward pass or whose output
-            has no batch dim first, or a ``unit`` outside the layer's width.
-
-    Example:
-        >>> model = nn.Sequential(nn.Linear(2 * 3, 4), Square(), nn.Linear(4, 2))
-        >>> Evaluator(model, 3, one_hot_flat, None, 64, layer="0", unit=[1, 3])(torch.zeros(5, 2, dtype=torch.long)).shape
-        torch.Size([5, 2])
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        num_states: int,
-        encode: Callable[[Tensor, int], Tensor],
-        target: Target,
-        batch: int,
-        layer: str | None = None,
-        unit: Units = None,
-    ) -> None:
-        self.model, self.q, self.encode, self.target, self.batch = model, num_states, encode, target, batch
-        p = next(model.parameters(), None)
-        self.device = p.device if p is not None else torch.device("cpu")
-        self.dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
-        self.units = _check_units(unit)
-        if layer is None and self.units is not None:
-            raise ValueError(f"unit={unit!r} needs layer=<a named_modules() path>; for the logits choose target= instead")
-        if layer is not None:
-            check_layer(model, layer)
-            if target is not None:
-                raise ValueError(f"target={target!r} selects logits; with layer={layer!r} choose the layer's units with unit=")
-        self.layer = layer
-
-    def _layer_outputs(self, acts: dict[str, Tensor], n: int) -> Tensor:
-        if self.layer not in acts:
-            name = type(self.model).__name__
-            raise ValueError(f"layer {self.layer!r} did not run in {name}'s forward pass; choose a layer that forward calls")
-        out = acts.pop(self.layer)
-        if out.ndim == 0 or out.shape[0] != n:
-            raise ValueError(
-                f"layer {self.layer!r} returned shape {list(out.shape)} for {n} sequences; its output must have the batch "
-                "dim first ([N, ...]); choose another layer"
-            )
-        flat = out.reshape(n, -1)
-        width = flat.shape[1]
-        if self.units is None:
-            return flat
-        if max(self.units) >= width:
-            raise ValueError(
-                f"unit {max(self.units)} is out of range: layer {self.layer!r} has {width} units (output of shape "
-                f"{list(out.shape[1:])} per example, flattened); choose units in 0..{width - 1}"
-            )
-        return flat[:, self.units]
-
-    @torch.no_grad()
-    def __call__(self, states: Tensor) -> Tensor:
-        """The outputs ``[N, K]`` (float64, on the model's device) for sequences ``[N, L]``."""
-        outs = []
-        with capture(self.model, [self.layer] if self.layer is not None else []) as acts:
-            for i in range(0, states.shape[0], self.batch):
-                x = self.encode(states[i : i + self.batch], self.q).to(device=self.device, dtype=self.dtype)
-                try:
-                    if self.layer is None:
-                        out = _outputs(self.model, x, self.target)
-                    else:
-                        self.model(x)
-                        out = self._layer_outputs(acts, x.shape[0])
-                except (RuntimeError, TypeError) as err:
-                    if not _SHAPE_ERROR.search(str(err)):
-                        raise
-                    raise ValueError(
-                        f"{type(self.model).__name__} rejected the encoded input of shape {list(x.shape)} "
-                        f"({type(err).__name__}: {err}); pass encode=... matching the model's input"
-                    ) from err
-                outs.append(out.to(torch.float64))
-        return torch.cat(outs)  # [N, K]
-
-
 def _anova_exact(f: Tensor, length: int, q: int, order: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Zero-sum terms from all ``q^L`` values ``f`` ``[q^L, K]`` (sequences in lexicographic order)."""
     k = f.shape[1]
@@ -623,21 +364,17 @@ def _single_output(model: nn.Module, evaluate: Evaluator, length: int) -> bool:
 
 
 def _quadratic(model: nn.Module, length: int, q: int, target: Target, device: torch.device) -> PottsExpansion:
-    from lightning_interp.correlation import Quadratic
-
     mods = (
         [m for m in model.modules() if not isinstance(m, nn.Sequential) and m is not model]
         if isinstance(model, nn.Sequential)
         else []
     )
-    if len(mods) != 3 or not (
-        isinstance(mods[0], nn.Linear) and isinstance(mods[1], (Square, Quadratic)) and isinstance(mods[2], nn.Linear)
-    ):
+    lin1, act, lin2 = mods if len(mods) == 3 else (None, None, None)
+    if not (isinstance(lin1, nn.Linear) and isinstance(act, (Square, Quadratic)) and isinstance(lin2, nn.Linear)):
         raise ValueError(
             "method='quadratic' needs nn.Sequential(Linear, Square() or Quadratic(alpha), Linear) on one-hot inputs; "
             "use method='exact' or 'sampled' for other models"
         )
-    lin1, act, lin2 = mods
     beta, alpha = (0.0, 1.0) if isinstance(act, Square) else (1.0, act.alpha)
     w = lin1.weight.detach().to(torch.float64).reshape(-1, length, q)  # W_k,i(a)
     b = lin1.bias.detach().to(torch.float64) if lin1.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
@@ -652,9 +389,7 @@ def _quadratic(model: nn.Module, length: int, q: int, target: Target, device: to
     e0 = v @ (beta * b + alpha * b * b) + c
     h = torch.einsum("oh,hia->oia", v, beta * w + alpha * (2 * b[:, None, None] * w + w * w))
     j = 2 * alpha * torch.einsum("oh,hia,hjb->oijab", v, w, w)
-    off = _offdiag(length, j.device).to(j.dtype)
-    j = j * off
-    e0, h, j = zero_sum_gauge(h, j, e0)
+    e0, h, j = zero_sum_gauge(h, j, e0)  # which also zeroes the diagonal blocks i == j
     e0, h, j = e0.to(device), h.to(device), j.to(device)
     # orthogonal zero-sum terms: the variance of the (exactly order-2) energy is their sum
     total = h.pow(2).mean(-1).sum(-1) + 0.5 * j.pow(2).mean(dim=(-2, -1)).sum(dim=(-2, -1))
@@ -752,3 +487,208 @@ def _sampled(
                 replicates[key].append(value)
         e.variance_explained_se = {key: replicate_standard_error(torch.stack(v), "jackknife") for key, v in replicates.items()}
     return e
+
+
+# ---------------------------------------------------------------------------------------------
+# the measurement
+# ---------------------------------------------------------------------------------------------
+
+
+def check_target(target: object) -> Target:
+    """``target`` if it is ``None``, an output index ``>= 0`` or a pair of distinct indices (a list becomes a tuple).
+
+    Raises:
+        ValueError: any other form (the message gives the three).
+    """
+
+    def index(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if target is None or index(target):
+        return target  # type: ignore[return-value]
+    if isinstance(target, (tuple, list)) and len(target) == 2 and all(index(v) for v in target) and target[0] != target[1]:
+        return (target[0], target[1])
+    raise ValueError(
+        f"target must be None, an output index >= 0, or a pair (a, b) of distinct output indices for z_a - z_b; got {target!r}"
+    )
+
+
+def resolve_target(model: nn.Module, seq_len: int, num_states: int, target: object = None) -> int | tuple[int, int]:
+    """The output :func:`measure_expansion` expands: ``target``, else ``(1, 0)`` (``z_1 - z_0``) for two outputs, else 0.
+
+    Raises:
+        ValueError: a malformed ``target``, one naming an output the model does not have, or a model that rejects
+            the encoded input.
+    """
+    checked = check_target(target)
+    k = Evaluator(model, num_states, one_hot_flat, None, 2)(torch.zeros(2, seq_len, dtype=torch.long)).shape[1]
+    if checked is None:
+        return (1, 0) if k == 2 else 0
+    top = max(checked) if isinstance(checked, tuple) else checked
+    if top >= k:
+        raise ValueError(
+            f"target={checked!r} names output {top}, but {type(model).__name__} has {k} output(s) (0..{k - 1}); "
+            f"choose indices below {k}"
+        )
+    return checked
+
+
+def unit_pairs(units: object) -> dict[str, list[int]]:
+    """``units`` (``(layer, unit)`` pairs) grouped by layer, in the order given (one expansion serves a layer's units).
+
+    Raises:
+        ValueError: ``units`` is not a list of pairs of a layer name and an index ``>= 0``, or names a pair twice.
+    """
+    form = (
+        "units must be a list of (layer, unit) pairs: a named_modules() path (a non-empty string) and a flattened "
+        "unit index >= 0, e.g. [('net.0', 3)]"
+    )
+    if isinstance(units, (str, bytes)) or not isinstance(units, Sequence):
+        raise ValueError(f"{form}; got {units!r}")
+    groups: dict[str, list[int]] = {}
+    for item in units:
+        ok = isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str) and item[0] != ""
+        if not (ok and isinstance(item[1], int) and not isinstance(item[1], bool) and item[1] >= 0):
+            raise ValueError(f"{form}; got {item!r} in units")
+        if item[1] in groups.get(item[0], []):
+            raise ValueError(f"units names {(item[0], item[1])!r} twice; list each (layer, unit) once")
+        groups.setdefault(item[0], []).append(int(item[1]))
+    return groups
+
+
+def _corr(a: Tensor, b: Tensor) -> Tensor:
+    a, b = a.flatten().double(), b.flatten().double().to(a.device)
+    a, b = a - a.mean(), b - b.mean()
+    return (a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-300)
+
+
+def _order_scalars(e: PottsExpansion, strength: Tensor, prefix: str) -> dict[str, tuple[Scalar, Scalar | None]]:
+    se = e.variance_explained_se
+    out: dict[str, tuple[Scalar, Scalar | None]] = {
+        f"{prefix}{name}": (e.variance_explained[key], None if se is None else se[key])
+        for key, name in ((1, "var_order1"), (2, "var_order2"), ("residual", "var_residual"))
+    }
+    out[f"{prefix}max_coupling"] = (strength.max(), None)
+    return out
+
+
+@dataclass
+class ExpansionResult:
+    """What :func:`measure_expansion` measured.
+
+    Attributes:
+        expansion: the target logit's :class:`PottsExpansion` (single output).
+        strength: its APC-corrected coupling strengths ``[L, L]`` (:meth:`PottsExpansion.coupling_strength`).
+        units: per expanded hidden unit, ``"<layer>/unit<u>"`` to its expansion and coupling strengths.
+        field_corr: correlation of the zero-sum fields with the planted field difference (``None``: none planted).
+        coupling_corr: the same for the couplings.
+        top_pairs: rows of the strongest-pairs tables.
+    """
+
+    expansion: PottsExpansion
+    strength: Tensor
+    units: dict[str, tuple[PottsExpansion, Tensor]] = field(default_factory=dict)
+    field_corr: Tensor | None = None
+    coupling_corr: Tensor | None = None
+    top_pairs: int = 10
+
+    def scalars(self) -> dict[str, tuple[Scalar, Scalar | None]]:
+        """``var_order1``, ``var_order2``, ``var_residual`` (standard errors for the sampled method),
+        ``max_coupling``, ``field_corr`` and ``coupling_corr`` (with planted parameters), and the first four for
+        every unit under ``<layer>/unit<u>/``."""
+        out = _order_scalars(self.expansion, self.strength, "")
+        if self.field_corr is not None and self.coupling_corr is not None:
+            out["field_corr"], out["coupling_corr"] = (self.field_corr, None), (self.coupling_corr, None)
+        for key, (e, strength) in self.units.items():
+            out.update(_order_scalars(e, strength, f"{key}/"))
+        return out
+
+    def tables(self) -> dict[str, Table]:
+        """``strongest_pairs`` (``site_i``, ``site_j``, ``strength_apc``; ``top_pairs`` rows) of the logit and of each unit."""
+        columns = ["site_i", "site_j", "strength_apc"]
+        expansions = {"": self.expansion, **{f"{key}/": e for key, (e, _) in self.units.items()}}
+        return {
+            f"{key}strongest_pairs": (columns, [[i, j, s] for i, j, s in e.strongest_pairs(self.top_pairs, apc=True)])
+            for key, e in expansions.items()
+        }
+
+
+def measure_expansion(
+    model: nn.Module,
+    inputs: Tensor | None = None,
+    labels: Tensor | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    seq_len: int | None = None,
+    num_states: int,
+    method: Literal["sampled", "exact", "quadratic"] = "sampled",
+    order: int = 2,
+    num_samples: int = 256,
+    target: object = None,
+    max_evaluations: int = 2**20,
+    units: Sequence[tuple[str, int]] = (),
+    planted: tuple[Tensor, Tensor] | None = None,
+    top_pairs: int = 10,
+) -> ExpansionResult:
+    """The Potts expansion of a categorical-input classifier's logit (and of hidden units), with its read-outs.
+
+    The model takes one-hot sequences (:func:`one_hot_flat`). The logit ``target`` is expanded by :func:`expand`
+    (``None``: ``z_1 - z_0`` for two outputs, output 0 otherwise; :func:`resolve_target`), and so is every
+    ``(layer, unit)`` of ``units`` (the units of a layer share one expansion). Every expansion draws the same
+    background sequences (each starts from ``generator``'s state).
+
+    Args:
+        model: the classifier.
+        inputs: background sequences of states ``[S, L]`` for the sampled method (a data distribution);
+            ``None``: ``num_samples`` uniformly random ones, as the callback uses.
+        labels: not used (the expansion describes the model's function, not labelled data).
+        generator: the background draws (``None``: seed 0).
+        seq_len: sites ``L`` (``None``: the width of ``inputs``).
+        num_states: states per site ``q``.
+        method: ``"sampled"``, ``"exact"`` or ``"quadratic"`` (see :func:`expand`).
+        order: 1 or 2.
+        num_samples: background sequences of the sampled method.
+        target: an output index, ``(a, b)`` for ``z_a - z_b``, or ``None`` (the default above).
+        max_evaluations: the exact method's limit.
+        units: hidden units to expand as well: ``(layer, unit)`` pairs (see :func:`expand`'s ``layer``, ``unit``).
+        planted: planted ``(field difference [L, q], coupling difference [L, L, q, q])`` (e.g. a
+            :class:`~lightning_interp.datamodules.PottsDataModule`'s): adds ``field_corr`` and ``coupling_corr``,
+            their correlations with the recovered zero-sum-gauge terms.
+        top_pairs: rows of the strongest-pairs tables.
+
+    Returns:
+        An :class:`ExpansionResult` on the model's device.
+
+    Raises:
+        ValueError: as :func:`expand`, :func:`resolve_target` and :func:`unit_pairs`; no ``seq_len``.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(3 * 2, 4), Square(), nn.Linear(4, 2))
+        >>> result = measure_expansion(model, seq_len=3, num_states=2, method="exact")
+        >>> sorted(result.scalars()), float(result.scalars()["var_residual"][0]) < 1e-9
+        (['max_coupling', 'var_order1', 'var_order2', 'var_residual'], True)
+    """
+    del labels
+    length = seq_len if seq_len is not None or inputs is None or inputs.ndim != 2 else inputs.shape[1]
+    if length is None:
+        raise ValueError("measure_expansion needs seq_len=<the sites L> (or background sequences inputs [S, L])")
+    resolved = resolve_target(model, length, num_states, target)
+    state = None if generator is None else generator.get_state()
+
+    def run(**which: object) -> PottsExpansion:
+        gen = None if state is None else torch.Generator().set_state(state)
+        kw = dict(order=order, method=method, num_samples=num_samples, generator=gen, background=inputs)
+        return expand(model, length, num_states, max_evaluations=max_evaluations, **kw, **which)  # type: ignore[arg-type]
+
+    e = run(target=resolved)
+    result = ExpansionResult(e, e.coupling_strength(apc=True), top_pairs=top_pairs)
+    if planted is not None:
+        h = torch.as_tensor(planted[0], dtype=torch.float64)
+        _, h0, j0 = zero_sum_gauge(h, torch.as_tensor(planted[1], dtype=torch.float64))
+        result.field_corr, result.coupling_corr = _corr(e.fields, h0), _corr(e.couplings, j0)
+    for layer, indices in unit_pairs(units).items():
+        layer_expansion = run(layer=layer, unit=indices)
+        for k, unit in enumerate(indices):
+            eu = layer_expansion.select(k)
+            result.units[f"{layer}/unit{unit}"] = (eu, eu.coupling_strength(apc=True))
+    return result

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import io
+import typing
 from collections.abc import Sequence
 from typing import Any
 
@@ -192,3 +193,84 @@ def ald_figure(weight: Tensor, fit: Any) -> Any:
         ax2.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# correlation orders and the expansion
+# ---------------------------------------------------------------------------------------------
+
+__all__ += ["correlation_orders_figure", "coupling_strength_figure", "expansion_figures"]
+
+if typing.TYPE_CHECKING:
+    from lightning_interp.correlation import CorrelationResult
+    from lightning_interp.expansion import ExpansionResult
+
+
+def correlation_orders_figure(result: CorrelationResult, history: Sequence[dict[str, float]] = ()) -> Any:
+    """The correlation orders' figure: the accuracies per layer now, and the higher-order gap over training.
+
+    Args:
+        result: :func:`~lightning_interp.correlation.measure_correlation`'s result (left: ``acc_real`` and the
+            three orders per layer, ± 1 SE).
+        history: earlier measurements' scalars with a ``step`` (right: ``<layer>/higher_order_gap`` ± 1 SE per
+            layer over the steps); empty: the right panel stays empty.
+
+    Returns:
+        A matplotlib ``Figure``.
+    """
+    layers = result.layers
+    fig, (ax1, ax2) = subplots(1, 2, figsize=(10, 3.8))
+    pos = torch.arange(len(layers)).float()
+    names = ("acc_real", "acc_order2", "acc_order1", "acc_order0")
+    for i, label in enumerate(("real", "order 2", "order 1", "order 0")):
+        values = [float(v[names[i]][0]) for v in layers.values()]
+        ses = [float(v[names[i]][1]) for v in layers.values()]
+        ax1.bar(pos + (i - 1.5) * 0.2, values, width=0.2, label=label, yerr=ses, capsize=2)
+    ax1.set_xticks(pos.tolist(), list(layers), rotation=30, fontsize=7)
+    ax1.set_ylabel("probe accuracy (± 1 SE)")
+    ax1.set_ylim(0, 1.02)
+    ax1.legend(fontsize=7)
+    ax1.set_title("Gaussian surrogates per layer")
+    for layer in layers:
+        key = f"{layer}/higher_order_gap"
+        pts = [(h["step"], h[key], h.get(f"{key}_se", float("nan"))) for h in history if key in h]
+        if pts:
+            steps, gaps, gap_ses = (torch.tensor(v, dtype=torch.float64) for v in zip(*pts, strict=True))
+            ax2.errorbar(steps, gaps, yerr=gap_ses, marker="o", capsize=3, label=layer)
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("acc_real - acc_order2 (± 1 SE)")
+    ax2.set_title("higher-order gap over training")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def coupling_strength_figure(strength: Tensor, title: str) -> Any:
+    """A map of coupling strengths ``[L, L]`` between sites (e.g. :meth:`PottsExpansion.coupling_strength`).
+
+    Returns:
+        A matplotlib ``Figure``.
+    """
+    s = strength.double().cpu()
+    fig, ax = subplots(figsize=(4.5, 4))
+    im = ax.imshow(s, cmap="viridis")
+    ax.set_xlabel("site j")
+    ax.set_ylabel("site i")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.05)
+    return fig
+
+
+def expansion_figures(result: ExpansionResult) -> dict[str, Any]:
+    """The expansion's figures: the logit's coupling-strength map and one per expanded hidden unit.
+
+    Args:
+        result: :func:`~lightning_interp.expansion.measure_expansion`'s result.
+
+    Returns:
+        ``{"coupling_strength": Figure, "<layer>/unit<u>/coupling_strength": Figure, ...}``.
+    """
+    figs = {"coupling_strength": coupling_strength_figure(result.strength, "coupling strength (Frobenius, APC)")}
+    for key, (_, strength) in result.units.items():
+        figs[f"{key}/coupling_strength"] = coupling_strength_figure(strength, f"{key}: coupling strength (Frobenius, APC)")
+    return figs

@@ -3,7 +3,7 @@
 Reference:
     Fischer, René, Keup, Layer, Dahmen, Helias, "Decomposing neural networks as mappings of correlation
     functions", Physical Review Research 4, 043143 (2022); propagation as in METHODS.md section 4 and
-    :func:`lightning_interp.correlation.propagate_moments`.
+    :func:`lightning_interp.gaussian_closure.propagate_moments`.
 
 Run (from the repository root)::
 
@@ -15,7 +15,7 @@ smoke test only (``--width 32 --mc-samples 4000 --ref-samples 40000 --batch 1000
 --mc-repeats 1``).
 
 Setup. A 3-layer MLP of width ``W`` (``--width``): ``Linear(W, W) -> act -> Linear(W, W) -> act ->
-Linear(W, W)`` with ``act`` = ``nn.ReLU`` or :class:`~lightning_interp.correlation.Quadratic` (``z + alpha
+Linear(W, W)`` with ``act`` = ``nn.ReLU`` or :class:`~lightning_interp.encoding.Quadratic` (``z + alpha
 z^2``); weights ``N(0, g^2 / W)`` with gain ``g = sqrt(2)`` for ReLU and ``1`` for Quadratic, biases
 ``N(0, 0.1^2)``. Input ``x ~ N(mu, Sigma)`` with ``mu ~ N(0, 0.25 I)`` and ``Sigma = A A^T / W``, ``A``
 standard normal ``W x W`` (a Wishart matrix, full rank, eigenvalues spread over ``(0, 4)``), so the
@@ -28,7 +28,7 @@ only mean and covariance, Gaussian closure, is an approximation for both activat
 
 Measured, in one run:
 
-* time of :func:`~lightning_interp.correlation.propagate_moments` (median of ``--repeats`` after one
+* time of :func:`~lightning_interp.gaussian_closure.propagate_moments` (median of ``--repeats`` after one
   warm-up) and of Monte-Carlo propagation with ``--mc-samples`` draws (median of ``--mc-repeats``:
   Cholesky factor of ``Sigma``, draws, forward pass, mean and covariance of the output), both float64
   (Monte Carlo also in float32, as a user might run it); ``speed-up`` = MC time / analytic time;
@@ -61,7 +61,8 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from lightning_interp.correlation import Quadratic, propagate_moments
+from lightning_interp.encoding import Quadratic
+from lightning_interp.gaussian_closure import propagate_moments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py, also when imported by path (tests)
 import harness

@@ -24,7 +24,7 @@ when the files under ``--data-dir`` are absent or damaged.
 What is trained: for every data set in ``--data``, every activation in ``--activations`` and every seed
 (``--seed``, ``--seed + 1``, ... ``--seeds`` of them: the seed sets the weights, the data split and the
 surrogate draws), an MLP ``Linear -> act -> Linear -> act -> Linear`` where ``act`` is
-:class:`~lightning_interp.correlation.Quadratic` (``z + alpha z^2``) or ``nn.ReLU``, trained with Lightning
+:class:`~lightning_interp.encoding.Quadratic` (``z + alpha z^2``) or ``nn.ReLU``, trained with Lightning
 (Adam, cross-entropy) with the product's :class:`~lightning_interp.callbacks.CorrelationOrderCallback`
 attached (layers ``input``, each hidden activation and the logits, probe = the validation split, measured at
 the start, every few epochs and at the end). Data:
@@ -46,8 +46,8 @@ Measured per layer ``L`` (the final measurement of the callback, on the validati
 and the forward pass continues), ``gap = real - order2`` (what orders above two carry) and the mean
 absolute excess kurtosis of the units (``nongauss``). ``theory``: the class Gaussians
 ``N(mu_c, Sigma_c)`` of ``L``, estimated on the *test* split, are propagated analytically through the
-remaining modules to the logits (:func:`~lightning_interp.correlation.propagate_moments`, Gaussian closure
-after every activation) and :func:`~lightning_interp.correlation.theory_accuracy` turns the logit
+remaining modules to the logits (:func:`~lightning_interp.gaussian_closure.propagate_moments`, Gaussian closure
+after every activation) and :func:`~lightning_interp.gaussian_closure.theory_accuracy` turns the logit
 Gaussians into an accuracy; it is the analytic counterpart of ``order2`` at ``L``. For the logits layer no
 propagation is involved. ``gauss-logit MC`` separates the two approximations in ``theory``: the same
 Gaussians of ``L`` are pushed through the real remaining layers by Monte Carlo (``--theory-mc-draws`` per
@@ -90,8 +90,10 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from lightning_interp.callbacks import CorrelationOrderCallback
-from lightning_interp.correlation import INPUT, ClassMoments, Quadratic, layer_outputs, propagate_moments, theory_accuracy
+from lightning_interp.correlation import INPUT, layer_outputs
 from lightning_interp.datamodules import DigitsDataModule, HigherOrderDataModule, MNISTDataModule, XORDataModule
+from lightning_interp.encoding import Quadratic
+from lightning_interp.gaussian_closure import ClassMoments, propagate_moments, theory_accuracy
 from lightning_interp.models import MLPClassifier
 from lightning_interp.plotting import subplots
 from lightning_interp.stats import mean_and_se

@@ -67,7 +67,8 @@ from tqdm import tqdm
 
 from lightning_interp.callbacks.expansion import LogitExpansionCallback
 from lightning_interp.datamodules.potts import PottsDataModule
-from lightning_interp.expansion import PottsExpansion, expand, zero_sum_gauge
+from lightning_interp.encoding import zero_sum_gauge
+from lightning_interp.expansion import PottsExpansion, expand
 from lightning_interp.models import MLPClassifier
 from lightning_interp.plotting import subplots
 

@@ -15,9 +15,9 @@ from lightning_interp.correlation import (
     LayerReplacement,
     Quadratic,
     gaussian_surrogates,
+    measure_correlation,
     propagate_moments,
     relu_moments,
-    surrogate_accuracy,
     theory_accuracy,
 )
 from lightning_interp.hooks import count_hooks
@@ -187,22 +187,18 @@ def test_xor_class_information_lives_in_the_covariance() -> None:
     y = (s[:, 0] * s[:, 1] > 0).long()
     model = _train(nn.Sequential(nn.Linear(2, 16), Quadratic(0.5), nn.Linear(16, 2)), x, y)
     xt, yt = x[:2000], y[:2000]
-    moments = ClassMoments(2)
-    moments.update(xt, yt)
+    result = measure_correlation(model, xt, yt, generator=torch.Generator().manual_seed(0), layers=["input", "1"])
     with torch.no_grad():
         real = (model(xt).argmax(1) == yt).double().mean().item()
-    acc = {o: surrogate_accuracy(model, "input", xt, yt, moments, o, torch.Generator().manual_seed(o)).item() for o in (0, 1, 2)}
+    assert result.layers["input"]["acc_real"][0].item() == pytest.approx(real, abs=1e-12)
+    acc = {o: result.layers["input"][f"acc_order{o}"][0].item() for o in (0, 1, 2)}
     assert real > 0.9
     assert abs(acc[1] - 0.5) < 0.05 and abs(acc[0] - 0.5) < 0.05, acc  # equal class means: order 1 at chance
     # order 2 keeps the sign of the correlation: 1/2 + arcsin(rho)/pi with rho = 1/(1 + noise^2) for a
     # sign-product classifier, 0.795 here; the trained network reaches most of its accuracy from it
     assert acc[2] > 0.75 and acc[2] > 0.8 * real, (acc, real)
     # at the hidden (quadratic) layer, order 1 already carries the class (the means now differ)
-    hidden = ClassMoments(2)
-    with torch.no_grad():
-        hidden.update(model[1](model[0](xt)), yt)
-    acc1_hidden = surrogate_accuracy(model, "1", xt, yt, hidden, 1, torch.Generator().manual_seed(3)).item()
-    assert acc1_hidden > 0.75
+    assert result.layers["1"]["acc_order1"][0].item() > 0.75
 
 
 def test_higher_order_task_order2_at_chance_at_the_input() -> None:
@@ -219,22 +215,21 @@ def test_higher_order_task_order2_at_chance_at_the_input() -> None:
     xt, yt = x[:3000], y[:3000]
     with torch.no_grad():
         real = (model(xt).argmax(1) == yt).double().mean().item()
-    moments = ClassMoments(2)
-    moments.update(xt, yt)
-    acc2 = surrogate_accuracy(model, "input", xt, yt, moments, 2, torch.Generator().manual_seed(0)).item()
+    inputs = measure_correlation(model, xt, yt, generator=torch.Generator().manual_seed(0), layers="input").layers["input"]
+    acc2 = inputs["acc_order2"][0].item()
     assert real > 0.6, real
     assert abs(acc2 - 0.5) < 0.04, acc2
-    assert moments.non_gaussianity().item() > 1.0  # the Laplace class has excess kurtosis 3
+    assert inputs["non_gaussianity"][0].item() > 1.0  # the Laplace class has excess kurtosis 3
 
 
 def test_bivariate_normal_cdf_against_scipy_up_to_near_perfect_correlation() -> None:
     from scipy.stats import multivariate_normal
 
-    from lightning_interp.correlation import _bvn_cdf
+    from lightning_interp.gaussian_closure import bivariate_normal_cdf
 
     cases = [(0.3, 0.3, 0.999999), (0.3, 0.3, 0.9999), (0.3, -0.2, 0.5), (-1.0, 0.5, -0.9), (2.0, 1.0, 0.95), (-3.0, -3.0, 0.0)]
     h, k, r = (torch.tensor(v, dtype=torch.float64) for v in zip(*cases, strict=True))
-    got = _bvn_cdf(h, k, r)
+    got = bivariate_normal_cdf(h, k, r)
     for i, (hh, kk, rr) in enumerate(cases):
         ref = multivariate_normal([0, 0], [[1, rr], [rr, 1]]).cdf([hh, kk])
         assert got[i].item() == pytest.approx(ref, abs=1e-7)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -12,7 +15,7 @@ from scipy.stats import chisquare
 
 from lightning_interp.datamodules import PottsDataModule
 from lightning_interp.datamodules.potts import one_hot_flat
-from lightning_interp.expansion import zero_sum_gauge
+from lightning_interp.encoding import zero_sum_gauge
 from lightning_interp.models import MLPClassifier
 from lightning_interp.tasks import Estimate, PottsTask
 
@@ -395,3 +398,32 @@ def test_trains_a_classifier_one_step() -> None:
     trainer.fit(model, dm)
     assert trainer.global_step == 1
     assert not torch.equal(model.net[0].weight, before)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data below methods (issue 24)
+
+METHOD_MODULES = ("posterior", "saliency", "ablation", "correlation", "expansion", "gaussian_closure", "sequences")
+
+
+def test_the_data_imports_no_method_module() -> None:
+    """``tasks/`` and the data modules build on :mod:`lightning_interp.encoding` only, never on a method."""
+    code = (
+        "import sys, lightning_interp.tasks, lightning_interp.datamodules.potts, lightning_interp.datamodules.synthetic\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('lightning_interp'))))"
+    )
+    root = Path(__file__).resolve().parents[1]
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root).stdout.split()
+    assert {"lightning_interp.tasks.potts", "lightning_interp.encoding"} <= set(loaded), loaded
+    assert not {f"lightning_interp.{m}" for m in METHOD_MODULES} & set(loaded), loaded
+
+
+def test_the_old_import_paths_of_the_shared_algebra_still_work() -> None:
+    from lightning_interp import encoding
+    from lightning_interp.correlation import Quadratic
+    from lightning_interp.expansion import one_hot_flat as expansion_one_hot
+    from lightning_interp.expansion import reference_gauge
+    from lightning_interp.expansion import zero_sum_gauge as expansion_gauge
+
+    assert Quadratic is encoding.Quadratic and expansion_one_hot is encoding.one_hot_flat is one_hot_flat
+    assert expansion_gauge is encoding.zero_sum_gauge and reference_gauge is encoding.reference_gauge

@@ -2,16 +2,13 @@
 
 Reference: Fischer, René, Keup, Layer, Dahmen, Helias, Physical Review Research 4, 043143 (2022). See
 :mod:`lightning_interp.correlation` (definitions follow docs/correlation.md; the paper's exact formulas
-are not reproduced here).
+are not reproduced here). Every logged number comes from :func:`~lightning_interp.correlation.measure_correlation`.
 """
 
 from __future__ import annotations
 
-import math
-import time
-import weakref
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -20,87 +17,48 @@ from torch import Tensor, nn
 from lightning_interp.callbacks.base import (
     InterpretabilityCallback,
     Measurement,
-    RunOn,
     check_int,
     check_layers_run,
     check_logits,
     model_device_dtype,
 )
-from lightning_interp.callbacks.probe import ProbeSource, Unpack
-from lightning_interp.correlation import INPUT, LayerReplacement, Quadratic, gaussian_surrogates, layer_outputs, non_gaussianity
-from lightning_interp.hooks import get_module
-from lightning_interp.plotting import subplots
-from lightning_interp.stats import mean_and_se
+from lightning_interp.correlation import INPUT, LayerReplacement, layer_outputs, measure_correlation, resolve_layers
+from lightning_interp.plotting import correlation_orders_figure
+from lightning_interp.results import flat_scalars
 
 __all__ = ["PILOT_WORK", "CorrelationOrderCallback"]
 
 #: The fraction of the probe the cost pilot (:meth:`CorrelationOrderCallback.estimate_cost`) measures (at least the floor).
 PILOT_WORK = 0.5
 
-#: Module types whose outputs ``layers="auto"`` tracks (after the model input).
-ACTIVATIONS: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.LeakyReLU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Tanh,
-    nn.Sigmoid,
-    nn.ELU,
-    nn.Softplus,
-    nn.Hardswish,
-    Quadratic,
-)
-
-
-def _hits(logits: Tensor, labels: Tensor) -> Tensor:
-    """Per example 1.0 where the prediction is the label, 0.0 where not, NaN where a logit is non-finite.
-
-    ``argmax`` of NaN logits is the first NaN's class: it would count as a prediction of class 0.
-    """
-    hit = (logits.argmax(dim=-1) == labels).to(torch.float64)
-    return torch.where(torch.isfinite(logits).all(dim=-1), hit, torch.full_like(hit, math.nan))
-
 
 class CorrelationOrderCallback(InterpretabilityCallback):
     """Track how much of each layer's classification is carried by order 1, order 2 and higher orders.
 
-    At each measurement, for every tracked layer (``"input"`` is the model input), the layer's output on a
-    fixed labelled probe set is replaced by Gaussian surrogates of order 2, 1 and 0 with the class means
-    and covariances of that output (drawn exactly from the probe samples by
-    :func:`~lightning_interp.correlation.gaussian_surrogates`, for layers of any width) and the forward
-    pass continues from the layer (:class:`~lightning_interp.correlation.LayerReplacement`: the part
-    before the layer runs once where ``torch.fx`` can split the model). Logged per layer ``L``:
-    ``correlation/<L>/acc_real``, ``acc_order2``, ``acc_order1``, ``acc_order0``,
-    ``higher_order_gap = acc_real - acc_order2`` (each with ``_se``: the standard error over the probe
-    examples, which also carries the noise of the surrogate draw, one per example; the gap's is paired)
-    and ``non_gaussianity`` (mean absolute excess kurtosis of the units, with ``_se``: the delete-a-group
-    jackknife's over the examples, :func:`~lightning_interp.correlation.non_gaussianity`), and
-    ``correlation/probe_size``, the examples measured. When the overhead budget scales a measurement down
-    (:attr:`work` < 1) it uses a class-balanced prefix of the probe: the first ``ceil(work * n_c)`` examples
-    of every class, never fewer than ``min_per_class`` (or the class's ``n_c``), so :meth:`work_floor` is
-    ``min_per_class / n_min`` (``n_min``: the smallest class's probe examples). A non-finite logit makes that
-    example's hits NaN (so the accuracies and the gap are NaN), not a prediction of class 0.
-    Figures: the accuracies per layer now, and the higher-order gap per layer
-    over training (the tracking).
+    At each measurement, :func:`~lightning_interp.correlation.measure_correlation` runs on a fixed labelled
+    probe set: for every tracked layer (``"input"`` is the model input), the layer's output is replaced by
+    Gaussian surrogates of order 2, 1 and 0 with the class means and covariances of that output and the
+    forward pass continues from the layer. Logged per layer ``L``: ``correlation/<L>/acc_real``,
+    ``acc_order2``, ``acc_order1``, ``acc_order0``, ``higher_order_gap = acc_real - acc_order2`` (each with
+    ``_se``: the standard error over the probe examples, which also carries the noise of the surrogate draw,
+    one per example; the gap's is paired) and ``non_gaussianity`` (mean absolute excess kurtosis of the units,
+    with ``_se``: the delete-a-group jackknife's over the examples), and ``correlation/probe_size``, the
+    examples measured. The surrogate draws come from :meth:`draw_generator` (the seed and the step). When the
+    overhead budget scales a measurement down (:attr:`work` < 1) it uses a class-balanced prefix of the probe:
+    the first ``ceil(work * n_c)`` examples of every class, never fewer than ``min_per_class`` (or the class's
+    ``n_c``), so :meth:`work_floor` is ``min_per_class / n_min`` (``n_min``: the smallest class's probe
+    examples). Figures: the accuracies per layer now, and the higher-order gap per layer over training (the
+    tracking).
 
     Args:
         layers: ``"auto"`` (the input and every activation module) or ``named_modules()`` paths
             (``"input"`` for the model input).
         probe_size: labelled probe examples (drawn once, own generator).
         min_per_class: fewest probe examples a class present in the probe must have.
-        every_n_epochs: see :class:`~lightning_interp.callbacks.base.InterpretabilityCallback`.
-        every_n_steps: see the base class.
-        run_on: see the base class.
-        measure_at_start: see the base class.
-        measure_at_end: see the base class.
-        seed: seed of the probe draw and of the surrogate draws (with the step).
-        log_images: see the base class.
-        figure_dir: see the base class.
-        key_prefix: see the base class.
-        probe: labelled probe data instead of the trainer's; see the base class.
-        unpack: how to read a batch; see the base class.
-        prog_bar: scalars to show in the progress bar; see the base class.
-        budget: the share of training time its scheduled measurements may use; see the base class.
+        **kwargs: the arguments every callback shares (``every_n_epochs``, ``every_n_steps``, ``run_on``,
+            ``measure_at_start``, ``measure_at_end``, ``seed`` (of the probe and of the surrogate draws),
+            ``log_images``, ``figure_dir``, ``key_prefix``, ``probe``, ``unpack``, ``prog_bar``, ``budget``): see
+            :class:`~lightning_interp.callbacks.base.InterpretabilityCallback`.
 
     Raises:
         ValueError: in ``__init__``, for ``layers`` that are neither ``"auto"`` nor layer names,
@@ -117,39 +75,9 @@ class CorrelationOrderCallback(InterpretabilityCallback):
     prefix = "correlation"
 
     def __init__(
-        self,
-        layers: str | Sequence[str] = "auto",
-        probe_size: int = 512,
-        min_per_class: int = 10,
-        every_n_epochs: int | None = 1,
-        every_n_steps: int | None = None,
-        run_on: RunOn = "train_epoch_end",
-        measure_at_start: bool = False,
-        measure_at_end: bool = True,
-        seed: int = 0,
-        log_images: bool = True,
-        figure_dir: str | None = None,
-        key_prefix: str | None = None,
-        probe: ProbeSource | None = None,
-        unpack: Unpack = None,
-        prog_bar: Sequence[str] = (),
-        budget: float | Literal["auto"] | None = "auto",
+        self, layers: str | Sequence[str] = "auto", probe_size: int = 512, min_per_class: int = 10, **kwargs: Any
     ) -> None:
-        super().__init__(
-            every_n_epochs=every_n_epochs,
-            every_n_steps=every_n_steps,
-            run_on=run_on,
-            measure_at_start=measure_at_start,
-            measure_at_end=measure_at_end,
-            seed=seed,
-            log_images=log_images,
-            figure_dir=figure_dir,
-            key_prefix=key_prefix,
-            probe=probe,
-            unpack=unpack,
-            prog_bar=prog_bar,
-            budget=budget,
-        )
+        super().__init__(**kwargs)
         names = [layers] if isinstance(layers, str) else layers
         if not isinstance(names, Sequence) or not names or not all(isinstance(n, str) and n for n in names):
             raise ValueError(f"layers must be 'auto' or a list of named_modules() paths ('input' for the input), got {layers!r}")
@@ -157,30 +85,17 @@ class CorrelationOrderCallback(InterpretabilityCallback):
         check_int("min_per_class", min_per_class, 2)
         self.layer_spec = layers
         self.probe_size, self.min_per_class = probe_size, min_per_class
-        self._replacements: dict[str, LayerReplacement] = {}
-        self._model_ref: Any = None  # weak reference: a new model (even at a reused address) gets new replacements
+        self._replacements: dict[str, LayerReplacement] = {}  # the torch.fx splits, reused while the model stays
         self.layers: list[str] = []
         self._probe: tuple[Tensor, Tensor] | None = None
-        self._num_classes = 0
         self._members: list[Tensor] = []  # probe positions of each class present, in probe order
-        self._timing = (0.0, 0.0)  # seconds of the last measurement: all but the surrogate draws, the draws
 
     def _state_key_fields(self) -> dict[str, Any]:
         return {"layers": self.layer_spec, "probe_size": self.probe_size}
 
     # ------------------------------------------------------------------ setup
-    def _resolve_layers(self, module: nn.Module) -> list[str]:
-        if self.layer_spec == "auto":
-            acts = [name for name, m in module.named_modules() if name and isinstance(m, ACTIVATIONS)]
-            return [INPUT, *acts]
-        names = [self.layer_spec] if isinstance(self.layer_spec, str) else list(self.layer_spec)
-        for name in names:
-            if name != INPUT:
-                get_module(module, name)
-        return names
-
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.layers = self._resolve_layers(pl_module)
+        self.layers = resolve_layers(pl_module, self.layer_spec)
         if self._probe is None:
             self._probe = self.labelled_probe(trainer, self.probe_size)
         x, y = self._probe
@@ -196,25 +111,22 @@ class CorrelationOrderCallback(InterpretabilityCallback):
         # a layer that exists but never runs in forward() has no output to replace: say so now, not at step 8
         check_layers_run(pl_module, [name for name in self.layers if name != INPUT], head, "CorrelationOrderCallback")
         layer_outputs(pl_module, self.layers, head)  # the layers' outputs are float tensors (else a TypeError)
-        self._num_classes = logits.shape[1]
-        if y.min() < 0 or y.max() >= self._num_classes:
-            raise ValueError(
-                f"probe labels lie in {int(y.min())}..{int(y.max())}, outside the model's {self._num_classes} classes"
-            )
-        counts = torch.bincount(y, minlength=self._num_classes)
-        few = [c for c in range(self._num_classes) if 0 < counts[c] < self.min_per_class]
+        num_classes = logits.shape[1]
+        if y.min() < 0 or y.max() >= num_classes:
+            raise ValueError(f"probe labels lie in {int(y.min())}..{int(y.max())}, outside the model's {num_classes} classes")
+        counts = torch.bincount(y, minlength=num_classes)
+        few = [c for c in range(num_classes) if 0 < counts[c] < self.min_per_class]
         if few:
             raise ValueError(
                 f"classes {few} have fewer than min_per_class={self.min_per_class} probe examples "
                 f"(counts {counts[few].tolist()}); increase probe_size or lower min_per_class"
             )
         # each class's probe positions in probe order: a scaled measurement takes the first ones of every class
-        self._members = [torch.nonzero(y == c).flatten() for c in range(self._num_classes) if counts[c] > 0]
+        self._members = [torch.nonzero(y == c).flatten() for c in range(num_classes) if counts[c] > 0]
         # the torch.fx splits are set up here, once per model: a one-time cost that the pilot should not scale
-        if self._model_ref is None or self._model_ref() is not pl_module:
-            self._replacements, self._model_ref = {}, weakref.ref(pl_module)
         for layer in self.layers:
-            if layer not in self._replacements:
+            run = self._replacements.get(layer)
+            if run is None or run.model is not pl_module:
                 self._replacements[layer] = LayerReplacement(pl_module, layer)
 
     # ------------------------------------------------------------------ sizes and cost
@@ -257,12 +169,15 @@ class CorrelationOrderCallback(InterpretabilityCallback):
             subset = self._subset()
         finally:
             self.work = 1.0
-        self._evaluate(pl_module, subset)
+        linear_s, draws_s = self._measure_at(pl_module, subset).data["result"].seconds
         ratio = len(self._probe[1]) / len(subset)
-        linear_s, draws_s = self._timing
         return linear_s * ratio + draws_s * ratio * ratio
 
     # ------------------------------------------------------------------ measurement
+    def draw_generator(self) -> torch.Generator:
+        """The generator of the surrogate draws of the measurement at :attr:`step`: seeded by ``seed`` and the step."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
+
     def measure(self, pl_module: nn.Module) -> Measurement:
         """The orders of every layer on the probe, or (scaled by :attr:`work`) on its class-balanced prefix.
 
@@ -270,77 +185,21 @@ class CorrelationOrderCallback(InterpretabilityCallback):
         """
         if self._probe is None:
             raise RuntimeError("CorrelationOrderCallback.measure() called before setup()")
-        full = len(self._probe[1])
-        subset = self._subset() if self.work < 1 else torch.arange(full)
-        return self._evaluate(pl_module, subset)
+        subset = self._subset() if self.work < 1 else torch.arange(len(self._probe[1]))
+        return self._measure_at(pl_module, subset)
 
-    def _evaluate(self, pl_module: nn.Module, subset: Tensor) -> Measurement:
-        """The measurement on the probe examples at positions ``subset`` (in probe order)."""
+    def _measure_at(self, pl_module: nn.Module, subset: Tensor) -> Measurement:
+        """:func:`~lightning_interp.correlation.measure_correlation` on the probe examples at positions ``subset``."""
         if self._probe is None:
             raise RuntimeError("CorrelationOrderCallback.measure() called before setup()")
-        linear = draws_s = 0.0
-        start = time.perf_counter()
-        device, dtype = model_device_dtype(pl_module)
         x, y = self._probe
-        x, y = x[subset].to(device=device, dtype=dtype), y[subset].to(device)
-        outputs, logits = layer_outputs(pl_module, self.layers, x)
-        hit_real = _hits(logits, y)
-        acc_real, acc_real_se = mean_and_se(hit_real)
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
-        scalars: dict[str, Tensor | float] = {"probe_size": float(len(y))}
-        accs: dict[str, list[float]] = {}
-        if self._model_ref is None or self._model_ref() is not pl_module:
-            self._replacements, self._model_ref = {}, weakref.ref(pl_module)
-        for layer in self.layers:
-            if layer not in self._replacements:
-                self._replacements[layer] = LayerReplacement(pl_module, layer)
-            run = self._replacements[layer]
-            run.prepare(x)
-            mark = time.perf_counter()
-            # one surrogate draw per example: the spread over examples holds the probe's and the draw's noise
-            draws = gaussian_surrogates(outputs[layer], y, (2, 1, 0), gen)
-            draws_s += time.perf_counter() - mark
-            hits = [_hits(run(d), y) for d in draws]
-            scalars[f"{layer}/acc_real"], scalars[f"{layer}/acc_real_se"] = acc_real, acc_real_se
-            orders = []
-            for order, hit in zip((2, 1, 0), hits, strict=True):
-                acc, se = mean_and_se(hit)
-                scalars[f"{layer}/acc_order{order}"], scalars[f"{layer}/acc_order{order}_se"] = acc, se
-                orders.append(float(acc))
-            # paired over the same examples: the SE of the per-example difference
-            gap, gap_se = mean_and_se(hit_real - hits[0])
-            scalars[f"{layer}/higher_order_gap"], scalars[f"{layer}/higher_order_gap_se"] = gap, gap_se
-            # per-unit moments of the classes present only (memory at ImageNet scale), with a jackknife error bar
-            kurt, kurt_se = non_gaussianity(outputs[layer], y)
-            scalars[f"{layer}/non_gaussianity"], scalars[f"{layer}/non_gaussianity_se"] = kurt, kurt_se
-            accs[layer] = [float(acc_real), *orders]
-        linear = time.perf_counter() - start - draws_s
-        self._timing = (linear, draws_s)
-        return Measurement(scalars=scalars, data={"accs": accs})
+        result = measure_correlation(
+            pl_module, x[subset], y[subset], generator=self.draw_generator(), layers=self.layers, replacements=self._replacements
+        )
+        return Measurement(scalars=flat_scalars(result), data={"result": result})
 
-    # ------------------------------------------------------------------ figures
     def figures(self, measurement: Measurement) -> dict[str, Any]:
-        accs = measurement.data["accs"]
-        fig, (ax1, ax2) = subplots(1, 2, figsize=(10, 3.8))
-        pos = torch.arange(len(accs)).float()
-        names = ("acc_real", "acc_order2", "acc_order1", "acc_order0")
-        for i, label in enumerate(("real", "order 2", "order 1", "order 0")):
-            ses = [float(measurement.scalars.get(f"{layer}/{names[i]}_se", math.nan)) for layer in accs]
-            ax1.bar(pos + (i - 1.5) * 0.2, [v[i] for v in accs.values()], width=0.2, label=label, yerr=ses, capsize=2)
-        ax1.set_xticks(pos.tolist(), list(accs), rotation=30, fontsize=7)
-        ax1.set_ylabel("probe accuracy (± 1 SE)")
-        ax1.set_ylim(0, 1.02)
-        ax1.legend(fontsize=7)
-        ax1.set_title("Gaussian surrogates per layer")
-        for layer in accs:
-            key = f"{layer}/higher_order_gap"
-            pts = [(h["step"], h[key], h.get(f"{key}_se", math.nan)) for h in self.history if key in h]
-            if pts:
-                steps, gaps, ses = (torch.tensor(v, dtype=torch.float64) for v in zip(*pts, strict=True))
-                ax2.errorbar(steps, gaps, yerr=ses, marker="o", capsize=3, label=layer)
-        ax2.set_xlabel("step")
-        ax2.set_ylabel("acc_real - acc_order2 (± 1 SE)")
-        ax2.set_title("higher-order gap over training")
-        ax2.legend(fontsize=7)
-        fig.tight_layout()
-        return {"orders": fig}
+        return {"orders": correlation_orders_figure(measurement.data["result"], self.history)}
+
+    def tables(self, measurement: Measurement) -> dict[str, tuple[list[str], list[list[Any]]]]:
+        return measurement.data["result"].tables() if "result" in measurement.data else {}

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_interp.expansion import one_hot_flat
+from lightning_interp.encoding import one_hot_flat
 from lightning_interp.tasks.potts import PottsTask
 
 __all__ = ["PottsDataModule", "one_hot_flat"]

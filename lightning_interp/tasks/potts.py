@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_interp.expansion import one_hot_flat, zero_sum_gauge
+from lightning_interp.encoding import one_hot_flat, zero_sum_gauge
 from lightning_interp.tasks.base import Estimate, GenerativeTask
 
 __all__ = ["MAX_ENUMERATION", "PottsTask"]
@@ -46,7 +46,7 @@ class PottsTask(GenerativeTask):
     3. ``num_pairs`` distinct site pairs ``i < j`` chosen uniformly (``.pairs``, int64 ``[num_pairs, 2]``);
     4. on each chosen pair, class couplings ``J^c_ij = J^s_ij + D^c_ij``, where ``D^c_ij`` is a ``q x q`` block of iid
        ``coupling_scale * N(0, 1)`` entries (class 0 then class 1) brought to the zero-sum gauge with
-       :func:`~lightning_interp.expansion.zero_sum_gauge` (every row and column sums to zero: a pure interaction
+       :func:`~lightning_interp.encoding.zero_sum_gauge` (every row and column sums to zero: a pure interaction
        that no field can absorb); elsewhere ``J^c_ij = J^s_ij``.
 
     The background cancels in the log-odds, whose couplings ``J^1 - J^0`` are therefore non-zero only on the planted
@@ -165,7 +165,7 @@ class PottsTask(GenerativeTask):
         """The ``[2, P, q, q]`` blocks on pairs ``(rows, cols)`` (``rows < cols``) in the zero-sum gauge.
 
         Pure interactions, with no part that a field could absorb: the blocks are laid out as symmetric couplings
-        and gauge-fixed by :func:`~lightning_interp.expansion.zero_sum_gauge` (fields of zero), which double-centres
+        and gauge-fixed by :func:`~lightning_interp.encoding.zero_sum_gauge` (fields of zero), which double-centres
         every block.
         """
         length, q = self.seq_len, self.num_states
