@@ -61,11 +61,32 @@ def _lookup(name: Any, registry: dict[str, Method]) -> Method:
 
 
 def _parameters(cls: type) -> list[inspect.Parameter]:
-    return [
-        p
-        for p in inspect.signature(cls).parameters.values()
-        if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-    ]
+    """The named constructor arguments, with those a ``**kwargs`` passes on to the base classes' ``__init__``."""
+    found: dict[str, inspect.Parameter] = {}
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = list(inspect.signature(init).parameters.values())[1:]  # without self
+        for p in params:
+            if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+                found.setdefault(p.name, p)
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            break
+    return list(found.values())
+
+
+def _accepts_any(cls: type) -> bool:
+    """Whether some ``__init__`` down the ``**kwargs`` chain takes any keyword (then no argument is unknown)."""
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(init).parameters.values()):
+            return False
+        if klass is object or klass.__module__.startswith("lightning."):
+            return True  # Lightning's Callback.__init__ ends the chain
+    return True
 
 
 def required_arguments(name: str) -> list[str]:
@@ -111,8 +132,7 @@ def _build(name: str, method: Method, kwargs: dict[str, Any]) -> Callback:
     try:
         callback: Callback = cls(**kwargs)
     except (TypeError, ValueError) as err:
-        accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(cls).parameters.values())
-        unknown = [] if accepts_any else sorted(set(kwargs) - set(params))
+        unknown = [] if _accepts_any(cls) else sorted(set(kwargs) - set(params))
         hint = ""
         if unknown:
             hint = f" {cls.__name__} has no argument(s) {', '.join(unknown)}; its arguments are {', '.join(params)}."
