@@ -174,7 +174,6 @@ class Ledger:
         measured: measurements made at cadence points (and the end).
         render_cost: seconds the last figures took (``None`` until figures were rendered).
         step0: the trainer's step when the account started (a resumed fit starts past 0).
-        prep_seconds: checks and probe draws made since setup, booked as spent when the account starts.
     """
 
     share: float | None = None
@@ -185,11 +184,9 @@ class Ledger:
     measured: int = 0
     render_cost: float | None = None
     step0: int = 0
-    prep_seconds: float = 0.0
 
-    def start(self, share: float | None, step: int) -> None:
-        """Open the account of a fit at trainer step ``step``; the checks made since setup count as spent."""
-        spent, self.prep_seconds = self.prep_seconds, 0.0
+    def start(self, share: float | None, step: int, spent: float = 0.0) -> None:
+        """Open the account of a fit at trainer step ``step``, with ``spent`` seconds used already (the checks)."""
         self.clock, self.spent, self.cost, self.skipped = time.perf_counter() - spent, spent, None, 0
         self.measured, self.step0, self.render_cost, self.share = 0, step, None, share
 
