@@ -195,15 +195,15 @@ class MeasuringCallback(Callback, ABC):
             :data:`~lightning_interp.probe.INPUT_KEYS` and :data:`~lightning_interp.probe.LABEL_KEYS`.
         prog_bar: names (without the prefix) of scalars to show in the progress bar.
         budget: the share of training wall time this callback's measurements may use (pilots, figures and
-            tables included). ``"auto"``: an equal part of :data:`DEFAULT_BUDGET` (0.05, or
+            tables included). ``"auto"``: an equal part of :data:`~lightning_interp.callbacks.budget.DEFAULT_BUDGET` (0.05, or
             ``LIGHTNING_INTERP_BUDGET``) shared by all ``"auto"`` callbacks on the trainer; a number: this
             callback's own share; ``None``: no limit. The plan (:func:`~lightning_interp.callbacks.budget.plan_point`):
             the measurement at the end of ``fit`` always runs, its cost reserved from the start; a point in
-            between runs at full size when its paced part of the share allows, at a reduced size (down to
-            :meth:`work_floor`, logged as ``work``) when only that fits, and is skipped otherwise (counted in
-            ``skipped``). A point a monitor reads always runs (at least at the floor). The cost of a full
-            measurement is the last one's (scaled to full size), or for the first a pilot
-            (:meth:`estimate_cost`). ``trainer.validate`` and explicit :meth:`run` calls are not limited.
+            between runs at full size when its paced part of the share allows, at a reduced size (down to the
+            callback's ``work_floor()``, logged as ``work``) when only that fits, and is skipped otherwise (counted
+            in ``skipped``). A point a monitor reads always runs (at least at the floor). The cost of a full
+            measurement is the last one's (scaled to full size), or for the first a pilot (``estimate_cost()``).
+            ``trainer.validate`` and explicit :meth:`run` calls are not limited.
 
     Raises:
         ValueError: a malformed shared argument (negative cadence, unknown ``run_on``, ...).
@@ -231,7 +231,11 @@ class MeasuringCallback(Callback, ABC):
         budget: float | Literal["auto"] | None = "auto",
     ) -> None:
         super().__init__()
-        check_callback_arguments(**{k: v for k, v in locals().items() if k not in ("self", "__class__", "probe")})
+        check_callback_arguments(
+            every_n_epochs=every_n_epochs, every_n_steps=every_n_steps, run_on=run_on, measure_at_start=measure_at_start,
+            measure_at_end=measure_at_end, seed=seed, log_images=log_images, figure_dir=figure_dir, key_prefix=key_prefix,
+            unpack=unpack, prog_bar=prog_bar, budget=budget,
+        )  # fmt: skip
         self.every_n_epochs, self.every_n_steps, self.run_on = every_n_epochs or 0, every_n_steps or 0, run_on
         self.measure_at_start, self.measure_at_end, self.seed = measure_at_start, measure_at_end, seed
         self.log_images, self.figure_dir = log_images, figure_dir
