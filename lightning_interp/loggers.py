@@ -159,7 +159,7 @@ def write_figure(figure_dir: str, key: str, image: np.ndarray, step: int, who: s
         f.write(array_to_png(image))
 
 
-def log_figure(loggers: Iterable[Any], key: str, image: np.ndarray, step: int, who: str, warn: Warn) -> None:
+def log_figure(loggers: Iterable[Any], key: str, image: np.ndarray, step: int | None, who: str, warn: Warn) -> None:
     """Send ``image`` (``[H, W, C]`` uint8, e.g. :func:`~lightning_interp.plotting.figure_to_array`) to the loggers
     that take images under ``key``; ``warn`` for each other logger (:func:`no_images_message`)."""
     from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
@@ -181,7 +181,7 @@ def markdown_table(columns: list[str], rows: list[list[Any]]) -> str:
 
 
 def log_table(
-    loggers: Iterable[Any], key: str, columns: list[str], rows: list[list[Any]], step: int, who: str, warn: Warn
+    loggers: Iterable[Any], key: str, columns: list[str], rows: list[list[Any]], step: int | None, who: str, warn: Warn
 ) -> None:
     """Send a table to the loggers that take tables (wandb's table, TensorBoard's text as :func:`markdown_table`)
     under ``key``; ``warn`` for each other logger (:func:`no_tables_message`)."""
