@@ -60,11 +60,28 @@ from lightning_interp.loggers import figure_filesystem
 
 # the names' homes are the modules above; importable from here as before (the callbacks import them from here)
 __all__ = [
-    "BUDGET_ENV", "BUDGET_SLACK", "BUDGET_TIMED", "DEFAULT_BUDGET", "RENDER_PILOT", "SIZE_KEYS", "InterpretabilityCallback",
-    "Measurement", "MeasuringCallback", "RunOn", "check_choice", "check_class_names", "check_int", "check_layers_run",
-    "check_logits", "check_number", "default_budget", "figure_filesystem", "isolate", "model_device_dtype",
+    "BUDGET_ENV",
+    "BUDGET_SLACK",
+    "BUDGET_TIMED",
+    "DEFAULT_BUDGET",
+    "RENDER_PILOT",
+    "SIZE_KEYS",
+    "InterpretabilityCallback",
+    "Measurement",
+    "MeasuringCallback",
+    "RunOn",
+    "check_choice",
+    "check_class_names",
+    "check_int",
+    "check_layers_run",
+    "check_logits",
+    "check_number",
+    "default_budget",
+    "figure_filesystem",
+    "isolate",
+    "model_device_dtype",
     "nonfinite_parameters",
-]  # fmt: skip
+]
 
 
 class InterpretabilityCallback(MeasuringCallback):
