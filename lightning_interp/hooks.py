@@ -15,9 +15,11 @@ Example:
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
+import numpy as np
 import torch._dynamo
 import torch.fx
 from torch import Tensor, nn
@@ -28,6 +30,7 @@ __all__ = [
     "count_hooks",
     "forward_hooks",
     "get_module",
+    "isolate",
     "layer_names",
     "leaves",
     "replace",
@@ -122,6 +125,34 @@ def uncompiled(model: nn.Module) -> Iterator[nn.Module]:
             parent._modules[key] = child
         for module, forward in reversed(forwards):
             module.__dict__["forward"] = forward
+
+
+@contextmanager
+def isolate(module: nn.Module, grad: bool = False) -> Iterator[None]:
+    """Run a measurement on ``module`` without perturbing training.
+
+    Puts every submodule in eval mode, disables autograd (unless ``grad``), forks the global CPU
+    (and CUDA) RNG and Python's and NumPy's global random states, and restores the train/eval mode of
+    every submodule and the ``requires_grad`` of every parameter in ``finally``. Gradients needed by a method must be taken with
+    ``torch.autograd.grad`` (never ``.backward()``), so ``.grad`` stays untouched. Submodules compiled
+    with ``torch.compile`` run their original, eager modules inside the block (see :func:`uncompiled`).
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    cuda = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
+    # datasets read for a probe may augment with Python's or NumPy's global RNG
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=cuda), torch.set_grad_enabled(grad), uncompiled(module):
+            module.eval()
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        for m, training in modes:
+            m.training = training
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def count_hooks(model: nn.Module) -> int:
@@ -248,7 +279,7 @@ def trace_at(model: nn.Module, layer: str) -> tuple[torch.fx.Graph, torch.fx.Nod
     """
     get_module(model, layer)
     tracer = torch.fx.Tracer()
-    tracer.is_leaf_module = lambda m, qualname: qualname == layer or torch.fx.Tracer.is_leaf_module(tracer, m, qualname)  # type: ignore[method-assign]
+    tracer.is_leaf_module = lambda m, qualname: qualname == layer or torch.fx.Tracer.is_leaf_module(tracer, m, qualname)  # type: ignore[method-assign,assignment]
     graph = tracer.trace(model)
     targets = [n for n in graph.nodes if n.op == "call_module" and n.target == layer]
     if len(targets) != 1:

@@ -187,7 +187,7 @@ def test_auto_budgets_share_the_default(monkeypatch: pytest.MonkeyPatch) -> None
     mine = SlowProbe(0.01, key_prefix="c", budget=0.2)
     trainer = _fit([a, b, mine], steps=4)
     assert trainer.state.finished
-    assert (a._share, b._share, mine._share) == pytest.approx((0.15, 0.15, 0.2))
+    assert (a.ledger.share, b.ledger.share, mine.ledger.share) == pytest.approx((0.15, 0.15, 0.2))
     monkeypatch.setenv(BUDGET_ENV, "off")
     assert default_budget() is None
     monkeypatch.setenv(BUDGET_ENV, "lots")
@@ -265,4 +265,4 @@ def test_the_first_measurement_of_saliency_and_correlation_is_judged_by_a_pilot(
     _fit(cbs, model=SlowCNN(), data=data)
     for cb in cbs:
         assert cb.skipped >= 1 and cb.history[-1]["step"] == 40.0, type(cb).__name__
-        assert cb._cost is not None and cb._cost >= 0.005 * cb.forward_passes()
+        assert cb.ledger.cost is not None and cb.ledger.cost >= 0.005 * cb.forward_passes()

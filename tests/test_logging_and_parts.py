@@ -14,10 +14,10 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 
 from lightning_interp.callbacks import PosteriorGapCallback
-from lightning_interp.callbacks.probe import draw_probe
 from lightning_interp.datamodules import SyntheticDataModule
 from lightning_interp.hooks import capture, count_hooks, get_module, replace
 from lightning_interp.models import MLPClassifier, SmallCNN
+from lightning_interp.probe import draw_probe
 from lightning_interp.tasks import GaussianTask, xie_task
 
 

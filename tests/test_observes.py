@@ -101,7 +101,7 @@ def test_every_callback_measures_the_end_of_a_fit_under_the_default_budget(auto_
     trainer.fit(DigitNet(), DataLoader(train, batch_size=32, shuffle=True), DataLoader(val, batch_size=100))
     final = trainer.global_step
     for cb in cbs:
-        assert cb._share == pytest.approx(0.05 / 3), "the auto budget, shared three ways"
+        assert cb.ledger.share == pytest.approx(0.05 / 3), "the auto budget, shared three ways"
         assert cb.measured >= 1 and cb.history[-1]["step"] == final, f"{cb.prefix}: the final step is measured"
         last = cb.history[-1]
         assert 1 <= last["probe_size"] <= cb.probe_size and 0 < last["work"] <= 1, cb.prefix

@@ -47,7 +47,7 @@ def _fsdp2_modules(module: nn.Module) -> list[nn.Module]:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # torch < 2.6: FSDP2 lived under _composable
         try:
-            from torch.distributed._composable.fsdp import FSDPModule  # type: ignore[no-redef]
+            from torch.distributed._composable.fsdp import FSDPModule  # type: ignore[no-redef,unused-ignore]
         except ImportError:
             return []
     return [m for m in module.modules() if isinstance(m, FSDPModule)]
