@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_interp.ablation.core import BayesianAblation, choose_method, probe_tensors
+from lightning_interp.ablation.core import MAX_EXACT_UNITS, BayesianAblation, choose_method, probe_tensors
 from lightning_interp.ablation.likelihood import REST_PER_CHAIN, Likelihood
 from lightning_interp.ablation.masked import MaskedForward
 from lightning_interp.ablation.readouts import AblationResult, effective_sample_size, summarize
@@ -83,6 +83,38 @@ class AblationMeasurement:
                 t, unit = divmod(idx, info.shape[1])
                 rows.append([layer, unit, labels[t], float(r.importance[t, unit]), float(info[t, unit])])
         return {"top_units": (["layer", "unit", "task", "importance", "information_bits"], rows)}
+
+    def warnings(self, min_ess: float = 100.0, suggest_steps: int | None = None) -> dict[str, str]:
+        """Warnings by tag: an MCMC ``ess`` below ``min_ess``; left-out pairs that could carry more than a bit.
+
+        The second fires where ``manifold_complexity_left_out`` exceeds 1 bit and 3 standard errors of the
+        manifold complexity (the bound is loose: a unit weakly tied to many others has a large one).
+        ``suggest_steps``: the ``num_steps`` the ESS warning suggests (default ten times this run's).
+        """
+        out, scalars = {}, self.scalars()
+        run = f"{self.num_chains} chains x {self.num_steps} steps"
+        for layer, r in self.results.items():
+            if r.method != "mcmc":
+                continue
+            ess, median = float(scalars[f"{layer}/ess"][0]), float(scalars[f"{layer}/ess_median"][0])
+            if f"{layer}/manifold_complexity_left_out" in scalars and r.complexity_pairs is not None:
+                left_out, se = scalars[f"{layer}/manifold_complexity_left_out"][0], scalars[f"{layer}/manifold_complexity"][1]
+                if float(left_out) > max(1.0, 3 * float(se if se is not None else math.nan)):
+                    out[f"complexity-{layer}"] = (
+                        f"layer {layer!r}: the manifold complexity counts {float(r.complexity_pairs.double().mean()):.0f} "
+                        f"unit pairs (mean over tasks); the dependent pairs whose information is below the noise of {run} "
+                        f"are left out, and could add up to {float(left_out):.3g} bits (manifold_complexity_left_out, a "
+                        "loose upper bound): read the value as a lower estimate, or raise num_steps."
+                    )
+            if ess < min_ess:  # (False for NaN)
+                out[f"ess-{layer}"] = (
+                    f"layer {layer!r}: the MCMC effective sample size is {ess:.0f} (median over units {median:.0f}), "
+                    f"below min_ess={min_ess:g}, with {run}: the read-outs are noisy (their _se says how much; the "
+                    "manifold complexity's is often as large as the value). Raise num_steps / num_chains (e.g. "
+                    f"num_steps={suggest_steps or self.num_steps * 10}), or probe a layer of at most {MAX_EXACT_UNITS} "
+                    "units (exact enumeration)."
+                )
+        return out
 
     def task_labels(self, r: AblationResult) -> list[str]:
         """The tasks of a result as figures and tables name them: class names where ``class_names`` has them."""
