@@ -12,6 +12,7 @@ import copy
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx
@@ -284,11 +285,11 @@ class MaskedForward:
             else:
                 x = prepared[0]
                 big = x.unsqueeze(0).expand(k, *x.shape).reshape(k * n, *x.shape[1:])
-                with replace(
-                    self.model,
-                    self.layer,
-                    lambda h, chunk=chunk, k=k: (h.reshape(k, n, *h.shape[1:]) * _mask_view(h, chunk)).reshape(h.shape),
-                ):
+
+                def mask_rows(h: Tensor, chunk: Tensor = chunk, k: int = k) -> Tensor:
+                    return (h.reshape(k, n, *h.shape[1:]) * _mask_view(h, chunk)).reshape(h.shape)
+
+                with replace(self.model, self.layer, mask_rows):
                     logits = self.model(big)
             yield logits.reshape(k, n, -1)
 
@@ -321,7 +322,11 @@ class MaskedForward:
                     h = torch.where(_row_mask_view(h, chunk, as_bool=True), h, self.masked_value)
                 logits = self.suffix(h, *[v.index_select(0, idx) for v in prepared[1:]])
             else:
-                with replace(self.model, self.layer, lambda h, chunk=chunk: h * _row_mask_view(h, chunk)):
+
+                def mask_row(h: Tensor, chunk: Tensor = chunk) -> Tensor:
+                    return h * _row_mask_view(h, chunk)
+
+                with replace(self.model, self.layer, mask_row):
                     logits = self.model(prepared[0].index_select(0, idx))
             out.append(predicted_class(logits))
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=rows.device)
@@ -377,7 +382,12 @@ class MaskedForward:
             h = prepared[0]
             return h.shape[_unit_dim(h)]
         store: list[int] = []
-        with forward_hooks(self.model, {self.layer: lambda _m, _i, h: store.append(h.shape[_unit_dim(h)])}), torch.no_grad():
+
+        def count(_m: nn.Module, _i: tuple[Any, ...], h: object) -> None:
+            assert isinstance(h, Tensor)
+            store.append(h.shape[_unit_dim(h)])
+
+        with forward_hooks(self.model, {self.layer: count}), torch.no_grad():
             self.model(prepared[0][:1])
         return store[0]
 

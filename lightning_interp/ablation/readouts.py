@@ -240,10 +240,13 @@ def pairwise_information_bits(importance: Tensor, joint: Tensor, cap: Tensor | N
         (pj - j11, (1 - pi) * pj),
         (1 - pi - pj + j11, (1 - pi) * (1 - pj)),
     ]
-    mi = sum(
+    terms = [
         torch.where(j > 0, j * (j.clamp_min(1e-300).log() - m.clamp_min(1e-300).log()), torch.zeros_like(j)) for j, m in cells
-    )
-    mi = mi / LOG2  # type: ignore[operator]
+    ]
+    mi = terms[0]
+    for term in terms[1:]:  # added in turn, as sum() would
+        mi = mi + term
+    mi = mi / LOG2
     if cap is not None:
         mi = torch.minimum(mi, cap)
     return torch.triu(mi, diagonal=1).sum(dim=(-2, -1)) if reduce else mi
