@@ -22,6 +22,7 @@ _NAMES: dict[str, str] = {
     "GenerativeTask": "lightning_interp.tasks",
     "XieTask": "lightning_interp.tasks",
     "xie_task": "lightning_interp.tasks",
+    "measure_ablation": "lightning_interp.ablation",
 }
 
 #: Submodules reachable as attributes (``lightning_interp.callbacks``) before anyone imports them.
@@ -53,11 +54,13 @@ __all__ = [
     "PosteriorGap",
     "XieTask",
     "__version__",
+    "measure_ablation",
     "posterior_gap",
     "xie_task",
 ]
 
 if TYPE_CHECKING:  # type checkers and IDEs see the eager imports
+    from lightning_interp.ablation import measure_ablation
     from lightning_interp.posterior import PosteriorGap, posterior_gap
     from lightning_interp.tasks import GaussianMixtureTask, GaussianTask, GenerativeTask, XieTask, xie_task
 
