@@ -26,6 +26,7 @@ _NAMES: dict[str, str] = {
     "GenerativeTask": "lightning_interp.tasks",
     "XieTask": "lightning_interp.tasks",
     "xie_task": "lightning_interp.tasks",
+    "measure_ablation": "lightning_interp.ablation",
 }
 
 #: Submodules reachable as attributes (``lightning_interp.callbacks``) before anyone imports them.
@@ -62,6 +63,7 @@ __all__ = [
     "PosteriorGap",
     "XieTask",
     "__version__",
+    "measure_ablation",
     "measure_correlation",
     "measure_expansion",
     "posterior_gap",
@@ -69,6 +71,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # type checkers and IDEs see the eager imports
+    from lightning_interp.ablation import measure_ablation
     from lightning_interp.correlation import CorrelationResult, measure_correlation
     from lightning_interp.expansion import ExpansionResult, measure_expansion
     from lightning_interp.posterior import PosteriorGap, posterior_gap

@@ -14,15 +14,28 @@ Example:
 from __future__ import annotations
 
 import io
-import typing
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-__all__ = ["ald_figure", "array_to_png", "figure_to_array", "figure_to_png", "png_to_array", "saliency_grid", "subplots"]
+if TYPE_CHECKING:  # the ablation is imported only by whoever draws its figures
+    from lightning_interp.ablation import AblationMeasurement, AblationResult
+
+__all__ = [
+    "ablation_errorbar_figure",
+    "ablation_figures",
+    "ablation_importance_figure",
+    "ald_figure",
+    "array_to_png",
+    "figure_to_array",
+    "figure_to_png",
+    "png_to_array",
+    "saliency_grid",
+    "subplots",
+]
 
 
 def subplots(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] | None = None, **kwargs: Any) -> tuple[Any, Any]:
@@ -201,7 +214,7 @@ def ald_figure(weight: Tensor, fit: Any) -> Any:
 
 __all__ += ["correlation_orders_figure", "coupling_strength_figure", "expansion_figures"]
 
-if typing.TYPE_CHECKING:
+if TYPE_CHECKING:
     from lightning_interp.correlation import CorrelationResult
     from lightning_interp.expansion import ExpansionResult
 
@@ -274,3 +287,65 @@ def expansion_figures(result: ExpansionResult) -> dict[str, Any]:
     for key, (_, strength) in result.units.items():
         figs[f"{key}/coupling_strength"] = coupling_strength_figure(strength, f"{key}: coupling strength (Frobenius, APC)")
     return figs
+def ablation_figures(measurement: AblationMeasurement) -> dict[str, Any]:
+    """The figures of a :func:`~lightning_interp.ablation.measure_ablation` result, by key, per layer ``L``.
+
+    ``L/importance``: the importance of every unit for every task (:func:`ablation_importance_figure`);
+    ``L/importance_errors``: the importances with error bars where the fit has them (:func:`ablation_errorbar_figure`).
+    """
+    figs = {}
+    for layer, r in measurement.results.items():
+        labels = measurement.task_labels(r)
+        figs[f"{layer}/importance"] = ablation_importance_figure(layer, r, labels)
+        if r.importance_se is not None:
+            figs[f"{layer}/importance_errors"] = ablation_errorbar_figure(layer, r, labels)
+    return figs
+
+
+def ablation_importance_figure(layer: str, r: AblationResult, labels: Sequence[str]) -> Any:
+    """An image of ``P(unit kept | task correct)`` (tasks x units) of one layer's result (:class:`AblationResult`).
+
+    Wide layers (a ResNet's 2048 channels) and many tasks: the figure stays a readable size (at most 14 x 12
+    inches; task names on the axis up to 40 tasks).
+    """
+    imp = r.importance.double().cpu()
+    width, height = min(14.0, max(4, 0.25 * imp.shape[1] + 2)), min(12.0, max(2.5, 0.3 * imp.shape[0] + 1.5))
+    fig, ax = subplots(figsize=(width, height))
+    im = ax.imshow(imp, cmap="RdBu_r", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+    if len(labels) <= 40:
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.set_ylabel("task")
+    ax.set_xlabel("unit")
+    ax.set_title(f"{layer}: P(unit kept | task correct) ({r.method})", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.05, label="importance")
+    return fig
+
+
+def ablation_errorbar_figure(layer: str, r: AblationResult, labels: Sequence[str], max_units: int = 64) -> Any:
+    """Importance with +-2 SE bars, one line per task (at most 10 tasks), of a result with ``importance_se``.
+
+    On a wide layer the ``max_units`` units with the most information (summed over the tasks), labelled by their index.
+    """
+    if r.importance_se is None:
+        raise ValueError("the result has no importance errors (one chain, or num_bootstrap=0): no error bars to draw")
+    imp, se = r.importance.double().cpu(), r.importance_se.double().cpu()
+    shown = torch.arange(imp.shape[1])
+    if imp.shape[1] > max_units:
+        shown = r.information_bits.double().cpu().nan_to_num().sum(0).argsort(descending=True)[:max_units].sort().values
+    fig, ax = subplots(figsize=(max(5, 0.12 * len(shown) + 3), 3.2))
+    units = torch.arange(len(shown))
+    for t in range(min(10, imp.shape[0])):
+        offset = 0.6 * (t / max(1, imp.shape[0]) - 0.3)
+        ax.errorbar(units + offset, imp[t, shown], yerr=2 * se[t, shown], fmt=".", ms=3, lw=0.8, label=labels[t])
+    which = ""
+    if len(shown) < imp.shape[1]:
+        ax.set_xticks(units.tolist(), [str(u) for u in shown.tolist()], fontsize=5, rotation=90)
+        which = f", the {len(shown)} most informative of {imp.shape[1]} units"
+    ax.axhline(0.5, color="grey", lw=0.6, ls="--")
+    ax.set_xlabel("unit")
+    ax.set_ylabel("P(unit kept | task correct)")
+    kind = {"jackknife": "jackknife over chains", "bootstrap": "bootstrap over probe"}.get(r.replicate_kind, r.replicate_kind)
+    ax.set_title(f"{layer}: importance +- 2 SE ({kind}){which}", fontsize=9)
+    ax.legend(fontsize=6, ncol=5, loc="lower right")
+    fig.tight_layout()
+    return fig

@@ -293,7 +293,7 @@ def test_bad_input() -> None:
     x = torch.randn(10, 3)
     with pytest.raises(ValueError, match=r"unknown layer 'nope'"):
         BayesianAblation(model, "nope")
-    with pytest.raises(ValueError, match=r"exact enumeration needs d <= 16 units, '1' has 20"):
+    with pytest.raises(ValueError, match=r"method='exact' enumerates 2\^d masks and needs d <= 16, but layer '1' has 20 units"):
         BayesianAblation(model, "1", method="exact").fit(x, torch.zeros(10, dtype=torch.long))
     with pytest.raises(ValueError, match=r"task 'class 1' has no probe examples"):
         BayesianAblation(model, "1").fit(x, torch.zeros(10, dtype=torch.long), tasks=[0, 1])
@@ -307,7 +307,7 @@ def test_bad_input() -> None:
 
 def test_ess_matches_a_loop_over_geyers_initial_positive_sequence() -> None:
     """The vectorised effective sample size equals a per-unit loop, and is near ``n (1 - a) / (1 + a)`` for AR(1)."""
-    from lightning_interp.ablation import _ess
+    from lightning_interp.ablation import chain_ess as _ess
 
     g = torch.Generator().manual_seed(0)
     c, s, d = 4, 400, 3
@@ -874,7 +874,7 @@ def test_affine_head_steps_add_one_column_and_match_the_head() -> None:
 
 def test_many_tasks_run_in_blocks_that_equal_separate_fits(monkeypatch: pytest.MonkeyPatch) -> None:
     """Blocks of class tasks (memory bounds) give, per block, exactly the fit of that block's tasks alone."""
-    import lightning_interp.ablation as ablation_module
+    import lightning_interp.ablation.core as ablation_module  # the engine reads the memory bounds there
 
     model = _pooled_cnn(nn.Linear(24, 5))
     x = torch.randn(60, 1, 6, 6)
@@ -899,6 +899,7 @@ def test_many_tasks_run_in_blocks_that_equal_separate_fits(monkeypatch: pytest.M
 
 def test_callback_names_tasks_by_class_and_keeps_wide_figures_readable() -> None:
     """Class names label the tasks in figures and tables; a 300-unit layer's figures stay a readable size."""
+    from lightning_interp.ablation import AblationMeasurement
     from lightning_interp.callbacks import AblationProbeCallback
     from lightning_interp.callbacks.base import Measurement
 
@@ -911,9 +912,10 @@ def test_callback_names_tasks_by_class_and_keeps_wide_figures_readable() -> None
     r = BayesianAblation(model, "1", method="mcmc", num_chains=2, num_steps=30, burn_in=5).fit(x, y, tasks=[1, 3])
     assert r.task_classes == [1, 3]
     cb = AblationProbeCallback(layers="1", class_names=["ant", "bee", "cat", "dog"])
-    assert cb.task_labels(r) == ["bee", "dog"]
-    assert AblationProbeCallback(layers="1").task_labels(r) == ["class 1", "class 3"]
-    measurement = Measurement(scalars={}, data={"results": {"1": r}})
+    named = AblationMeasurement({"1": r}, {}, 2, 30, 40, class_names=cb.class_names)
+    assert named.task_labels(r) == ["bee", "dog"]
+    assert AblationMeasurement({"1": r}, {}, 2, 30, 40).task_labels(r) == ["class 1", "class 3"]
+    measurement = Measurement(scalars={}, data={"result": named, "results": {"1": r}})
     figs = cb.figures(measurement)
     heat, bars = figs["1/importance"], figs["1/importance_errors"]
     assert [t.get_text() for t in heat.axes[0].get_yticklabels()] == ["bee", "dog"]
@@ -1123,6 +1125,7 @@ def test_pilot_is_within_twice_the_measurement_on_three_shapes() -> None:
 
 def test_budget_sizes_scale_steps_then_probe_and_keep_every_class() -> None:
     """work < 1: kept steps first (floor max(100, kept / 4)), then the probe (floor 64, every class); logged sizes."""
+    from lightning_interp.ablation.measure import round_robin_order, step_rows
     from lightning_interp.callbacks import AblationProbeCallback
     from lightning_interp.callbacks.ablation import MIN_KEPT_STEPS, MIN_PROBE
 
@@ -1132,9 +1135,15 @@ def test_budget_sizes_scale_steps_then_probe_and_keep_every_class() -> None:
     x, y = torch.randn(300, 4), torch.arange(300) % 10
     cb = AblationProbeCallback(layers="1", method="mcmc", num_chains=2, num_steps=1000, burn_in=100, probe_size=300)
     cb._probe = (x, y)
+
+    def rows(size: int) -> int:  # the rows of a step on the first `size` examples of the round-robin order
+        return step_rows(y[round_robin_order(y)[:size]], "classes", 2, "balanced", 64)
+
+    assert rows(300) == BayesianAblation(model, "1", num_chains=2).rows_per_step(y)  # the engine's own count
+    assert rows(MIN_PROBE) == BayesianAblation(model, "1", num_chains=2).rows_per_step(y[round_robin_order(y)[:MIN_PROBE]])
     floor = cb.work_floor()
     kept_floor = max(MIN_KEPT_STEPS, 900 // 4)
-    assert floor == pytest.approx((100 + kept_floor) / 1000 * cb._rows(MIN_PROBE) / cb._rows(300))
+    assert floor == pytest.approx((100 + kept_floor) / 1000 * rows(MIN_PROBE) / rows(300))
     for work, steps in ((1.0, 1000), (0.5, 500), (0.33, 330)):
         cb.work = work
         assert cb._sizes() == (steps, 300)
@@ -1143,12 +1152,12 @@ def test_budget_sizes_scale_steps_then_probe_and_keep_every_class() -> None:
         steps, size = cb._sizes()
         assert steps == 100 + kept_floor and MIN_PROBE <= size < 300
         # the cost model (steps x rows of a step) stays within the work asked, down to the floor
-        assert steps / 1000 * cb._rows(size) / cb._rows(300) <= max(work, floor) + 1e-9
+        assert steps / 1000 * rows(size) / rows(300) <= max(work, floor) + 1e-9
     cb.work = floor
     scalars = cb.measure(model).scalars
     assert scalars["num_steps"] == 100 + kept_floor and scalars["probe_size"] == MIN_PROBE
     assert math.isfinite(float(scalars["1/max_importance"]))
-    kept = y[cb._subsample_order()[:MIN_PROBE]]
+    kept = y[round_robin_order(y)[:MIN_PROBE]]
     assert set(kept.tolist()) == set(range(10))  # every class task keeps examples (6 or 7 each)
 
 

@@ -1,0 +1,428 @@
+"""MCMC of a Bayesian ablation: the chains' scorer, the Metropolis sampler, its sums, read-outs and ESS.
+
+Part of :mod:`lightning_interp.ablation`: parallel Metropolis chains of single-unit flips, each scoring its task's
+examples and (balanced likelihood) its own fixed sample of other examples; Rao-Blackwellised importances and
+pairwise joints, the jackknife over chains, the resolved-pairs manifold complexity. Pure torch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lightning_interp.ablation.likelihood import TaskSet, correct_probability, log_prior, rest_per_task
+from lightning_interp.ablation.masked import MAX_ELEMENTS, MaskedForward
+from lightning_interp.ablation.readouts import LOG2, Estimate, binary_entropy_bits
+
+__all__ = ["MAX_JOINT_ELEMENTS", "ChainScorer", "ChainSums", "MetropolisChains", "chain_ess", "chain_sums"]
+
+#: bound on the elements of the MCMC pairwise matrices [d, d] (above it, no manifold complexity)
+MAX_JOINT_ELEMENTS = 16_000_000
+
+
+class ChainScorer:
+    """``log O_t(m)`` ``[T, C]`` of the current mask of every MCMC chain, from the probe rows each chain scores.
+
+    A chain of task ``t`` scores its mask on task ``t``'s examples and, with the two-sided likelihood, on its
+    own sample of at most ``rest_per_chain`` other examples (drawn once, without replacement, from
+    ``generator``; all of them when there are no more): every step evaluates the same rows, so each chain
+    targets a fixed posterior, and the cost per step is bounded by ``chains * (N + T * rest_per_chain)``
+    rows. All chains' rows run as one batch of (example, mask) pairs.
+
+    Where the logits are affine in the mask (:meth:`MaskedForward.linear_head`), the scorer keeps every
+    row's logits (float64) for the chains' current masks, and a proposal that flips unit ``j`` adds
+    ``+-(h_j - c_j) W[j]`` to them (``c_j``: the unit's masked value, :attr:`MaskedForward.masked_value`):
+    ``K`` additions per row rather than a pass through the head.
+    """
+
+    def __init__(
+        self,
+        forward: MaskedForward,
+        prepared: list[Tensor],
+        tasks: TaskSet,
+        num_chains: int,
+        rest_per_chain: int,
+        two_sided: bool,
+        generator: torch.Generator,
+        head: tuple[Tensor, Tensor] | None = None,
+    ) -> None:
+        device = tasks.labels.device
+        num_tasks = len(tasks.names)
+        self.forward, self.prepared, self.two_sided = forward, prepared, two_sided
+        self.shape = (num_tasks, num_chains)
+        self.num_task = tasks.member.sum(dim=0).to(torch.float64)[:, None]  # [T, 1]
+        self.num_rest = torch.zeros(num_tasks, 1, dtype=torch.float64, device=device)
+        rows, chains, rest_flags, targets = [], [], [], []
+        rest_counts = rest_per_task(tasks, rest_per_chain, two_sided)
+        for t in range(num_tasks):
+            own = torch.nonzero(tasks.member[:, t]).flatten()
+            others = torch.nonzero(~tasks.member[:, t]).flatten() if two_sided else own[:0]
+            k = int(rest_counts[t])
+            self.num_rest[t] = k
+            for c in range(num_chains):
+                if k < others.numel():
+                    rest = others[torch.randperm(others.numel(), generator=generator)[:k].to(device)]
+                else:
+                    rest = others
+                rows += [own, rest]
+                chains.append(torch.full((own.numel() + k,), t * num_chains + c, dtype=torch.long, device=device))
+                rest_flags += [torch.zeros_like(own, dtype=torch.bool), torch.ones_like(rest, dtype=torch.bool)]
+                target = tasks.classes[t] if tasks.classes else 0
+                targets += [tasks.labels[own], torch.full_like(rest, target)]
+        self.rows, self.chain = torch.cat(rows), torch.cat(chains)
+        self.rest, self.target = torch.cat(rest_flags), torch.cat(targets)
+        self.slot = self.chain * 2 + self.rest.long()  # [task-major chain, own / rest]
+        self.head = head  # (W, b) of an affine head (MaskedForward.linear_head), read once per fit
+        self.logits: Tensor | None = None  # affine head: the rows' logits under the current masks
+        self.proposed: Tensor | None = None
+        self.delta: Tensor | None = None
+        if head is not None:
+            features = forward.features(prepared)
+            if features is None:
+                raise ValueError("an affine head needs [N, d] features (MaskedForward.features)")
+            features = features.to(torch.float64)
+            d = features.shape[1]
+            fill = forward.masked_value
+            self.fill = torch.zeros(d, dtype=torch.float64, device=device) if fill is None else fill.reshape(d).to(torch.float64)
+            self.features = features
+            # h_j - c_j of every (example, unit), flat: what flipping unit j on adds to a row's z (times W[j])
+            self.delta = (features - self.fill).reshape(-1)
+            self.row_offset = self.rows * d
+
+    @property
+    def rows_per_step(self) -> int:
+        """(example, mask) rows one step evaluates, all chains together."""
+        return int(self.rows.numel())
+
+    def start(self, states: Tensor) -> Tensor:
+        """``log O_t(m)`` ``[T, C]`` of the chains' first masks ``states`` ``[T, C, d]``."""
+        if self.head is None:
+            return self(states)
+        weight, bias = self.head
+        masks = states.reshape(-1, states.shape[-1])[self.chain]
+        h = self.features
+        per = max(1, MAX_ELEMENTS // max(1, h.shape[1]))
+        self.logits = torch.cat(
+            [
+                torch.where(masks[i : i + per], h.index_select(0, self.rows[i : i + per]), self.fill) @ weight + bias
+                for i in range(0, self.rows.numel(), per)
+            ]
+        ) if self.rows.numel() else torch.zeros(0, bias.numel(), dtype=torch.float64, device=h.device)  # fmt: skip
+        return self.log_odds(self.logits.argmax(dim=-1))
+
+    def propose(self, proposal: Tensor, flip: Tensor) -> Tensor:
+        """``log O_t(m)`` ``[T, C]`` of ``proposal`` ``[T, C, d]``: the current masks with unit ``flip`` ``[T, C]`` flipped."""
+        if self.head is None or self.logits is None or self.delta is None:
+            return self(proposal)
+        weight = self.head[0]
+        flat = flip.reshape(-1)
+        kept = proposal.reshape(-1, proposal.shape[-1]).gather(1, flat[:, None])[:, 0]  # the flipped unit is now kept
+        unit = flat[self.chain]
+        # the flipped unit's z moves from c_j to h_j (kept now) or back: +-(h_j - c_j) W[j]
+        coef = self.delta.index_select(0, self.row_offset + unit) * (kept[self.chain].to(torch.float64) * 2 - 1)
+        out = self.proposed if self.proposed is not None and self.proposed.shape == self.logits.shape else None
+        self.proposed = torch.addcmul(self.logits, coef[:, None], weight.index_select(0, unit), out=out)
+        return self.log_odds(self.proposed.argmax(dim=-1))
+
+    def accept(self, accepted: Tensor) -> None:
+        """Move the chains where ``accepted`` ``[T, C]`` to their proposals."""
+        if self.logits is not None and self.proposed is not None:
+            # take the proposals' logits and copy back the rejected rows only (most proposals are accepted)
+            rejected = torch.nonzero(~accepted.reshape(-1)[self.chain]).flatten()
+            current, self.logits = self.logits, self.proposed
+            self.logits.index_copy_(0, rejected, current.index_select(0, rejected))
+            self.proposed = current  # the next proposal's buffer
+
+    def __call__(self, states: Tensor) -> Tensor:
+        """``log O_t(m)`` ``[T, C]`` of the masks ``states`` ``[T, C, d]``, each row through the head."""
+        masks = states.reshape(-1, states.shape[-1])[self.chain]
+        return self.log_odds(self.forward.paired_predictions(self.prepared, self.rows, masks))
+
+    def log_odds(self, pred: Tensor) -> Tensor:
+        """``log O_t(m)`` ``[T, C]`` from the predicted class of every row ``[R]``."""
+        # own rows: correct (predicted as labelled); rest rows: not predicted as the task's class
+        hit = (pred == self.target) != self.rest
+        counts = torch.zeros(2 * self.shape[0] * self.shape[1], dtype=torch.float64, device=pred.device)
+        counts = counts.index_add_(0, self.slot, hit.to(torch.float64)).reshape(*self.shape, 2)
+        rest = counts[..., 1] if self.two_sided else None
+        p = correct_probability(counts[..., 0], self.num_task, rest, self.num_rest)
+        return torch.log(p) - torch.log1p(-p)
+
+
+@dataclass
+class ChainSums:
+    """What the kept steps of a Metropolis run leave for the MCMC read-outs, per task and chain.
+
+    ``flips`` ``[T, C, S]``: the unit each step proposed to flip; ``conds``: its conditional
+    ``P(m_j = 1 | m_-j)``; ``traces`` ``[T, C, S, d]``: the masks after each step (bool); ``cond_sum``,
+    ``cond_cnt``, ``cond_entropy`` ``[T, C, d]``: per unit, the sums of its conditionals, its number of
+    proposals and the sums of the conditionals' entropies; ``raw``: the sums of the 0/1 keep indicators.
+    """
+
+    flips: Tensor
+    conds: Tensor
+    traces: Tensor
+    cond_sum: Tensor
+    cond_cnt: Tensor
+    cond_entropy: Tensor
+    raw: Tensor
+    accepted: Tensor
+    seconds_per_step: float
+
+    def chain_joint(self, task: int, chain: int) -> Tensor:
+        """Row ``j``: the sum of ``m_i P(m_j = 1 | m_-j)`` over the chain's steps proposing unit ``j`` ``[d, d]``.
+
+        The masks are those after each step, which differ from those it started from in unit ``j`` only (the
+        diagonal, which no pair uses).
+        """
+        rows = self.traces[task, chain].to(torch.float64) * self.conds[task, chain, :, None]
+        d = rows.shape[1]
+        return torch.zeros(d, d, dtype=torch.float64, device=rows.device).index_add_(0, self.flips[task, chain], rows)
+
+
+@dataclass
+class MetropolisChains:
+    """Parallel Metropolis chains of single-unit flips at given sizes, and their Rao-Blackwellised read-outs.
+
+    :class:`~lightning_interp.ablation.BayesianAblation` builds one per fit from its settings (and its pilot one
+    of its own, at the pilot's sizes): the sampler's settings are arguments, never attributes changed and restored.
+
+    Attributes:
+        num_chains: chains per task.
+        num_steps: steps per chain (including burn-in).
+        burn_in: steps discarded at the start of each chain.
+        prior_keep: prior probability that a unit is kept.
+        generator: the ``torch.Generator`` of the chains' first masks, proposals and acceptances.
+        on_step: called after every step (no argument), e.g. to advance a progress bar.
+    """
+
+    num_chains: int
+    num_steps: int
+    burn_in: int
+    prior_keep: float
+    generator: torch.Generator
+    on_step: Callable[[], None] | None = None
+
+    def sample(self, scorer: ChainScorer, num_tasks: int, d: int, device: torch.device) -> Estimate:
+        """Parallel Metropolis chains of single-unit flips; Rao-Blackwellised read-outs, jackknife over chains."""
+        return self.estimate(self.run_chains(scorer, num_tasks, d, device), scorer, num_tasks, device)
+
+    def estimate(self, sums: ChainSums, scorer: ChainScorer, num_tasks: int, device: torch.device) -> Estimate:
+        """The MCMC read-outs of the chains' kept steps ``sums``."""
+        c, kept = self.num_chains, sums.flips.shape[2]
+        importance = _chain_marginals(sums, range(c), c * kept)[0]
+        rep_importance = [_chain_marginals(sums, _others(c, chain), (c - 1) * kept)[0] for chain in range(c)] if c >= 2 else []
+        complexity = _pairwise_complexity(sums, kept)
+        ess_per_unit = torch.stack([chain_ess(sums.traces[t]) for t in range(num_tasks)])  # [T, d]
+        return Estimate(
+            importance=importance,
+            manifold_complexity=complexity.value,
+            complexity_kind="pairwise_mutual_information",
+            mask_entropy_bits=torch.full((num_tasks,), math.nan, dtype=torch.float64, device=device),
+            method="mcmc",
+            num_evaluations=num_tasks * c * (self.num_steps + 1),
+            num_rows=scorer.rows_per_step * (self.num_steps + 1),
+            replicate_kind="jackknife" if rep_importance else "",
+            replicate_importance=torch.stack(rep_importance) if rep_importance else None,
+            replicate_complexity=complexity.replicates,
+            acceptance_rate=sums.accepted / (c * kept),
+            ess=ess_per_unit.min(dim=1).values,
+            ess_per_unit=ess_per_unit,
+            seconds_per_step=sums.seconds_per_step,
+            complexity_pairs=complexity.pairs,
+            complexity_left_out_bits=complexity.left_out_bits,
+            num_draws=c * kept,
+        )
+
+    def run_chains(self, scorer: ChainScorer, num_tasks: int, d: int, device: torch.device) -> ChainSums:
+        """Run the chains from prior draws; the per-chain sums of the kept steps."""
+        c, g = self.num_chains, self.generator
+        state = (torch.rand(num_tasks, c, d, generator=g) < self.prior_keep).to(device)  # prior draws
+
+        current = scorer.start(state) + log_prior(state, self.prior_keep)  # [T, C]
+        kept = self.num_steps - self.burn_in
+        traces = torch.zeros(num_tasks, c, kept, d, dtype=torch.bool, device=device)
+        flips = torch.zeros(num_tasks, c, kept, dtype=torch.long, device=device)
+        conds = torch.zeros(num_tasks, c, kept, dtype=torch.float64, device=device)
+        accepted = torch.zeros(num_tasks, dtype=torch.float64, device=device)
+        # Rao-Blackwellisation: a step that proposes flipping unit j has the scores of both values of m_j given
+        # the rest, hence P(m_j = 1 | m_-j) exactly. The proposed unit is drawn independently of the state, so
+        # its average over the steps proposing j estimates P(m_j = 1), and that of m_i P(m_j = 1 | m_-j) the
+        # joint P(m_i = 1, m_j = 1), with far less noise than the 0/1 samples (an unused unit gets exactly
+        # prior_keep). The proposed units, their conditionals and the masks are kept per chain for the jackknife.
+        loop_start = time.perf_counter()
+        for step in range(self.num_steps):
+            flip = torch.randint(0, d, (num_tasks, c), generator=g).to(device)
+            was = state.gather(2, flip[..., None])
+            proposal = state.clone()
+            proposal.scatter_(2, flip[..., None], ~was)
+            new = scorer.propose(proposal, flip) + log_prior(proposal, self.prior_keep)
+            u = torch.rand(num_tasks, c, generator=g, dtype=torch.float64).to(device)
+            if step >= self.burn_in:
+                sign = was[..., 0].to(torch.float64) * 2 - 1  # +1 where the current state keeps unit j
+                conds[:, :, step - self.burn_in] = torch.sigmoid((current - new) * sign)  # P(m_j = 1 | m_-j)
+                flips[:, :, step - self.burn_in] = flip
+            accept = u.log() < (new - current)
+            scorer.accept(accept)
+            state = torch.where(accept[..., None], proposal, state)
+            current = torch.where(accept, new, current)
+            if step >= self.burn_in:
+                traces[:, :, step - self.burn_in] = state
+                accepted += accept.to(torch.float64).sum(dim=1)
+            if self.on_step is not None:
+                self.on_step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds_per_step = (time.perf_counter() - loop_start) / self.num_steps
+
+        return chain_sums(flips, conds, traces, accepted, seconds_per_step)
+
+
+def chain_sums(flips: Tensor, conds: Tensor, traces: Tensor, accepted: Tensor, seconds_per_step: float) -> ChainSums:
+    """The per-chain sums of kept steps: proposed units ``flips`` ``[T, C, S]``, their conditionals, the masks."""
+    num_tasks, c, d = traces.shape[0], traces.shape[1], traces.shape[3]
+
+    def per_unit(values: Tensor) -> Tensor:  # sums over each chain's steps proposing each unit  [T, C, d]
+        return torch.zeros(num_tasks, c, d, dtype=torch.float64, device=traces.device).scatter_add_(2, flips, values)
+
+    return ChainSums(
+        flips=flips,
+        conds=conds,
+        traces=traces,
+        cond_sum=per_unit(conds),
+        cond_cnt=per_unit(torch.ones_like(conds)),
+        cond_entropy=per_unit(binary_entropy_bits(conds)),
+        raw=traces.sum(dim=2, dtype=torch.float64),
+        accepted=accepted,
+        seconds_per_step=seconds_per_step,
+    )
+
+
+def _others(num_chains: int, left_out: int) -> list[int]:
+    return [i for i in range(num_chains) if i != left_out]
+
+
+def _chain_marginals(sums: ChainSums, chains: Sequence[int], count: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Importance, dependence ``I(m_j; m_-j)`` and proposal counts ``[T, d]`` from the sums over some chains.
+
+    ``I(m_j; m_-j) = H(m_j) - E[H(m_j | m_-j)]``, from the conditionals: exactly 0 for a unit whose
+    conditional never moved (it depends on no other unit, e.g. a unit no task uses).
+    """
+    idx = list(chains)
+    cs, cc, ch, raw = (t[:, idx].sum(1) for t in (sums.cond_sum, sums.cond_cnt, sums.cond_entropy, sums.raw))
+    imp = torch.where(cc > 0, cs / cc.clamp_min(1), raw / count).clamp(0, 1)
+    h = binary_entropy_bits(imp)
+    dependence = (h - torch.where(cc > 0, ch / cc.clamp_min(1), h)).clamp_min(0)
+    return imp, dependence, cc
+
+
+def _pair_information(importance: Tensor, count: Tensor, joint: Tensor, i: Tensor, j: Tensor) -> Tensor:
+    """Plug-in ``I(m_i; m_j)`` in bits of the pairs ``(i[k], j[k])`` of one task ``[P]``.
+
+    ``joint`` row ``u``: the sum, over the steps proposing unit ``u``, of ``m_v P(m_u = 1 | m_-u)``, whose mean
+    estimates ``P(m_u = 1, m_v = 1)``; ``count``: those steps per unit. The two estimates of a pair's joint
+    (rows ``i`` and ``j``) are averaged and clipped to the range the marginals allow.
+    """
+    n = count.clamp_min(1)
+    pi, pj = importance[i], importance[j]
+    j11 = (joint[j, i] / n[j] + joint[i, j] / n[i]) / 2
+    j11 = torch.maximum(torch.minimum(j11, torch.minimum(pi, pj)), (pi + pj - 1).clamp_min(0))
+    cells = torch.stack([j11, pi - j11, pj - j11, 1 - pi - pj + j11]).clamp_min(0)
+    p = importance.clamp(0, 1)
+    negentropy = torch.special.xlogy(p, p) + torch.special.xlogy(1 - p, 1 - p)  # -H(m_u) in nats
+    mi = torch.special.xlogy(cells, cells).sum(dim=0) - negentropy[i] - negentropy[j]  # H(m_i) + H(m_j) - H(m_i, m_j)
+    return (mi / LOG2).clamp_min(0)  # rounding can give -1e-17
+
+
+@dataclass
+class _Complexity:
+    """The MCMC manifold complexity ``[T]``, its jackknife replicates ``[C, T]``, the pairs counted and left out."""
+
+    value: Tensor
+    replicates: Tensor | None
+    pairs: Tensor
+    left_out_bits: Tensor
+
+
+def _pairwise_complexity(sums: ChainSums, kept: int) -> _Complexity:
+    """Sum of the pairwise informations ``I(m_i; m_j)`` of the mask posterior per task, resolved pairs only.
+
+    Every pair's plug-in information is jackknife bias-corrected over the chains (it is biased upwards by
+    ``O(1 / samples)``). On a wide layer most of the ``d (d - 1) / 2`` pairs carry almost no information
+    while each corrected estimate keeps a noise of its own, and their sum is then noise (hundreds of bits,
+    of either sign, at a few proposals per unit and chain). So a pair counts only where its information
+    can be resolved: where its bound ``min(I(m_i; m_-i), I(m_j; m_-j))`` (the units' dependence on the rest,
+    measured with little noise from the conditionals) exceeds the typical noise of a pair's estimate, the
+    median jackknife standard error over the dependent pairs. A left-out pair's information is at most its
+    bound, below that noise: leaving it out biases the sum downwards by at most ``left_out_bits`` (the sum
+    of those bounds) and removes its noise. Where every dependent pair is resolved, as on small layers run
+    long enough, nothing is left out and the sum is the jackknifed sum over all pairs. The replicates
+    recompute the sum over the same pairs with one chain left out.
+    """
+    num_tasks, c, d = sums.cond_sum.shape
+    device = sums.cond_sum.device
+    value = torch.zeros(num_tasks, dtype=torch.float64, device=device)
+    pairs = torch.zeros(num_tasks, dtype=torch.long, device=device)
+    left_out = torch.zeros(num_tasks, dtype=torch.float64, device=device)
+    replicates = torch.zeros(c, num_tasks, dtype=torch.float64, device=device) if c >= 2 else None
+    if d * d > MAX_JOINT_ELEMENTS:  # [d, d] matrices do not fit: no estimate
+        nan = torch.full((num_tasks,), math.nan, dtype=torch.float64, device=device)
+        return _Complexity(nan, None if replicates is None else replicates.fill_(math.nan), pairs, nan.clone())
+    imp, dep, cc = _chain_marginals(sums, range(c), c * kept)
+    loo = [_chain_marginals(sums, _others(c, k), (c - 1) * kept) for k in range(c)] if c >= 2 else []
+    for t in range(num_tasks):
+        # the dependent pairs: a unit that depends on no other unit (I(m_u; m_-u) = 0) shares no information
+        i, j = torch.nonzero(dep[t, :, None].gt(0) & dep[t, None, :].gt(0)).T
+        i, j = i[i < j], j[i < j]
+        if not i.numel():  # no unit depends on another: no pair carries information
+            if replicates is not None:
+                replicates[:, t] = 0.0
+            continue
+        bound = torch.minimum(dep[t, i], dep[t, j])
+        joints = [sums.chain_joint(t, k) for k in range(c)]
+        total = sum(joints, torch.zeros(d, d, dtype=torch.float64, device=device))
+        mi = _pair_information(imp[t], cc[t], total, i, j)
+        if replicates is None:  # one chain: the plug-in sum, with no error bar
+            value[t], pairs[t] = mi.sum(), i.numel()
+            continue
+
+        def left_one_out(k: int, i: Tensor, j: Tensor, t: int = t, total: Tensor = total, joints: list = joints) -> Tensor:
+            imp_k, dep_k, cc_k = loo[k]
+            mi_k = _pair_information(imp_k[t], cc_k[t], total - joints[k], i, j)
+            return torch.where((dep_k[t, i] > 0) & (dep_k[t, j] > 0), mi_k, torch.zeros_like(mi_k))
+
+        s1, s2 = torch.zeros_like(mi), torch.zeros_like(mi)
+        for k in range(c):
+            mi_k = left_one_out(k, i, j)
+            s1 += mi_k
+            s2 += mi_k * mi_k
+        corrected = c * mi - (c - 1) * s1 / c
+        se = ((c - 1) / c * (s2 - s1 * s1 / c)).clamp_min(0).sqrt()  # the jackknife SE of each pair
+        counted = bound > (se.median() if se.numel() else 0.0)
+        value[t], pairs[t], left_out[t] = corrected[counted].sum(), counted.sum(), bound[~counted].sum()
+        for k in range(c):
+            replicates[k, t] = left_one_out(k, i[counted], j[counted]).sum()
+    return _Complexity(value, replicates, pairs, left_out)
+
+
+def chain_ess(traces: Tensor) -> Tensor:
+    """Multi-chain effective sample size of ``traces`` ``[C, S, d]`` (Geyer's initial positive sequence)."""
+    c, s, _ = traces.shape
+    x = traces.transpose(1, 2).double()  # [C, d, S]: the FFT runs over contiguous steps
+    x = x - x.mean(dim=(0, 2), keepdim=True)
+    var = (x * x).mean(dim=(0, 2))
+    f = torch.fft.rfft(x, n=2 * s, dim=2)
+    acov = torch.fft.irfft(f * f.conj(), n=2 * s, dim=2)[..., :s].mean(dim=0).T / s  # [s, d]
+    rho = acov / var.clamp_min(1e-300)
+    # pairs rho_k + rho_{k+1} for k = 1, 3, 5, ..., summed up to (excluding) the first negative pair
+    m = len(range(1, s - 1, 2))
+    pairs = rho[1 : 1 + 2 * m : 2] + rho[2 : 2 + 2 * m : 2]  # [m, d]
+    total = (pairs * (pairs >= 0).to(pairs.dtype).cumprod(dim=0)).sum(dim=0)
+    ess = torch.where(total > -0.5, c * s / (1 + 2 * total), torch.full_like(total, float(c * s)))
+    ess = torch.where(var > 0, ess, torch.full_like(ess, float(c * s)))
+    return ess
