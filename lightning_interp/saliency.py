@@ -276,7 +276,7 @@ def _chain_sizes(saliency: FinalLayerSaliency, model: nn.Module, target: Tensor,
     """Size of the last chain subset of each image's target class ``[N]`` (NaN for the autograd fallback)."""
     if not saliency.uses_closed_form:
         return torch.full(target.shape, float("nan"), dtype=torch.float64, device=target.device)
-    weight = dict(model.named_modules())[saliency.classifier].weight  # type: ignore[index]
+    weight = dict(model.named_modules())[saliency.classifier].weight
     return saliency.class_chain_mask(target, side, weight).sum(dim=1).to(torch.float64)
 
 

@@ -61,6 +61,14 @@ def _as_spatial(t: Tensor) -> Tensor | None:
     return None
 
 
+def _spatial(t: Tensor) -> Tensor:
+    """:func:`_as_spatial` of a tensor known to be spatial (a resolved feature layer's output or its gradient)."""
+    spatial = _as_spatial(t)
+    if spatial is None:
+        raise ValueError(f"expected a spatial map [N, C, H, W] or tokens [N, T, C], got shape {list(t.shape)}")
+    return spatial
+
+
 class _Summary:
     """What layer resolution keeps of a module output: its shape and, for spatial maps, channel means."""
 
@@ -81,7 +89,7 @@ def _gap_transform(summary: _Summary, pooled: Tensor) -> str | None:
     if summary.mean is None or pooled.ndim != 2 or summary.shape[:2] != pooled.shape:
         return None
     for kind, m in (("identity", summary.mean), ("relu", summary.relu_mean)):
-        if torch.allclose(m, pooled, rtol=1e-4, atol=1e-5):
+        if m is not None and torch.allclose(m, pooled, rtol=1e-4, atol=1e-5):
             return kind
     return None
 
@@ -146,7 +154,7 @@ class _FinalLayerSaliency:
     def __init__(
         self, model: nn.Module, feature_layer: str | None = None, classifier: str | None = None, min_size: int = 20
     ) -> None:
-        super().__init__(model)
+        super().__init__(model)  # type: ignore[call-arg]  # the captum Attribution the class is mixed into
         self.model = model
         if feature_layer is not None:
             get_module(model, feature_layer)
@@ -212,7 +220,7 @@ class _FinalLayerSaliency:
         records: list[tuple[str, _Summary]] = []
         linear_io: dict[str, tuple[Tensor, Tensor]] = {}
 
-        def make_hook(name: str, module: nn.Module) -> Callable[[nn.Module, tuple, object], None]:
+        def make_hook(name: str, module: nn.Module) -> Callable[[nn.Module, tuple, object], object]:
             def hook(_m: nn.Module, inp: tuple, out: object) -> None:
                 if isinstance(out, Tensor):
                     # keep only what the checks need (shape; spatial means for 4-D maps), not a copy of every output
@@ -282,7 +290,7 @@ class _FinalLayerSaliency:
                 raise ValueError(self._cut_gradient_message(candidates[-1]))
             grads = torch.autograd.grad(logits.max(dim=1).values.sum(), [seen[n] for n in names], allow_unused=True)
         for name, g in zip(reversed(names), reversed(grads), strict=True):
-            if g is not None and _as_spatial(g).abs().sum() > 0:
+            if g is not None and _spatial(g).abs().sum() > 0:
                 return name
         return candidates[-1]
 
@@ -533,7 +541,7 @@ class _FinalLayerSaliency:
             logits = self.model(inputs.clone())
             if name not in seen:
                 raise ValueError(f"feature_layer {name!r} did not run in {type(self.model).__name__}'s forward pass")
-            leaf = seen[name]  # type: ignore[index]
+            leaf = seen[name]
             if not logits.requires_grad:
                 raise ValueError(self._cut_gradient_message(name))
             tgt = self._targets(target, logits.detach())
@@ -543,13 +551,13 @@ class _FinalLayerSaliency:
                 (grad,) = torch.autograd.grad(score, leaf, retain_graph=retain, allow_unused=True)
                 if grad is None:  # the logits do not depend on the layer through autograd
                     raise ValueError(self._cut_gradient_message(name))
-                return _as_spatial(grad).sum(dim=(2, 3))
+                return _spatial(grad).sum(dim=(2, 3))
 
             # d log q_c / dA = d z_c / dA - sum_j q_j d z_j / dA: one backward pass for the expectation and
             # one per target column, instead of two per column
             expected = channel_grad((logits.detach().softmax(dim=1) * logits).sum(), retain=True)
             eff = torch.stack([channel_grad(logits.gather(1, tgt[:, j : j + 1]).sum(), retain=j < k - 1) for j in range(k)], 1)
-        feats = _as_spatial(leaf.detach())
+        feats = _spatial(leaf.detach())
         return feats, logits.detach(), eff, eff - expected[:, None, :], tgt
 
     def _cut_gradient_message(self, layer: str | None) -> str:

@@ -52,9 +52,8 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
     the probe images with ``<name>_se``, and ``probe_size``, the images measured (fewer than ``probe_size``
     when the overhead budget scales the measurement down: the first ``ceil(work * N)`` images and
     deletion-curve images, never fewer than :data:`MIN_IMAGES` (4) of each, so :meth:`work_floor` is ``4 / N``
-    for the larger ratio). The random baseline maps are drawn once, from the callback's generator state after
-    the probe draw (:attr:`baseline_state`), so they are the same at every measurement. The figure is a grid
-    with, per probe image, the image and its discriminative, confusing and policy-gradient maps.
+    for the larger ratio). The random baseline maps come from the generator state after the probe draw
+    (:attr:`baseline_state`): the same at every measurement. The figure: per image, its three maps.
 
     Args:
         probe_size: number of probe images (a bounded, fixed batch).
@@ -73,11 +72,10 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
 
     Raises:
         ValueError: in ``__init__``, for an unknown ``target``, ``probe_size < 1``, ``min_size < 1`` or
-            ``deletion_steps < 0``; before the first training step, for unknown layer names or a
-            ``feature_layer`` / ``classifier`` that does not run in ``forward``, a model without a final
-            ``nn.Linear``, a single-logit output, no probe data, ``target="label"`` without labels or with
-            labels outside ``[0, K)``, or a head that needs gradients (the autograd fallback) that do not reach
-            the feature layer (a reentrant ``torch.utils.checkpoint``: use ``use_reentrant=False``).
+            ``deletion_steps < 0``; before the first training step, for unknown layer names or layers that do not
+            run in ``forward``, no final ``nn.Linear``, a single-logit output, no probe data, ``target="label"``
+            without labels or with labels outside ``[0, K)``, or a head that needs gradients (the autograd
+            fallback) that do not reach the feature layer (a reentrant checkpoint: use ``use_reentrant=False``).
         TypeError: before the first training step, for probe data that is not an image batch ``[N, C, H, W]``.
 
     Example:
@@ -173,8 +171,7 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
                     "target='predicted'."
                 )
         self._saliency.resolve(head)
-        # a tiny attribution now: a head that needs gradients (the autograd fallback) and cannot get them (a
-        # reentrant activation checkpoint) fails here, before the first training step, with the fix
+        # a tiny attribution: a head that needs gradients it cannot get (a reentrant checkpoint) fails now, with the fix
         target = labels[:2].to(device) if self.target == "label" and labels is not None else None
         self._saliency.attribute(head, target=target, method="policy_gradient")
 
@@ -195,18 +192,16 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
         return max(min(n, MIN_IMAGES) / n, min(k, MIN_IMAGES) / k if k else 0.0)
 
     def forward_passes(self) -> float | None:
-        # the maps (one pass over the probe), then the deletion curves of the three maps, batched: as many passes
-        # over the probe as the curves classify images per probe image
+        # the maps (one pass), then the batched deletion curves of three maps: their images per probe image
         n, k = self._full_sizes()
         return 1.0 + k * deletion_rows(self.deletion_steps, 3, intact=True) / n if self.deletion_steps else 1.0
 
     def estimate_cost(self, pl_module: nn.Module) -> float | None:
         """Seconds of a full measurement, from a pilot: the measurement itself on half of the images.
 
-        The maps and the deletion curves are timed apart and each is scaled by its images (full / pilot). The
-        pilot runs the method's own passes at the batch shapes of a measurement, which a forward pass over the
-        probe, repeated, does not (many small passes cost far more per image than one batched one); half the
-        images (at least the floor) keeps the fixed costs from being scaled up as if they grew with the images.
+        The maps and the deletion curves are timed apart and each is scaled by its images (full / pilot): the
+        method's own passes at a measurement's batch shapes (many small passes cost far more per image than one
+        batched one), on half the images (at least the floor) so that fixed costs are not scaled up.
         """
         if self._saliency is None or self.probe_inputs is None:
             return None
@@ -233,9 +228,7 @@ class FinalLayerSaliencyCallback(InterpretabilityCallback):
         """The measurement on the first ``n`` probe images, deletion curves on the first ``k`` of them."""
         if self._saliency is None or self._saliency.model is not pl_module or self.probe_inputs is None:
             raise RuntimeError("FinalLayerSaliencyCallback.measure() called before setup()")
-        generator = torch.Generator()
-        generator.set_state(self.baseline_state)  # type: ignore[arg-type]
-        labels = self.probe_labels
+        generator, labels = torch.Generator().set_state(self.baseline_state), self.probe_labels  # type: ignore[arg-type]
         result = measure_saliency(
             pl_module,
             self.probe_inputs[:n],
