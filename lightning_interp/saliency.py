@@ -235,10 +235,29 @@ def measure_saliency(
     check_images(inputs)
     x = inputs.to(device=device, dtype=dtype)
     if saliency.uses_closed_form is None:
-        saliency.resolve(x[:2])
+        # resolved on two finite images (a probe drawn by a callback has no others): NaN logits match no nn.Linear
+        finite = torch.isfinite(x.flatten(1)).all(dim=1)
+        saliency.resolve(x[finite][:2] if bool(finite.any()) else x[:2])
+    tgt = labels.to(device) if target == "label" and labels is not None else None
     n = len(x)
     k = 0 if not deletion_steps else (n if deletion_images is None else min(n, deletion_images))
-    out = saliency.attribute_all(x, target=labels.to(device) if target == "label" else None)  # type: ignore[union-attr]
+    with torch.no_grad():  # the deletion curves' forward passes need no graph (the fallback makes its own)
+        return _measure(model, saliency, x, tgt, generator, deletion_steps, k, start)
+
+
+def _measure(
+    model: nn.Module,
+    saliency: FinalLayerSaliency,
+    x: Tensor,
+    target: Tensor | None,
+    generator: torch.Generator | None,
+    deletion_steps: int,
+    k: int,
+    start: float,
+) -> SaliencyResult:
+    """:func:`measure_saliency` of checked arguments, deletion curves on the first ``k`` images."""
+    n = len(x)
+    out = saliency.attribute_all(x, target=target)
     pg, tgt, logits = out["policy_gradient"], out["target"], out["logits"]
     # a non-finite logit (or feature) makes that image's read-outs NaN: argmax and softmax of NaN mean nothing
     finite = torch.isfinite(logits).all(dim=1) & torch.isfinite(pg.flatten(1)).all(dim=1)
