@@ -16,7 +16,11 @@ __version__ = "0.1.0"
 #: Public names of the package and the module that defines each.
 _NAMES: dict[str, str] = {
     "PosteriorGap": "lightning_interp.posterior",
+    "PosteriorGapResult": "lightning_interp.posterior",
+    "measure_posterior_gap": "lightning_interp.posterior",
     "posterior_gap": "lightning_interp.posterior",
+    "SaliencyResult": "lightning_interp.saliency",
+    "measure_saliency": "lightning_interp.saliency",
     "GaussianMixtureTask": "lightning_interp.tasks",
     "GaussianTask": "lightning_interp.tasks",
     "GenerativeTask": "lightning_interp.tasks",
@@ -35,6 +39,8 @@ _SUBMODULES: tuple[str, ...] = (
     "demo",
     "entry_points",
     "expansion",
+    "faithfulness",
+    "final_layer",
     "hooks",
     "loading",
     "models",
@@ -42,6 +48,7 @@ _SUBMODULES: tuple[str, ...] = (
     "posterior",
     "report",
     "saliency",
+    "saliency_maps",
     "stats",
     "tasks",
 )
@@ -51,14 +58,19 @@ __all__ = [
     "GaussianTask",
     "GenerativeTask",
     "PosteriorGap",
+    "PosteriorGapResult",
+    "SaliencyResult",
     "XieTask",
     "__version__",
+    "measure_posterior_gap",
+    "measure_saliency",
     "posterior_gap",
     "xie_task",
 ]
 
 if TYPE_CHECKING:  # type checkers and IDEs see the eager imports
-    from lightning_interp.posterior import PosteriorGap, posterior_gap
+    from lightning_interp.posterior import PosteriorGap, PosteriorGapResult, measure_posterior_gap, posterior_gap
+    from lightning_interp.saliency import SaliencyResult, measure_saliency
     from lightning_interp.tasks import GaussianMixtureTask, GaussianTask, GenerativeTask, XieTask, xie_task
 
 

@@ -326,7 +326,8 @@ def measure_posterior_gap(
         exact = exact_posterior(task, inputs, labels, generator=generator, num_density_bins=num_density_bins, grid_size=grid_size)
     from lightning_interp._posterior_metric import PosteriorGap  # torchmetrics: seconds of import, on first use
 
-    logits = batched_logits(model, exact.inputs, task.input_shape, batch_size)
+    with torch.no_grad():  # read-outs, not a loss: no graph
+        logits = batched_logits(model, exact.inputs, task.input_shape, batch_size)
     if logits.ndim != 2 or logits.shape[1] != task.num_classes:
         raise ValueError(
             f"the model returns logits of shape {list(logits.shape)}, not [N, {task.num_classes}] for the task's "
@@ -339,7 +340,10 @@ def measure_posterior_gap(
         logits, exact.log_posterior.to(device), target=exact.labels.to(device), log_density=exact.log_density.to(device)
     )
     gap = metric.compute()
-    grid_logits = None if exact.grid is None else batched_logits(model, exact.grid, task.input_shape, batch_size)
+    grid_logits = None
+    if exact.grid is not None:
+        with torch.no_grad():
+            grid_logits = batched_logits(model, exact.grid, task.input_shape, batch_size)
     return PosteriorGapResult(gap=gap, logits=logits, exact=exact, grid_logits=grid_logits)
 
 
