@@ -16,16 +16,21 @@ __version__ = "0.1.0"
 #: Public names of the package and the module that defines each.
 _NAMES: dict[str, str] = {
     "PosteriorGap": "lightning_interp.posterior",
+    "PosteriorGapResult": "lightning_interp.posterior",
+    "measure_posterior_gap": "lightning_interp.posterior",
     "posterior_gap": "lightning_interp.posterior",
     "CorrelationResult": "lightning_interp.correlation",
     "measure_correlation": "lightning_interp.correlation",
     "ExpansionResult": "lightning_interp.expansion",
     "measure_expansion": "lightning_interp.expansion",
+    "SaliencyResult": "lightning_interp.saliency",
+    "measure_saliency": "lightning_interp.saliency",
     "GaussianMixtureTask": "lightning_interp.tasks",
     "GaussianTask": "lightning_interp.tasks",
     "GenerativeTask": "lightning_interp.tasks",
     "XieTask": "lightning_interp.tasks",
     "xie_task": "lightning_interp.tasks",
+    "AblationMeasurement": "lightning_interp.ablation",
     "measure_ablation": "lightning_interp.ablation",
 }
 
@@ -33,7 +38,12 @@ _NAMES: dict[str, str] = {
 _SUBMODULES: tuple[str, ...] = (
     "ablation",
     "audit",
+    "audit_files",
+    "audit_folder",
+    "audit_options",
+    "audit_progress",
     "callbacks",
+    "checks",
     "cli",
     "correlation",
     "datamodules",
@@ -41,40 +51,53 @@ _SUBMODULES: tuple[str, ...] = (
     "encoding",
     "entry_points",
     "expansion",
+    "faithfulness",
+    "final_layer",
     "gaussian_closure",
     "hooks",
     "loading",
+    "loggers",
+    "methods",
     "models",
     "plotting",
     "posterior",
+    "probe",
     "report",
+    "results",
     "saliency",
+    "saliency_maps",
     "sequences",
     "stats",
     "tasks",
 )
 
 __all__ = [
+    "AblationMeasurement",
     "CorrelationResult",
     "ExpansionResult",
     "GaussianMixtureTask",
     "GaussianTask",
     "GenerativeTask",
     "PosteriorGap",
+    "PosteriorGapResult",
+    "SaliencyResult",
     "XieTask",
     "__version__",
     "measure_ablation",
     "measure_correlation",
     "measure_expansion",
+    "measure_posterior_gap",
+    "measure_saliency",
     "posterior_gap",
     "xie_task",
 ]
 
 if TYPE_CHECKING:  # type checkers and IDEs see the eager imports
-    from lightning_interp.ablation import measure_ablation
+    from lightning_interp.ablation import AblationMeasurement, measure_ablation
     from lightning_interp.correlation import CorrelationResult, measure_correlation
     from lightning_interp.expansion import ExpansionResult, measure_expansion
-    from lightning_interp.posterior import PosteriorGap, posterior_gap
+    from lightning_interp.posterior import PosteriorGap, PosteriorGapResult, measure_posterior_gap, posterior_gap
+    from lightning_interp.saliency import SaliencyResult, measure_saliency
     from lightning_interp.tasks import GaussianMixtureTask, GaussianTask, GenerativeTask, XieTask, xie_task
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from lightning_interp.posterior import GAP_MEASURES, _per_sample_gap
+from lightning_interp.posterior import GAP_MEASURES, per_sample_gap
 from lightning_interp.stats import mean_standard_error
 
 __all__ = ["PosteriorGap"]
@@ -48,6 +48,17 @@ class PosteriorGap(Metric):
     is_differentiable = False
     higher_is_better = False
     full_state_update = False
+    # the states add_state registers (declared for type checkers: a Module attribute is otherwise Tensor | Module)
+    gap_sum: Tensor
+    gap_sq_sum: Tensor
+    gap_worst: Tensor
+    count: Tensor
+    label_sum: Tensor
+    label_sq_sum: Tensor
+    bin_sum: Tensor
+    bin_sq_sum: Tensor
+    bin_count: Tensor
+    density_edges: Tensor | None
 
     def __init__(self, log_target: bool = False, density_edges: Tensor | Sequence[float] | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -81,7 +92,7 @@ class PosteriorGap(Metric):
         log_density: Tensor | None = None,
     ) -> None:
         """Accumulate a batch; see the class docstring for the arguments."""
-        per = _per_sample_gap(logits, true_posterior, self.log_target)
+        per = per_sample_gap(logits, true_posterior, self.log_target)
         stacked = torch.stack([per[k] for k in GAP_MEASURES])  # [M, N]
         self.gap_sum += stacked.sum(dim=1)
         self.gap_sq_sum += stacked.pow(2).sum(dim=1)

@@ -32,7 +32,12 @@ __all__ = [
     "array_to_png",
     "figure_to_array",
     "figure_to_png",
+    "gap_by_density_figure",
     "png_to_array",
+    "posterior_figure",
+    "posterior_gap_figures",
+    "reliability_figure",
+    "saliency_figures",
     "saliency_grid",
     "subplots",
 ]
@@ -349,3 +354,110 @@ def ablation_errorbar_figure(layer: str, r: AblationResult, labels: Sequence[str
     ax.legend(fontsize=6, ncol=5, loc="lower right")
     fig.tight_layout()
     return fig
+
+
+def saliency_figures(result: Any, class_names: Sequence[str] | None = None, rows: int = 8) -> dict[str, Any]:
+    """The figures of a :class:`~lightning_interp.saliency.SaliencyResult`: ``{"maps": saliency_grid(...)}``.
+
+    Args:
+        result: what :func:`~lightning_interp.saliency.measure_saliency` returned.
+        class_names: names of the classes, to label the rows (``"class <k>"`` past their end; default ``"class <k>"``).
+        rows: images shown.
+
+    Returns:
+        ``{"maps": Figure}``.
+    """
+    labels = None
+    if class_names is not None:
+        labels = [class_names[int(t)] if int(t) < len(class_names) else f"class {int(t)}" for t in result.maps["target"]]
+    return {"maps": saliency_grid(result.maps, result.inputs, rows=rows, labels=labels)}
+
+
+def posterior_figure(x: Tensor, p: Tensor, q: Tensor, density: Tensor) -> Any:
+    """A 1-D task's true posterior ``p(c|x)`` (solid) and the model's softmax ``q(c|x)`` (dashed) over ``x``, and ``p(x)``.
+
+    Args:
+        x: grid ``[G]``.
+        p: true posterior on the grid ``[G, K]``.
+        q: model softmax on the grid ``[G, K]``.
+        density: input density on the grid ``[G]``.
+
+    Returns:
+        A matplotlib ``Figure``.
+    """
+    import matplotlib
+
+    fig, (ax, ax2) = subplots(2, 1, figsize=(6, 5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    for c in range(p.shape[1]):
+        color = colors[c % len(colors)]
+        ax.plot(x, p[:, c], color=color, lw=2, label=f"true p(c={c}|x)")
+        ax.plot(x, q[:, c], color=color, lw=2, ls="--", label=f"model q(c={c}|x)")
+    ax.set_ylabel("probability")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title("Model softmax vs. Bayesian posterior")
+    ax2.fill_between(x, density, alpha=0.4, color="gray")
+    ax2.set_ylabel("p(x)")
+    ax2.set_xlabel("x")
+    return fig
+
+
+def reliability_figure(p: Tensor, q: Tensor, max_points: int = 3000) -> Any:
+    """Scatter of the model's softmax ``q(c|x)`` against the true posterior ``p(c|x)`` (the first ``max_points`` examples).
+
+    Returns:
+        A matplotlib ``Figure``.
+    """
+    fig, ax = subplots(figsize=(4.5, 4.5))
+    n = min(len(p), max_points)
+    for c in range(p.shape[1]):
+        ax.scatter(p[:n, c], q[:n, c], s=4, alpha=0.4, label=f"class {c}")
+    ax.plot([0, 1], [0, 1], color="black", lw=1)
+    ax.set_xlabel("true posterior p(c|x)")
+    ax.set_ylabel("model softmax q(c|x)")
+    ax.set_title("q vs. p on the probe set")
+    ax.legend(fontsize=8, markerscale=3)
+    return fig
+
+
+def gap_by_density_figure(gap: dict[str, Tensor]) -> Any:
+    """Bars of the mean KL and TV gaps (± 1 SE) per input-density bin, from :class:`~lightning_interp.posterior.PosteriorGap`.
+
+    Args:
+        gap: the metric's ``compute()`` with density bins (``kl_by_density``, ``kl_se_by_density``, ``tv_...``).
+
+    Returns:
+        A matplotlib ``Figure``.
+    """
+    fig, ax = subplots(figsize=(6, 3.2))
+    bins = torch.arange(len(gap["kl_by_density"]))
+    for shift, k, label in ((-0.2, "kl", "KL(p||q)"), (0.2, "tv", "TV")):
+        values, errors = gap[f"{k}_by_density"].cpu(), gap[f"{k}_se_by_density"].cpu()
+        ax.bar(bins + shift, values, width=0.4, label=label, yerr=errors, capsize=2)
+    ax.set_xlabel("input-density bin (0 = lowest density)")
+    ax.set_ylabel("mean gap (± 1 SE)")
+    ax.set_title("Posterior gap by input density")
+    ax.legend()
+    return fig
+
+
+def posterior_gap_figures(result: Any) -> dict[str, Any]:
+    """The figures of a :class:`~lightning_interp.posterior.PosteriorGapResult`.
+
+    ``posterior`` (:func:`posterior_figure`, for a 1-D task with its grid) or ``reliability``
+    (:func:`reliability_figure`), and ``gap_by_density`` (:func:`gap_by_density_figure`) with density bins.
+    """
+    exact, figs = result.exact, {}
+    if result.grid_logits is not None and exact.grid is not None:
+        figs["posterior"] = posterior_figure(
+            exact.grid[:, 0],
+            exact.grid_log_posterior.exp(),
+            result.grid_logits.softmax(dim=1).double().cpu(),
+            exact.grid_log_density.exp(),
+        )
+    else:
+        figs["reliability"] = reliability_figure(exact.log_posterior.exp(), result.logits.softmax(dim=1).double().cpu())
+    if "kl_by_density" in result.gap:
+        figs["gap_by_density"] = gap_by_density_figure(result.gap)
+    return figs

@@ -9,6 +9,8 @@ Reference:
 Cross-entropy training is a one-step policy gradient with policy ``pi(c|x) = softmax(W a + b)_c`` over
 the pooled feature ``a = mean_ij A[:, i, j]``. From the final ``nn.Linear`` alone:
 
+* :func:`measure_saliency` is the one entry point: the maps of a probe batch and every read-out the
+  callback logs (:class:`SaliencyResult`);
 * :func:`fit_ald` audits each class row of ``W``: on each side (positive weights, magnitudes of
   negative weights) ``log sort(y) ~ slope * r + intercept`` on the normalised rank ``r = i / L``, with
   ``R^2`` and the asymmetric-Laplace parameters ``kappa = sqrt(e^b / (a - e^b))``,
@@ -29,29 +31,55 @@ autograd fallback that computes the same quantities from gradients at the featur
 effective weight of channel ``k`` for logit ``c`` is ``sum_ij d z_c / d A[k, i, j]`` (which is exactly
 ``W[c, k]`` for a GAP head).
 
-The module is pure torch (plus captum): it never imports Lightning.
+The definitions live in :mod:`lightning_interp.final_layer` (weights, chains, map arithmetic),
+:mod:`lightning_interp.saliency_maps` (the maps) and :mod:`lightning_interp.faithfulness` (deletion curves);
+every public name of those is importable from here as well.
+
+The module is pure torch (plus captum, imported on first use of :class:`FinalLayerSaliency` or
+:func:`measure_saliency`): it never imports Lightning, and importing it pulls neither captum nor matplotlib.
 """
 
 from __future__ import annotations
 
-import math
-import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_interp.hooks import capture, forward_hooks, get_module, leaves
+from lightning_interp.faithfulness import (
+    DELETION_ELEMENTS,
+    deletion_curve,
+    deletion_curves,
+    deletion_rows,
+    negative_share,
+    target_probability,
+)
+from lightning_interp.final_layer import (
+    ALDFit,
+    ALDSide,
+    bilinear_upsample,
+    channel_set_map,
+    fit_ald,
+    full_tensor,
+    split_chain,
+)
+from lightning_interp.results import Scalar, Table
+from lightning_interp.saliency_maps import METHODS, check_images
+from lightning_interp.stats import mean_and_se
+
+if TYPE_CHECKING:
+    from lightning_interp.saliency_maps import FinalLayerSaliency
 
 __all__ = [
     "DELETION_ELEMENTS",
     "METHODS",
+    "READ_OUTS",
     "ALDFit",
     "ALDSide",
     "FinalLayerSaliency",
+    "SaliencyResult",
     "bilinear_upsample",
     "channel_set_map",
     "deletion_curve",
@@ -59,939 +87,224 @@ __all__ = [
     "deletion_rows",
     "fit_ald",
     "full_tensor",
+    "measure_saliency",
     "negative_share",
     "split_chain",
     "target_probability",
 ]
 
-Method = Literal["policy_gradient", "cam", "discriminative", "confusing"]
-#: The map kinds of :meth:`FinalLayerSaliency.attribute`.
-METHODS: tuple[str, ...] = ("policy_gradient", "cam", "discriminative", "confusing")
-
-
-# ---------------------------------------------------------------------------------------------
-# (a) weight-distribution audit
-# ---------------------------------------------------------------------------------------------
-
-
-def full_tensor(weight: Tensor) -> Tensor:
-    """The whole of a weight that may be a sharded ``DTensor`` (FSDP2, tensor parallelism); others as they are.
-
-    A collective for a sharded ``DTensor``: every rank must read the weight together.
-    """
-    full = getattr(weight, "full_tensor", None)
-    return full() if callable(full) else weight
+#: The per-image read-outs of :class:`SaliencyResult`, in the order they are logged (the last five only with
+#: deletion curves).
+READ_OUTS: tuple[str, ...] = (
+    "neg_pg_share",
+    "target_prob",
+    "disc_channels",
+    "conf_channels",
+    "deletion_auc_random",
+    "deletion_auc_pg",
+    "faithfulness_pg",
+    "deletion_auc_disc",
+    "faithfulness_disc",
+)
 
 
 @dataclass
-class ALDSide:
-    """Log-rank fits of one side of the weights. Every field has the same shape (``[K]`` or ``[]``).
+class SaliencyResult:
+    """What :func:`measure_saliency` measured on a probe batch (tensors on the model's device).
 
     Attributes:
-        slope: ``a`` of ``log y ~ a * r + b``.
-        intercept: ``b``.
-        r2: coefficient of determination of the fit.
-        kappa: asymmetric-Laplace asymmetry ``sqrt(e^b / (a - e^b))`` (NaN where ``a <= e^b``).
-        lam: asymmetric-Laplace rate ``a * kappa``.
-        mean: ``(1 - kappa^2) / (lambda * kappa)``.
-        count: number of weights on this side (zeros excluded).
+        per_image: each read-out of :data:`READ_OUTS` per image ``[N]`` (float64; NaN for an image with
+            non-finite logits or maps, and for the deletion read-outs of the images past ``deletion_images``).
+        used: the images each read-out is a mean over (the first ``used[name]``).
+        maps: :meth:`FinalLayerSaliency.attribute_all` of the images (maps at the feature resolution,
+            ``logits``, ``target``).
+        inputs: the images ``[N, C, H, W]`` as the model saw them.
+        seconds: wall seconds of the maps and of the deletion curves.
     """
 
-    slope: Tensor
-    intercept: Tensor
-    r2: Tensor
-    kappa: Tensor
-    lam: Tensor
-    mean: Tensor
-    count: Tensor
+    per_image: dict[str, Tensor]
+    used: dict[str, int]
+    maps: dict[str, Tensor]
+    inputs: Tensor
+    seconds: tuple[float, float] = field(default=(0.0, 0.0))
 
+    def scalars(self) -> dict[str, tuple[Scalar, Scalar | None]]:
+        """``probe_size`` (the images measured), then each read-out's mean over its images and standard error.
 
-@dataclass
-class ALDFit:
-    """Result of :func:`fit_ald`: per-class fits (``[K]``) and pooled fits (0-d) on each side."""
-
-    positive: ALDSide
-    negative: ALDSide
-    joint_positive: ALDSide
-    joint_negative: ALDSide
-
-    def rows(self) -> list[dict[str, float]]:
-        """One dict per class (``class``, then ``pos_<field>`` and ``neg_<field>``), for tables."""
-        out = []
-        for c in range(self.positive.slope.numel()):
-            row: dict[str, float] = {"class": c}
-            for prefix, side in (("pos", self.positive), ("neg", self.negative)):
-                for f in fields(side):
-                    row[f"{prefix}_{f.name}"] = float(getattr(side, f.name)[c])
-            out.append(row)
+        A NaN image makes its read-outs' means NaN (logged, not dropped).
+        """
+        out: dict[str, tuple[Scalar, Scalar | None]] = {"probe_size": (len(self.inputs), None)}
+        for name, values in self.per_image.items():
+            out[name] = mean_and_se(values[: self.used[name]])
         return out
 
+    def tables(self) -> dict[str, Table]:
+        """No tables: the per-image values are in :attr:`per_image`."""
+        return {}
 
-def _fit_side(values: Tensor) -> tuple[float, ...]:
-    """Fit one side; ``values`` are positive magnitudes (any order)."""
-    n = values.numel()
-    nan = math.nan
-    if n < 2:
-        return (nan, nan, nan, nan, nan, nan, float(n))
-    y = torch.sort(values.double()).values.log()
-    r = torch.arange(n, dtype=torch.float64) / n
-    r_c, y_c = r - r.mean(), y - y.mean()
-    slope = (r_c * y_c).sum() / (r_c * r_c).sum()
-    intercept = y.mean() - slope * r.mean()
-    ss_res = ((y - (slope * r + intercept)) ** 2).sum()
-    ss_tot = (y_c * y_c).sum()
-    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else torch.tensor(1.0 if ss_res == 0 else nan, dtype=torch.float64)
-    a, b = slope.item(), intercept.item()
-    denom = a - math.exp(b)
-    kappa = math.sqrt(math.exp(b) / denom) if denom > 0 else nan
-    lam = a * kappa
-    mean = (1 - kappa**2) / (lam * kappa) if lam * kappa != 0 else nan
-    return (a, b, float(r2), kappa, lam, mean, float(n))
 
-
-def _stack_sides(results: Sequence[tuple[float, ...]]) -> ALDSide:
-    t = torch.tensor(results, dtype=torch.float64).reshape(-1, 7)
-    cols = [t[:, i] if t.shape[0] > 1 else t[0, i] for i in range(7)]
-    return ALDSide(*cols)
-
-
-def fit_ald(weight: Tensor) -> ALDFit:
-    """Asymmetric-Laplace audit of a final layer's weight matrix (docs/saliency.md (a)).
-
-    Per class row ``w = weight[c]`` and side (positive ``w[w > 0]``, negative ``-w[w < 0]``; zeros are
-    excluded) the sorted magnitudes are fitted as ``log y ~ slope * (i / L) + intercept`` by least
-    squares, and converted to asymmetric-Laplace parameters. The joint fits pool every positive (every
-    negative) weight of the matrix. A side with fewer than 2 weights gives NaN, not an exception.
-
-    Args:
-        weight: ``[K, D]`` (or ``[D]`` for a single class).
-
-    Returns:
-        An :class:`ALDFit` with float64 CPU tensors.
-
-    Example:
-        >>> L = 50
-        >>> y = torch.exp(2.0 * torch.arange(L) / L - 3.0)
-        >>> fit = fit_ald(y[torch.randperm(L)][None])
-        >>> round(fit.positive.slope.item(), 6), round(fit.positive.intercept.item(), 6), round(fit.positive.r2.item(), 6)
-        (2.0, -3.0, 1.0)
-    """
-    if not isinstance(weight, Tensor):
-        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
-    w = weight.detach().to("cpu", torch.float64)
-    if w.ndim == 1:
-        w = w[None]
-    if w.ndim != 2:
-        raise ValueError(f"weight must have shape [K, D], got {list(weight.shape)}")
-    pos = _stack_sides([_fit_side(row[row > 0]) for row in w])
-    neg = _stack_sides([_fit_side(-row[row < 0]) for row in w])
-    return ALDFit(
-        positive=pos,
-        negative=neg,
-        joint_positive=_stack_sides([_fit_side(w[w > 0])]),
-        joint_negative=_stack_sides([_fit_side(-w[w < 0])]),
-    )
-
-
-def split_chain(w: Tensor, side: Literal["+", "-"] = "+", min_size: int = 20) -> list[Tensor]:
-    """The recursive mean split of one class row (docs/saliency.md (a)), every level.
-
-    Level 0 is every channel. Each next level keeps, of the current subset ``S``, the channels with
-    ``w_k >= mean(w_S)`` (``"+"``) or ``w_k < mean(w_S)`` (``"-"``), and is split again while it has at
-    least ``min_size`` channels. The last ``"+"`` level is the most discriminative channel set, the
-    last ``"-"`` level the most confusing one.
-
-    Args:
-        w: weights ``[D]``.
-        side: ``"+"`` or ``"-"``.
-        min_size: a subset with fewer channels is not split further.
-
-    Returns:
-        Channel indices (``LongTensor``, increasing, on ``w``'s device) of every level, from all channels to
-        the last.
-
-    Raises:
-        ValueError: an unknown ``side``, an empty or non-vector ``w``, or ``min_size < 1``.
-
-    Example:
-        >>> [c.tolist() for c in split_chain(torch.tensor([0.0, 1.0, 2.0, 3.0, 10.0]), "+", min_size=2)]
-        [[0, 1, 2, 3, 4], [4]]
-    """
-    if side not in ("+", "-"):
-        raise ValueError(f"side must be '+' or '-', got {side!r}")
-    if w.ndim != 1 or w.numel() == 0:
-        raise ValueError(f"w must be a non-empty vector [D], got shape {list(w.shape)}")
-    if min_size < 1:
-        raise ValueError(f"min_size must be >= 1, got {min_size}")
-    # on the CPU whatever the device: the sums then run in the same order as for the cached masks of many classes
-    levels = _chain_levels(w.detach().cpu()[None], side, min_size, every=True)
-    return [torch.nonzero(level[0])[:, 0].to(w.device) for level in levels]
-
-
-def _chain_levels(values: Tensor, side: str, min_size: int, every: bool = False) -> list[Tensor]:
-    """The recursive split of every row of ``values`` ``[M, D]`` at once, as masks ``[M, D]``.
-
-    A row stops at its last split; the loop ends when no row splits. Each level's sum is the last
-    cumulative sum along the row, a sum in float64 in the row's order that is the same for one row as for
-    many, so :func:`split_chain` and the cached masks of many classes agree exactly.
-
-    Args:
-        values: ``[M, D]``.
-        side: ``"+"`` or ``"-"``.
-        min_size: a subset with fewer channels is not split further.
-        every: return every level (from all channels to the last), not only the last.
-
-    Returns:
-        The masks of the levels (``every``) or ``[last]``.
-    """
-    values = values.to(torch.float64)
-    mask = torch.ones_like(values, dtype=torch.bool)
-    levels = [mask]
-    while True:
-        size = mask.sum(dim=1)
-        mean = torch.where(mask, values, 0.0).cumsum(dim=1)[:, -1:] / size[:, None]
-        keep = mask & (values >= mean if side == "+" else values < mean)
-        kept = keep.sum(dim=1)
-        split = (size >= min_size) & (kept > 0) & (kept < size)
-        if not split.any():
-            return levels if every else [mask]
-        mask = torch.where(split[:, None], keep, mask)
-        levels.append(mask)
-
-
-def channel_set_map(features: Tensor, mask: Tensor, normalize: bool = True) -> Tensor:
-    """The paper's map of a channel set (closed-form Grad-CAM++ of ``sum_{k in S} sum_ij A_kij``).
-
-    ``M(i, j) = relu(sum_{k in S} (H * W / (2 + sum_ab A[k, a, b])) * A[k, i, j])``, then min-max
-    normalised per sample (a constant map becomes 0). ``A`` is taken after a ReLU: the paper's feature
-    maps are post-ReLU activations, and for signed maps (token layers, pre-activation features) this
-    keeps the denominator ``2 + sum A >= 2``.
-
-    Args:
-        features: ``A`` ``[N, D, H, W]``.
-        mask: channel membership ``[D]`` or per sample ``[N, D]`` (bool or 0/1).
-        normalize: min-max normalise each map.
-
-    Returns:
-        ``[N, H, W]``.
-    """
-    n, d, h, w = features.shape
-    features = F.relu(features)
-    mask = mask.to(features.dtype)
-    if mask.ndim == 1:
-        mask = mask.expand(n, d)
-    coef = mask * (h * w) / (2.0 + features.sum(dim=(2, 3)))
-    maps = F.relu(torch.einsum("nd,ndhw->nhw", coef, features))
-    return _minmax(maps) if normalize else maps
-
-
-def bilinear_upsample(maps: Tensor, size: Sequence[int]) -> Tensor:
-    """``F.interpolate(maps, size, mode="bilinear", align_corners=False)`` as two small matrix products.
-
-    Bilinear interpolation is separable: ``A_h @ map @ A_w^T`` with the ``[H, h]`` and ``[W, w]`` matrices of
-    1-d linear interpolation. For many small maps (a ResNet's 7x7 maps of 1000 classes to 224x224) the two
-    products run at matrix-multiply speed, several times faster than the per-pixel kernel.
-    """
-    h, w = maps.shape[-2:]
-    big_h, big_w = int(size[0]), int(size[1])
-
-    def matrix(n: int, big: int) -> Tensor:  # [big, n]: column i is the interpolation of the unit vector e_i
-        eye = torch.eye(n, dtype=maps.dtype, device=maps.device)[:, None, :]
-        return F.interpolate(eye, size=big, mode="linear", align_corners=False)[:, 0, :].T
-
-    return torch.matmul(matrix(h, big_h), torch.matmul(maps, matrix(w, big_w).T))
-
-
-def _minmax(maps: Tensor) -> Tensor:
-    """Min-max normalise each map over its last two dimensions (a constant map becomes 0)."""
-    flat = maps.flatten(-2)
-    lo, hi = flat.amin(dim=-1)[..., None, None], flat.amax(dim=-1)[..., None, None]
-    span = (hi - lo).clamp_min(torch.finfo(maps.dtype).tiny)
-    return torch.where(hi > lo, (maps - lo) / span, torch.zeros_like(maps))
-
-
-def _chain_masks(rows: Tensor, side: str, min_size: int) -> Tensor:
-    """Membership ``[M, D]`` (bool, on ``rows``' device) of the last chain subset of each row of ``rows`` ``[M, D]``."""
-    # on a CPU copy, as split_chain: the cumulative sums then run in the same order
-    return _chain_levels(rows.detach().cpu(), side, min_size)[-1].to(rows.device)
-
-
-# ---------------------------------------------------------------------------------------------
-# (b) maps
-# ---------------------------------------------------------------------------------------------
-
-
-def _as_spatial(t: Tensor) -> Tensor | None:
-    """``[N, C, H, W]`` as is; token layouts ``[N, T, C]`` with ``T`` or ``T - 1`` a square as ``[N, C, s, s]``."""
-    if t.ndim == 4 and t.shape[2] * t.shape[3] > 1:
-        return t
-    if t.ndim == 3:
-        tokens = t.shape[1]
-        for drop in (1, 0):  # a class token first, as in ViT
-            side = math.isqrt(tokens - drop)
-            if side > 1 and side * side == tokens - drop:
-                return t[:, drop:, :].transpose(1, 2).reshape(t.shape[0], t.shape[2], side, side)
-    return None
-
-
-class _Summary:
-    """What layer resolution keeps of a module output: its shape and, for spatial maps, channel means."""
-
-    def __init__(self, shape: torch.Size, mean: Tensor | None, relu_mean: Tensor | None, spatial: bool) -> None:
-        self.shape, self.mean, self.relu_mean, self.spatial = shape, mean, relu_mean, spatial
-
-    @classmethod
-    def of(cls, out: Tensor) -> _Summary:
-        spatial = out.ndim == 4 and out.shape[2] * out.shape[3] > 1
-        out = out.detach()
-        if spatial:  # means taken now: a later in-place op (DenseNet's relu) may change the tensor
-            return cls(out.shape, out.mean(dim=(2, 3)), F.relu(out).mean(dim=(2, 3)), True)
-        return cls(out.shape, None, None, _as_spatial(out[:1]) is not None)
-
-
-def _gap_transform(summary: _Summary, pooled: Tensor) -> str | None:
-    """``"identity"`` / ``"relu"`` where ``mean_ij`` of the (ReLU'd) map equals the classifier input, else ``None``."""
-    if summary.mean is None or pooled.ndim != 2 or summary.shape[:2] != pooled.shape:
-        return None
-    for kind, m in (("identity", summary.mean), ("relu", summary.relu_mean)):
-        if torch.allclose(m, pooled, rtol=1e-4, atol=1e-5):
-            return kind
-    return None
-
-
-#: The chain side behind each channel-set map.
-_SIDES = {"discriminative": "+", "confusing": "-"}
-
-#: ``(method, classes)`` -> per-class coefficients on the channels of the feature map: ``[k, D]`` shared by
-#: every sample, or ``[N, k, D]``.
-Coefficients = Callable[[str, slice], Tensor]
-
-
-class _FinalLayerSaliency:
-    """Policy-gradient, CAM and the paper's discriminative / confusing maps from the final layer.
-
-    The final ``nn.Linear`` (the one whose output is the model's output) and the spatial feature map
-    that is globally average-pooled into it are found on the first batch, or taken by
-    ``named_modules()`` path, and the relation ``mean_ij A = classifier input`` is checked (also after a
-    ReLU, as in torchvision's DenseNet). Where it holds, every map costs one forward pass and no
-    backward pass: the maps of ``k`` classes are one matrix product of per-class channel coefficients
-    (``[k, D]`` when every sample has the same classes, as for all classes; else ``[N, k, D]``) with the
-    feature map ``[N, D, h * w]``, so the maps of every class cost little more than the forward pass.
-    Where it does not (a flatten + Linear head, an MLP after the pool, a token model), the same
-    quantities are computed from gradients at the feature layer (one warning; one backward pass per
-    target column plus one); without a ``feature_layer`` the fallback picks the last layer with a
-    spatial or token output whose gradient reaches the spatial positions.
-
-    Args:
-        model: a classifier returning logits ``[N, K]`` for image-like inputs.
-        feature_layer: ``named_modules()`` path of the feature map; found automatically when ``None``.
-        classifier: ``named_modules()`` path of the final ``nn.Linear``; found automatically when ``None``.
-        min_size: ``min_size`` of the recursive split (:func:`split_chain`).
-
-    Attributes:
-        chunk_elements: classes are rendered in chunks of at most about this many elements of per-class
-            intermediates (coefficients and maps, ``N * k * (D + h * w)``), so that many targets (all
-            classes of ImageNet for many images, say) are never held as ``[N, k, D]`` at once. The maps
-            are upsampled (``upsample=True``) in one call once all are computed.
-
-    Raises:
-        ValueError: unknown layer names, a model without an ``nn.Linear`` producing its output, a
-            ``classifier`` that is not an ``nn.Linear``, or no spatial feature layer.
-        TypeError: inputs that are not image-like tensors ``[N, C, H, W]``.
-
-    Example:
-        >>> from lightning_interp.saliency import FinalLayerSaliency
-        >>> from lightning_interp.models import SmallCNN
-        >>> model = SmallCNN(in_channels=3, num_classes=5).eval()
-        >>> from lightning_interp.saliency import FinalLayerSaliency
-        >>> saliency = FinalLayerSaliency(model)
-        >>> saliency.attribute(torch.randn(2, 3, 16, 16), method="policy_gradient").shape
-        torch.Size([2, 8, 8])
-        >>> saliency.feature_layer, saliency.classifier, saliency.uses_closed_form
-        ('features', 'fc', True)
-        >>> every_class = torch.arange(5).expand(2, 5)  # [N, k] targets: the maps of all five classes
-        >>> saliency.attribute(torch.randn(2, 3, 16, 16), target=every_class).shape
-        torch.Size([2, 5, 8, 8])
-    """
-
-    chunk_elements: int = 1 << 24
-
-    def __init__(
-        self, model: nn.Module, feature_layer: str | None = None, classifier: str | None = None, min_size: int = 20
-    ) -> None:
-        super().__init__(model)
-        self.model = model
-        if feature_layer is not None:
-            get_module(model, feature_layer)
-        if classifier is not None and not isinstance(get_module(model, classifier), nn.Linear):
-            raise ValueError(f"classifier {classifier!r} is a {type(get_module(model, classifier)).__name__}, not an nn.Linear")
-        self.feature_layer = feature_layer
-        self.classifier = classifier
-        self.min_size = min_size
-        #: ``"identity"`` or ``"relu"`` where the GAP relation holds; ``None`` for the autograd fallback.
-        self.feature_transform: str | None = None
-        self.uses_closed_form: bool | None = None
-        # per side: the last chain subset of each class row [K, D], and which rows are filled
-        self._chains: dict[str, tuple[Tensor, set[int]]] = {}
-        self._chain_version: tuple[int, int] | None = None
-        self._chain_weight: Tensor | None = None
-
-    # ------------------------------------------------------------------ layer resolution
-    def _check_inputs(self, inputs: Tensor) -> None:
-        if not isinstance(inputs, Tensor):
-            raise TypeError(f"inputs must be a torch.Tensor of images [N, C, H, W], got {type(inputs).__name__}")
-        if inputs.ndim != 4 or not inputs.is_floating_point():
-            raise TypeError(
-                f"inputs must be a floating-point image batch [N, C, H, W], got {inputs.dtype} of shape {list(inputs.shape)}; "
-                "final-layer saliency maps need spatial inputs"
-            )
-
-    def resolve(self, inputs: Tensor) -> None:
-        """Find the classifier and the feature layer on this batch and check the GAP relation.
-
-        Called by the first :meth:`attribute`; call it directly to check a model before attributing.
-
-        Args:
-            inputs: images ``[N, C, H, W]`` (a few suffice).
-
-        Raises:
-            ValueError: no ``nn.Linear`` producing the output, or no spatial feature layer.
-
-        Example:
-            >>> from lightning_interp.models import SmallCNN
-            >>> from lightning_interp.saliency import FinalLayerSaliency
-            >>> saliency = FinalLayerSaliency(SmallCNN(in_channels=1, num_classes=3).eval())
-            >>> saliency.resolve(torch.randn(1, 1, 12, 12))
-            >>> saliency.feature_layer, saliency.feature_transform
-            ('features', 'identity')
-        """
-        output, summaries, order, linear_io = self._record_forward(inputs)
-        self.classifier = self._find_classifier(output, linear_io)
-        pooled = linear_io[self.classifier][0]
-        before = order[: max(i for i, n in enumerate(order) if n == self.classifier)]  # layers run before the head
-        if self.feature_layer is None:
-            self.feature_layer, self.feature_transform = self._find_pooled_layer(before, summaries, pooled)
-        else:
-            self.feature_transform = self._check_feature_layer(summaries, pooled)
-        self.uses_closed_form = self.feature_transform is not None
-        if self.uses_closed_form:
-            return
-        if self.feature_layer is None:
-            self.feature_layer = self._pick_fallback_layer(inputs, [n for n in before if summaries[n].spatial])
-        warnings.warn(
-            f"{type(self.model).__name__}: the head is not global-average-pool -> Linear at {self.feature_layer!r}; "
-            "FinalLayerSaliency uses the autograd fallback (gradients at the feature layer).",
-            stacklevel=3,
-        )
-
-    def _record_forward(self, inputs: Tensor) -> tuple[Tensor, dict[str, _Summary], list[str], dict[str, tuple[Tensor, Tensor]]]:
-        """One forward pass with a hook on every module.
-
-        Returns:
-            The logits, a :class:`_Summary` of each module's last tensor output, the names of the modules in
-            the order their outputs appeared, and each ``nn.Linear``'s ``(input, output)``.
-        """
-        records: list[tuple[str, _Summary]] = []
-        linear_io: dict[str, tuple[Tensor, Tensor]] = {}
-
-        def make_hook(name: str, module: nn.Module) -> Callable[[nn.Module, tuple, object], None]:
-            def hook(_m: nn.Module, inp: tuple, out: object) -> None:
-                if isinstance(out, Tensor):
-                    # keep only what the checks need (shape; spatial means for 4-D maps), not a copy of every output
-                    records.append((name, _Summary.of(out)))
-                    if isinstance(module, nn.Linear) and inp and isinstance(inp[0], Tensor):
-                        linear_io[name] = (inp[0].detach().clone(), out.detach().clone())
-
-            return hook
-
-        hooks = {name: make_hook(name, module) for name, module in self.model.named_modules() if name}
-        with forward_hooks(self.model, hooks), torch.no_grad():
-            output = self.model(inputs)
-        if not isinstance(output, Tensor) or output.ndim != 2:
-            got = list(output.shape) if isinstance(output, Tensor) else type(output).__name__
-            raise ValueError(f"the model must return logits [N, K], got {got}")
-        return output, dict(records), [n for n, _ in records], linear_io
-
-    def _find_classifier(self, output: Tensor, linear_io: dict[str, tuple[Tensor, Tensor]]) -> str:
-        """The given classifier, checked to have run, or the last ``nn.Linear`` whose output is the logits."""
-        if self.classifier is not None:
-            if self.classifier not in linear_io:
-                raise ValueError(f"classifier {self.classifier!r} did not run in the forward pass")
-            return self.classifier
-        final = [n for n, (_, out) in linear_io.items() if out.shape == output.shape and torch.equal(out, output)]
-        if not final:
-            raise ValueError(
-                f"{type(self.model).__name__} has no nn.Linear whose output is the model's output (the logits); "
-                "final-layer saliency needs a final fully connected layer. Pass classifier='<named_modules path>' "
-                "if the model wraps it."
-            )
-        return final[-1]
-
-    @staticmethod
-    def _find_pooled_layer(before: list[str], summaries: dict[str, _Summary], pooled: Tensor) -> tuple[str | None, str | None]:
-        """The last layer before the head whose (ReLU'd) spatial mean is the classifier input, and the transform."""
-        for name in reversed(before):
-            kind = _gap_transform(summaries[name], pooled)
-            if kind is not None:
-                return name, kind
-        return None, None
-
-    def _check_feature_layer(self, summaries: dict[str, _Summary], pooled: Tensor) -> str | None:
-        """Check that the given feature layer ran and is spatial; its GAP transform (``None``: fallback)."""
-        name: str = self.feature_layer  # type: ignore[assignment]
-        if name not in summaries:
-            raise ValueError(f"feature_layer {name!r} did not return a tensor in the forward pass")
-        if not summaries[name].spatial:
-            raise ValueError(
-                f"feature_layer {name!r} outputs shape {list(summaries[name].shape)}, "
-                "not a spatial map [N, C, H, W] or tokens [N, T, C]; choose a convolutional or token layer"
-            )
-        return _gap_transform(summaries[name], pooled)
-
-    def _pick_fallback_layer(self, inputs: Tensor, candidates: list[str]) -> str:
-        """The last candidate whose gradient (of the top logits) reaches its spatial positions."""
-        if not candidates:
-            raise ValueError(
-                f"{type(self.model).__name__} has no layer with a spatial [N, C, H, W] or token [N, T, C] output before "
-                "the final nn.Linear; final-layer saliency maps need one (pass feature_layer=...)"
-            )
-        seen: dict[str, Tensor] = {}
-        keep = {name: (lambda _m, _i, out, n=name: seen.setdefault(n, out)) for name in candidates}
-        with forward_hooks(self.model, keep), torch.inference_mode(False), torch.enable_grad():  # type: ignore[arg-type]
-            logits = self.model(inputs.clone().requires_grad_(True))
-            names = [n for n in candidates if n in seen and seen[n].requires_grad]
-            if not names or not logits.requires_grad:
-                raise ValueError(self._cut_gradient_message(candidates[-1]))
-            grads = torch.autograd.grad(logits.max(dim=1).values.sum(), [seen[n] for n in names], allow_unused=True)
-        for name, g in zip(reversed(names), reversed(grads), strict=True):
-            if g is not None and _as_spatial(g).abs().sum() > 0:
-                return name
-        return candidates[-1]
-
-    # ------------------------------------------------------------------ chains
-    def class_chain_mask(self, classes: Tensor, side: str, weight: Tensor) -> Tensor:
-        """Membership of the last chain subset (:func:`split_chain`) of each class's row of ``weight``.
-
-        The subsets are computed once per class and side and cached until ``weight`` changes (in place,
-        as in training, or for another tensor).
-
-        Args:
-            classes: class indices, any shape (``[N]``, ``[N, k]``).
-            side: ``"+"`` (the discriminative set) or ``"-"`` (the confusing set).
-            weight: the classifier's weight ``[K, D]``.
-
-        Returns:
-            ``classes.shape + (D,)`` bool on ``weight``'s device.
-
-        Example:
-            >>> from lightning_interp.models import SmallCNN
-            >>> model = SmallCNN(in_channels=1, num_classes=3).eval()
-            >>> from lightning_interp.saliency import FinalLayerSaliency
-            >>> s = FinalLayerSaliency(model, min_size=4)
-            >>> s.class_chain_mask(torch.tensor([0, 2]), "+", model.fc.weight).shape
-            torch.Size([2, 32])
-        """
-        table = self._chain_table(classes, side, full_tensor(weight))
-        return table[classes.to(table.device)]
-
-    def _chain_table(self, classes: Tensor, side: str, weight: Tensor) -> Tensor:
-        """The cached ``[K, D]`` chain masks of ``side``, with the rows of ``classes`` filled."""
-        version = (weight.data_ptr(), weight._version)  # the cache follows in-place weight updates
-        # a sharded model's gathered weight is refilled in the same storage without a version bump (FSDP's
-        # unshard after a training step): the cache also compares the values
-        kept = self._chain_weight
-        same = kept is not None and kept.shape == weight.shape and torch.equal(kept, weight.detach())
-        if self._chain_version != version or not same:
-            self._chains, self._chain_version = {}, version
-            self._chain_weight = weight.detach().clone()
-        table, done = self._chains.get(side, (None, set()))
-        if table is None:
-            table = torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
-        missing = sorted(set(classes.unique().tolist()) - done)  # one host read per call, not one per class
-        if missing:
-            idx = torch.tensor(missing, device=weight.device)
-            # out of place: the table may be an inference tensor from a call inside torch.inference_mode
-            table = table.index_put((idx,), _chain_masks(weight.detach()[idx], side, self.min_size))
-            done = done | set(missing)
-        self._chains[side] = (table, done)
-        return table
-
-    # ------------------------------------------------------------------ maps
-    def attribute_all(
-        self, inputs: Tensor, target: int | Sequence[int] | Tensor | None = None, upsample: bool = False
-    ) -> dict[str, Tensor]:
-        """Every map kind from one forward pass.
-
-        Args:
-            inputs: images ``[N, C, H, W]``.
-            target: class per sample (an int, ``[N]``), several classes per sample (``[N, k]``; all classes:
-                ``torch.arange(K).expand(N, K)``), or ``None`` for the predicted class.
-            upsample: bilinearly upsample the maps to the input's ``H x W``.
-
-        Returns:
-            ``{method: maps}`` for :data:`METHODS` (``[N, h, w]``, or ``[N, k, h, w]`` for ``[N, k]``
-            targets), plus ``logits`` ``[N, K]`` and ``target``.
-
-        Example:
-            >>> from lightning_interp.models import SmallCNN
-            >>> from lightning_interp.saliency import FinalLayerSaliency
-            >>> out = FinalLayerSaliency(SmallCNN(in_channels=1, num_classes=3).eval()).attribute_all(torch.randn(2, 1, 12, 12))
-            >>> sorted(out), out["cam"].shape
-            (['cam', 'confusing', 'discriminative', 'logits', 'policy_gradient', 'target'], torch.Size([2, 6, 6]))
-        """
-        self._check_inputs(inputs)
-        if self.uses_closed_form is None:
-            self.resolve(inputs)
-        return self._attribute(inputs, target, METHODS, upsample)
-
-    def attribute(
-        self,
-        inputs: Tensor,
-        target: int | Sequence[int] | Tensor | None = None,
-        method: Method = "policy_gradient",
-        upsample: bool = False,
-    ) -> Tensor:
-        """Saliency maps of ``method`` for ``target``, in one forward pass for a GAP + Linear head.
-
-        Only ``method``'s maps are computed.
-
-        Args:
-            inputs: images ``[N, C, H, W]``.
-            target: class per sample (an int, ``[N]``), several per sample (``[N, k]``; all classes:
-                ``torch.arange(K).expand(N, K)``), or ``None`` for the predicted class.
-            method: ``"policy_gradient"`` / ``"cam"`` (raw, signed, unnormalised), ``"discriminative"`` /
-                ``"confusing"`` (the paper's min-max normalised maps of the last chain subset).
-            upsample: bilinearly upsample to the input's ``H x W``.
-
-        Returns:
-            ``[N, h, w]`` maps (``[N, k, h, w]`` for ``[N, k]`` targets) on the inputs' device.
-
-        Raises:
-            ValueError: an unknown ``method`` or out-of-range targets.
-
-        Example:
-            >>> from lightning_interp.models import SmallCNN
-            >>> from lightning_interp.saliency import FinalLayerSaliency
-            >>> saliency = FinalLayerSaliency(SmallCNN(in_channels=1, num_classes=3).eval())
-            >>> saliency.attribute(torch.randn(2, 1, 12, 12), target=1, method="cam", upsample=True).shape
-            torch.Size([2, 12, 12])
-        """
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        self._check_inputs(inputs)
-        if self.uses_closed_form is None:
-            self.resolve(inputs)
-        return self._attribute(inputs, target, (method,), upsample)[method]
-
-    def _attribute(
-        self, inputs: Tensor, target: int | Sequence | Tensor | None, methods: Sequence[str], upsample: bool
-    ) -> dict[str, Tensor]:
-        """The maps of ``methods`` (resolved model), squeezed to ``[N, h, w]`` unless the target is ``[N, k]``."""
-        with torch.no_grad():
-            if self.uses_closed_form:
-                feats, logits, tgt, coefs, offset = self._closed_form_coefficients(inputs, target, methods)
-            else:
-                feats, logits, tgt, coefs, offset = self._fallback_coefficients(inputs, target, methods)
-            size = tuple(inputs.shape[-2:]) if upsample else None
-            out = self._render(feats, coefs, tgt.shape[1], methods, size, offset)
-        squeeze = not (isinstance(target, Tensor) and target.ndim == 2) and not (
-            isinstance(target, Sequence) and target and isinstance(target[0], Sequence)
-        )
-        if squeeze:
-            out = {m: v[:, 0] for m, v in out.items()}
-        out["logits"] = logits
-        out["target"] = tgt[:, 0] if squeeze else tgt
-        return out
-
-    def _closed_form_coefficients(
-        self, inputs: Tensor, target: int | Sequence | Tensor | None, methods: Sequence[str]
-    ) -> tuple[Tensor, Tensor, Tensor, Coefficients, Tensor | None]:
-        """One forward pass; coefficients are rows of the classifier's weight or of the cached chain masks.
-
-        The policy-gradient map ``sum_k (W[c, k] - (q W)_k) A_k`` is the CAM of ``c`` minus the map of the
-        expected weights ``q W``, which is the same for every class: it is returned as the offset ``q W``.
-        """
-        feats, logits = self._forward_features(inputs)
-        param = full_tensor(get_module(self.model, self.classifier).weight)  # type: ignore[arg-type]
-        weight = param.detach().to(feats.dtype)
-        tgt = self._targets(target, logits)
-        tables = {m: self._chain_table(tgt, _SIDES[m], param) for m in methods if m in _SIDES}
-        # the same classes for every sample (all classes, say): rows [k, D] shared by the batch, no [N, k, D] copies
-        rows = tgt[0] if tgt.shape[1] > 1 and bool((tgt == tgt[:1]).all()) else tgt
-        offset = logits.softmax(dim=1).to(feats.dtype) @ weight if "policy_gradient" in methods else None
-
-        def coefs(method: str, classes: slice) -> Tensor:
-            chosen = rows[..., classes]
-            return tables[method][chosen] if method in tables else weight[chosen]
-
-        return feats, logits, tgt, coefs, offset
-
-    def _fallback_coefficients(
-        self, inputs: Tensor, target: int | Sequence | Tensor | None, methods: Sequence[str]
-    ) -> tuple[Tensor, Tensor, Tensor, Coefficients, None]:
-        """Coefficients from gradients at the feature layer: effective weights and policy gradients per sample."""
-        feats, logits, eff, pg, tgt = self._fallback(inputs, target)
-        per_method = {"policy_gradient": pg, "cam": eff}
-        for m in methods:
-            if m in _SIDES:
-                per_method[m] = _chain_masks(eff.flatten(0, 1), _SIDES[m], self.min_size).view(eff.shape)
-        return feats, logits, tgt, lambda method, classes: per_method[method][:, classes], None
-
-    def _render(
-        self,
-        feats: Tensor,
-        coefs: Coefficients,
-        k: int,
-        methods: Sequence[str],
-        size: tuple[int, ...] | None,
-        offset: Tensor | None,
-    ) -> dict[str, Tensor]:
-        """Maps ``[N, k, h, w]`` (``size`` given: upsampled to it) of each method, in chunks of classes.
-
-        ``policy_gradient`` / ``cam``: ``coefs @ A`` (minus ``offset @ A`` ``[N, D]`` for the policy gradient
-        where given). Channel sets: ``relu(sum_{k in S} HW / (2 + sum A_k) A_k)`` of ``A = relu(feats)``
-        (:func:`channel_set_map`), min-max normalised. ``coefs`` returns rows ``[k, D]`` shared by every
-        sample or ``[N, k, D]`` per sample.
-        """
-        n, d, h, w = feats.shape
-        flat = feats.reshape(n, d, h * w)
-        sources = {"policy_gradient": flat, "cam": flat}
-        if any(m in _SIDES for m in methods):
-            relu_flat = F.relu(flat)
-            # the channel-set coefficient HW / (2 + sum_ab A_k) folded into the features, once for every class
-            sources["discriminative"] = sources["confusing"] = relu_flat * ((h * w) / (2.0 + relu_flat.sum(dim=2)))[:, :, None]
-        step = max(1, self.chunk_elements // (n * (d + h * w)))
-        out: dict[str, Tensor] = {}
-        for m in methods:
-            source, by_position = sources[m], None
-            chunks = []
-            for start in range(0, k, step):
-                c = coefs(m, slice(start, start + step)).to(feats.dtype)
-                if c.ndim == 2:  # shared rows: one matrix product over every (sample, position)
-                    if by_position is None:
-                        by_position = source.transpose(1, 2).reshape(n * h * w, d)
-                    maps = (by_position @ c.T).view(n, h * w, -1).transpose(1, 2)
-                else:
-                    maps = torch.bmm(c, source)
-                maps = maps.reshape(n, -1, h, w)
-                chunks.append(_minmax(F.relu(maps)) if m in _SIDES else maps)
-            maps = chunks[0] if len(chunks) == 1 else torch.cat([feats.new_empty(n, 0, h, w), *chunks], dim=1)
-            if m == "policy_gradient" and offset is not None:
-                maps = maps - torch.bmm(offset[:, None, :], flat).view(n, 1, h, w)
-            # one call on all maps at the feature resolution: the upsampled output is allocated once
-            out[m] = maps if size is None else bilinear_upsample(maps, size)
-        return out
-
-    def _targets(self, target: int | Sequence | Tensor | None, logits: Tensor) -> Tensor:
-        n, num = logits.shape
-        if target is None:
-            t = logits.argmax(dim=1)[:, None]
-        else:
-            t = torch.as_tensor(target, device=logits.device).long()
-            if t.ndim == 0:
-                t = t.expand(n)
-            if t.ndim == 1:
-                t = t[:, None]
-            if t.ndim != 2 or t.shape[0] != n:
-                raise ValueError(f"target must be an int, [N] or [N, k] with N = {n}, got shape {list(t.shape)}")
-        if (t < 0).any() or (t >= num).any():
-            raise ValueError(f"target classes must lie in [0, {num}), got {t.min().item()}..{t.max().item()}")
-        return t
-
-    def _forward_features(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
-        layer: str = self.feature_layer  # type: ignore[assignment]
-        with capture(self.model, [layer]) as store:
-            logits = self.model(inputs)
-        feats = store[layer]
-        if self.feature_transform == "relu":
-            feats = F.relu(feats)
-        return feats, logits
-
-    def _fallback(self, inputs: Tensor, target: int | Sequence | Tensor | None) -> tuple[Tensor, ...]:
-        """Feature map, logits, effective weights ``[N, k, D]``, policy gradients ``[N, k, D]``, targets."""
-        seen: dict[str, Tensor] = {}
-        name = self.feature_layer
-        with torch.inference_mode(False), torch.enable_grad(), leaves(self.model, [name], seen):  # type: ignore[list-item]
-            logits = self.model(inputs.clone())
-            if name not in seen:
-                raise ValueError(f"feature_layer {name!r} did not run in {type(self.model).__name__}'s forward pass")
-            leaf = seen[name]  # type: ignore[index]
-            if not logits.requires_grad:
-                raise ValueError(self._cut_gradient_message(name))
-            tgt = self._targets(target, logits.detach())
-            k = tgt.shape[1]
-
-            def channel_grad(score: Tensor, retain: bool) -> Tensor:
-                (grad,) = torch.autograd.grad(score, leaf, retain_graph=retain, allow_unused=True)
-                if grad is None:  # the logits do not depend on the layer through autograd
-                    raise ValueError(self._cut_gradient_message(name))
-                return _as_spatial(grad).sum(dim=(2, 3))
-
-            # d log q_c / dA = d z_c / dA - sum_j q_j d z_j / dA: one backward pass for the expectation and
-            # one per target column, instead of two per column
-            expected = channel_grad((logits.detach().softmax(dim=1) * logits).sum(), retain=True)
-            eff = torch.stack([channel_grad(logits.gather(1, tgt[:, j : j + 1]).sum(), retain=j < k - 1) for j in range(k)], 1)
-        feats = _as_spatial(leaf.detach())
-        return feats, logits.detach(), eff, eff - expected[:, None, :], tgt
-
-    def _cut_gradient_message(self, layer: str | None) -> str:
-        return (
-            f"{type(self.model).__name__}: the gradient of the logits does not reach the feature layer "
-            f"{layer!r}, which the saliency of this head (not global-average-pool + Linear) needs. "
-            "A reentrant activation checkpoint hides it: use torch.utils.checkpoint.checkpoint(..., use_reentrant=False) "
-            "(or no checkpoint); a detach() or torch.no_grad() inside forward() cuts it as well."
-        )
-
-    def has_convergence_delta(self) -> bool:
-        """Whether :meth:`attribute` returns a convergence delta (never: the maps are closed forms).
-
-        Returns:
-            ``False``.
-        """
-        return False
-
-
-def deletion_curve(model: nn.Module, inputs: Tensor, maps: Tensor, target: Tensor, steps: int = 10) -> Tensor:
-    """Probability of ``target`` as the most salient pixels are deleted (set to the image's mean).
-
-    One map per image; :func:`deletion_curves` takes several maps per image in the same batched passes.
-
-    Args:
-        model: the classifier.
-        inputs: images ``[N, C, H, W]``.
-        maps: saliency ``[N, H, W]`` at the input resolution (higher = deleted first).
-        target: classes ``[N]``.
-        steps: number of deletion fractions ``1/steps, ..., 1`` (plus the intact image).
-
-    Returns:
-        ``[N, steps + 1]`` target probabilities; the mean over fractions is the deletion AUC (lower is
-        more faithful).
-    """
-    return deletion_curves(model, inputs, maps[:, None], target, steps)[:, 0]
-
-
-#: Input elements (rows x C x H x W) per forward pass of :func:`deletion_curves`, unless ``batch_size`` is given.
-DELETION_ELEMENTS = 1 << 22
-
-
-def deletion_rows(steps: int, maps: int, intact: bool = False) -> int:
-    """Images :func:`deletion_curves` passes through the model per probe image (``maps`` maps, ``steps`` steps).
-
-    The intact image (unless given as ``intact``) and the fully deleted one (the image mean, the same for every
-    map) are passed once; each map adds its ``steps - 1`` partial deletions.
-    """
-    return (0 if intact else 1) + (1 if steps > 0 else 0) + maps * max(0, steps - 1)
-
-
-def deletion_curves(
+def measure_saliency(
     model: nn.Module,
     inputs: Tensor,
-    maps: Tensor,
-    target: Tensor,
-    steps: int = 10,
-    intact: Tensor | None = None,
-    batch_size: int | None = None,
-) -> Tensor:
-    """Deletion curves of several maps per image (:func:`deletion_curve`), in few batched forward passes.
+    labels: Tensor | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    target: Literal["predicted", "label"] = "predicted",
+    feature_layer: str | None = None,
+    classifier: str | None = None,
+    min_size: int = 20,
+    deletion_steps: int = 10,
+    deletion_images: int | None = None,
+    saliency: FinalLayerSaliency | None = None,
+) -> SaliencyResult:
+    """Final-layer saliency maps of a probe batch and how faithful they are (docs/saliency.md).
 
-    The partially deleted images of every map and step are stacked and classified in batches of ``batch_size``
-    (many small passes cost far more than one large one on a CPU, most with several threads). The intact image
-    and the fully deleted one are the same for every map: each is classified once per image, and the intact
-    image not at all when its probabilities are given (``intact``, e.g. from the forward pass that made the maps).
+    Per image, with ``c`` the predicted class (``target="predicted"``) or the label:
+
+    * ``neg_pg_share``: the share of negative policy-gradient mass (evidence for the competitors, the
+      "confusing" regions), ``sum relu(-M) / sum |M|`` (:func:`negative_share`);
+    * ``target_prob``: ``q(c|x)``;
+    * ``disc_channels`` / ``conf_channels``: the sizes of the most discriminative / most confusing channel
+      sets of ``c`` (NaN for the autograd fallback, which has per-image effective weights);
+    * with ``deletion_steps > 0``, on the first ``deletion_images`` images: ``deletion_auc_pg``,
+      ``deletion_auc_disc`` and ``deletion_auc_random``, the mean target probability along a deletion curve
+      (:func:`deletion_curves`) that removes the pixels with the highest policy-gradient, discriminative or
+      random saliency first, and ``faithfulness_pg`` / ``faithfulness_disc``, random minus ours (positive
+      when the map finds the evidence better than chance). Policy-gradient maps vanish as ``q(c|x) -> 1``,
+      so on confidently classified probes their deletion score is weak.
+
+    The random baseline maps are ``torch.rand(N, H, W, generator=generator)``: image ``i`` gets the ``i``-th
+    map whatever ``N`` (on the CPU, a draw of fewer images is the first images' maps). An image whose logits
+    (or maps) are non-finite makes its read-outs NaN, not numbers computed from ``argmax`` of NaN.
 
     Args:
-        model: the classifier.
-        inputs: images ``[N, C, H, W]``.
-        maps: saliency ``[N, M, H, W]`` at the input resolution (higher = deleted first).
-        target: classes ``[N]``.
-        steps: number of deletion fractions ``1/steps, ..., 1`` (plus the intact image).
-        intact: the target probabilities ``[N]`` of the intact images, if known.
-        batch_size: images per forward pass (default: as many as :data:`DELETION_ELEMENTS` input elements allow,
-            and at least ``N``).
+        model: a classifier returning logits ``[N, K]``, in the mode to measure (``eval()``).
+        inputs: images ``[N, C, H, W]`` (floating point); moved to the model's device and dtype.
+        labels: classes ``[N]``; needed for ``target="label"``.
+        generator: the CPU generator of the random baseline maps (``None``: torch's global generator).
+        target: ``"predicted"`` (the model's class) or ``"label"``.
+        feature_layer: ``named_modules()`` path of the feature map (found when ``None``).
+        classifier: ``named_modules()`` path of the final ``nn.Linear`` (found when ``None``).
+        min_size: ``min_size`` of the recursive channel split (:func:`split_chain`).
+        deletion_steps: deletion-curve resolution (0: no deletion read-outs).
+        deletion_images: deletion curves on the first this many images only (``None``: all).
+        saliency: a :class:`FinalLayerSaliency` of ``model`` to reuse (its resolved layers and cached channel
+            sets; ``feature_layer``, ``classifier`` and ``min_size`` are then its own); ``None``: one is made
+            and resolved on the first two images.
 
     Returns:
-        ``[N, M, steps + 1]`` target probabilities (NaN where the model's logits are non-finite).
+        A :class:`SaliencyResult`.
+
+    Raises:
+        ValueError: an unknown ``target``, ``target="label"`` without labels, a bad size, or a ``saliency`` of
+            another model (and :class:`FinalLayerSaliency`'s errors: unknown layers, no final ``nn.Linear``).
+        TypeError: inputs that are not an image batch ``[N, C, H, W]``.
 
     Example:
         >>> from lightning_interp.models import SmallCNN
+        >>> from lightning_interp.results import flat_scalars
         >>> model = SmallCNN(in_channels=1, num_classes=3).eval()
-        >>> x, maps = torch.randn(2, 1, 8, 8), torch.rand(2, 3, 8, 8)
-        >>> deletion_curves(model, x, maps, torch.tensor([0, 2]), steps=4).shape
-        torch.Size([2, 3, 5])
+        >>> result = measure_saliency(model, torch.randn(4, 1, 12, 12), min_size=4, deletion_steps=4,
+        ...                           generator=torch.Generator().manual_seed(0))
+        >>> list(flat_scalars(result))[:5]
+        ['probe_size', 'neg_pg_share', 'neg_pg_share_se', 'target_prob', 'target_prob_se']
     """
-    n, c, h, w = inputs.shape
-    m = maps.shape[1]
-    if maps.shape != (n, m, h, w):
-        raise ValueError(f"maps must have shape [N, M, H, W] = [{n}, M, {h}, {w}], got {list(maps.shape)}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    hw = h * w
-    order = maps.reshape(n, m, hw).argsort(dim=2, descending=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(2, order, torch.arange(hw, device=order.device).expand(n, m, hw))
-    # the pixels kept at the partial deletions i = 1 .. steps - 1: rank >= round(i HW / steps), as one test
-    cuts = torch.tensor([round(i * hw / steps) for i in range(1, steps)], device=rank.device)
-    baseline = inputs.mean(dim=(2, 3), keepdim=True)
-    per_image = deletion_rows(steps, m, intact is not None)
-    rows_per_pass = batch_size or max(n, DELETION_ELEMENTS // max(1, c * hw))
-    images_per_chunk = max(1, rows_per_pass // per_image)
-    probs = []
-    for start in range(0, n, images_per_chunk):
-        sl = slice(start, start + images_per_chunk)
-        b = len(inputs[sl])
-        x, base = inputs[sl], baseline[sl].expand(b, c, h, w)
-        keep = (rank[sl, :, None, :] >= cuts[None, None, :, None]).reshape(b, m * (steps - 1), 1, h, w)
-        parts = [] if intact is not None else [x[:, None]]
-        parts += [torch.where(keep, x[:, None], base[:, None]), base[:, None]]
-        batch = torch.cat(parts, dim=1).reshape(b * per_image, c, h, w)
-        tgt = target[sl].repeat_interleave(per_image)
-        chunks = zip(batch.split(rows_per_pass), tgt.split(rows_per_pass), strict=True)
-        probs.append(torch.cat([target_probability(model(rows), t) for rows, t in chunks]).view(b, per_image))
-    p = torch.cat(probs)
-    first = intact.to(p.dtype)[:, None] if intact is not None else p[:, :1]
-    middle = p[:, (0 if intact is not None else 1) : per_image - 1].reshape(n, m, steps - 1)
-    last = p[:, -1:]
-    return torch.cat([first[:, None].expand(n, m, 1), middle, last[:, None].expand(n, m, 1)], dim=2)
+    if target not in ("predicted", "label"):
+        raise ValueError(f"target must be one of 'predicted', 'label', got {target!r}")
+    sizes = {"min_size": (min_size, 1), "deletion_steps": (deletion_steps, 0), "deletion_images": (deletion_images, 1)}
+    for name, (value, low) in sizes.items():
+        if value is None and name == "deletion_images":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            none = " or None" if name == "deletion_images" else ""
+            raise ValueError(f"{name} must be an int >= {low}{none}, got {value!r}")
+    if target == "label" and labels is None:
+        raise ValueError(
+            "target='label' needs the labels [N]: pass measure_saliency(model, inputs, labels, ...), or use target='predicted'"
+        )
+    if saliency is None:
+        from lightning_interp.saliency_maps import FinalLayerSaliency
+
+        saliency = FinalLayerSaliency(model, feature_layer, classifier, min_size)
+    elif saliency.model is not model:
+        raise ValueError("saliency is a FinalLayerSaliency of another model: pass one made for this model, or None")
+    start = time.perf_counter()
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    check_images(inputs)
+    x = inputs.to(device=device, dtype=dtype)
+    if saliency.uses_closed_form is None:
+        # resolved on two finite images (a probe drawn by a callback has no others): NaN logits match no nn.Linear
+        finite = torch.isfinite(x.flatten(1)).all(dim=1)
+        saliency.resolve(x[finite][:2] if bool(finite.any()) else x[:2])
+    tgt = labels.to(device) if target == "label" and labels is not None else None
+    n = len(x)
+    k = 0 if not deletion_steps else (n if deletion_images is None else min(n, deletion_images))
+    with torch.no_grad():  # the deletion curves' forward passes need no graph (the fallback makes its own)
+        return _measure(model, saliency, x, tgt, generator, deletion_steps, k, start)
 
 
-def target_probability(logits: Tensor, target: Tensor) -> Tensor:
-    """``softmax(logits)[target]`` per row ``[N]``, NaN for a row with a non-finite logit (its softmax means nothing).
+def _measure(
+    model: nn.Module,
+    saliency: FinalLayerSaliency,
+    x: Tensor,
+    target: Tensor | None,
+    generator: torch.Generator | None,
+    deletion_steps: int,
+    k: int,
+    start: float,
+) -> SaliencyResult:
+    """:func:`measure_saliency` of checked arguments, deletion curves on the first ``k`` images."""
+    n = len(x)
+    out = saliency.attribute_all(x, target=target)
+    pg, tgt, logits = out["policy_gradient"], out["target"], out["logits"]
+    # a non-finite logit (or feature) makes that image's read-outs NaN: argmax and softmax of NaN mean nothing
+    finite = torch.isfinite(logits).all(dim=1) & torch.isfinite(pg.flatten(1)).all(dim=1)
+    nan = torch.full((n,), float("nan"), dtype=torch.float64, device=logits.device)
 
-    Example:
-        >>> target_probability(torch.tensor([[0.0, 0.0], [float("nan"), 1.0]]), torch.tensor([1, 1]))
-        tensor([0.5000,    nan])
-    """
-    prob = logits.softmax(dim=1).gather(1, target[:, None])[:, 0]
-    return torch.where(torch.isfinite(logits).all(dim=1), prob, torch.full_like(prob, float("nan")))
+    def checked(values: Tensor) -> Tensor:
+        return torch.where(finite, values.to(torch.float64), nan)
+
+    per_image = {
+        "neg_pg_share": checked(negative_share(pg)),
+        "target_prob": checked(target_probability(logits, tgt)),
+        "disc_channels": checked(_chain_sizes(saliency, model, tgt, "+")),
+        "conf_channels": checked(_chain_sizes(saliency, model, tgt, "-")),
+    }
+    used = dict.fromkeys(per_image, n)
+    maps_done = time.perf_counter()
+    if k:
+        random_maps = torch.rand(n, *x.shape[2:], generator=generator)
+        # the random, policy-gradient and discriminative maps of each image in the same batched passes
+        up = bilinear_upsample(torch.stack([pg[:k], out["discriminative"][:k]], dim=1), x.shape[-2:])
+        maps = torch.cat([random_maps[:k, None].to(device=x.device, dtype=up.dtype), up], dim=1)
+        curves = deletion_curves(model, x[:k], maps, tgt[:k], deletion_steps, intact=per_image["target_prob"][:k])
+        aucs = curves.mean(dim=2).to(torch.float64)
+        rand, pg_auc, disc_auc = nan.clone(), nan.clone(), nan.clone()
+        rand[:k], pg_auc[:k], disc_auc[:k] = aucs[:, 0], aucs[:, 1], aucs[:, 2]
+        per_image["deletion_auc_random"] = rand
+        per_image["deletion_auc_pg"], per_image["faithfulness_pg"] = pg_auc, rand - pg_auc  # paired on the image
+        per_image["deletion_auc_disc"], per_image["faithfulness_disc"] = disc_auc, rand - disc_auc
+        used.update(dict.fromkeys(READ_OUTS[4:], k))
+    seconds = (maps_done - start, time.perf_counter() - maps_done)
+    return SaliencyResult(per_image=per_image, used=used, maps=out, inputs=x, seconds=seconds)
 
 
-def negative_share(policy_gradient: Tensor) -> Tensor:
-    """Share of each map's policy-gradient mass that is negative (evidence against the class) ``[N]``.
-
-    ``sum relu(-pg) / sum |pg|`` over the map; 0 for an all-zero map.
-    """
-    pg = policy_gradient.flatten(1)
-    return F.relu(-pg).sum(dim=1) / pg.abs().sum(dim=1).clamp_min(torch.finfo(pg.dtype).tiny)
-
-
-if TYPE_CHECKING:
-    from captum.attr import Attribution
-
-    class FinalLayerSaliency(_FinalLayerSaliency, Attribution):  # what __getattr__ builds, for type checkers
-        ...
+def _chain_sizes(saliency: FinalLayerSaliency, model: nn.Module, target: Tensor, side: str) -> Tensor:
+    """Size of the last chain subset of each image's target class ``[N]`` (NaN for the autograd fallback)."""
+    if not saliency.uses_closed_form:
+        return torch.full(target.shape, float("nan"), dtype=torch.float64, device=target.device)
+    weight = dict(model.named_modules())[saliency.classifier].weight
+    return saliency.class_chain_mask(target, side, weight).sum(dim=1).to(torch.float64)
 
 
 def __getattr__(name: str) -> Any:
-    # FinalLayerSaliency is a captum Attribution, and importing captum.attr imports matplotlib.pyplot: the class is
-    # made on first use (PEP 562), so that importing this module (the maps' arithmetic is pure torch) stays light
+    # FinalLayerSaliency is a captum Attribution, and importing captum.attr imports matplotlib.pyplot: it is made
+    # on first use (PEP 562) by lightning_interp.saliency_maps, so that importing this module stays light
     if name == "FinalLayerSaliency":
-        from captum.attr import Attribution
+        from lightning_interp.saliency_maps import FinalLayerSaliency
 
-        cls = type(
-            "FinalLayerSaliency",
-            (_FinalLayerSaliency, Attribution),
-            {"__module__": __name__, "__qualname__": "FinalLayerSaliency", "__doc__": _FinalLayerSaliency.__doc__},
-        )
-        globals()[name] = cls
-        return cls
+        globals()[name] = FinalLayerSaliency
+        return FinalLayerSaliency
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -80,7 +80,7 @@ def test_callback_uses_explicit_task_and_bounded_probe() -> None:
     task = xie_task(3)
     cb = PosteriorGapCallback(task=task, probe_size=100, num_density_bins=5, log_images=False)
     _fit(cb, [])
-    assert cb._probe["x"].shape == (100, 1)
+    assert cb.probe_inputs.shape == (100, 1)
     # equal-count density bins: 100 probe points in 5 bins of 20
     assert cb.last.data["gap"]["count_by_density"].tolist() == [20.0] * 5
     # the logged low-density gap is the first bin's gap

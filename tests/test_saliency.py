@@ -438,7 +438,7 @@ def test_saliency_callback_with_label_targets_and_explicit_probe() -> None:
     cb = FinalLayerSaliencyCallback(probe_size=4, target="label", min_size=4, deletion_steps=0, log_images=False)
     trainer = pl.Trainer(max_steps=3, callbacks=[cb], logger=False, enable_checkpointing=False, enable_progress_bar=False)
     trainer.fit(SmallCNN(in_channels=1, num_classes=4, channels=(8, 16)), dm)
-    assert torch.equal(cb.last.data["maps"]["target"], cb._labels)
+    assert torch.equal(cb.last.data["maps"]["target"], cb.probe_labels)
     assert "deletion_auc_pg" not in cb.history[-1]
     assert 0.0 <= cb.history[-1]["neg_pg_share"] <= 1.0
     explicit = FinalLayerSaliencyCallback(probe=torch.randn(3, 1, 12, 12), probe_size=3, target="label")
@@ -539,6 +539,8 @@ def _prepared_saliency(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kw:
 def test_scaled_saliency_equals_the_full_measurement_of_the_first_images() -> None:
     from lightning_interp.callbacks.base import isolate
     from lightning_interp.callbacks.saliency import MIN_IMAGES
+    from lightning_interp.results import flat_scalars
+    from lightning_interp.saliency import measure_saliency
     from lightning_interp.stats import mean_and_se
 
     torch.manual_seed(4)
@@ -553,21 +555,21 @@ def test_scaled_saliency_equals_the_full_measurement_of_the_first_images() -> No
         half = cb.measure(model)
     cb.work = 1.0
     assert half.scalars["probe_size"] == 5
-    # the same measurement, made at full work on a probe of those first five images
-    probe, labels, random_map = cb._probe, cb._labels, cb._random_map
-    cb._probe, cb._labels, cb._random_map = probe[:5], labels[:5], random_map[:5]
-    with isolate(model):
-        ref = cb.measure(model)
-    assert set(half.scalars) == set(ref.scalars) == set(full.scalars)
-    for name, value in ref.scalars.items():
+    # the same measurement, made at full work on a probe of those first five images (the random baseline maps of
+    # five images are the first five of ten: a draw of fewer images from the same generator state is a prefix)
+    generator = torch.Generator()
+    generator.set_state(cb.baseline_state)
+    probe, labels = cb.probe_inputs[:5], cb.probe_labels[:5]
+    ref = measure_saliency(model.eval(), probe, labels, generator=generator, min_size=4, deletion_steps=4)
+    assert set(half.scalars) == set(flat_scalars(ref)) == set(full.scalars)
+    for name, value in flat_scalars(ref).items():
         torch.testing.assert_close(torch.as_tensor(half.scalars[name]), torch.as_tensor(value), msg=name)
     # every read-out is a mean over images with its standard error; chain sizes from the classes' masks
-    sizes = cb.saliency.class_chain_mask(ref.data["maps"]["target"], "+", model.fc.weight).sum(1)
+    sizes = cb.saliency.class_chain_mask(ref.maps["target"], "+", model.fc.weight).sum(1)
     mean, se = mean_and_se(sizes)
-    assert float(ref.scalars["disc_channels"]) == pytest.approx(float(mean))
-    assert float(ref.scalars["disc_channels_se"]) == pytest.approx(float(se))
+    assert float(ref.scalars()["disc_channels"][0]) == pytest.approx(float(mean))
+    assert float(ref.scalars()["disc_channels"][1]) == pytest.approx(float(se))
     assert all(f"{k}_se" in full.scalars for k in full.scalars if k != "probe_size" and not k.endswith("_se"))
-    cb._probe, cb._labels, cb._random_map = probe, labels, random_map
     # the pilot: the measurement on half the images, each part scaled to the full probe
     with isolate(model):
         estimate = cb.estimate_cost(model)

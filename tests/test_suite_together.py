@@ -114,6 +114,8 @@ def test_all_callbacks_resume_their_histories_and_probe_sets(tmp_path: Path, run
 
 def _probe_tensors(cb: cbs.InterpretabilityCallback) -> list[torch.Tensor]:
     probe = getattr(cb, "_probe", None)
+    if probe is None:  # a callback that keeps its probe in the base class's attributes
+        probe = [cb.probe_inputs, cb.probe_labels]
     if isinstance(probe, torch.Tensor):
         return [probe]
     if isinstance(probe, dict):
