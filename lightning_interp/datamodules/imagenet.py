@@ -56,9 +56,9 @@ def _rgb_loader(path: str) -> Image.Image:
         return Image.open(f).convert("RGB")
 
 
-def _find_classes(directory: str | os.PathLike) -> list[str]:
+def _find_classes(directory: str | os.PathLike[str]) -> list[str]:
     """Sorted names of the non-hidden sub-folders (what ``ImageFolder`` numbers as classes)."""
-    return sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+    return sorted(e.name for e in os.scandir(os.fspath(directory)) if e.is_dir() and not e.name.startswith("."))
 
 
 class _ImageFolder(ImageFolder):
@@ -107,15 +107,15 @@ class FlatImageFolder(Dataset):
         return (self.transform(image) if self.transform is not None else image), target
 
 
-def _has_images(directory: str | os.PathLike) -> bool:
-    for _, _, files in os.walk(directory):
+def _has_images(directory: str | os.PathLike[str]) -> bool:
+    for _, _, files in os.walk(os.fspath(directory)):
         if any(_is_image(f) for f in files):
             return True
     return False
 
 
-def _top_level_images(directory: str | os.PathLike) -> list[str]:
-    return sorted(e.name for e in os.scandir(directory) if e.is_file() and _is_image(e.name))
+def _top_level_images(directory: str | os.PathLike[str]) -> list[str]:
+    return sorted(e.name for e in os.scandir(os.fspath(directory)) if e.is_file() and _is_image(e.name))
 
 
 def load_images(path: str | os.PathLike, transform: Callable | None = None) -> ImageFolder | FlatImageFolder:
@@ -287,9 +287,8 @@ def imagenet_class_names(
     by_position = len(wnids) == len(categories) == 1000 and all(_WNID.match(w) for w in wnids)
     names = []
     for i, wnid in enumerate(wnids):
-        name = next((m[wnid] for m in mappings if wnid in m), None)
-        if name is None:
-            name = categories[i] if by_position else wnid
+        found = next((m[wnid] for m in mappings if wnid in m), None)
+        name = found if found is not None else (categories[i] if by_position else wnid)
         names.append(name)
     return names
 
@@ -531,11 +530,13 @@ class ImageNetDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             self.setup("fit")
+        assert self.train_dataset is not None  # setup("fit") loads it or raises
         return self._loader(self.train_dataset, train=True)
 
     def val_dataloader(self) -> DataLoader:
         if self.val_dataset is None:
             self.setup("validate")
+        assert self.val_dataset is not None  # setup("validate") loads it or raises
         return self._loader(self.val_dataset, train=False)
 
     def test_dataloader(self) -> DataLoader:

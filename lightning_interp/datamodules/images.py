@@ -146,7 +146,7 @@ def decode_image(path: str) -> Image.Image:
     from PIL import ImageOps
 
     with open(path, "rb") as f:
-        image = Image.open(f)
+        image: Image.Image = Image.open(f)
         image.seek(0)  # the first frame of an animation
         image.load()
         image = ImageOps.exif_transpose(image) or image  # a phone photo upright, as a viewer shows it
@@ -231,7 +231,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
             self._skip(link.file, link.reason)
         mapping = self._label_map(folders)
         transform = self.transform or self._default_transform()
-        images, labels = [], []
+        images: list[Tensor] = []
+        labels: list[int] = []
         shown = self.progress if self.progress is not None else sys.stderr.isatty()
         for path, folder in tqdm(files, desc="reading images", unit="image", disable=not shown):
             if self.limit is not None and len(images) >= self.limit:

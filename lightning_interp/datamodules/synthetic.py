@@ -23,7 +23,7 @@ class _SplitLoaders(pl.LightningDataModule):
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         if not self._splits:
-            self.setup()
+            self.setup("fit")
         return DataLoader(self._splits[name], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
