@@ -28,8 +28,8 @@ from lightning_interp.callbacks import (
     CorrelationOrderCallback,
     FinalLayerSaliencyCallback,
 )
-from lightning_interp.callbacks.base import isolate
 from lightning_interp.callbacks.sharding import gathered, sharding_kind
+from lightning_interp.hooks import isolate
 
 
 class CNN(nn.Module):

@@ -901,7 +901,7 @@ def test_callback_names_tasks_by_class_and_keeps_wide_figures_readable() -> None
     """Class names label the tasks in figures and tables; a 300-unit layer's figures stay a readable size."""
     from lightning_interp.ablation import AblationMeasurement
     from lightning_interp.callbacks import AblationProbeCallback
-    from lightning_interp.callbacks.base import Measurement
+    from lightning_interp.callbacks.measurement import Measurement
 
     with pytest.raises(TypeError, match="class_names must be a list of strings"):
         AblationProbeCallback(layers="1", class_names="cat")  # type: ignore[arg-type]

@@ -34,18 +34,6 @@ def test_lightning_free_modules_do_not_import_lightning(module: str) -> None:
     assert out == ["False", "False"], f"importing {module} imports Lightning"
 
 
-def test_the_probe_shim_and_base_keep_the_old_names() -> None:
-    import lightning_interp.callbacks.base as base
-    import lightning_interp.callbacks.probe as old
-    import lightning_interp.checks as checks
-    import lightning_interp.probe as new
-
-    assert old.draw_probe is new.draw_probe and old.unpack_batch is new.unpack_batch and old.Probe is new.Probe
-    for name in base.__all__:
-        assert hasattr(base, name), name
-    assert base.check_int is checks.check_int and base.model_device_dtype is checks.model_device_dtype
-
-
 def test_one_stage_table_and_its_lookup() -> None:
     assert set(STAGES) == {"fit", "validate", "test", "predict"}
     assert STAGES["test"] == STAGES["predict"] == IDLE and not IDLE.active

@@ -17,8 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_interp.callbacks import CorrelationOrderCallback, InterpretabilityCallback, Measurement
-from lightning_interp.callbacks.base import BUDGET_ENV, default_budget
-from lightning_interp.callbacks.budget import Plan, expected_training_time, plan_point
+from lightning_interp.callbacks.budget import BUDGET_ENV, Plan, default_budget, expected_training_time, plan_point
 
 
 class SlowProbe(InterpretabilityCallback):

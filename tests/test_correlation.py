@@ -400,7 +400,7 @@ def _prepared_correlation(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **
 
 
 def test_scaled_correlation_equals_the_full_measurement_of_its_class_balanced_prefix() -> None:
-    from lightning_interp.callbacks.base import isolate
+    from lightning_interp.hooks import isolate
     from lightning_interp.models import MLPClassifier
 
     torch.manual_seed(2)
@@ -430,7 +430,7 @@ def test_scaled_correlation_equals_the_full_measurement_of_its_class_balanced_pr
 
 
 def test_correlation_read_outs_are_nan_for_non_finite_logits() -> None:
-    from lightning_interp.callbacks.base import isolate
+    from lightning_interp.hooks import isolate
     from lightning_interp.models import MLPClassifier
 
     torch.manual_seed(3)

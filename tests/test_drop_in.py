@@ -25,8 +25,8 @@ from lightning_interp.callbacks import (
     LogitExpansionCallback,
     PosteriorGapCallback,
 )
-from lightning_interp.callbacks.probe import draw_probe, unpack_batch
 from lightning_interp.hooks import count_hooks
+from lightning_interp.probe import draw_probe, unpack_batch
 from lightning_interp.tasks import xie_task
 
 N, SIDE, CLASSES = 192, 10, 3

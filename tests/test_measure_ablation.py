@@ -29,7 +29,7 @@ from lightning_interp.ablation import (
     measure_ablation,
 )
 from lightning_interp.callbacks import AblationProbeCallback
-from lightning_interp.callbacks.base import SIZE_KEYS
+from lightning_interp.callbacks.measurement import SIZE_KEYS
 from lightning_interp.results import MethodResult, flat_scalars
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,6 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_interp.callbacks import PosteriorGapCallback
-from lightning_interp.callbacks.probe import draw_probe
 from lightning_interp.datamodules import SyntheticDataModule
 from lightning_interp.posterior import (
     PosteriorGapResult,
@@ -22,6 +21,7 @@ from lightning_interp.posterior import (
     measure_posterior_gap,
     posterior_gap,
 )
+from lightning_interp.probe import draw_probe
 from lightning_interp.results import MethodResult, flat_scalars
 from lightning_interp.tasks import GaussianMixtureTask, GenerativeTask, xie_task
 

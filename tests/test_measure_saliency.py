@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_interp.callbacks import FinalLayerSaliencyCallback
-from lightning_interp.callbacks.probe import draw_probe
+from lightning_interp.probe import draw_probe
 from lightning_interp.results import MethodResult, flat_scalars
 from lightning_interp.saliency import (
     READ_OUTS,

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_interp.callbacks import AblationProbeCallback, CorrelationOrderCallback, FinalLayerSaliencyCallback
-from lightning_interp.callbacks.base import BUDGET_ENV
+from lightning_interp.callbacks.budget import BUDGET_ENV
 
 pytest.importorskip("sklearn")
 

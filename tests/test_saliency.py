@@ -537,8 +537,8 @@ def _prepared_saliency(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kw:
 
 
 def test_scaled_saliency_equals_the_full_measurement_of_the_first_images() -> None:
-    from lightning_interp.callbacks.base import isolate
     from lightning_interp.callbacks.saliency import MIN_IMAGES
+    from lightning_interp.hooks import isolate
     from lightning_interp.results import flat_scalars
     from lightning_interp.saliency import measure_saliency
     from lightning_interp.stats import mean_and_se
@@ -578,7 +578,7 @@ def test_scaled_saliency_equals_the_full_measurement_of_the_first_images() -> No
 
 
 def test_saliency_read_outs_are_nan_for_non_finite_logits() -> None:
-    from lightning_interp.callbacks.base import isolate
+    from lightning_interp.hooks import isolate
 
     torch.manual_seed(5)
     model = SmallCNN(in_channels=1, num_classes=3, channels=(4, 8))

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from lightning_interp.callbacks.base import figure_filesystem
+from lightning_interp.loggers import figure_filesystem
 
 SCRIPT = Path(__file__).with_name("sharded_run.py")
 

@@ -18,9 +18,9 @@ from torch import Tensor, nn
 
 from lightning_interp.ablation import LIKELIHOODS, REST_PER_CHAIN, BayesianAblation, Likelihood, choose_method, measure_ablation
 from lightning_interp.ablation.measure import MIN_KEPT_STEPS, MIN_PROBE, budget_sizes, budget_work_floor, round_robin_order
-from lightning_interp.callbacks.base import (
-    InterpretabilityCallback,
-    Measurement,
+from lightning_interp.callbacks.base import InterpretabilityCallback
+from lightning_interp.callbacks.measurement import Measurement
+from lightning_interp.checks import (
     check_choice,
     check_class_names,
     check_int,

@@ -33,55 +33,14 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from lightning_interp.callbacks.budget import (
-    BUDGET_ENV,
-    BUDGET_SLACK,
-    BUDGET_TIMED,
-    DEFAULT_BUDGET,
-    RENDER_PILOT,
-    default_budget,
-    floor_warning,
-)
-from lightning_interp.callbacks.measurement import SIZE_KEYS, Measurement, MeasuringCallback, RunOn
+from lightning_interp.callbacks.budget import BUDGET_SLACK, default_budget, floor_warning
+from lightning_interp.callbacks.measurement import Measurement, MeasuringCallback, RunOn
 from lightning_interp.callbacks.sharding import gathered
 from lightning_interp.callbacks.stages import find_monitors, stage_of, total_steps, validation_runs
-from lightning_interp.checks import (
-    check_choice,
-    check_class_names,
-    check_int,
-    check_layers_run,
-    check_logits,
-    check_number,
-    model_device_dtype,
-    nonfinite_parameters,
-)
+from lightning_interp.checks import model_device_dtype
 from lightning_interp.hooks import isolate
-from lightning_interp.loggers import figure_filesystem
 
-# the names' homes are the modules above; importable from here as before (the callbacks import them from here)
-__all__ = [
-    "BUDGET_ENV",
-    "BUDGET_SLACK",
-    "BUDGET_TIMED",
-    "DEFAULT_BUDGET",
-    "RENDER_PILOT",
-    "SIZE_KEYS",
-    "InterpretabilityCallback",
-    "Measurement",
-    "MeasuringCallback",
-    "RunOn",
-    "check_choice",
-    "check_class_names",
-    "check_int",
-    "check_layers_run",
-    "check_logits",
-    "check_number",
-    "default_budget",
-    "figure_filesystem",
-    "isolate",
-    "model_device_dtype",
-    "nonfinite_parameters",
-]
+__all__ = ["InterpretabilityCallback", "Measurement", "MeasuringCallback", "RunOn"]
 
 
 class InterpretabilityCallback(MeasuringCallback):

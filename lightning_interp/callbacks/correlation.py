@@ -14,14 +14,9 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_interp.callbacks.base import (
-    InterpretabilityCallback,
-    Measurement,
-    check_int,
-    check_layers_run,
-    check_logits,
-    model_device_dtype,
-)
+from lightning_interp.callbacks.base import InterpretabilityCallback
+from lightning_interp.callbacks.measurement import Measurement
+from lightning_interp.checks import check_int, check_layers_run, check_logits, model_device_dtype
 from lightning_interp.correlation import INPUT, LayerReplacement, layer_outputs, measure_correlation, resolve_layers
 from lightning_interp.plotting import correlation_orders_figure
 from lightning_interp.results import flat_scalars

@@ -14,7 +14,9 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_interp.callbacks.base import InterpretabilityCallback, Measurement, check_choice, check_int
+from lightning_interp.callbacks.base import InterpretabilityCallback
+from lightning_interp.callbacks.measurement import Measurement
+from lightning_interp.checks import check_choice, check_int
 from lightning_interp.encoding import one_hot_flat
 from lightning_interp.expansion import Target, check_target, measure_expansion, resolve_target, unit_pairs
 from lightning_interp.plotting import expansion_figures

@@ -14,10 +14,12 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_interp.callbacks.base import InterpretabilityCallback, Measurement, check_int, model_device_dtype
-from lightning_interp.callbacks.probe import draw_probe
+from lightning_interp.callbacks.base import InterpretabilityCallback
+from lightning_interp.callbacks.measurement import Measurement
+from lightning_interp.checks import check_int, model_device_dtype
 from lightning_interp.plotting import posterior_gap_figures
 from lightning_interp.posterior import ExactPosterior, batched_logits, exact_posterior, measure_posterior_gap
+from lightning_interp.probe import draw_probe
 from lightning_interp.results import flat_scalars
 from lightning_interp.tasks import GenerativeTask
 

@@ -15,16 +15,9 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_interp.callbacks.base import (
-    InterpretabilityCallback,
-    Measurement,
-    check_choice,
-    check_class_names,
-    check_int,
-    check_layers_run,
-    check_logits,
-    model_device_dtype,
-)
+from lightning_interp.callbacks.base import InterpretabilityCallback
+from lightning_interp.callbacks.measurement import Measurement
+from lightning_interp.checks import check_choice, check_class_names, check_int, check_layers_run, check_logits, model_device_dtype
 from lightning_interp.plotting import saliency_figures
 from lightning_interp.results import flat_scalars
 from lightning_interp.saliency import FinalLayerSaliency, deletion_rows, measure_saliency
