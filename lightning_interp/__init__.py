@@ -61,6 +61,7 @@ _SUBMODULES: tuple[str, ...] = (
     "models",
     "plotting",
     "posterior",
+    "posterior_metric",
     "probe",
     "report",
     "results",

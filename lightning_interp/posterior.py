@@ -33,7 +33,7 @@ from lightning_interp.results import Scalar, Table
 from lightning_interp.tasks import GenerativeTask
 
 if TYPE_CHECKING:
-    from lightning_interp._posterior_metric import PosteriorGap
+    from lightning_interp.posterior_metric import PosteriorGap
 
 __all__ = [
     "GAP_MEASURES",
@@ -324,7 +324,7 @@ def measure_posterior_gap(
         raise TypeError(f"task must be a lightning_interp.tasks.GenerativeTask, got {type(task).__name__}")
     if exact is None:
         exact = exact_posterior(task, inputs, labels, generator=generator, num_density_bins=num_density_bins, grid_size=grid_size)
-    from lightning_interp._posterior_metric import PosteriorGap  # torchmetrics: seconds of import, on first use
+    from lightning_interp.posterior_metric import PosteriorGap  # torchmetrics: seconds of import, on first use
 
     with torch.no_grad():  # read-outs, not a loss: no graph
         logits = batched_logits(model, exact.inputs, task.input_shape, batch_size)
@@ -350,7 +350,7 @@ def measure_posterior_gap(
 def __getattr__(name: str) -> Any:
     """Import the torchmetrics metric :class:`PosteriorGap` on first use (PEP 562)."""
     if name == "PosteriorGap":
-        from lightning_interp._posterior_metric import PosteriorGap
+        from lightning_interp.posterior_metric import PosteriorGap
 
         globals()[name] = PosteriorGap
         return PosteriorGap
