@@ -52,6 +52,7 @@ from lightning_interp.audit_folder import AuditModule, FolderAudit, stage_inputs
 from lightning_interp.audit_options import AUDIT_METHODS, AuditOptions
 from lightning_interp.audit_progress import Progress, progress_mode, say
 from lightning_interp.loading import build_model, load_classifier, load_weights
+from lightning_interp.loggers import log_table, warn_now
 from lightning_interp.report import Section, callback_section, write_html
 
 __all__ = [
@@ -291,7 +292,7 @@ def _write_outputs(
 def _log_tables(logger: Any, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     if rows:
         columns = list(rows[0])
-        logger.log_table(key="audit/images", columns=columns, data=[[r.get(c) for c in columns] for r in rows])
+        log_table([logger], "audit/images", columns, [[r.get(c) for c in columns] for r in rows], None, "audit", warn_now)
     if meta["accuracy"] is not None:
         logger.log_metrics({"audit/accuracy_all": meta["accuracy"]})
 

@@ -20,6 +20,7 @@ from lightning_interp import methods as registry
 from lightning_interp.audit_options import AUDIT_METHODS, AuditOptions
 from lightning_interp.audit_progress import Progress, Tick
 from lightning_interp.loading import LoadedClassifier
+from lightning_interp.loggers import log_figure, warn_now
 from lightning_interp.report import Section, callback_section
 
 __all__ = ["NET_NAME", "WEIGHTS_INTRO", "AuditModule", "FolderAudit", "balanced_subset", "stage_inputs", "write_csv"]
@@ -354,5 +355,5 @@ class FolderAudit:
             from lightning_interp.plotting import png_to_array
 
             with open(path, "rb") as f:
-                logger.log_image(key="audit/ald_histogram", images=[png_to_array(f.read())])
+                log_figure([logger], "audit/ald_histogram", png_to_array(f.read()), None, "audit", warn_now)
         return section

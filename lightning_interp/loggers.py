@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,7 @@ __all__ = [
     "no_images_message",
     "no_tables_message",
     "takes_images",
+    "warn_now",
     "write_figure",
 ]
 
@@ -79,6 +81,11 @@ def finish_logger(logger: Any) -> None:
             logger.experiment.finish()
     else:
         logger.finalize("success")
+
+
+def warn_now(tag: str, message: str) -> None:
+    """A :data:`Warn` for one-off logging (the audit's): every message as a ``UserWarning``, the tag unused."""
+    warnings.warn(message, stacklevel=3)
 
 
 def takes_images(logger: Any) -> bool:
@@ -239,8 +246,10 @@ def log_media(
                 log_figure(loggers, f"{prefix}/{key}", image, step, who, warn)
         seconds = time.perf_counter() - start
     elif log_images:
+        # figures skipped by the budget are not a logger's fault: warn only for those that cannot take images
         for logger in loggers:
-            warn(*no_images_message(who, logger))
+            if not takes_images(logger):
+                warn(*no_images_message(who, logger))
     if loggers:
         for key, (columns, rows) in tables().items():
             log_table(loggers, f"{prefix}/{key}", columns, rows, step, who, warn)

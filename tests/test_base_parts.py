@@ -157,3 +157,17 @@ def test_callbacks_in_test_and_predict_stay_idle(tmp_path: Any) -> None:
     trainer.predict(Net(), loader)
     for cb in cbs:
         assert cb.history == [] and cb.probe_inputs is None and cb.warning_log == [] and cb.last is None
+
+
+def test_figures_skipped_by_the_budget_warn_only_for_loggers_without_images(tmp_path: Any) -> None:
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    from lightning_interp.loggers import log_media
+
+    warned: list[str] = []
+    wandb, csv = WandbLogger(save_dir=str(tmp_path), offline=True), CSVLogger(save_dir=str(tmp_path))
+    seconds = log_media(
+        [wandb, csv], "p", 3, None, dict, figure_dir=None, log_images=True, who="cb", warn=lambda tag, msg: warned.append(msg)
+    )
+    assert seconds == 0.0
+    assert len(warned) == 1 and "CSVLogger" in warned[0]
