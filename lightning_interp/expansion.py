@@ -36,6 +36,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_interp.checks import check_int
 from lightning_interp.encoding import Quadratic, one_hot_flat, reference_gauge, zero_sum_gauge
 from lightning_interp.results import Scalar, Table
 from lightning_interp.sequences import Evaluator, Target, Units, check_layer
@@ -314,10 +315,8 @@ def expand(
         >>> round(float(hidden.variance_explained[1]), 6), float(hidden.couplings.abs().max()) < 1e-6  # float32 model
         (1.0, True)
     """
-    if num_states < 2:
-        raise ValueError(f"num_states must be >= 2, got {num_states}")
-    if seq_len < 1:
-        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    check_int("num_states", num_states, 2)
+    check_int("seq_len", seq_len, 1)
     if order not in (1, 2):
         raise ValueError(f"order must be 1 or 2, got {order}")
     if method not in ("exact", "sampled", "quadratic"):

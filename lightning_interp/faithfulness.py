@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_interp.checks import check_int
+
 __all__ = [
     "DELETION_ELEMENTS",
     "deletion_curve",
@@ -97,8 +99,7 @@ def deletion_curves(
     m = maps.shape[1]
     if maps.shape != (n, m, h, w):
         raise ValueError(f"maps must have shape [N, M, H, W] = [{n}, M, {h}, {w}], got {list(maps.shape)}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    check_int("steps", steps, 1)
     hw = h * w
     order = maps.reshape(n, m, hw).argsort(dim=2, descending=True)
     rank = torch.empty_like(order)

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_interp.checks import check_int
+
 __all__ = [
     "ALDFit",
     "ALDSide",
@@ -188,8 +190,7 @@ def split_chain(w: Tensor, side: Literal["+", "-"] = "+", min_size: int = 20) ->
         raise ValueError(f"side must be '+' or '-', got {side!r}")
     if w.ndim != 1 or w.numel() == 0:
         raise ValueError(f"w must be a non-empty vector [D], got shape {list(w.shape)}")
-    if min_size < 1:
-        raise ValueError(f"min_size must be >= 1, got {min_size}")
+    check_int("min_size", min_size, 1)
     # on the CPU whatever the device: the sums then run in the same order as for the cached masks of many classes
     levels = _chain_levels(w.detach().cpu()[None], side, min_size, every=True)
     return [torch.nonzero(level[0])[:, 0].to(w.device) for level in levels]

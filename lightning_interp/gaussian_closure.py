@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_interp.checks import check_int
 from lightning_interp.encoding import Quadratic
 
 __all__ = ["ClassMoments", "bivariate_normal_cdf", "propagate_moments", "relu_moments", "theory_accuracy"]
@@ -58,8 +59,7 @@ class ClassMoments:
     """
 
     def __init__(self, num_classes: int, max_dim: int = 2048, rank: int = 64, covariances: bool = True) -> None:
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        check_int("num_classes", num_classes, 1)
         self.num_classes, self.max_dim, self.rank, self.covariances = num_classes, max_dim, rank, covariances
         self.dim: int | None = None
         self.count = torch.zeros(num_classes, dtype=torch.float64)

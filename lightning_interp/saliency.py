@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_interp.checks import check_choice, check_int
 from lightning_interp.faithfulness import (
     DELETION_ELEMENTS,
     deletion_curve,
@@ -209,15 +210,10 @@ def measure_saliency(
         >>> list(flat_scalars(result))[:5]
         ['probe_size', 'neg_pg_share', 'neg_pg_share_se', 'target_prob', 'target_prob_se']
     """
-    if target not in ("predicted", "label"):
-        raise ValueError(f"target must be one of 'predicted', 'label', got {target!r}")
-    sizes = {"min_size": (min_size, 1), "deletion_steps": (deletion_steps, 0), "deletion_images": (deletion_images, 1)}
-    for name, (value, low) in sizes.items():
-        if value is None and name == "deletion_images":
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            none = " or None" if name == "deletion_images" else ""
-            raise ValueError(f"{name} must be an int >= {low}{none}, got {value!r}")
+    check_choice("target", target, ("predicted", "label"))
+    check_int("min_size", min_size, 1)
+    check_int("deletion_steps", deletion_steps, 0)
+    check_int("deletion_images", deletion_images, 1, allow_none=True)
     if target == "label" and labels is None:
         raise ValueError(
             "target='label' needs the labels [N]: pass measure_saliency(model, inputs, labels, ...), or use target='predicted'"

@@ -802,7 +802,7 @@ def test_likelihood_functions_and_bad_values() -> None:
     model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2))
     with pytest.raises(ValueError, match=r"likelihood must be one of 'balanced', 'sensitivity', got 'odds'"):
         BayesianAblation(model, "1", likelihood="odds")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="rest_per_chain must be >= 1"):
+    with pytest.raises(ValueError, match="rest_per_chain must be an int >= 1"):
         BayesianAblation(model, "1", rest_per_chain=0)
 
 

@@ -174,7 +174,7 @@ def test_coupling_strength_finds_the_interacting_pair() -> None:
 
 def test_bad_input() -> None:
     model = _quadratic_net()
-    with pytest.raises(ValueError, match="num_states must be >= 2"):
+    with pytest.raises(ValueError, match="num_states must be an int >= 2"):
         expand(model, L, 1)
     with pytest.raises(ValueError, match=r"q\^L = 3\^5 = 243 model evaluations, over max_evaluations=100"):
         expand(model, L, Q, max_evaluations=100)

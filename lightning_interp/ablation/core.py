@@ -36,6 +36,7 @@ from lightning_interp.ablation.readouts import (
     information_bits,
     polysemanticity,
 )
+from lightning_interp.checks import check_choice, check_int, check_number
 from lightning_interp.hooks import get_module
 from lightning_interp.stats import replicate_standard_error as replicate_se
 
@@ -175,16 +176,12 @@ class BayesianAblation:
     ) -> None:
         if method not in ("auto", "exact", "mcmc"):
             raise ValueError(f"method must be 'auto', 'exact' or 'mcmc', got {method!r}")
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {', '.join(map(repr, LIKELIHOODS))}, got {likelihood!r}")
-        if not 0.0 < prior_keep < 1.0:
-            raise ValueError(f"prior_keep must be in (0, 1), got {prior_keep}")
+        check_choice("likelihood", likelihood, LIKELIHOODS)
+        check_number("prior_keep", prior_keep, 0, 1, open_low=True, open_high=True)
         if num_steps <= burn_in or num_chains < 1:
             raise ValueError("num_steps must exceed burn_in and num_chains must be >= 1")
-        if num_bootstrap < 0:
-            raise ValueError(f"num_bootstrap must be >= 0, got {num_bootstrap}")
-        if rest_per_chain < 1:
-            raise ValueError(f"rest_per_chain must be >= 1, got {rest_per_chain}")
+        check_int("num_bootstrap", num_bootstrap, 0)
+        check_int("rest_per_chain", rest_per_chain, 1)
         get_module(model, layer)
         self.model, self.layer, self.method, self.likelihood = model, layer, method, likelihood
         self.prior_keep, self.num_chains, self.num_steps, self.burn_in = prior_keep, num_chains, num_steps, burn_in
