@@ -30,7 +30,7 @@ _NAMES: dict[str, str] = {
     "GenerativeTask": "lightning_interp.tasks",
     "XieTask": "lightning_interp.tasks",
     "xie_task": "lightning_interp.tasks",
-    "AblationMeasurement": "lightning_interp.ablation",
+    "AblationResult": "lightning_interp.ablation",
     "measure_ablation": "lightning_interp.ablation",
 }
 
@@ -73,7 +73,7 @@ _SUBMODULES: tuple[str, ...] = (
 )
 
 __all__ = [
-    "AblationMeasurement",
+    "AblationResult",
     "CorrelationResult",
     "ExpansionResult",
     "GaussianMixtureTask",
@@ -94,7 +94,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # type checkers and IDEs see the eager imports
-    from lightning_interp.ablation import AblationMeasurement, measure_ablation
+    from lightning_interp.ablation import AblationResult, measure_ablation
     from lightning_interp.correlation import CorrelationResult, measure_correlation
     from lightning_interp.expansion import ExpansionResult, measure_expansion
     from lightning_interp.posterior import PosteriorGap, PosteriorGapResult, measure_posterior_gap, posterior_gap

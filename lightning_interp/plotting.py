@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 if TYPE_CHECKING:  # the ablation is imported only by whoever draws its figures
-    from lightning_interp.ablation import AblationMeasurement, AblationResult
+    from lightning_interp.ablation import AblationFit, AblationResult
 
 __all__ = [
     "ablation_errorbar_figure",
@@ -292,7 +292,7 @@ def expansion_figures(result: ExpansionResult) -> dict[str, Any]:
     for key, (_, strength) in result.units.items():
         figs[f"{key}/coupling_strength"] = coupling_strength_figure(strength, f"{key}: coupling strength (Frobenius, APC)")
     return figs
-def ablation_figures(measurement: AblationMeasurement) -> dict[str, Any]:
+def ablation_figures(measurement: AblationResult) -> dict[str, Any]:
     """The figures of a :func:`~lightning_interp.ablation.measure_ablation` result, by key, per layer ``L``.
 
     ``L/importance``: the importance of every unit for every task (:func:`ablation_importance_figure`);
@@ -307,8 +307,8 @@ def ablation_figures(measurement: AblationMeasurement) -> dict[str, Any]:
     return figs
 
 
-def ablation_importance_figure(layer: str, r: AblationResult, labels: Sequence[str]) -> Any:
-    """An image of ``P(unit kept | task correct)`` (tasks x units) of one layer's result (:class:`AblationResult`).
+def ablation_importance_figure(layer: str, r: AblationFit, labels: Sequence[str]) -> Any:
+    """An image of ``P(unit kept | task correct)`` (tasks x units) of one layer's result (:class:`AblationFit`).
 
     Wide layers (a ResNet's 2048 channels) and many tasks: the figure stays a readable size (at most 14 x 12
     inches; task names on the axis up to 40 tasks).
@@ -326,7 +326,7 @@ def ablation_importance_figure(layer: str, r: AblationResult, labels: Sequence[s
     return fig
 
 
-def ablation_errorbar_figure(layer: str, r: AblationResult, labels: Sequence[str], max_units: int = 64) -> Any:
+def ablation_errorbar_figure(layer: str, r: AblationFit, labels: Sequence[str], max_units: int = 64) -> Any:
     """Importance with +-2 SE bars, one line per task (at most 10 tasks), of a result with ``importance_se``.
 
     On a wide layer the ``max_units`` units with the most information (summed over the tasks), labelled by their index.

@@ -84,7 +84,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from lightning_interp.ablation import AblationResult, BayesianAblation, MaskedForward, all_masks
+from lightning_interp.ablation import AblationFit, BayesianAblation, MaskedForward, all_masks
 from lightning_interp.callbacks import AblationProbeCallback
 from lightning_interp.hooks import get_module
 from lightning_interp.models import MLPClassifier, SmallCNN
@@ -379,7 +379,7 @@ def bench_mcmc(args: argparse.Namespace) -> dict[str, Any]:
         if not torch.equal(ab.forward.predictions(ab.forward.prepare(x), masks[:8]), reference):
             raise RuntimeError(f"{key}: predictions differ")
 
-    def fit(ab: BayesianAblation) -> AblationResult:
+    def fit(ab: BayesianAblation) -> AblationFit:
         ab.generator = torch.Generator().manual_seed(args.seed)
         return ab.fit(x, y, tasks="classes")
 
@@ -504,7 +504,7 @@ def bench_cnn(args: argparse.Namespace) -> dict[str, Any]:
         measurement = cb.measure(model)
         measurements.append(time.perf_counter() - start)
         readouts.append(measurement.data["results"]["conv3"])
-    result: AblationResult = readouts[-1]
+    result: AblationFit = readouts[-1]
     forward = cb._ablations["conv3"].forward
     # the mask at the layer (no push: BN, ReLU, mean and fc run on every row of every step): the path this model
     # took before the push past BatchNorm and x.mean((2, 3))

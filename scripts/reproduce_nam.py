@@ -38,7 +38,7 @@ Two settings for speed on a shared 2-core CPU, neither of which changes the numb
 threads stalling while other jobs held the cores).
 
 Read-outs per layer and measurement (see METHODS.md section 3), taken from the library's
-:class:`~lightning_interp.ablation.AblationResult`: ``acc`` (the network's accuracy on the probe examples,
+:class:`~lightning_interp.ablation.AblationFit`: ``acc`` (the network's accuracy on the probe examples,
 unsmoothed), ``distr`` (distributedness, mean over class tasks, in ``[1/d, 1]``), ``mc`` (manifold complexity:
 total correlation of the mask posterior in bits, mean over tasks), ``poly`` (polysemanticity, plain mean over
 units with any information; the callback logs a mean weighted by information instead), ``poly_inf`` (mean
@@ -87,7 +87,7 @@ import matplotlib
 from torch import nn
 from tqdm import tqdm
 
-from lightning_interp.ablation import AblationResult, informative_units
+from lightning_interp.ablation import AblationFit, informative_units
 from lightning_interp.callbacks import AblationProbeCallback
 from lightning_interp.datamodules import MNISTDataModule, PatchImageDataModule
 from lightning_interp.models import MLPClassifier, SmallCNN
@@ -169,13 +169,13 @@ class RecordingProbe(AblationProbeCallback):
         return measurement
 
 
-def _cpu(r: AblationResult) -> AblationResult:
+def _cpu(r: AblationFit) -> AblationFit:
     for name in ("importance", "information_bits", "distributedness", "manifold_complexity", "polysemanticity"):
         setattr(r, name, getattr(r, name).detach().cpu().double())
     return r
 
 
-def readouts(acc: float, r: AblationResult) -> dict[str, float]:
+def readouts(acc: float, r: AblationFit) -> dict[str, float]:
     """The table's read-outs of one layer's result (every task is a class task here: ``tasks="classes"``)."""
     informative = informative_units(r, INFORMATIVE_BITS)
     return {

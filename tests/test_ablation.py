@@ -427,7 +427,7 @@ def test_callback_logs_ess_and_warns_on_a_short_chain() -> None:
 
 
 def test_informative_units_ignore_information_within_mcmc_noise() -> None:
-    from lightning_interp.ablation import AblationResult, information_bits, informative_units
+    from lightning_interp.ablation import AblationFit, information_bits, informative_units
 
     importance = torch.tensor([[0.5, 0.62, 0.95, 0.20]], dtype=torch.float64)  # [T=1, d=4]
     info = information_bits(importance)
@@ -444,17 +444,17 @@ def test_informative_units_ignore_information_within_mcmc_noise() -> None:
         num_evaluations=1,
     )
     threshold = 0.02  # KL(Bern(0.62) || Bern(0.5)) = 0.042 bits, KL(Bern(0.2) || Bern(0.5)) = 0.278 bits
-    exact = AblationResult(method="exact", **base)
+    exact = AblationFit(method="exact", **base)
     assert informative_units(exact, threshold).tolist() == [False, True, True, True]
     # 20 effective samples: 0.62 - 2 * 0.109 reaches 0.5, 0.20 + 2 * 0.089 = 0.38 does not; 0.95 stays informative
-    noisy = AblationResult(method="mcmc", ess_per_unit=torch.full((1, 4), 20.0), **base)
+    noisy = AblationFit(method="mcmc", ess_per_unit=torch.full((1, 4), 20.0), **base)
     assert informative_units(noisy, threshold).tolist() == [False, False, True, True]
     lower = 0.20 + 2 * (0.20 * 0.80 / 20) ** 0.5
     assert float(information_bits(torch.tensor(lower))) > threshold
-    precise = AblationResult(method="mcmc", ess_per_unit=torch.full((1, 4), 5000.0), **base)
+    precise = AblationFit(method="mcmc", ess_per_unit=torch.full((1, 4), 5000.0), **base)
     assert informative_units(precise, threshold).tolist() == [False, True, True, True]
     # a reported SE takes precedence; 0.62 is 1.5 SE from 0.5 (noise), 0.20 is 3.75 SE from it
-    se = AblationResult(method="mcmc", importance_se=torch.full((1, 4), 0.08, dtype=torch.float64), **base)
+    se = AblationFit(method="mcmc", importance_se=torch.full((1, 4), 0.08, dtype=torch.float64), **base)
     assert informative_units(se, threshold).tolist() == [False, False, True, True]
 
 
@@ -899,7 +899,7 @@ def test_many_tasks_run_in_blocks_that_equal_separate_fits(monkeypatch: pytest.M
 
 def test_callback_names_tasks_by_class_and_keeps_wide_figures_readable() -> None:
     """Class names label the tasks in figures and tables; a 300-unit layer's figures stay a readable size."""
-    from lightning_interp.ablation import AblationMeasurement
+    from lightning_interp.ablation import AblationResult
     from lightning_interp.callbacks import AblationProbeCallback
     from lightning_interp.callbacks.measurement import Measurement
 
@@ -912,9 +912,9 @@ def test_callback_names_tasks_by_class_and_keeps_wide_figures_readable() -> None
     r = BayesianAblation(model, "1", method="mcmc", num_chains=2, num_steps=30, burn_in=5).fit(x, y, tasks=[1, 3])
     assert r.task_classes == [1, 3]
     cb = AblationProbeCallback(layers="1", class_names=["ant", "bee", "cat", "dog"])
-    named = AblationMeasurement({"1": r}, {}, 2, 30, 40, class_names=cb.class_names)
+    named = AblationResult({"1": r}, {}, 2, 30, 40, class_names=cb.class_names)
     assert named.task_labels(r) == ["bee", "dog"]
-    assert AblationMeasurement({"1": r}, {}, 2, 30, 40).task_labels(r) == ["class 1", "class 3"]
+    assert AblationResult({"1": r}, {}, 2, 30, 40).task_labels(r) == ["class 1", "class 3"]
     measurement = Measurement(scalars={}, data={"result": named, "results": {"1": r}})
     figs = cb.figures(measurement)
     heat, bars = figs["1/importance"], figs["1/importance_errors"]
@@ -1071,12 +1071,12 @@ def test_nan_logits_give_nan_readouts_not_numbers() -> None:
 
 def test_effective_sample_size_is_bounded_by_the_draws() -> None:
     """p (1 - p) / SE^2, capped at chains x kept steps; NaN for a zero or rounding-level SE (not 1e27)."""
-    from lightning_interp.ablation import AblationResult, effective_sample_size
+    from lightning_interp.ablation import AblationFit, effective_sample_size
 
     p = torch.tensor([[0.5, 0.2, 0.5, 0.5, 0.5]], dtype=torch.float64)
     se = torch.tensor([[0.05, 0.02, 1e-4, 2.7e-15, 0.0]], dtype=torch.float64)
     zeros = torch.zeros(1, dtype=torch.float64)
-    r = AblationResult(tasks=["all"], importance=p, information_bits=torch.zeros_like(p), distributedness=zeros,
+    r = AblationFit(tasks=["all"], importance=p, information_bits=torch.zeros_like(p), distributedness=zeros,
                        manifold_complexity=zeros, complexity_kind="", polysemanticity=p[0], mask_entropy_bits=zeros,
                        full_accuracy=zeros + 1, method="mcmc", num_evaluations=1, importance_se=se, num_draws=800)  # fmt: skip
     ess = effective_sample_size(r)[0]

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_interp.ablation import (
     AUTO_EXACT_MASKS,
     MAX_EXACT_UNITS,
-    AblationMeasurement,
+    AblationResult,
     BayesianAblation,
     choose_method,
     measure_ablation,
@@ -114,7 +114,7 @@ def test_measurement_follows_the_result_protocol_and_both_inference_kinds() -> N
     exact = measure_ablation(model, x, y, layers="1", method="exact", top_units=5, class_names=["a", "b", "c"])
     mcmc = measure_ablation(model, x, y, layers="1", method="mcmc", num_chains=3, num_steps=80, burn_in=10)
     for m in (exact, mcmc):
-        assert isinstance(m, MethodResult) and isinstance(m, AblationMeasurement)
+        assert isinstance(m, MethodResult) and isinstance(m, AblationResult)
         scalars = m.scalars()
         assert scalars["num_steps"][1] is None and scalars["probe_size"] == (90.0, None)
         assert scalars["1/full_accuracy"][1] is None and scalars["1/distributedness"][1] is not None

@@ -41,7 +41,7 @@ Layout: :mod:`~lightning_interp.ablation.masked` (masked evaluation: :class:`Mas
 analysis next to :class:`~lightning_interp.hooks.LayerSplit`), :mod:`~lightning_interp.ablation.likelihood`
 (``p_t(m)``, the prior, the posterior of all masks, the tasks), :mod:`~lightning_interp.ablation.mcmc` (the chains'
 scorer, the Metropolis sampler, its sums and ESS), :mod:`~lightning_interp.ablation.readouts`
-(:class:`AblationResult` and the read-outs), :mod:`~lightning_interp.ablation.core` (:class:`BayesianAblation`,
+(:class:`AblationFit` and the read-outs), :mod:`~lightning_interp.ablation.core` (:class:`BayesianAblation`,
 :func:`choose_method`) and :mod:`~lightning_interp.ablation.measure` (:func:`measure_ablation`, what the callback
 logs, and the budget's sizes). Everything below is importable from ``lightning_interp.ablation``.
 """
@@ -59,9 +59,9 @@ from lightning_interp.ablation.likelihood import (
 )
 from lightning_interp.ablation.masked import MaskedForward, all_masks
 from lightning_interp.ablation.mcmc import MetropolisChains, chain_ess
-from lightning_interp.ablation.measure import AblationMeasurement, measure_ablation
+from lightning_interp.ablation.measure import AblationResult, measure_ablation
 from lightning_interp.ablation.readouts import (
-    AblationResult,
+    AblationFit,
     distributedness,
     effective_sample_size,
     information_bits,
@@ -76,7 +76,7 @@ __all__ = [
     "LIKELIHOODS",
     "MAX_EXACT_UNITS",
     "REST_PER_CHAIN",
-    "AblationMeasurement",
+    "AblationFit",
     "AblationResult",
     "BayesianAblation",
     "Likelihood",

@@ -29,7 +29,7 @@ from lightning_interp.ablation.masked import MaskedForward, all_masks, predicted
 from lightning_interp.ablation.mcmc import ChainScorer, MetropolisChains, chain_sums
 from lightning_interp.ablation.readouts import (
     LOG2,
-    AblationResult,
+    AblationFit,
     Estimate,
     binary_entropy_bits,
     distributedness,
@@ -204,7 +204,7 @@ class BayesianAblation:
         inputs: Tensor | Iterable,
         labels: Tensor | None = None,
         tasks: Literal["classes", "all"] | Sequence[int] = "classes",
-    ) -> AblationResult:
+    ) -> AblationFit:
         """Run the inference on probe data: score masks, the posterior of every task, its read-outs.
 
         Args:
@@ -215,7 +215,7 @@ class BayesianAblation:
                 classified correctly), or a list of class indices.
 
         Returns:
-            An :class:`AblationResult` (tensors on the model's device).
+            An :class:`AblationFit` (tensors on the model's device).
 
         Raises:
             ValueError: labels outside the model's classes, an empty task, ``exact`` with ``d > 16``.
@@ -429,7 +429,7 @@ class BayesianAblation:
         return importance, binary_entropy_bits(importance).sum(dim=1) + (p * logp).sum(dim=0) / LOG2
 
     # ------------------------------------------------------------------ read-outs
-    def _result(self, estimate: Estimate, tasks: TaskSet, full_accuracy: Tensor) -> AblationResult:
+    def _result(self, estimate: Estimate, tasks: TaskSet, full_accuracy: Tensor) -> AblationFit:
         """The read-outs of an estimate and their standard errors from its replicates."""
         class_rows = list(range(len(tasks.classes)))
         d = estimate.importance.shape[1]
@@ -446,7 +446,7 @@ class BayesianAblation:
         def se(replicates: Tensor | None) -> Tensor | None:
             return replicate_se(replicates, kind) if replicates is not None and reps is not None else None
 
-        return AblationResult(
+        return AblationFit(
             **{f.name: getattr(estimate, f.name) for f in fields(estimate)},
             tasks=tasks.names,
             task_classes=list(tasks.classes),
@@ -464,7 +464,7 @@ class BayesianAblation:
         )
 
 
-def _nan_result(tasks: TaskSet, d: int, method: str, likelihood: str, split: bool) -> AblationResult:
+def _nan_result(tasks: TaskSet, d: int, method: str, likelihood: str, split: bool) -> AblationFit:
     """The result of a fit whose unablated logits on the probe are not finite: every read-out NaN."""
     num_tasks, device = len(tasks.names), tasks.labels.device
 
@@ -472,7 +472,7 @@ def _nan_result(tasks: TaskSet, d: int, method: str, likelihood: str, split: boo
         return torch.full(shape, math.nan, dtype=torch.float64, device=device)
 
     mcmc = method == "mcmc"
-    return AblationResult(
+    return AblationFit(
         tasks=tasks.names,
         task_classes=list(tasks.classes),
         importance=nan(num_tasks, d),

@@ -20,13 +20,13 @@ from torch import Tensor, nn
 from lightning_interp.ablation.core import MAX_EXACT_UNITS, BayesianAblation, choose_method, probe_tensors
 from lightning_interp.ablation.likelihood import REST_PER_CHAIN, Likelihood
 from lightning_interp.ablation.masked import MaskedForward
-from lightning_interp.ablation.readouts import AblationResult, effective_sample_size, summarize
+from lightning_interp.ablation.readouts import AblationFit, effective_sample_size, summarize
 from lightning_interp.results import Scalar, Table
 
 __all__ = [
     "MIN_KEPT_STEPS",
     "MIN_PROBE",
-    "AblationMeasurement",
+    "AblationResult",
     "budget_sizes",
     "budget_work_floor",
     "layer_readouts",
@@ -48,11 +48,11 @@ Tasks = Literal["classes", "all"] | Sequence[int]
 
 
 @dataclass
-class AblationMeasurement:
+class AblationResult:
     """What :func:`measure_ablation` returns: the fit of every layer and its read-outs.
 
     Attributes:
-        results: the :class:`AblationResult` of every layer, by name (tensors on the model's device).
+        results: the :class:`AblationFit` of every layer, by name (tensors on the model's device).
         readouts: ``{name: (value, se)}``, as :meth:`scalars` gives them.
         num_chains: MCMC chains per task.
         num_steps: MCMC steps per chain (burn-in included).
@@ -61,7 +61,7 @@ class AblationMeasurement:
         class_names: names of the classes, to label the tasks (``None``: ``"class <k>"``).
     """
 
-    results: dict[str, AblationResult]
+    results: dict[str, AblationFit]
     readouts: dict[str, tuple[Scalar, Scalar | None]]
     num_chains: int
     num_steps: int
@@ -116,7 +116,7 @@ class AblationMeasurement:
                 )
         return out
 
-    def task_labels(self, r: AblationResult) -> list[str]:
+    def task_labels(self, r: AblationFit) -> list[str]:
         """The tasks of a result as figures and tables name them: class names where ``class_names`` has them."""
         if not self.class_names or not r.task_classes:
             return list(r.tasks)
@@ -124,7 +124,7 @@ class AblationMeasurement:
         return [names[c] if c < len(names) else name for c, name in zip(r.task_classes, r.tasks, strict=True)]
 
 
-def layer_readouts(r: AblationResult, informative_bits: float, prior_keep: float) -> dict[str, tuple[Tensor, Tensor | None]]:
+def layer_readouts(r: AblationFit, informative_bits: float, prior_keep: float) -> dict[str, tuple[Tensor, Tensor | None]]:
     """The read-outs of one layer's fit, ``{name: (value, se)}``.
 
     :func:`summarize` (``distributedness``, ``manifold_complexity``, ``polysemanticity``, ``max_importance``,
@@ -174,7 +174,7 @@ def measure_ablation(
     class_names: Sequence[str] | None = None,
     on_step: Callable[[], None] | None = None,
     forwards: Mapping[str, MaskedForward] | None = None,
-) -> AblationMeasurement:
+) -> AblationResult:
     """Bayesian ablation of every layer on a labelled probe, with every read-out the callback logs.
 
     Each layer is fitted by :class:`BayesianAblation` (exact enumeration or MCMC: :func:`choose_method`) and read
@@ -205,7 +205,7 @@ def measure_ablation(
             repeated measurements trace each ``torch.fx`` split once; missing layers get a new one.
 
     Returns:
-        An :class:`AblationMeasurement` (tensors on the model's device).
+        An :class:`AblationResult` (tensors on the model's device).
 
     Raises:
         ValueError: an unknown layer, method or likelihood, counts out of range, labels outside the model's
@@ -230,7 +230,7 @@ def measure_ablation(
     state = (generator if generator is not None else torch.Generator().manual_seed(0)).get_state()
     readouts: dict[str, tuple[Scalar, Scalar | None]] = {"num_steps": (float(num_steps), None)}
     readouts["probe_size"] = (float(len(y)), None)
-    results: dict[str, AblationResult] = {}
+    results: dict[str, AblationFit] = {}
     for layer in names:
         g = torch.Generator()
         g.set_state(state)
@@ -252,7 +252,7 @@ def measure_ablation(
         results[layer] = r = ablation.fit(x, y, tasks=tasks)
         for name, value in layer_readouts(r, informative_bits, prior_keep).items():
             readouts[f"{layer}/{name}"] = value
-    return AblationMeasurement(
+    return AblationResult(
         results, readouts, num_chains, num_steps, len(y), top_units, list(class_names) if class_names is not None else None
     )
 

@@ -15,7 +15,7 @@ from lightning_interp.stats import replicate_standard_error as replicate_se
 
 __all__ = [
     "LOG2",
-    "AblationResult",
+    "AblationFit",
     "Estimate",
     "binary_entropy_bits",
     "distributedness",
@@ -31,7 +31,7 @@ LOG2 = math.log(2.0)
 
 
 @dataclass
-class AblationResult:
+class AblationFit:
     """Posterior read-outs of a Bayesian ablation run.
 
     Attributes:
@@ -128,7 +128,7 @@ def information_bits(importance: Tensor, prior_keep: float = 0.5) -> Tensor:
     return kl.clamp_min(0)  # rounding can give -1e-17 for an unused unit
 
 
-def effective_sample_size(result: AblationResult) -> Tensor:
+def effective_sample_size(result: AblationFit) -> Tensor:
     """Effective sample size of every importance estimate ``[T, d]`` (MCMC runs), at most the draws.
 
     ``p (1 - p) / SE^2``: the number of independent 0/1 draws of the keep indicator that would estimate
@@ -144,7 +144,7 @@ def effective_sample_size(result: AblationResult) -> Tensor:
         ValueError: for an exact run (no sampling).
 
     Example:
-        >>> r = AblationResult(tasks=["all"], importance=torch.tensor([[0.5, 0.5, 0.5]]), information_bits=torch.zeros(1, 3),
+        >>> r = AblationFit(tasks=["all"], importance=torch.tensor([[0.5, 0.5, 0.5]]), information_bits=torch.zeros(1, 3),
         ...     distributedness=torch.zeros(1), manifold_complexity=torch.zeros(1), complexity_kind="",
         ...     polysemanticity=torch.zeros(3), mask_entropy_bits=torch.zeros(1), full_accuracy=torch.ones(1),
         ...     method="mcmc", num_evaluations=1, importance_se=torch.tensor([[0.05, 1e-17, 0.0]]), num_draws=800)
@@ -168,7 +168,7 @@ def effective_sample_size(result: AblationResult) -> Tensor:
     return torch.where(resolved, ess, torch.full_like(ess, math.nan))
 
 
-def informative_units(result: AblationResult, threshold_bits: float, prior_keep: float = 0.5, z: float = 2.0) -> Tensor:
+def informative_units(result: AblationFit, threshold_bits: float, prior_keep: float = 0.5, z: float = 2.0) -> Tensor:
     """Which units carry more than ``threshold_bits`` of information for some task, beyond sampling noise.
 
     Exact runs use the information as it is. MCMC runs also require the importance to be more than ``z``
@@ -179,7 +179,7 @@ def informative_units(result: AblationResult, threshold_bits: float, prior_keep:
     count is not biased downwards at a short run.
 
     Args:
-        result: an :class:`AblationResult`.
+        result: an :class:`AblationFit`.
         threshold_bits: the information a unit must exceed for some task.
         prior_keep: the prior keep probability the information is measured against.
         z: the number of standard errors.
@@ -252,7 +252,7 @@ def pairwise_information_bits(importance: Tensor, joint: Tensor, cap: Tensor | N
     return torch.triu(mi, diagonal=1).sum(dim=(-2, -1)) if reduce else mi
 
 
-def summarize(result: AblationResult, informative_bits: float, prior_keep: float = 0.5) -> dict[str, tuple[Tensor, Tensor]]:
+def summarize(result: AblationFit, informative_bits: float, prior_keep: float = 0.5) -> dict[str, tuple[Tensor, Tensor]]:
     """One-number read-outs of a run, each with its standard error (NaN without replicates).
 
     ``distributedness`` (mean over tasks with information), ``manifold_complexity`` (mean over tasks),
@@ -263,7 +263,7 @@ def summarize(result: AblationResult, informative_bits: float, prior_keep: float
     each is the spread of the same read-out over the jackknife / bootstrap replicates.
 
     Args:
-        result: an :class:`AblationResult`.
+        result: an :class:`AblationFit`.
         informative_bits: the threshold of :func:`informative_units`.
         prior_keep: the prior keep probability of the run.
 
@@ -317,7 +317,7 @@ def summarize(result: AblationResult, informative_bits: float, prior_keep: float
 
 @dataclass
 class Estimate:
-    """What an inference gives before the read-outs (the names are :class:`AblationResult`'s)."""
+    """What an inference gives before the read-outs (the names are :class:`AblationFit`'s)."""
 
     importance: Tensor
     manifold_complexity: Tensor

@@ -44,7 +44,7 @@ class AblationProbeCallback(InterpretabilityCallback):
     ``informative_units``, each with ``<name>_se``, ``full_accuracy`` and, for MCMC runs, ``acceptance_rate``,
     ``ess``, ``ess_median``, ``ess_indicator`` and ``manifold_complexity_left_out``
     (:func:`~lightning_interp.ablation.measure.layer_readouts`); the sizes used, ``num_steps`` and ``probe_size``;
-    its warnings (:meth:`~lightning_interp.ablation.AblationMeasurement.warnings`), figures
+    its warnings (:meth:`~lightning_interp.ablation.AblationResult.warnings`), figures
     (:func:`~lightning_interp.plotting.ablation_figures`) and table of the most informative units. The MCMC
     generator is seeded from ``seed`` and the step, so every rank (and a resumed run) draws the same chains.
 
