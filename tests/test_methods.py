@@ -79,13 +79,22 @@ def test_callbacks_resolve_and_their_prefix_is_the_key() -> None:
 
 
 def test_measure_functions_resolve() -> None:
-    # The entry functions of issue 24 (one per method module, written in other branches): every record's
-    # ``measure`` is a function of its method module named measure_<key>.
+    # The entry functions of issue 24: every record's ``measure`` is a function of its method module named
+    # measure_<key>, with the shared signature, returning a <Key>Result that has scalars() and tables().
+    import typing
+
+    from lightning_interp.results import MethodResult
+
     for m in METHODS:
         fn = m.measure
         assert callable(fn) and fn.__name__ == f"measure_{m.key}", m.key
         params = inspect.signature(fn).parameters
         assert list(params)[:3] == ["model", "inputs", "labels"] and "generator" in params, m.key
+        assert params["labels"].default is None and params["generator"].kind is inspect.Parameter.KEYWORD_ONLY, m.key
+        returned = typing.get_type_hints(fn)["return"]
+        assert returned.__name__ == "".join(w.title() for w in m.key.split("_")) + "Result", m.key
+        assert callable(returned.scalars) and callable(returned.tables), m.key
+        assert issubclass(returned, MethodResult), m.key
 
 
 def test_a_wrong_path_names_the_record_and_the_fix() -> None:
