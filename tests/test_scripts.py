@@ -26,6 +26,7 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 #: script -> the start of its table's header row in results.md
 HEADERS = {
     "bench_ablation": "| method | repeats | median s | x plain forward |",
+    "bench_ablation_default": "| quantity | value |",
     "bench_audit": "| method | seconds | per image |",
     "bench_correlation": "| act | read-out | reference | analytic [ms] |",
     "bench_overhead": "| setup | bare s | with callbacks s |",

@@ -15,14 +15,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_interp.ablation.likelihood import TaskSet, correct_probability, log_prior, rest_per_task
+from lightning_interp.ablation.likelihood import TaskSet, correct_probability, rest_per_task
 from lightning_interp.ablation.masked import MAX_ELEMENTS, MaskedForward
 from lightning_interp.ablation.readouts import LOG2, Estimate, binary_entropy_bits
 
-__all__ = ["MAX_JOINT_ELEMENTS", "ChainScorer", "ChainSums", "MetropolisChains", "chain_ess", "chain_sums"]
+__all__ = ["MAX_JOINT_ELEMENTS", "REFRESH_STEPS", "ChainScorer", "ChainSums", "MetropolisChains", "chain_ess", "chain_sums"]
 
 #: bound on the elements of the MCMC pairwise matrices [d, d] (above it, no manifold complexity)
 MAX_JOINT_ELEMENTS = 16_000_000
+#: MCMC with an affine head in float32: the rows' logits are recomputed exactly (in float64) every this many steps,
+#: which bounds the rounding the incremental updates accumulate to that of as many float32 additions
+REFRESH_STEPS = 128
 
 
 class ChainScorer:
@@ -37,7 +40,10 @@ class ChainScorer:
     Where the logits are affine in the mask (:meth:`MaskedForward.linear_head`), the scorer keeps every
     row's logits (float64) for the chains' current masks, and a proposal that flips unit ``j`` adds
     ``+-(h_j - c_j) W[j]`` to them (``c_j``: the unit's masked value, :attr:`MaskedForward.masked_value`):
-    ``K`` additions per row rather than a pass through the head.
+    ``K`` additions per row rather than a pass through the head. The rows are laid out as a grid ``[K, chain,
+    slot]`` (each chain's own rows first, its other examples last, short chains padded), so that a chain's
+    column ``W[j]`` broadcasts over its rows, the class maxima reduce over the outer dim (an ``argmax`` over a
+    last dim of ``K`` logits was 80% of a step), and a step's counts are one weighted sum per chain.
     """
 
     def __init__(
@@ -78,21 +84,74 @@ class ChainScorer:
         self.rest, self.target = torch.cat(rest_flags), torch.cat(targets)
         self.slot = self.chain * 2 + self.rest.long()  # [task-major chain, own / rest]
         self.head = head  # (W, b) of an affine head (MaskedForward.linear_head), read once per fit
-        self.logits: Tensor | None = None  # affine head: the rows' logits under the current masks
-        self.proposed: Tensor | None = None
-        self.delta: Tensor | None = None
+        self.logits: Tensor | None = None  # affine head: the grid's logits under the current masks [K, chains, slots]
         if head is not None:
-            features = forward.features(prepared)
-            if features is None:
-                raise ValueError("an affine head needs [N, d] features (MaskedForward.features)")
-            features = features.to(torch.float64)
-            d = features.shape[1]
-            fill = forward.masked_value
-            self.fill = torch.zeros(d, dtype=torch.float64, device=device) if fill is None else fill.reshape(d).to(torch.float64)
-            self.features = features
-            # h_j - c_j of every (example, unit), flat: what flipping unit j on adds to a row's z (times W[j])
-            self.delta = (features - self.fill).reshape(-1)
-            self.row_offset = self.rows * d
+            self._grid(forward, prepared, tasks, rest_counts, head)
+
+    def _grid(
+        self, forward: MaskedForward, prepared: list[Tensor], tasks: TaskSet, rest_counts: Tensor, head: tuple[Tensor, Tensor]
+    ) -> None:
+        """The affine head's layout: chain ``i``'s rows at ``[i, :n_t]`` (own) and ``[i, A + B - k_t:]`` (others)."""
+        features = forward.features(prepared)
+        if features is None:
+            raise ValueError("an affine head needs [N, d] features (MaskedForward.features)")
+        device, (num_tasks, num_chains) = features.device, self.shape
+        weight, bias = head
+        # the grid's precision: float64 for a float64 model, else float32 (half the memory traffic of a step; its
+        # drift is bounded by an exact recomputation every REFRESH_STEPS steps, see refresh())
+        dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+        features = features.to(torch.float64)
+        d, k = features.shape[1], bias.numel()
+        fill = forward.masked_value
+        self.fill = torch.zeros(d, dtype=torch.float64, device=device) if fill is None else fill.reshape(d).to(torch.float64)
+        self.features = features
+        # h_j - c_j of every (example, unit), flat: what flipping unit j on adds to a row's z (times W[j])
+        self.delta = (features - self.fill).reshape(-1).to(dtype)
+        own_n = tasks.member.sum(dim=0).long()  # [T]
+        rest_n = rest_counts.long()
+        a, b = int(own_n.max()) if own_n.numel() else 0, int(rest_n.max()) if rest_n.numel() else 0
+        width, chains = a + b, num_tasks * num_chains
+        # each flat row's place in the grid: its chain's own rows from 0, its other examples ending at the last slot
+        lengths = torch.stack([own_n, rest_n], dim=1).repeat_interleave(num_chains, dim=0).reshape(-1)  # [2 * chains]
+        start_in_row = torch.stack([torch.zeros_like(own_n), width - rest_n], dim=1).repeat_interleave(num_chains, dim=0)
+        first = torch.cumsum(lengths, 0) - lengths  # each (chain, own / rest) segment's first flat row
+        offset = torch.arange(self.rows.numel(), device=device) - first.to(device)[self.slot]
+        place = self.chain * width + start_in_row.reshape(-1).to(device)[self.slot] + offset
+        rows = torch.zeros(chains * width, dtype=torch.long, device=device).index_copy_(0, place, self.rows)
+        target = torch.zeros(chains * width, dtype=torch.long, device=device).index_copy_(0, place, self.target)
+        # the weight of a row's "predicted as its target" in the chain's count index (own * (B + 1) + rest), 0: padding
+        weight_row = torch.where(self.rest, 1, b + 1)
+        self.weight_row = torch.zeros(chains * width, dtype=torch.long, device=device).index_copy_(0, place, weight_row)
+        self.weight_row = self.weight_row.reshape(chains, width)
+        self.grid_rows = rows.reshape(chains, width)
+        self.grid_offset = self.grid_rows * d  # + j: the row's (example, unit j) in delta
+        self.grid_target = target.reshape(1, chains, width)
+        # 0 for the classes before a row's target, -inf after: the maximum over the earlier classes (argmax ties)
+        earlier = torch.arange(k, device=device)[:, None, None] < self.grid_target  # [K, chains, slots]
+        self.earlier = torch.zeros(earlier.shape, dtype=dtype, device=device).masked_fill_(~earlier, -math.inf)
+        self.weight = weight  # [d, K] float64, for the exact logits
+        self.weight_t = weight.T.to(dtype).contiguous()  # [K, d]
+        self.bias = bias
+        # log O_t for every (task, own count, others predicted as the task) (a table while it stays small)
+        counts = num_tasks * (a + 1) * (b + 1)
+        self.stride = b + 1
+        self.rest_total = self.num_rest.repeat_interleave(num_chains, dim=0)[:, 0]  # [chains]
+        self.task_total = self.num_task.repeat_interleave(num_chains, dim=0)[:, 0]
+        self.table: Tensor | None = None
+        if counts <= MAX_ELEMENTS:
+            own = torch.arange(a + 1, dtype=torch.float64, device=device)[None, :, None]
+            rest_pred = torch.arange(b + 1, dtype=torch.float64, device=device)[None, None, :]
+            self.table = self._odds(own, self.num_task[:, :, None], rest_pred, self.num_rest[:, :, None])
+            self.table = self.table.reshape(num_tasks, -1)  # [T, (A + 1) (B + 1)]
+        self.proposed = torch.empty(k, chains, width, dtype=dtype, device=device)
+        self.buffer = torch.empty_like(self.proposed)
+        self.coef = self.column = torch.empty(0, dtype=dtype, device=device)
+
+    def _odds(self, own: Tensor, num_task: Tensor, rest_pred: Tensor, num_rest: Tensor) -> Tensor:
+        """``log O_t`` from the own rows answered correctly and the other rows predicted as the task's class."""
+        rest = (num_rest - rest_pred) if self.two_sided else None
+        p = correct_probability(own, num_task, rest, num_rest if self.two_sided else None)
+        return torch.log(p) - torch.log1p(-p)
 
     @property
     def rows_per_step(self) -> int:
@@ -103,40 +162,59 @@ class ChainScorer:
         """``log O_t(m)`` ``[T, C]`` of the chains' first masks ``states`` ``[T, C, d]``."""
         if self.head is None:
             return self(states)
-        weight, bias = self.head
-        masks = states.reshape(-1, states.shape[-1])[self.chain]
-        h = self.features
-        per = max(1, MAX_ELEMENTS // max(1, h.shape[1]))
-        self.logits = torch.cat(
-            [
-                torch.where(masks[i : i + per], h.index_select(0, self.rows[i : i + per]), self.fill) @ weight + bias
-                for i in range(0, self.rows.numel(), per)
-            ]
-        ) if self.rows.numel() else torch.zeros(0, bias.numel(), dtype=torch.float64, device=h.device)  # fmt: skip
-        return self.log_odds(self.logits.argmax(dim=-1))
+        self.refresh(states)
+        assert self.logits is not None
+        return self._grid_odds(self.logits)
 
-    def propose(self, proposal: Tensor, flip: Tensor) -> Tensor:
-        """``log O_t(m)`` ``[T, C]`` of ``proposal`` ``[T, C, d]``: the current masks with unit ``flip`` ``[T, C]`` flipped."""
-        if self.head is None or self.logits is None or self.delta is None:
+    def refresh(self, states: Tensor) -> None:
+        """Recompute the grid's logits for the masks ``states`` ``[T, C, d]`` exactly (float64, then the grid's dtype)."""
+        if self.head is None:
+            return
+        chains, width = self.grid_offset.shape
+        d = self.weight.shape[0]
+        masks = states.reshape(chains, 1, d)
+        h = self.features
+        per = max(1, MAX_ELEMENTS // max(1, d * width))  # chains per chunk
+        parts = []
+        for i in range(0, chains, per):
+            rows = h.index_select(0, self.grid_rows[i : i + per].reshape(-1)).reshape(-1, width, d)
+            parts.append(torch.where(masks[i : i + per], rows, self.fill) @ self.weight + self.bias)  # [chunk, slots, K]
+        logits = torch.cat(parts).permute(2, 0, 1) if parts else self.proposed.double()
+        self.logits = logits.to(self.proposed.dtype).contiguous()
+
+    def _grid_odds(self, logits: Tensor) -> Tensor:
+        """``log O_t(m)`` ``[T, C]`` from the grid's logits ``[K, chains, slots]``."""
+        # argmax returns the first of tied maxima: a row predicts its target where the target's logit is the
+        # maximum and above every earlier class's (NaN: no class). amax over the outer dim is 20x an argmax's speed.
+        target = logits.gather(0, self.grid_target)[0]
+        earlier = torch.add(logits, self.earlier, out=self.buffer).amax(dim=0)
+        hit = target.ge(logits.amax(dim=0)).logical_and_(target.gt(earlier))
+        index = hit.mul(self.weight_row).sum(dim=1)  # own * (B + 1) + others predicted as the task's class
+        if self.table is not None:
+            return self.table.gather(1, index.reshape(self.shape))
+        own, rest_pred = index.div(self.stride, rounding_mode="floor"), index.remainder(self.stride)
+        return self._odds(own.double(), self.task_total, rest_pred.double(), self.rest_total).reshape(self.shape)
+
+    def propose(self, states: Tensor, flip: Tensor, sign: Tensor) -> Tensor:
+        """``log O_t(m)`` ``[T, C]`` of the masks ``states`` ``[T, C, d]`` with unit ``flip`` ``[T, C]`` set to ``sign > 0``.
+
+        ``sign`` (``[T, C]``, float64): +1 where the proposal keeps the flipped unit, -1 where it zeroes it.
+        """
+        if self.head is None or self.logits is None:
+            proposal = states.clone()
+            proposal.scatter_(2, flip[..., None], (sign > 0)[..., None])
             return self(proposal)
-        weight = self.head[0]
         flat = flip.reshape(-1)
-        kept = proposal.reshape(-1, proposal.shape[-1]).gather(1, flat[:, None])[:, 0]  # the flipped unit is now kept
-        unit = flat[self.chain]
-        # the flipped unit's z moves from c_j to h_j (kept now) or back: +-(h_j - c_j) W[j]
-        coef = self.delta.index_select(0, self.row_offset + unit) * (kept[self.chain].to(torch.float64) * 2 - 1)
-        out = self.proposed if self.proposed is not None and self.proposed.shape == self.logits.shape else None
-        self.proposed = torch.addcmul(self.logits, coef[:, None], weight.index_select(0, unit), out=out)
-        return self.log_odds(self.proposed.argmax(dim=-1))
+        # the flipped unit's z moves from c_j to h_j (kept now) or back: +-(h_j - c_j) W[j], one column per chain
+        self.coef = self.delta.take(self.grid_offset + flat[:, None])  # [chains, slots]
+        self.column = self.weight_t.index_select(1, flat).mul_(sign.reshape(1, -1))[:, :, None]  # +-W[j]  [K, chains, 1]
+        return self._grid_odds(torch.addcmul(self.logits, self.coef, self.column, out=self.proposed))
 
     def accept(self, accepted: Tensor) -> None:
         """Move the chains where ``accepted`` ``[T, C]`` to their proposals."""
-        if self.logits is not None and self.proposed is not None:
-            # take the proposals' logits and copy back the rejected rows only (most proposals are accepted)
-            rejected = torch.nonzero(~accepted.reshape(-1)[self.chain]).flatten()
-            current, self.logits = self.logits, self.proposed
-            self.logits.index_copy_(0, rejected, current.index_select(0, rejected))
-            self.proposed = current  # the next proposal's buffer
+        if self.logits is not None:
+            # the rejected chains add 0 x their column: the accepted rows get the proposal's bits exactly
+            self.logits.addcmul_(self.coef, self.column * accepted.reshape(1, -1, 1))
 
     def __call__(self, states: Tensor) -> Tensor:
         """``log O_t(m)`` ``[T, C]`` of the masks ``states`` ``[T, C, d]``, each row through the head."""
@@ -241,46 +319,59 @@ class MetropolisChains:
 
     def run_chains(self, scorer: ChainScorer, num_tasks: int, d: int, device: torch.device) -> ChainSums:
         """Run the chains from prior draws; the per-chain sums of the kept steps."""
-        c, g = self.num_chains, self.generator
+        c, g, steps = self.num_chains, self.generator, self.num_steps
         state = (torch.rand(num_tasks, c, d, generator=g) < self.prior_keep).to(device)  # prior draws
-
-        current = scorer.start(state) + log_prior(state, self.prior_keep)  # [T, C]
-        kept = self.num_steps - self.burn_in
-        traces = torch.zeros(num_tasks, c, kept, d, dtype=torch.bool, device=device)
-        flips = torch.zeros(num_tasks, c, kept, dtype=torch.long, device=device)
-        conds = torch.zeros(num_tasks, c, kept, dtype=torch.float64, device=device)
-        accepted = torch.zeros(num_tasks, dtype=torch.float64, device=device)
+        # every step's proposed units and uniforms, drawn up front on the generator's device in the order of a
+        # draw per step (the same stream, hence the same chains, as drawing them in the loop) and moved to the
+        # device at once: no draw, transfer or host sync per step
+        draws = [
+            (torch.randint(0, d, (num_tasks, c), generator=g), torch.rand(num_tasks, c, generator=g, dtype=torch.float64))
+            for _ in range(steps)
+        ]
+        flips = torch.stack([f for f, _ in draws]).to(device)
+        log_u = torch.stack([u for _, u in draws]).log().to(device)
+        # the prior odds of keeping a unit: a flip that keeps unit j adds log(keep / (1 - keep)) to the log prior
+        prior_odds = math.log(self.prior_keep) - math.log(1 - self.prior_keep)
+        plus, minus = (torch.tensor(v, dtype=torch.float64, device=device) for v in (1.0, -1.0))
+        current = scorer.start(state)  # log O_t [T, C] (the log prior enters through the flips' differences)
+        kept = steps - self.burn_in
+        traces = torch.empty(kept, num_tasks, c, d, dtype=torch.bool, device=device)
+        signed = torch.empty(steps, num_tasks, c, dtype=torch.float64, device=device)
+        accepts = torch.empty(steps, num_tasks, c, dtype=torch.bool, device=device)
         # Rao-Blackwellisation: a step that proposes flipping unit j has the scores of both values of m_j given
         # the rest, hence P(m_j = 1 | m_-j) exactly. The proposed unit is drawn independently of the state, so
         # its average over the steps proposing j estimates P(m_j = 1), and that of m_i P(m_j = 1 | m_-j) the
         # joint P(m_i = 1, m_j = 1), with far less noise than the 0/1 samples (an unused unit gets exactly
         # prior_keep). The proposed units, their conditionals and the masks are kept per chain for the jackknife.
         loop_start = time.perf_counter()
-        for step in range(self.num_steps):
-            flip = torch.randint(0, d, (num_tasks, c), generator=g).to(device)
-            was = state.gather(2, flip[..., None])
-            proposal = state.clone()
-            proposal.scatter_(2, flip[..., None], ~was)
-            new = scorer.propose(proposal, flip) + log_prior(proposal, self.prior_keep)
-            u = torch.rand(num_tasks, c, generator=g, dtype=torch.float64).to(device)
-            if step >= self.burn_in:
-                sign = was[..., 0].to(torch.float64) * 2 - 1  # +1 where the current state keeps unit j
-                conds[:, :, step - self.burn_in] = torch.sigmoid((current - new) * sign)  # P(m_j = 1 | m_-j)
-                flips[:, :, step - self.burn_in] = flip
-            accept = u.log() < (new - current)
+        for step in range(steps):
+            flip = flips[step]
+            index = flip[..., None]
+            was = state.gather(2, index)[..., 0]
+            sign = torch.where(was, minus, plus)  # +1 where the proposal keeps unit j
+            new = scorer.propose(state, flip, sign)
+            diff = new - current  # log posterior ratio, proposal over current
+            if prior_odds:
+                diff.add_(sign, alpha=prior_odds)
+            torch.mul(diff, sign, out=signed[step])  # logit of P(m_j = 1 | m_-j)
+            accept = torch.lt(log_u[step], diff, out=accepts[step])
             scorer.accept(accept)
-            state = torch.where(accept[..., None], proposal, state)
             current = torch.where(accept, new, current)
+            state.scatter_(2, index, was.logical_xor(accept)[..., None])
             if step >= self.burn_in:
-                traces[:, :, step - self.burn_in] = state
-                accepted += accept.to(torch.float64).sum(dim=1)
+                traces[step - self.burn_in] = state
+            if step % REFRESH_STEPS == REFRESH_STEPS - 1:
+                scorer.refresh(state)  # float32 logits: the rounding of the updates does not accumulate
             if self.on_step is not None:
                 self.on_step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        seconds_per_step = (time.perf_counter() - loop_start) / self.num_steps
-
-        return chain_sums(flips, conds, traces, accepted, seconds_per_step)
+        seconds_per_step = (time.perf_counter() - loop_start) / steps
+        flips, conds = flips[self.burn_in :].permute(1, 2, 0), torch.sigmoid(signed[self.burn_in :]).permute(1, 2, 0)
+        accepted = accepts[self.burn_in :].sum(dim=(0, 2), dtype=torch.float64)
+        return chain_sums(
+            flips.contiguous(), conds.contiguous(), traces.permute(1, 2, 0, 3).contiguous(), accepted, seconds_per_step
+        )
 
 
 def chain_sums(flips: Tensor, conds: Tensor, traces: Tensor, accepted: Tensor, seconds_per_step: float) -> ChainSums:
