@@ -19,7 +19,17 @@ from lightning_interp.ablation.likelihood import TaskSet, correct_probability, r
 from lightning_interp.ablation.masked import MAX_ELEMENTS, MaskedForward
 from lightning_interp.ablation.readouts import LOG2, Estimate, binary_entropy_bits
 
-__all__ = ["MAX_JOINT_ELEMENTS", "REFRESH_STEPS", "ChainScorer", "ChainSums", "MetropolisChains", "chain_ess", "chain_sums"]
+__all__ = [
+    "MAX_JOINT_ELEMENTS",
+    "REFRESH_STEPS",
+    "ChainScorer",
+    "ChainSums",
+    "MetropolisChains",
+    "chain_ess",
+    "chain_joints",
+    "chain_sums",
+    "leave_one_out_marginals",
+]
 
 #: bound on the elements of the MCMC pairwise matrices [d, d] (above it, no manifold complexity)
 MAX_JOINT_ELEMENTS = 16_000_000
@@ -293,10 +303,11 @@ class MetropolisChains:
     def estimate(self, sums: ChainSums, scorer: ChainScorer, num_tasks: int, device: torch.device) -> Estimate:
         """The MCMC read-outs of the chains' kept steps ``sums``."""
         c, kept = self.num_chains, sums.flips.shape[2]
-        importance = _chain_marginals(sums, range(c), c * kept)[0]
-        rep_importance = [_chain_marginals(sums, _others(c, chain), (c - 1) * kept)[0] for chain in range(c)] if c >= 2 else []
-        complexity = _pairwise_complexity(sums, kept)
-        ess_per_unit = torch.stack([chain_ess(sums.traces[t]) for t in range(num_tasks)])  # [T, d]
+        marginals = _chain_marginals(sums, range(c), c * kept)
+        loo = leave_one_out_marginals(sums, kept) if c >= 2 else None  # each [C, T, d]
+        importance = marginals[0]
+        complexity = _pairwise_complexity(sums, marginals, loo)
+        ess_per_unit = chain_ess(sums.traces)  # [T, d]
         return Estimate(
             importance=importance,
             manifold_complexity=complexity.value,
@@ -305,8 +316,8 @@ class MetropolisChains:
             method="mcmc",
             num_evaluations=num_tasks * c * (self.num_steps + 1),
             num_rows=scorer.rows_per_step * (self.num_steps + 1),
-            replicate_kind="jackknife" if rep_importance else "",
-            replicate_importance=torch.stack(rep_importance) if rep_importance else None,
+            replicate_kind="jackknife" if loo is not None else "",
+            replicate_importance=loo[0] if loo is not None else None,
             replicate_complexity=complexity.replicates,
             acceptance_rate=sums.accepted / (c * kept),
             ess=ess_per_unit.min(dim=1).values,
@@ -394,10 +405,6 @@ def chain_sums(flips: Tensor, conds: Tensor, traces: Tensor, accepted: Tensor, s
     )
 
 
-def _others(num_chains: int, left_out: int) -> list[int]:
-    return [i for i in range(num_chains) if i != left_out]
-
-
 def _chain_marginals(sums: ChainSums, chains: Sequence[int], count: float) -> tuple[Tensor, Tensor, Tensor]:
     """Importance, dependence ``I(m_j; m_-j)`` and proposal counts ``[T, d]`` from the sums over some chains.
 
@@ -406,27 +413,56 @@ def _chain_marginals(sums: ChainSums, chains: Sequence[int], count: float) -> tu
     """
     idx = list(chains)
     cs, cc, ch, raw = (t[:, idx].sum(1) for t in (sums.cond_sum, sums.cond_cnt, sums.cond_entropy, sums.raw))
+    return _marginals(cs, cc, ch, raw, count)
+
+
+def _marginals(cs: Tensor, cc: Tensor, ch: Tensor, raw: Tensor, count: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Importance, dependence and proposal counts from summed conditionals, counts, entropies, indicators."""
     imp = torch.where(cc > 0, cs / cc.clamp_min(1), raw / count).clamp(0, 1)
     h = binary_entropy_bits(imp)
     dependence = (h - torch.where(cc > 0, ch / cc.clamp_min(1), h)).clamp_min(0)
     return imp, dependence, cc
 
 
-def _pair_information(importance: Tensor, count: Tensor, joint: Tensor, i: Tensor, j: Tensor) -> Tensor:
-    """Plug-in ``I(m_i; m_j)`` in bits of the pairs ``(i[k], j[k])`` of one task ``[P]``.
+def leave_one_out_marginals(sums: ChainSums, kept: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The jackknife's importance, dependence and proposal counts ``[C, T, d]``: chain ``k`` left out in row ``k``.
 
-    ``joint`` row ``u``: the sum, over the steps proposing unit ``u``, of ``m_v P(m_u = 1 | m_-u)``, whose mean
-    estimates ``P(m_u = 1, m_v = 1)``; ``count``: those steps per unit. The two estimates of a pair's joint
-    (rows ``i`` and ``j``) are averaged and clipped to the range the marginals allow.
+    The sums run over the other chains in their order (not the total minus the left-out chain, whose rounding
+    would differ): a unit whose conditional never moved keeps a dependence of exactly the same value.
+    """
+    c = sums.cond_sum.shape[1]
+    keep = torch.arange(c, device=sums.cond_sum.device)
+    others = keep[None, :].expand(c, c)[keep[:, None] != keep[None, :]].reshape(c, c - 1)  # [C, C - 1]
+    cs, cc, ch, raw = (t[:, others].sum(2).transpose(0, 1) for t in (sums.cond_sum, sums.cond_cnt, sums.cond_entropy, sums.raw))
+    return _marginals(cs, cc, ch, raw, (c - 1) * kept)
+
+
+def chain_joints(sums: ChainSums) -> Tensor:
+    """Every chain's :meth:`ChainSums.chain_joint` at once ``[T, C, d, d]`` (one ``index_add_``, same sums)."""
+    num_tasks, c, s, d = sums.traces.shape
+    rows = sums.traces.to(torch.float64) * sums.conds[..., None]  # [T, C, S, d]
+    # row (task, chain, unit) of the flat [T * C * d, d] result: each destination row adds its steps in order
+    index = (torch.arange(num_tasks * c, device=rows.device) * d).reshape(num_tasks, c, 1) + sums.flips
+    out = torch.zeros(num_tasks * c * d, d, dtype=torch.float64, device=rows.device)
+    return out.index_add_(0, index.reshape(-1), rows.reshape(-1, d)).reshape(num_tasks, c, d, d)
+
+
+def _pair_information(importance: Tensor, count: Tensor, joint: Tensor, i: Tensor, j: Tensor) -> Tensor:
+    """Plug-in ``I(m_i; m_j)`` in bits of the pairs ``(i[k], j[k])`` ``[..., P]`` of one task.
+
+    ``joint`` row ``u`` (``[..., d, d]``): the sum, over the steps proposing unit ``u``, of ``m_v P(m_u = 1 |
+    m_-u)``, whose mean estimates ``P(m_u = 1, m_v = 1)``; ``count`` ``[..., d]``: those steps per unit. The two
+    estimates of a pair's joint (rows ``i`` and ``j``) are averaged and clipped to the range the marginals allow.
+    Leading dims (e.g. the jackknife's left-out chain) broadcast.
     """
     n = count.clamp_min(1)
-    pi, pj = importance[i], importance[j]
-    j11 = (joint[j, i] / n[j] + joint[i, j] / n[i]) / 2
+    pi, pj = importance[..., i], importance[..., j]
+    j11 = (joint[..., j, i] / n[..., j] + joint[..., i, j] / n[..., i]) / 2
     j11 = torch.maximum(torch.minimum(j11, torch.minimum(pi, pj)), (pi + pj - 1).clamp_min(0))
     cells = torch.stack([j11, pi - j11, pj - j11, 1 - pi - pj + j11]).clamp_min(0)
     p = importance.clamp(0, 1)
     negentropy = torch.special.xlogy(p, p) + torch.special.xlogy(1 - p, 1 - p)  # -H(m_u) in nats
-    mi = torch.special.xlogy(cells, cells).sum(dim=0) - negentropy[i] - negentropy[j]  # H(m_i) + H(m_j) - H(m_i, m_j)
+    mi = torch.special.xlogy(cells, cells).sum(dim=0) - negentropy[..., i] - negentropy[..., j]  # H(m_i) + H(m_j) - H(m_i, m_j)
     return (mi / LOG2).clamp_min(0)  # rounding can give -1e-17
 
 
@@ -440,20 +476,24 @@ class _Complexity:
     left_out_bits: Tensor
 
 
-def _pairwise_complexity(sums: ChainSums, kept: int) -> _Complexity:
+def _pairwise_complexity(
+    sums: ChainSums, marginals: tuple[Tensor, Tensor, Tensor], loo: tuple[Tensor, Tensor, Tensor] | None
+) -> _Complexity:
     """Sum of the pairwise informations ``I(m_i; m_j)`` of the mask posterior per task, resolved pairs only.
 
-    Every pair's plug-in information is jackknife bias-corrected over the chains (it is biased upwards by
-    ``O(1 / samples)``). On a wide layer most of the ``d (d - 1) / 2`` pairs carry almost no information
-    while each corrected estimate keeps a noise of its own, and their sum is then noise (hundreds of bits,
-    of either sign, at a few proposals per unit and chain). So a pair counts only where its information
-    can be resolved: where its bound ``min(I(m_i; m_-i), I(m_j; m_-j))`` (the units' dependence on the rest,
-    measured with little noise from the conditionals) exceeds the typical noise of a pair's estimate, the
-    median jackknife standard error over the dependent pairs. A left-out pair's information is at most its
-    bound, below that noise: leaving it out biases the sum downwards by at most ``left_out_bits`` (the sum
-    of those bounds) and removes its noise. Where every dependent pair is resolved, as on small layers run
-    long enough, nothing is left out and the sum is the jackknifed sum over all pairs. The replicates
-    recompute the sum over the same pairs with one chain left out.
+    ``marginals``: :func:`_chain_marginals` over all chains ``[T, d]``; ``loo``: :func:`leave_one_out_marginals`
+    ``[C, T, d]`` (``None``: one chain). Every pair's plug-in information is jackknife bias-corrected over the
+    chains (it is biased upwards by ``O(1 / samples)``). On a wide layer most of the ``d (d - 1) / 2`` pairs
+    carry almost no information while each corrected estimate keeps a noise of its own, and their sum is then
+    noise (hundreds of bits, of either sign, at a few proposals per unit and chain). So a pair counts only
+    where its information can be resolved: where its bound ``min(I(m_i; m_-i), I(m_j; m_-j))`` (the units'
+    dependence on the rest, measured with little noise from the conditionals) exceeds the typical noise of a
+    pair's estimate, the median jackknife standard error over the dependent pairs. A left-out pair's
+    information is at most its bound, below that noise: leaving it out biases the sum downwards by at most
+    ``left_out_bits`` (the sum of those bounds) and removes its noise. Where every dependent pair is
+    resolved, as on small layers run long enough, nothing is left out and the sum is the jackknifed sum over
+    all pairs. The replicates recompute the sum over the same pairs with one chain left out. All chains of a
+    task are computed at once (their joints by one ``index_add_``, the left-out sums broadcast over chains).
     """
     num_tasks, c, d = sums.cond_sum.shape
     device = sums.cond_sum.device
@@ -464,56 +504,83 @@ def _pairwise_complexity(sums: ChainSums, kept: int) -> _Complexity:
     if d * d > MAX_JOINT_ELEMENTS:  # [d, d] matrices do not fit: no estimate
         nan = torch.full((num_tasks,), math.nan, dtype=torch.float64, device=device)
         return _Complexity(nan, None if replicates is None else replicates.fill_(math.nan), pairs, nan.clone())
-    imp, dep, cc = _chain_marginals(sums, range(c), c * kept)
-    loo = [_chain_marginals(sums, _others(c, k), (c - 1) * kept) for k in range(c)] if c >= 2 else []
-    for t in range(num_tasks):
-        # the dependent pairs: a unit that depends on no other unit (I(m_u; m_-u) = 0) shares no information
-        i, j = torch.nonzero(dep[t, :, None].gt(0) & dep[t, None, :].gt(0)).T
-        i, j = i[i < j], j[i < j]
-        if not i.numel():  # no unit depends on another: no pair carries information
-            if replicates is not None:
-                replicates[:, t] = 0.0
-            continue
+    imp, dep, cc = marginals
+    # the dependent pairs of every task: a unit that depends on no other unit (I(m_u; m_-u) = 0) shares no information
+    dependent = dep.gt(0)
+    task_pairs = [torch.nonzero(torch.triu(dependent[t, :, None] & dependent[t, None, :], diagonal=1)).T for t in range(num_tasks)]
+    with_pairs = [t for t in range(num_tasks) if task_pairs[t].shape[1]]
+    if replicates is not None:
+        replicates[:, [t for t in range(num_tasks) if t not in with_pairs]] = 0.0  # no pair carries information
+    if not with_pairs:
+        return _Complexity(value, replicates, pairs, left_out)
+    # per chain joints of the tasks with pairs [T', C, d, d], and their totals summed chain after chain
+    joints = chain_joints(sums) if len(with_pairs) == num_tasks else _subset_joints(sums, with_pairs)
+    totals = torch.zeros(joints.shape[0], d, d, dtype=torch.float64, device=device)
+    for k in range(c):
+        totals = totals + joints[:, k]
+    for row, t in enumerate(with_pairs):
+        i, j = task_pairs[t]
         bound = torch.minimum(dep[t, i], dep[t, j])
-        joints = [sums.chain_joint(t, k) for k in range(c)]
-        total = sum(joints, torch.zeros(d, d, dtype=torch.float64, device=device))
+        total = totals[row]
         mi = _pair_information(imp[t], cc[t], total, i, j)
-        if replicates is None:  # one chain: the plug-in sum, with no error bar
+        if replicates is None or loo is None:  # one chain: the plug-in sum, with no error bar
             value[t], pairs[t] = mi.sum(), i.numel()
             continue
-
-        def left_one_out(k: int, i: Tensor, j: Tensor, t: int = t, total: Tensor = total, joints: list = joints) -> Tensor:
-            imp_k, dep_k, cc_k = loo[k]
-            mi_k = _pair_information(imp_k[t], cc_k[t], total - joints[k], i, j)
-            return torch.where((dep_k[t, i] > 0) & (dep_k[t, j] > 0), mi_k, torch.zeros_like(mi_k))
-
+        imp_k, dep_k, cc_k = (v[:, t] for v in loo)  # [C, d]
+        mi_k = _pair_information(imp_k, cc_k, total - joints[row], i, j)  # [C, P]: chain k left out in row k
+        mi_k = torch.where((dep_k[:, i] > 0) & (dep_k[:, j] > 0), mi_k, torch.zeros_like(mi_k))
         s1, s2 = torch.zeros_like(mi), torch.zeros_like(mi)
-        for k in range(c):
-            mi_k = left_one_out(k, i, j)
-            s1 += mi_k
-            s2 += mi_k * mi_k
+        for k in range(c):  # in turn, as the jackknife sums them
+            s1 += mi_k[k]
+            s2 += mi_k[k] * mi_k[k]
         corrected = c * mi - (c - 1) * s1 / c
         se = ((c - 1) / c * (s2 - s1 * s1 / c)).clamp_min(0).sqrt()  # the jackknife SE of each pair
         counted = bound > (se.median() if se.numel() else 0.0)
         value[t], pairs[t], left_out[t] = corrected[counted].sum(), counted.sum(), bound[~counted].sum()
-        for k in range(c):
-            replicates[k, t] = left_one_out(k, i[counted], j[counted]).sum()
+        replicates[:, t] = mi_k[:, counted].sum(dim=1)
     return _Complexity(value, replicates, pairs, left_out)
 
 
+def _subset_joints(sums: ChainSums, tasks: list[int]) -> Tensor:
+    """:func:`chain_joints` of some tasks ``[T', C, d, d]``."""
+    index = torch.tensor(tasks, device=sums.traces.device)
+    part = ChainSums(
+        flips=sums.flips[index], conds=sums.conds[index], traces=sums.traces[index], cond_sum=sums.cond_sum[index],
+        cond_cnt=sums.cond_cnt[index], cond_entropy=sums.cond_entropy[index], raw=sums.raw[index],
+        accepted=sums.accepted[index], seconds_per_step=sums.seconds_per_step,
+    )  # fmt: skip
+    return chain_joints(part)
+
+
 def chain_ess(traces: Tensor) -> Tensor:
-    """Multi-chain effective sample size of ``traces`` ``[C, S, d]`` (Geyer's initial positive sequence)."""
-    c, s, _ = traces.shape
-    x = traces.transpose(1, 2).double()  # [C, d, S]: the FFT runs over contiguous steps
-    x = x - x.mean(dim=(0, 2), keepdim=True)
-    var = (x * x).mean(dim=(0, 2))
-    f = torch.fft.rfft(x, n=2 * s, dim=2)
-    acov = torch.fft.irfft(f * f.conj(), n=2 * s, dim=2)[..., :s].mean(dim=0).T / s  # [s, d]
-    rho = acov / var.clamp_min(1e-300)
+    """Multi-chain effective sample size of ``traces`` ``[..., C, S, d]`` (Geyer's initial positive sequence) ``[..., d]``.
+
+    Leading dims (e.g. tasks) are independent sets of chains; they run a few at a time (a batch of all tasks
+    at once leaves the cache and was slower). The chains' mean autocovariance is the inverse FFT of their mean
+    power spectrum (the inverse transform is linear): one inverse FFT per unit rather than per chain and unit.
+    """
+    *lead, c, s, d = traces.shape
+    flat = traces.reshape(-1, c, s, d)
+    per = max(1, 2**19 // max(1, c * s * d))  # sets of chains per FFT batch (a few MB: they stay in cache)
+    parts = [_ess(flat[i : i + per]) for i in range(0, flat.shape[0], per)]
+    out = torch.cat(parts) if parts else torch.empty(0, d, dtype=torch.float64, device=traces.device)
+    return out.reshape(*lead, d)
+
+
+def _ess(traces: Tensor) -> Tensor:
+    """:func:`chain_ess` of ``traces`` ``[B, C, S, d]`` ``[B, d]``."""
+    _, c, s, _ = traces.shape
+    x = traces.transpose(2, 3).double()  # [B, C, d, S]: the FFT runs over contiguous steps
+    x = x - x.mean(dim=(1, 3), keepdim=True)
+    var = (x * x).mean(dim=(1, 3))  # [B, d]
+    f = torch.fft.rfft(x, n=2 * s, dim=3)
+    power = (f.real.square() + f.imag.square()).mean(dim=1)  # [B, d, s + 1]: the chains' mean |F|^2
+    acov = torch.fft.irfft(power, n=2 * s, dim=2)[..., :s].transpose(1, 2) / s  # [B, s, d]
+    rho = acov / var.clamp_min(1e-300)[:, None, :]
     # pairs rho_k + rho_{k+1} for k = 1, 3, 5, ..., summed up to (excluding) the first negative pair
     m = len(range(1, s - 1, 2))
-    pairs = rho[1 : 1 + 2 * m : 2] + rho[2 : 2 + 2 * m : 2]  # [m, d]
-    total = (pairs * (pairs >= 0).to(pairs.dtype).cumprod(dim=0)).sum(dim=0)
+    pairs = rho[:, 1 : 1 + 2 * m : 2] + rho[:, 2 : 2 + 2 * m : 2]  # [B, m, d]
+    total = (pairs * (pairs >= 0).to(pairs.dtype).cumprod(dim=1)).sum(dim=1)
     ess = torch.where(total > -0.5, c * s / (1 + 2 * total), torch.full_like(total, float(c * s)))
     ess = torch.where(var > 0, ess, torch.full_like(ess, float(c * s)))
     return ess
