@@ -399,10 +399,20 @@ def chain_sums(flips: Tensor, conds: Tensor, traces: Tensor, accepted: Tensor, s
         cond_sum=per_unit(conds),
         cond_cnt=per_unit(torch.ones_like(conds)),
         cond_entropy=per_unit(binary_entropy_bits(conds)),
-        raw=traces.sum(dim=2, dtype=torch.float64),
+        raw=_count_kept(traces),
         accepted=accepted,
         seconds_per_step=seconds_per_step,
     )
+
+
+def _count_kept(traces: Tensor) -> Tensor:
+    """The kept steps of each unit ``[T, C, d]`` of ``traces`` ``[T, C, S, d]`` (bool), float64.
+
+    Counted in int32 over the bytes (exact, as the float64 sum of 0/1 is), a tenth of the time of a float64 sum.
+    """
+    if traces.dtype != torch.bool or traces.shape[2] >= 2**31:
+        return traces.sum(dim=2, dtype=torch.float64)
+    return traces.view(torch.uint8).sum(dim=2, dtype=torch.int32).to(torch.float64)
 
 
 def _chain_marginals(sums: ChainSums, chains: Sequence[int], count: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -574,7 +584,8 @@ def _ess(traces: Tensor) -> Tensor:
     x = x - x.mean(dim=(1, 3), keepdim=True)
     var = (x * x).mean(dim=(1, 3))  # [B, d]
     f = torch.fft.rfft(x, n=2 * s, dim=3)
-    power = (f.real.square() + f.imag.square()).mean(dim=1)  # [B, d, s + 1]: the chains' mean |F|^2
+    squares = torch.view_as_real(f).square()  # contiguous (re^2, im^2): twice the speed of f.real / f.imag views
+    power = (squares[..., 0] + squares[..., 1]).mean(dim=1)  # [B, d, s + 1]: the chains' mean |F|^2
     acov = torch.fft.irfft(power, n=2 * s, dim=2)[..., :s].transpose(1, 2) / s  # [B, s, d]
     rho = acov / var.clamp_min(1e-300)[:, None, :]
     # pairs rho_k + rho_{k+1} for k = 1, 3, 5, ..., summed up to (excluding) the first negative pair
