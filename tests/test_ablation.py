@@ -1174,3 +1174,145 @@ def test_callback_rejects_a_layer_that_never_runs() -> None:
     cb = AblationProbeCallback(layers=["unused"], probe_size=32, method="mcmc", num_steps=20, burn_in=5)
     with pytest.raises(ValueError, match=r"do not run in its forward"):
         pl.Trainer(max_epochs=1, callbacks=[cb], **kw).fit(model, gaussian3_datamodule())
+
+
+def _random_chain_sums(num_tasks: int, c: int, s: int, d: int, seed: int):  # type: ignore[no-untyped-def]
+    """Chain sums of random walks of single-unit flips: dependent units, units at exactly the prior, unproposed units."""
+    from lightning_interp.ablation.mcmc import chain_sums
+
+    g = torch.Generator().manual_seed(seed)
+    flips = torch.randint(0, d - 1, (num_tasks, c, s), generator=g)  # the last unit is never proposed
+    state = torch.rand(num_tasks, c, d, generator=g) < 0.5
+    weight = torch.randn(num_tasks, d, d, generator=g, dtype=torch.float64)
+    weight[:, :, : d // 3] = 0.0  # the first third's conditionals do not depend on the mask ...
+    weight[0] = 0.0  # ... nor any of task 0's (no dependent pair)
+    traces = torch.empty(num_tasks, c, s, d, dtype=torch.bool)
+    conds = torch.empty(num_tasks, c, s, dtype=torch.float64)
+    for step in range(s):
+        j = flips[:, :, step]
+        logit = torch.einsum("tcd,tcd->tc", weight.gather(1, j[..., None].expand(-1, -1, d)), state.double())
+        conds[:, :, step] = torch.sigmoid(logit)  # exactly 0.5 where the unit's row is 0
+        keep = torch.rand(num_tasks, c, generator=g, dtype=torch.float64) < conds[:, :, step]
+        state.scatter_(2, j[..., None], keep[..., None])
+        traces[:, :, step] = state
+    accepted = torch.rand(num_tasks, generator=g, dtype=torch.float64) * c * s
+    return chain_sums(flips, conds, traces, accepted, 0.0)
+
+
+def _loop_readouts(sums, kept: int) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    """The MCMC read-outs by straightforward loops over tasks and chains (the pre-vectorised code)."""
+    from lightning_interp.ablation.readouts import LOG2, binary_entropy_bits
+
+    num_tasks, c, d = sums.cond_sum.shape
+
+    def marginals(chains: list[int], count: float):  # type: ignore[no-untyped-def]
+        cs, cc, ch, raw = (t[:, chains].sum(1) for t in (sums.cond_sum, sums.cond_cnt, sums.cond_entropy, sums.raw))
+        imp = torch.where(cc > 0, cs / cc.clamp_min(1), raw / count).clamp(0, 1)
+        h = binary_entropy_bits(imp)
+        return imp, (h - torch.where(cc > 0, ch / cc.clamp_min(1), h)).clamp_min(0), cc
+
+    def joint(t: int, k: int) -> torch.Tensor:
+        out = torch.zeros(d, d, dtype=torch.float64)
+        for step in range(kept):
+            out[sums.flips[t, k, step]] += sums.traces[t, k, step].double() * sums.conds[t, k, step]
+        return out
+
+    def pair_information(imp, cc, jt, i, j):  # type: ignore[no-untyped-def]
+        n = cc.clamp_min(1)
+        pi, pj = imp[i], imp[j]
+        j11 = (jt[j, i] / n[j] + jt[i, j] / n[i]) / 2
+        j11 = torch.maximum(torch.minimum(j11, torch.minimum(pi, pj)), (pi + pj - 1).clamp_min(0))
+        cells = torch.stack([j11, pi - j11, pj - j11, 1 - pi - pj + j11]).clamp_min(0)
+        p = imp.clamp(0, 1)
+        neg = torch.special.xlogy(p, p) + torch.special.xlogy(1 - p, 1 - p)
+        return ((torch.special.xlogy(cells, cells).sum(dim=0) - neg[i] - neg[j]) / LOG2).clamp_min(0)
+
+    imp, dep, cc = marginals(list(range(c)), c * kept)
+    loo = [marginals([i for i in range(c) if i != k], (c - 1) * kept) for k in range(c)]
+    value, left_out = torch.zeros(num_tasks, dtype=torch.float64), torch.zeros(num_tasks, dtype=torch.float64)
+    pairs = torch.zeros(num_tasks, dtype=torch.long)
+    replicates = torch.zeros(c, num_tasks, dtype=torch.float64)
+    for t in range(num_tasks):
+        i, j = torch.nonzero(dep[t, :, None].gt(0) & dep[t, None, :].gt(0)).T
+        i, j = i[i < j], j[i < j]
+        if not i.numel():
+            continue
+        bound = torch.minimum(dep[t, i], dep[t, j])
+        joints = [joint(t, k) for k in range(c)]
+        total = sum(joints, torch.zeros(d, d, dtype=torch.float64))
+        mi = pair_information(imp[t], cc[t], total, i, j)
+        if c == 1:
+            value[t], pairs[t] = mi.sum(), i.numel()
+            continue
+
+        def one_out(k: int, i: torch.Tensor, j: torch.Tensor, t: int = t, total=total, joints=joints) -> torch.Tensor:  # type: ignore[no-untyped-def]
+            imp_k, dep_k, cc_k = loo[k]
+            mi_k = pair_information(imp_k[t], cc_k[t], total - joints[k], i, j)
+            return torch.where((dep_k[t, i] > 0) & (dep_k[t, j] > 0), mi_k, torch.zeros_like(mi_k))
+
+        s1, s2 = torch.zeros_like(mi), torch.zeros_like(mi)
+        for k in range(c):
+            s1 += one_out(k, i, j)
+            s2 += one_out(k, i, j) ** 2
+        se = ((c - 1) / c * (s2 - s1 * s1 / c)).clamp_min(0).sqrt()
+        counted = bound > se.median()
+        value[t], pairs[t], left_out[t] = (c * mi - (c - 1) * s1 / c)[counted].sum(), counted.sum(), bound[~counted].sum()
+        for k in range(c):
+            replicates[k, t] = one_out(k, i[counted], j[counted]).sum()
+    ess = torch.zeros(num_tasks, d, dtype=torch.float64)
+    for t in range(num_tasks):  # Geyer's initial positive sequence, per task and unit, from the chains' mean autocovariance
+        x = sums.traces[t].double()  # [C, S, d]
+        x = x - x.mean(dim=(0, 1))
+        var = (x * x).mean(dim=(0, 1))
+        f = torch.fft.rfft(x, n=2 * kept, dim=1)
+        rho = (torch.fft.irfft(f * f.conj(), n=2 * kept, dim=1)[:, :kept].mean(dim=0) / kept) / var.clamp_min(1e-300)
+        for u in range(d):
+            total_rho = 0.0
+            for lag in range(1, kept - 1, 2):
+                pair = float(rho[lag, u] + rho[lag + 1, u])
+                if pair < 0:
+                    break
+                total_rho += pair
+            bad = var[u] <= 0 or total_rho <= -0.5
+            ess[t, u] = c * kept if bad else c * kept / (1 + 2 * total_rho)
+    out = {"importance": imp, "complexity": value, "pairs": pairs, "left_out": left_out, "ess": ess}
+    if c >= 2:
+        out["replicate_importance"], out["replicate_complexity"] = torch.stack([m[0] for m in loo]), replicates
+    return out
+
+
+@pytest.mark.parametrize(("num_tasks", "c", "s", "d", "seed"), [(3, 4, 120, 9, 0), (2, 1, 80, 7, 1), (4, 8, 64, 6, 2)])
+def test_vectorised_mcmc_readouts_equal_loops_over_tasks_and_chains(num_tasks: int, c: int, s: int, d: int, seed: int) -> None:
+    """Every read-out of MetropolisChains.estimate (batched over tasks and chains) equals loops to 1e-12 relative."""
+    from types import SimpleNamespace
+
+    from lightning_interp.ablation.mcmc import MetropolisChains, chain_joints
+
+    sums = _random_chain_sums(num_tasks, c, s, d, seed)
+    ref = _loop_readouts(sums, s)
+    chains = MetropolisChains(num_chains=c, num_steps=s + 5, burn_in=5, prior_keep=0.5, generator=torch.Generator())
+    got = chains.estimate(sums, SimpleNamespace(rows_per_step=1), num_tasks, torch.device("cpu"))  # type: ignore[arg-type]
+
+    def close(a: torch.Tensor | None, b: torch.Tensor) -> None:
+        assert a is not None and a.shape == b.shape
+        assert torch.allclose(a.double(), b.double(), rtol=1e-12, atol=0.0), (a, b)
+
+    close(got.importance, ref["importance"])
+    close(got.manifold_complexity, ref["complexity"])
+    close(got.complexity_pairs, ref["pairs"])
+    close(got.complexity_left_out_bits, ref["left_out"])
+    close(got.ess_per_unit, ref["ess"])
+    close(got.ess, ref["ess"].min(dim=1).values)
+    close(got.acceptance_rate, sums.accepted / (c * s))
+    assert ref["pairs"][0] == 0 and (ref["pairs"][1:] > 0).all()  # task 0 has no dependent pair; the others have some
+    assert (got.importance[:, -1] == sums.raw[:, :, -1].sum(1) / (c * s)).all()  # never proposed: the 0/1 draws
+    if c >= 2:
+        close(got.replicate_importance, ref["replicate_importance"])
+        close(got.replicate_complexity, ref["replicate_complexity"])
+    else:
+        assert got.replicate_importance is None and got.replicate_kind == ""
+    joints = chain_joints(sums)
+    for t in range(num_tasks):
+        for k in range(c):
+            assert torch.equal(joints[t, k], sums.chain_joint(t, k))
+    assert torch.equal(sums.raw, sums.traces.sum(dim=2, dtype=torch.float64))
