@@ -449,7 +449,7 @@ def leave_one_out_marginals(sums: ChainSums, kept: int) -> tuple[Tensor, Tensor,
 
 def chain_joints(sums: ChainSums) -> Tensor:
     """Every chain's :meth:`ChainSums.chain_joint` at once ``[T, C, d, d]`` (one ``index_add_``, same sums)."""
-    num_tasks, c, s, d = sums.traces.shape
+    num_tasks, c, _, d = sums.traces.shape
     rows = sums.traces.to(torch.float64) * sums.conds[..., None]  # [T, C, S, d]
     # row (task, chain, unit) of the flat [T * C * d, d] result: each destination row adds its steps in order
     index = (torch.arange(num_tasks * c, device=rows.device) * d).reshape(num_tasks, c, 1) + sums.flips
@@ -516,8 +516,8 @@ def _pairwise_complexity(
         return _Complexity(nan, None if replicates is None else replicates.fill_(math.nan), pairs, nan.clone())
     imp, dep, cc = marginals
     # the dependent pairs of every task: a unit that depends on no other unit (I(m_u; m_-u) = 0) shares no information
-    dependent = dep.gt(0)
-    task_pairs = [torch.nonzero(torch.triu(dependent[t, :, None] & dependent[t, None, :], diagonal=1)).T for t in range(num_tasks)]
+    dependent = torch.triu(dep.gt(0)[:, :, None] & dep.gt(0)[:, None, :], diagonal=1)  # [T, d, d], i < j
+    task_pairs = [torch.nonzero(dependent[t]).T for t in range(num_tasks)]
     with_pairs = [t for t in range(num_tasks) if task_pairs[t].shape[1]]
     if replicates is not None:
         replicates[:, [t for t in range(num_tasks) if t not in with_pairs]] = 0.0  # no pair carries information
