@@ -565,9 +565,10 @@ def _subset_joints(sums: ChainSums, tasks: list[int]) -> Tensor:
 def chain_ess(traces: Tensor) -> Tensor:
     """Multi-chain effective sample size of ``traces`` ``[..., C, S, d]`` (Geyer's initial positive sequence) ``[..., d]``.
 
-    Leading dims (e.g. tasks) are independent sets of chains; they run a few at a time (a batch of all tasks
-    at once leaves the cache and was slower). The chains' mean autocovariance is the inverse FFT of their mean
-    power spectrum (the inverse transform is linear): one inverse FFT per unit rather than per chain and unit.
+    Leading dims (e.g. tasks) are independent sets of chains; they run one (or, when small, a few) at a time: a
+    batch of all tasks at once leaves the cache and was 2-3x slower. The chains' mean autocovariance is the inverse
+    FFT of their mean power spectrum (the inverse transform is linear): one inverse FFT per unit rather than per
+    chain and unit.
     """
     *lead, c, s, d = traces.shape
     flat = traces.reshape(-1, c, s, d)
