@@ -209,3 +209,17 @@ def test_the_command_and_the_keywords_are_the_same_options() -> None:
     assert all(params[n].default == f.default for n, f in fields.items())
     with pytest.raises(TypeError, match=r"unknown audit option.* batchsize; the options are arch"):
         run_audit(images="imgs", batchsize=3)
+
+
+def test_callbacks_and_measure_functions_share_their_defaults() -> None:
+    # a setting a callback passes on to measure_<key> has one default: the callback's may not drift from the function's
+    shared_any = False
+    for m in METHODS:
+        fn_params = inspect.signature(m.measure).parameters
+        cb_params = inspect.signature(m.callback.__init__).parameters
+        empty = inspect.Parameter.empty  # a required argument of either side has no default to compare
+        shared = [n for n in cb_params if n in fn_params and empty not in (fn_params[n].default, cb_params[n].default)]
+        shared_any = shared_any or bool(shared)
+        for name in shared:
+            assert cb_params[name].default == fn_params[name].default, (m.key, name)
+    assert shared_any
