@@ -9,7 +9,6 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.loggers import Logger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -25,30 +24,7 @@ from lightning_interp.probe import draw_probe
 from lightning_interp.results import MethodResult, flat_scalars
 from lightning_interp.tasks import GaussianMixtureTask, GenerativeTask, xie_task
 
-#: Keys the base class adds to a measurement's scalars (the budget's bookkeeping), not the method's.
-BASE_KEYS = {"overhead", "skipped", "work"}
-
-
-class Recorder(Logger):
-    """A logger that keeps every ``log_metrics`` call."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int | None, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "recorder"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.rows.append((step, dict(metrics)))
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
+from .recorder import BASE_KEYS, Recorder
 
 
 class TinyMLP(pl.LightningModule):

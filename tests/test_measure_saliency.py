@@ -14,7 +14,6 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.loggers import Logger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -30,33 +29,9 @@ from lightning_interp.saliency import (
     measure_saliency,
 )
 
+from .recorder import BASE_KEYS, Recorder
+
 ROOT = Path(__file__).resolve().parents[1]
-#: Keys the base class adds to a measurement's scalars (the budget's bookkeeping), not the method's.
-BASE_KEYS = {"overhead", "skipped", "work"}
-
-
-class Recorder(Logger):
-    """A logger that keeps every ``log_metrics`` call."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int | None, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "recorder"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.rows.append((step, dict(metrics)))
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-
 class TinyCNN(pl.LightningModule):
     """Conv -> ReLU -> global average pool -> Linear: the closed-form head."""
 
